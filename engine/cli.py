@@ -1,0 +1,217 @@
+"""The `fdqr` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from engine import config as config_module
+from engine.configfile import ConfigError
+from engine.jobs.store import JobState, Store
+
+DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default.",
+)
+
+
+def setup_logging(level: str) -> None:
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
+
+
+def _load(config_path: Path) -> config_module.Config:
+    try:
+        return config_module.load(config_path)
+    except ConfigError as error:
+        click.echo(f"configuration invalid, {len(error.problems)} problem(s):", err=True)
+        for problem in error.problems:
+            click.echo(f"  {problem}", err=True)
+        raise SystemExit(2) from None
+
+
+def _open_store(config_path: Path) -> Store:
+    try:
+        settings = config_module.load_settings(config_path)
+    except ConfigError as error:
+        click.echo(str(error), err=True)
+        raise SystemExit(2) from None
+    path = config_module.resolve(config_path.resolve(), settings.store.path)
+    if not path.exists():
+        click.echo(
+            f"no store at {path}: the engine has not run with this configuration yet", err=True
+        )
+        raise SystemExit(1)
+    return Store(path)
+
+
+@click.group()
+def main() -> None:
+    """fdqr: federated DICOM Query/Retrieve and prior-study prefetch engine."""
+
+
+@main.command()
+@config_option
+@click.option(
+    "--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR."
+)
+def run(config_path: Path, log_level: str) -> None:
+    """Run the engine: MLLP listener, Storage SCP and job worker, until SIGINT or SIGTERM."""
+    setup_logging(log_level)
+    config = _load(config_path)
+    from engine.service import run as run_engine
+
+    raise SystemExit(run_engine(config))
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Check the configuration."""
+
+
+@config_group.command(name="check")
+@config_option
+def config_check(config_path: Path) -> None:
+    """Validate conf/, routes/ and rules/ and report every problem at once."""
+    config = _load(config_path)
+    rule_set = config.rule_set
+    click.echo(
+        f"{config_path}: valid ({len(config.settings.nodes)} nodes, {len(rule_set.routes)} routes,"
+        f" {len(rule_set.rules)} rules, {len(config.identity_table)} cross-referenced patients)"
+    )
+
+
+@main.group(name="jobs", invoke_without_command=True)
+@config_option
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]))
+@click.option("--limit", default=50, show_default=True, help="Number of most recent jobs shown.")
+@click.pass_context
+def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], limit: int) -> None:
+    """List jobs with their state and per-study counts."""
+    ctx.obj = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    store = _open_store(config_path)
+    jobs = store.list_jobs(limit, [JobState(state) for state in states])
+    rows = [
+        (
+            "JOB",
+            "STATE",
+            "CREATED",
+            "PATIENT",
+            "RULE",
+            "STUDIES",
+            "FOUND",
+            "RECEIVED",
+            "STORED",
+            "SUMMARY",
+        )
+    ]
+    for job in jobs:
+        studies = [study for study in store.studies(job.id) if study.selected]
+        rows.append(
+            (
+                str(job.id),
+                job.state.value,
+                job.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+                str(job.patient),
+                job.rule,
+                str(len(studies)),
+                str(sum(study.found or 0 for study in studies)),
+                str(sum(study.received for study in studies)),
+                str(sum(study.stored for study in studies)),
+                job.summary,
+            )
+        )
+    click.echo(format_table(rows))
+
+
+@jobs_group.command(name="show")
+@click.argument("job_id", type=int)
+@click.pass_obj
+def jobs_show(config_path: Path, job_id: int) -> None:
+    """Show one job: its studies with the rule's decisions, and its event log."""
+    store = _open_store(config_path)
+    job = store.get_job(job_id)
+    if job is None:
+        click.echo(f"job {job_id} not found", err=True)
+        raise SystemExit(1)
+    click.echo(f"job {job.id}: {job.state} after {job.attempts} attempt(s): {job.summary}")
+    click.echo(f"  patient {job.patient}, route {job.route}, rule {job.rule}")
+    click.echo(f"  sources {', '.join(job.sources)}, destination {job.destination}")
+    order = job.order
+    click.echo(
+        f"  order: accession {order.accession_number or '-'},"
+        f" modality {order.ordered_modality or '-'}, procedure {order.procedure_code or '-'}"
+    )
+    rows = [
+        (
+            "SOURCE",
+            "STUDY DATE",
+            "MODALITIES",
+            "STATE",
+            "FOUND",
+            "RECEIVED",
+            "STORED",
+            "STUDY UID",
+            "REASON",
+        )
+    ]
+    for study in store.studies(job.id):
+        rows.append(
+            (
+                study.source,
+                study.study_date or "-",
+                study.modalities,
+                study.state.value,
+                "-" if study.found is None else str(study.found),
+                str(study.received),
+                str(study.stored),
+                study.study_instance_uid,
+                study.reason,
+            )
+        )
+    click.echo(format_table(rows, indent="  "))
+    click.echo("  events:")
+    for at, text in store.events(job.id):
+        click.echo(f"    {at.astimezone().strftime('%H:%M:%S.%f')[:-3]} {text}")
+
+
+@main.command()
+@click.option(
+    "--keep", is_flag=True, help="Leave the demo folder var/demo in place for inspection."
+)
+def demo(keep: bool) -> None:
+    """Run the prefetch demo: three Orthanc servers, the engine, and one HL7 order."""
+    from engine.demo import run_demo
+
+    raise SystemExit(run_demo(keep=keep))
+
+
+def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append(indent + "  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""C-FIND identifiers for the prefetch path, and reading their answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from pydicom.dataset import Dataset
+
+from engine.model import PatientIdentifier, StudyCandidate
+
+STUDY_RETURN_KEYS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ModalitiesInStudy",
+    "StudyDescription",
+    "AccessionNumber",
+    "NumberOfStudyRelatedInstances",
+    "IssuerOfPatientID",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FilteredAnswers:
+    """Candidates read from C-FIND answers, and the answers that were set aside."""
+
+    candidates: list[StudyCandidate]
+    ignored: list[str]
+
+
+def studies_of_patient(patient: PatientIdentifier) -> Dataset:
+    """Build a Study Root STUDY level query for one patient's studies."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = patient.value
+    for keyword in STUDY_RETURN_KEYS:
+        setattr(query, keyword, "")
+    return query
+
+
+def study_by_uid(study_instance_uid: str) -> Dataset:
+    """Build a STUDY level query for one study, returning its instance count."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_instance_uid
+    query.NumberOfStudyRelatedInstances = ""
+    return query
+
+
+def move_study(study_instance_uid: str) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_instance_uid
+    return identifier
+
+
+def read_study_answers(
+    source: str, patient: PatientIdentifier, answers: list[Dataset]
+) -> FilteredAnswers:
+    """Turn answers into candidates, re-checking the patient on our side.
+
+    An answer for another patient ID or another issuer is set aside: some PACS
+    ignore keys they do not support and return more than was asked.
+    """
+    candidates: list[StudyCandidate] = []
+    ignored: list[str] = []
+    for answer in answers:
+        uid = str(answer.get("StudyInstanceUID", "") or "")
+        patient_id = str(answer.get("PatientID", "") or "")
+        issuer = str(answer.get("IssuerOfPatientID", "") or "")
+        if not uid:
+            ignored.append("answer without Study Instance UID")
+            continue
+        if patient_id and patient_id != patient.value:
+            ignored.append(f"study {uid}: answer for another patient ID")
+            continue
+        if issuer and issuer != patient.issuer:
+            ignored.append(f"study {uid}: issuer '{issuer}' is not '{patient.issuer}'")
+            continue
+        candidates.append(
+            StudyCandidate(
+                source=source,
+                study_instance_uid=uid,
+                patient=patient,
+                study_date=parse_da(str(answer.get("StudyDate", "") or "")),
+                study_time=str(answer.get("StudyTime", "") or ""),
+                modalities=_multi_value(answer.get("ModalitiesInStudy")),
+                description=str(answer.get("StudyDescription", "") or ""),
+                accession_number=str(answer.get("AccessionNumber", "") or ""),
+                instance_count=_int_or_none(answer.get("NumberOfStudyRelatedInstances")),
+            )
+        )
+    return FilteredAnswers(candidates, ignored)
+
+
+def read_instance_count(answers: list[Dataset]) -> int | None:
+    """Return the instance count of a study from STUDY level answers, None if absent."""
+    if not answers:
+        return None
+    counts = [_int_or_none(answer.get("NumberOfStudyRelatedInstances")) for answer in answers]
+    known = [count for count in counts if count is not None]
+    return max(known) if known else 0
+
+
+def parse_da(value: str) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(value.strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _multi_value(value: object) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return tuple(part.strip().upper() for part in value.split("\\") if part.strip())
+    return tuple(str(part).strip().upper() for part in value if str(part).strip())  # type: ignore[attr-defined]
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(str(value)) if value not in (None, "") else None
+    except ValueError:
+        return None

@@ -1,0 +1,59 @@
+"""Turning an order event into jobs with the current routes and rules."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+
+from engine.hl7.events import Unhandled
+from engine.hl7.intake import Plan
+from engine.jobs.store import NewJob
+from engine.model import OrderPlaced
+from engine.rules.model import RuleSet
+from engine.rules.select import route_order
+
+logger = logging.getLogger(__name__)
+
+
+class Planner:
+    """Creates one job per rule that applies to an order on the route that takes it.
+
+    The rule set is read on every call, so a reloaded set applies to the next message.
+    """
+
+    def __init__(
+        self,
+        rule_set: Callable[[], RuleSet],
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.rule_set = rule_set
+        self.now = now
+
+    def __call__(self, event: OrderPlaced | Unhandled) -> Plan:
+        if isinstance(event, Unhandled):
+            return Plan((), event.reason)
+
+        routing = route_order(self.rule_set(), event.origin, event.order)
+        if routing is None:
+            return Plan((), "no route matches")
+        if not routing.rules:
+            modality = routing.ordered_modality or "unknown"
+            return Plan((), f"route {routing.route.name}: no rule for ordered modality {modality}")
+
+        now = self.now()
+        jobs = [
+            NewJob(
+                route=routing.route.name,
+                rule=rule.name,
+                destination=routing.route.destination,
+                sources=tuple(routing.route.sources),
+                patient=event.patient,
+                demographics=event.demographics,
+                order=event.order,
+                not_before=now,
+            )
+            for rule in routing.rules
+        ]
+        names = ", ".join(rule.name for rule in routing.rules)
+        return Plan(jobs, f"route {routing.route.name}: {len(jobs)} job(s) for rules {names}")

@@ -1,0 +1,335 @@
+"""The prefetch pipeline of one job: identity, find, select, retrieve, store.
+
+identity  -> the patient's identifier in each source's domain
+find      -> candidate studies per source, queried in parallel
+select    -> the rule's decision for every candidate
+retrieve  -> C-MOVE of each selected study to the engine's Storage SCP,
+             which stamps the local identity and spools every object
+store     -> C-STORE of the spooled objects to the destination
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import shutil
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from engine.coercion import Stamp
+from engine.dimse.pools import NodePools
+from engine.dimse.queries import (
+    move_study,
+    read_instance_count,
+    read_study_answers,
+    studies_of_patient,
+    study_by_uid,
+)
+from engine.dimse.scu import DimseError, MoveOutcome, NodeClient, StoreOutcome
+from engine.dimse.status import describe, is_success_or_warning
+from engine.identity.table import CrossReferenceTable
+from engine.jobs.receiving import Expectation, ExpectationRegistry
+from engine.jobs.store import AsyncStore, JobRecord, JobState, StudyState
+from engine.model import PatientIdentifier, StudyCandidate
+from engine.rules.model import RuleSet
+from engine.rules.select import select_priors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a job attempt ended. retry asks for another attempt later."""
+
+    state: JobState
+    summary: str
+    retry: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyResult:
+    state: StudyState
+    received: int = 0
+    stored: int = 0
+    transient_failure: bool = False
+    problem: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A source node of a job, as the pipeline needs it."""
+
+    name: str
+    ae_title: str
+    issuer: str
+
+
+class Prefetch:
+    """Runs the pipeline for one job at a time; several jobs may run concurrently."""
+
+    def __init__(
+        self,
+        *,
+        db: AsyncStore,
+        pools: NodePools,
+        clients: dict[str, NodeClient],
+        sources: dict[str, Source],
+        registry: ExpectationRegistry,
+        identity: Callable[[], CrossReferenceTable],
+        rule_set: Callable[[], RuleSet],
+        engine_ae_title: str,
+        spool_root: Path,
+        now: Callable[[], dt.datetime],
+    ) -> None:
+        self.db = db
+        self.pools = pools
+        self.clients = clients
+        self.sources = sources
+        self.registry = registry
+        self.identity = identity
+        self.rule_set = rule_set
+        self.engine_ae_title = engine_ae_title
+        self.spool_root = spool_root
+        self.now = now
+
+    def note(self, job: JobRecord, text: str) -> defer.Deferred[None]:
+        logger.info("job %d: %s", job.id, text)
+        now = self.now()
+        return self.db.run(lambda store: store.add_event(job.id, text, now))
+
+    @defer.inlineCallbacks
+    def run(self, job: JobRecord) -> Generator[defer.Deferred[Any], Any, Outcome]:
+        rule = self.rule_set().rules.get(job.rule)
+        if rule is None:
+            return Outcome(JobState.FAILED, f"rule {job.rule} is no longer defined")
+        if job.destination not in self.clients:
+            return Outcome(
+                JobState.FAILED, f"destination {job.destination} is no longer configured"
+            )
+
+        lookups = yield self._resolve_identities(job)
+        if not lookups:
+            return Outcome(
+                JobState.DONE, "nothing to fetch: no source has an identifier for the patient"
+            )
+
+        candidates, failed_sources = yield self._find_candidates(job, lookups)
+        decisions = select_priors(rule, job.order, candidates, self.now().date())
+        yield self.db.run(lambda store: store.record_decisions(job.id, decisions))
+        selected = [decision.candidate for decision in decisions if decision.selected]
+        yield self.note(
+            job,
+            f"rule {rule.name}: {len(selected)} of {len(candidates)} candidate studies selected",
+        )
+
+        results = []
+        for candidate in selected:
+            result = yield self._fetch_study(job, candidate)
+            results.append(result)
+        return self._summarize(results, failed_sources)
+
+    @defer.inlineCallbacks
+    def _resolve_identities(
+        self, job: JobRecord
+    ) -> Generator[defer.Deferred[Any], Any, list[tuple[Source, PatientIdentifier]]]:
+        table = self.identity()
+        lookups = []
+        for name in job.sources:
+            source = self.sources.get(name)
+            if source is None:
+                yield self.note(job, f"source {name} skipped: node is no longer configured")
+                continue
+            remote = table.lookup(job.patient, source.issuer)
+            if remote is None:
+                yield self.note(
+                    job,
+                    f"source {name} skipped: no identifier for {job.patient} "
+                    f"in domain {source.issuer}",
+                )
+                continue
+            yield self.note(job, f"source {name}: patient is {remote}")
+            lookups.append((source, remote))
+        return lookups
+
+    @defer.inlineCallbacks
+    def _find_candidates(
+        self, job: JobRecord, lookups: list[tuple[Source, PatientIdentifier]]
+    ) -> Generator[defer.Deferred[Any], Any, tuple[list[StudyCandidate], list[str]]]:
+        queries = [
+            self.pools.run(source.name, self.clients[source.name].find, studies_of_patient(remote))
+            for source, remote in lookups
+        ]
+        answers = yield defer.DeferredList(queries, consumeErrors=True)
+
+        candidates: list[StudyCandidate] = []
+        failed: list[str] = []
+        for (source, remote), (success, result) in zip(lookups, answers, strict=True):
+            if not success:
+                failed.append(source.name)
+                yield self.note(job, f"source {source.name}: query failed: {_reason(result)}")
+                continue
+            filtered = read_study_answers(source.name, remote, result)
+            for reason in filtered.ignored:
+                yield self.note(job, f"source {source.name}: ignored {reason}")
+            yield self.note(job, f"source {source.name}: {len(filtered.candidates)} studies found")
+            candidates.extend(filtered.candidates)
+        return candidates, failed
+
+    @defer.inlineCallbacks
+    def _fetch_study(
+        self, job: JobRecord, candidate: StudyCandidate
+    ) -> Generator[defer.Deferred[Any], Any, StudyResult]:
+        uid = candidate.study_instance_uid
+        result: StudyResult
+        try:
+            result = yield self._retrieve_and_store(job, candidate)
+        except DimseError as error:
+            result = StudyResult(
+                StudyState.FAILED, transient_failure=error.transient, problem=str(error)
+            )
+        yield self.db.run(
+            lambda store: store.update_study(
+                job.id,
+                candidate.source,
+                uid,
+                result.state,
+                received=result.received,
+                stored=result.stored,
+                reason=result.problem or None,
+            )
+        )
+        yield self.note(
+            job,
+            f"study {uid} from {candidate.source}: {result.state}"
+            + (f" ({result.problem})" if result.problem else ""),
+        )
+        return result
+
+    @defer.inlineCallbacks
+    def _retrieve_and_store(
+        self, job: JobRecord, candidate: StudyCandidate
+    ) -> Generator[defer.Deferred[Any], Any, StudyResult]:
+        uid = candidate.study_instance_uid
+        destination = self.clients[job.destination]
+        present = yield self.pools.run(
+            job.destination, lambda: read_instance_count(destination.find(study_by_uid(uid)))
+        )
+        expected = candidate.instance_count
+        if present is not None and present > 0 and (expected is None or present >= expected):
+            return StudyResult(
+                StudyState.PRESENT, problem=f"destination already has {present} instances"
+            )
+
+        yield self.db.run(
+            lambda store: store.update_study(job.id, candidate.source, uid, StudyState.RETRIEVING)
+        )
+        expectation, move = yield self._retrieve(job, candidate)
+        stored = yield self._store(job, expectation.spool_dir)
+        return _study_result(candidate, expectation, move, stored)
+
+    @defer.inlineCallbacks
+    def _retrieve(
+        self, job: JobRecord, candidate: StudyCandidate
+    ) -> Generator[defer.Deferred[Any], Any, tuple[Expectation, MoveOutcome]]:
+        source = self.sources[candidate.source]
+        client = self.clients[source.name]
+        expectation = Expectation(
+            job_id=job.id,
+            source=source.name,
+            source_ae_title=source.ae_title,
+            study_instance_uid=candidate.study_instance_uid,
+            remote=candidate.patient,
+            stamp=Stamp(local=job.patient, remote=candidate.patient, demographics=job.demographics),
+            spool_dir=self.spool_root / f"job-{job.id}" / candidate.study_instance_uid,
+            message_id=client.next_message_id(),
+        )
+        self.registry.expect(expectation)
+        try:
+            move = yield self.pools.run(
+                source.name,
+                client.move,
+                move_study(candidate.study_instance_uid),
+                self.engine_ae_title,
+                expectation.message_id,
+            )
+        finally:
+            self.registry.forget(expectation)
+        return expectation, move
+
+    @defer.inlineCallbacks
+    def _store(
+        self, job: JobRecord, spool_dir: Path
+    ) -> Generator[defer.Deferred[Any], Any, StoreOutcome]:
+        files = sorted(spool_dir.glob("*.dcm")) if spool_dir.is_dir() else []
+        if not files:
+            return StoreOutcome((), ())
+        outcome: StoreOutcome = yield self.pools.run(
+            job.destination, self.clients[job.destination].store, files
+        )
+        # Only what the destination confirmed leaves the spool.
+        for path in outcome.stored:
+            path.unlink(missing_ok=True)
+        if not any(spool_dir.iterdir()):
+            shutil.rmtree(spool_dir, ignore_errors=True)
+        return outcome
+
+    def _summarize(self, results: list[StudyResult], failed_sources: list[str]) -> Outcome:
+        stored = [r for r in results if r.state == StudyState.STORED]
+        present = [r for r in results if r.state == StudyState.PRESENT]
+        unfinished = [r for r in results if r.state not in (StudyState.STORED, StudyState.PRESENT)]
+        instances = sum(r.stored for r in stored)
+        parts = [f"{len(stored)} studies stored ({instances} instances)"]
+        if present:
+            parts.append(f"{len(present)} already at the destination")
+        if unfinished:
+            parts.append(f"{len(unfinished)} not complete")
+        if failed_sources:
+            parts.append(f"query failed at {', '.join(failed_sources)}")
+        summary = ", ".join(parts)
+
+        transient = bool(failed_sources) or any(r.transient_failure for r in unfinished)
+        if not unfinished and not failed_sources:
+            return Outcome(JobState.DONE, summary)
+        if transient:
+            return Outcome(
+                JobState.PARTIAL if stored or present else JobState.FAILED, summary, retry=True
+            )
+        return Outcome(JobState.PARTIAL if stored or present else JobState.FAILED, summary)
+
+
+def _study_result(
+    candidate: StudyCandidate, expectation: Expectation, move: MoveOutcome, stored: StoreOutcome
+) -> StudyResult:
+    problems = []
+    if not is_success_or_warning(move.status):
+        problems.append(f"C-MOVE ended with status {describe(move.status)}")
+    if move.failed:
+        problems.append(f"source failed {move.failed} sub-operations")
+    if expectation.rejected:
+        reasons = "; ".join(sorted(set(expectation.rejections)))
+        problems.append(f"{expectation.rejected} objects rejected ({reasons})")
+    if stored.failed:
+        first_reason = stored.failed[0][1]
+        problems.append(f"{len(stored.failed)} objects not stored ({first_reason})")
+    expected = candidate.instance_count
+    if expected is not None and expectation.received < expected:
+        problems.append(f"received {expectation.received} of {expected} instances")
+
+    complete = not problems and len(stored.stored) >= expectation.received
+    return StudyResult(
+        state=StudyState.STORED if complete else StudyState.INCOMPLETE,
+        received=expectation.received,
+        stored=len(stored.stored),
+        # A study that arrived short is worth another attempt; a rejected object is not.
+        transient_failure=not complete and not expectation.rejected,
+        problem="; ".join(problems),
+    )
+
+
+def _reason(failure: Failure) -> str:
+    return failure.getErrorMessage() if isinstance(failure, Failure) else str(failure)

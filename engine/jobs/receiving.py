@@ -1,0 +1,176 @@
+"""Matching received objects to the retrievals that asked for them, and spooling them stamped.
+
+The registry lives on the reactor thread. The Receiver runs in the Storage
+SCP's association threads and reaches the registry only through
+blockingCallFromThread and callFromThread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import blockingCallFromThread
+
+from engine.coercion import Header, Stamp, StampError, read_header, stamp_file
+from engine.dimse.status import Status
+from engine.dimse.storescp import Arrival, Verdict
+from engine.model import PatientIdentifier
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclasses.dataclass(eq=False)
+class Expectation:
+    """A retrieval in progress: which study from which source, and how to stamp it."""
+
+    job_id: int
+    source: str
+    source_ae_title: str
+    study_instance_uid: str
+    remote: PatientIdentifier
+    stamp: Stamp
+    spool_dir: Path
+    message_id: int
+    received: int = 0
+    rejected: int = 0
+    rejections: list[str] = dataclasses.field(default_factory=list)
+
+
+class ExpectationRegistry:
+    """The retrievals in progress, looked up by study, move request and sender."""
+
+    def __init__(self, our_ae_title: str) -> None:
+        self.our_ae_title = our_ae_title
+        self._active: list[Expectation] = []
+        self.unmatched = 0
+
+    def expect(self, expectation: Expectation) -> None:
+        self._active.append(expectation)
+
+    def forget(self, expectation: Expectation) -> None:
+        if expectation in self._active:
+            self._active.remove(expectation)
+
+    def match(
+        self,
+        study_instance_uid: str,
+        calling_ae_title: str,
+        originator_ae_title: str,
+        originator_message_id: int | None,
+    ) -> Expectation | None:
+        """Find the retrieval an object belongs to; None when none or more than one patient fits.
+
+        The Move Originator fields narrow the choice when the source sets them,
+        but some PACS leave them out, so the study is what must match.
+        """
+        found = [e for e in self._active if e.study_instance_uid == study_instance_uid]
+        if originator_message_id and originator_ae_title == self.our_ae_title:
+            by_request = [e for e in found if e.message_id == originator_message_id]
+            found = by_request or found
+        by_sender = [e for e in found if e.source_ae_title == calling_ae_title]
+        found = by_sender or found
+        identities = {(e.stamp.local, e.remote) for e in found}
+        if len(identities) != 1:
+            return None
+        return found[0]
+
+    def record(self, expectation: Expectation, accepted: bool, reason: str = "") -> None:
+        if accepted:
+            expectation.received += 1
+            return
+        expectation.rejected += 1
+        if len(expectation.rejections) < 20:
+            expectation.rejections.append(reason)
+
+    def record_unmatched(self) -> None:
+        self.unmatched += 1
+
+
+class Receiver:
+    """The Storage SCP's ArrivalHandler for retrieved objects."""
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        registry: ExpectationRegistry,
+        fsync: bool = True,
+    ) -> None:
+        self._reactor = reactor
+        self.registry = registry
+        self.fsync = fsync
+
+    def _on_reactor(self, function: Callable[..., T], *args: Any) -> T:
+        result: T = blockingCallFromThread(self._reactor, function, *args)
+        return result
+
+    def __call__(self, arrival: Arrival) -> Verdict:
+        try:
+            header = read_header(arrival.path)
+        except StampError as error:
+            logger.warning("rejected object from %s: %s", arrival.calling_ae_title, error)
+            return Verdict(Status.CANNOT_UNDERSTAND, "object cannot be read")
+
+        expectation = self._on_reactor(
+            self.registry.match,
+            header.study_instance_uid,
+            arrival.calling_ae_title,
+            arrival.move_originator_ae_title,
+            arrival.move_originator_message_id,
+        )
+        if expectation is None:
+            self._reactor.callFromThread(self.registry.record_unmatched)
+            logger.warning(
+                "rejected object %s of study %s from %s: no retrieval in progress matches it",
+                header.sop_instance_uid,
+                header.study_instance_uid,
+                arrival.calling_ae_title,
+            )
+            return Verdict(Status.REFUSED_NOT_AUTHORIZED, "no retrieval expects this study")
+
+        problem = _check_object(header, expectation)
+        if problem:
+            self._reactor.callFromThread(self.registry.record, expectation, False, problem)
+            logger.warning(
+                "job %d: rejected object %s from %s: %s",
+                expectation.job_id,
+                header.sop_instance_uid,
+                expectation.source,
+                problem,
+            )
+            return Verdict(Status.REFUSED_NOT_AUTHORIZED, problem)
+
+        target = expectation.spool_dir / f"{header.sop_instance_uid}.dcm"
+        try:
+            expectation.spool_dir.mkdir(parents=True, exist_ok=True)
+            stamp_file(arrival.path, target, expectation.stamp, fsync=self.fsync)
+        except (StampError, OSError) as error:
+            self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
+            logger.error(
+                "job %d: object %s not stored in the spool: %s",
+                expectation.job_id,
+                header.sop_instance_uid,
+                error,
+            )
+            return Verdict(Status.OUT_OF_RESOURCES, "object could not be spooled")
+
+        self._reactor.callFromThread(self.registry.record, expectation, True)
+        return Verdict(Status.SUCCESS)
+
+
+def _check_object(header: Header, expectation: Expectation) -> str:
+    """Return why an object must not be stored under the expected patient, or ''."""
+    if not _UID.match(header.sop_instance_uid) or len(header.sop_instance_uid) > 64:
+        return "invalid SOP Instance UID"
+    if header.patient_id != expectation.remote.value:
+        return "patient ID differs from the requested patient"
+    if header.issuer_of_patient_id and header.issuer_of_patient_id != expectation.remote.issuer:
+        return "issuer of patient ID differs from the source's domain"
+    return ""

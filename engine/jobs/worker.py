@@ -1,0 +1,141 @@
+"""The job worker: claims due jobs from the store and runs them, with retry and backoff."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Generator
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from engine.jobs.prefetch import Outcome
+from engine.jobs.store import AsyncStore, JobRecord, JobState
+
+logger = logging.getLogger(__name__)
+
+JobRunner = Callable[[JobRecord], defer.Deferred[Outcome]]
+
+
+def retry_delay(attempt: int, base_seconds: float, max_seconds: float) -> float:
+    """Return the delay before the next attempt: doubling from base, capped at max."""
+    return float(min(max_seconds, base_seconds * 2 ** max(0, attempt - 1)))
+
+
+class Worker:
+    """Runs up to `concurrency` jobs at once; wakes on new jobs and on a timer."""
+
+    def __init__(
+        self,
+        db: AsyncStore,
+        runner: JobRunner,
+        clock: IReactorTime,
+        *,
+        concurrency: int = 2,
+        max_attempts: int = 5,
+        retry_base_seconds: float = 30,
+        retry_max_seconds: float = 1800,
+        poll_seconds: float = 5,
+    ) -> None:
+        self.db = db
+        self.runner = runner
+        self.clock = clock
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        self.retry_base_seconds = retry_base_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self.poll_seconds = poll_seconds
+        self._running: dict[int, defer.Deferred[None]] = {}
+        self._claiming = False
+        self._stopping = False
+        self._poll: task.LoopingCall | None = None
+        self._wake_call: IDelayedCall | None = None
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock.seconds(), dt.UTC)
+
+    @defer.inlineCallbacks
+    def start(self) -> Generator[defer.Deferred[Any], Any, None]:
+        now = self.now()
+        requeued = yield self.db.run(lambda store: store.requeue_interrupted(now))
+        if requeued:
+            logger.info("requeued %d jobs left unfinished by the last run", len(requeued))
+        self._poll = task.LoopingCall(self.wake)
+        self._poll.clock = self.clock
+        self._poll.start(self.poll_seconds, now=True)
+
+    def wake(self) -> None:
+        """Claim due jobs soon; safe to call often and from any reactor callback."""
+        if self._wake_call is None or not self._wake_call.active():
+            self._wake_call = self.clock.callLater(0, self._claim)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def _claim(self) -> None:
+        free = self.concurrency - len(self._running)
+        if self._stopping or self._claiming or free <= 0:
+            return
+        self._claiming = True
+        now = self.now()
+        claimed = self.db.run(lambda store: store.claim_due(now, free))
+        claimed.addCallback(self._start_jobs)
+        claimed.addErrback(self._claim_failed)
+
+    def _claim_failed(self, failure: Failure) -> None:
+        self._claiming = False
+        logger.error("claiming jobs failed: %s", failure.getErrorMessage())
+
+    def _start_jobs(self, jobs: list[JobRecord]) -> None:
+        self._claiming = False
+        for job in jobs:
+            logger.info("job %d: attempt %d started (rule %s)", job.id, job.attempts, job.rule)
+            self._running[job.id] = self._run(job)
+
+    @defer.inlineCallbacks
+    def _run(self, job: JobRecord) -> Generator[defer.Deferred[Any], Any, None]:
+        try:
+            try:
+                outcome = yield self.runner(job)
+            except Exception as error:
+                if self._stopping:
+                    logger.info("job %d: interrupted by shutdown, resumes at next start", job.id)
+                    return
+                logger.exception("job %d: attempt failed unexpectedly", job.id)
+                outcome = Outcome(
+                    JobState.FAILED, f"internal error: {type(error).__name__}: {error}", retry=True
+                )
+            yield self._record(job, outcome)
+        except Exception:
+            logger.exception("job %d: recording the outcome failed", job.id)
+        finally:
+            del self._running[job.id]
+            if not self._stopping:
+                self.wake()
+
+    def _record(self, job: JobRecord, outcome: Outcome) -> defer.Deferred[None]:
+        now = self.now()
+        if outcome.retry and job.attempts < self.max_attempts and not self._stopping:
+            delay = retry_delay(job.attempts, self.retry_base_seconds, self.retry_max_seconds)
+            when = now + dt.timedelta(seconds=delay)
+            logger.info("job %d: %s; retry in %.0fs", job.id, outcome.summary, delay)
+            return self.db.run(lambda store: store.retry_job(job.id, when, outcome.summary, now))
+        if outcome.retry and self._stopping:
+            logger.info("job %d: %s; resumes at next start", job.id, outcome.summary)
+            return self.db.run(lambda store: store.retry_job(job.id, now, outcome.summary, now))
+        logger.info("job %d: %s: %s", job.id, outcome.state, outcome.summary)
+        return self.db.run(
+            lambda store: store.finish_job(job.id, outcome.state, outcome.summary, now)
+        )
+
+    def stop(self) -> defer.Deferred[Any]:
+        """Stop claiming, and wait for the running jobs to end."""
+        self._stopping = True
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        return defer.DeferredList(list(self._running.values()), consumeErrors=True)

@@ -1,0 +1,155 @@
+"""Domain types shared by intake, rules, identity and jobs.
+
+Every patient identifier travels with its issuer (assigning authority), as a
+PatientIdentifier. Patient names and birth dates live only in Demographics,
+which has no string form suitable for logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientIdentifier:
+    """A patient identifier qualified by its issuer (DICOM IssuerOfPatientID, HL7 CX-4)."""
+
+    value: str
+    issuer: str
+
+    def __str__(self) -> str:
+        return f"{self.value}^^^{self.issuer}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"value": self.value, "issuer": self.issuer}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatientIdentifier:
+        return cls(value=str(data["value"]), issuer=str(data["issuer"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Demographics:
+    """Patient demographics in DICOM form: name as PN (Family^Given^Middle^Prefix^Suffix),
+    birth date as DA (YYYYMMDD) and sex as CS (M, F, O or empty)."""
+
+    name: str = ""
+    birth_date: str = ""
+    sex: str = ""
+
+    def __repr__(self) -> str:
+        # Keeps names and birth dates out of logs and tracebacks.
+        return "Demographics(<redacted>)"
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Demographics:
+        return cls(
+            name=str(data.get("name", "")),
+            birth_date=str(data.get("birth_date", "")),
+            sex=str(data.get("sex", "")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderFacts:
+    """What the order asks for, extracted once from the message."""
+
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    accession_number: str = ""
+    study_instance_uid: str = ""
+    ordered_modality: str = ""
+    procedure_code: str = ""
+    procedure_coding_system: str = ""
+    procedure_text: str = ""
+    order_time: dt.datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["order_time"] = self.order_time.isoformat() if self.order_time else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OrderFacts:
+        values = {field.name: data.get(field.name, "") for field in dataclasses.fields(cls)}
+        raw_time = data.get("order_time")
+        values["order_time"] = dt.datetime.fromisoformat(raw_time) if raw_time else None
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class MessageOrigin:
+    """Where an HL7 message came from: the MSH fields that identify it."""
+
+    sending_application: str
+    sending_facility: str
+    message_type: str
+    control_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderPlaced:
+    """A new order (ORM^O01 with ORC-1 NW): the event that starts prefetch."""
+
+    origin: MessageOrigin
+    patient: PatientIdentifier
+    demographics: Demographics
+    order: OrderFacts
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyCandidate:
+    """One study returned by a source's C-FIND at STUDY level."""
+
+    source: str
+    study_instance_uid: str
+    patient: PatientIdentifier
+    study_date: dt.date | None = None
+    study_time: str = ""
+    modalities: tuple[str, ...] = ()
+    description: str = ""
+    accession_number: str = ""
+    instance_count: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "study_instance_uid": self.study_instance_uid,
+            "patient": self.patient.to_dict(),
+            "study_date": self.study_date.isoformat() if self.study_date else None,
+            "study_time": self.study_time,
+            "modalities": list(self.modalities),
+            "description": self.description,
+            "accession_number": self.accession_number,
+            "instance_count": self.instance_count,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyCandidate:
+        raw_date = data.get("study_date")
+        count = data.get("instance_count")
+        return cls(
+            source=str(data["source"]),
+            study_instance_uid=str(data["study_instance_uid"]),
+            patient=PatientIdentifier.from_dict(data["patient"]),
+            study_date=dt.date.fromisoformat(raw_date) if raw_date else None,
+            study_time=str(data.get("study_time", "")),
+            modalities=tuple(data.get("modalities", ())),
+            description=str(data.get("description", "")),
+            accession_number=str(data.get("accession_number", "")),
+            instance_count=int(count) if count is not None else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Whether a candidate study was selected for retrieval, and why."""
+
+    candidate: StudyCandidate
+    selected: bool
+    reason: str

@@ -1,0 +1,148 @@
+"""A test network on loopback: Orthanc sites, an engine configuration, an engine process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.testing.dicomgen import build_study, encode
+from engine.testing.orthanc import OrthancServer
+from engine.testing.ports import free_port, wait_for_port
+from engine.testing.scenario import Scenario
+
+ENGINE_AE_TITLE = "FDQR"
+# Node names and AE titles as in conf/engine.yaml.
+SITE_AE_TITLES = {"hospital_a": "HOSP_A", "hospital_b": "HOSP_B", "local_pacs": "LOCAL_PACS"}
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass
+class EnginePorts:
+    dicom: int = dataclasses.field(default_factory=free_port)
+    mllp: int = dataclasses.field(default_factory=free_port)
+
+
+class Network:
+    """Orthanc servers for every site, all knowing the engine's AE for C-MOVE."""
+
+    def __init__(self, folder: Path, ports: EnginePorts | None = None) -> None:
+        self.folder = folder
+        self.ports = ports or EnginePorts()
+        engine_node = {"fdqr": (ENGINE_AE_TITLE, "127.0.0.1", self.ports.dicom)}
+        self.sites = {
+            name: OrthancServer(name, ae_title, folder / name, modalities=engine_node)
+            for name, ae_title in SITE_AE_TITLES.items()
+        }
+
+    def start(self) -> None:
+        for server in self.sites.values():
+            server.start()
+
+    def stop(self) -> None:
+        for server in self.sites.values():
+            server.stop()
+
+    def load(self, scenario: Scenario) -> int:
+        """Store every study of the scenario at its site; return the number of instances."""
+        count = 0
+        for placement in scenario.placements:
+            server = self.sites[placement.site]
+            for ds in build_study(placement.patient, placement.study):
+                server.upload(encode(ds))
+                count += 1
+        return count
+
+    def write_engine_config(
+        self,
+        target: Path,
+        template: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write an engine configuration for this network, based on conf/engine.yaml."""
+        template = template or REPOSITORY / "conf" / "engine.yaml"
+        settings = yaml.safe_load(template.read_text())
+        conf = template.parent.resolve()
+        settings["dicom"]["port"] = self.ports.dicom
+        settings["mllp"]["listen"] = f"tcp:{self.ports.mllp}:interface=127.0.0.1"
+        for name, server in self.sites.items():
+            settings["nodes"][name]["host"] = server.host
+            settings["nodes"][name]["port"] = server.dicom_port
+        settings["identity"]["table"] = str(conf / settings["identity"]["table"])
+        settings["routes"] = str((conf / settings["routes"]).resolve())
+        settings["rules"] = str((conf / settings["rules"]).resolve())
+        settings["store"]["path"] = str(target.parent / "fdqr.sqlite")
+        settings["spool"]["path"] = str(target.parent / "spool")
+        settings["jobs"]["poll_seconds"] = 0.5
+        for section, values in (overrides or {}).items():
+            if isinstance(values, dict):
+                settings.setdefault(section, {}).update(values)
+            else:
+                settings[section] = values
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(settings, sort_keys=False))
+        return target
+
+
+class EngineProcess:
+    """`fdqr run` as a separate process, as it runs in production."""
+
+    def __init__(self, config: Path, mllp_port: int, log_path: Path) -> None:
+        self.config = config
+        self.mllp_port = mllp_port
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self._log = log
+        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=environment,
+            cwd=REPOSITORY,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"fdqr run exited with status {self._process.returncode}; see {self.log_path}"
+                )
+            try:
+                wait_for_port("127.0.0.1", self.mllp_port, timeout=0.5)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"fdqr run did not listen within {timeout}s") from None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Send SIGTERM and wait; return the exit status."""
+        if self._process is None:
+            return 0
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            status = self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            status = self._process.wait()
+        self._process = None
+        self._log.close()
+        return status
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -1,0 +1,35 @@
+"""Test doubles shared by the unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from twisted.internet import defer
+
+from engine.jobs.store import Store
+
+T = TypeVar("T")
+
+
+class ImmediateStore:
+    """An AsyncStore that runs the work at once on the calling thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.fail_next: Exception | None = None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.store.close()
+
+    def run(self, work: Callable[[Store], T]) -> defer.Deferred[T]:
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            return defer.fail(error)
+        try:
+            return defer.succeed(work(self.store))
+        except Exception as error:
+            return defer.fail(error)

@@ -1,0 +1,119 @@
+"""Loading conf/engine.yaml with the routes, rules and identity table it names."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine import config
+from engine.configfile import ConfigError
+from engine.identity.table import load_table
+from engine.model import PatientIdentifier
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Path:
+    """A copy of the shipped conf/, routes/ and rules/; return the engine.yaml path."""
+    for folder in ("conf", "routes", "rules"):
+        shutil.copytree(REPOSITORY / folder, tmp_path / folder)
+    return tmp_path / "conf" / "engine.yaml"
+
+
+def edit(path: Path, change: dict[str, object]) -> None:
+    settings = yaml.safe_load(path.read_text())
+    for dotted, value in change.items():
+        *parents, last = dotted.split(".")
+        target = settings
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def test_shipped_configuration_is_valid(layout: Path) -> None:
+    loaded = config.load(layout)
+    assert sorted(loaded.settings.nodes) == ["hospital_a", "hospital_b", "local_pacs"]
+    assert [route.name for route in loaded.rule_set.routes] == ["ris-orders"]
+    assert loaded.store_path == (layout.parent.parent / "var" / "fdqr.sqlite").resolve()
+    assert len(loaded.identity_table) == 2
+
+
+def test_errors_name_file_line_path_value(layout: Path) -> None:
+    text = (
+        layout.read_text()
+        .replace("port: 4301", "port: 99999")
+        .replace("ae_title: HOSP_B", "ae_title: HOSPITAL_B_TOO_LONG_NAME")
+    )
+    layout.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    messages = [str(problem) for problem in raised.value.problems]
+    assert len(messages) == 2
+    line = next(number for number, row in enumerate(text.splitlines(), 1) if "99999" in row)
+    assert (
+        messages[0]
+        == f"{layout}:{line}: nodes.hospital_a.port: input should be less than or equal to 65535 (value 99999)"
+    )
+    assert "nodes.hospital_b.ae_title" in messages[1]
+    assert "'HOSPITAL_B_TOO_LONG_NAME'" in messages[1]
+
+
+def test_route_naming_unknown_node(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        routes.read_text().replace("destination: local_pacs", "destination: pacs_typo")
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.file == "routes/orders.yaml"
+    assert problem.path == "routes[0].destination"
+    assert problem.message == "unknown node 'pacs_typo'"
+    assert "known: hospital_a, hospital_b, local_pacs" in problem.hint
+
+
+def test_source_without_issuer(layout: Path) -> None:
+    edit(layout, {"nodes.hospital_b.issuer": None})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    assert "routes[0].sources[1]: source node 'hospital_b' has no issuer" in str(raised.value)
+
+
+def test_missing_folder_and_table(layout: Path) -> None:
+    edit(layout, {"rules": "../no_rules", "identity.table": "missing.yaml"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    text = str(raised.value)
+    assert "no_rules: folder not found" in text
+    assert "missing.yaml: cannot be read" in text
+
+
+def test_identity_table_lookup(layout: Path) -> None:
+    table = load_table(layout.parent / "identity.yaml")
+    local = PatientIdentifier("L12345", "LOCAL")
+    assert table.lookup(local, "HOSP_A") == PatientIdentifier("HA-778899", "HOSP_A")
+    assert table.lookup(local, "HOSP_C") is None
+    assert table.lookup(local, "LOCAL") == local
+    assert table.lookup(PatientIdentifier("L12345", "OTHER"), "HOSP_A") is None
+
+
+def test_identity_table_rejects_conflicts(tmp_path: Path) -> None:
+    path = tmp_path / "identity.yaml"
+    path.write_text(
+        "cross_references:\n"
+        "  - local: {id: L1, issuer: LOCAL}\n"
+        "    remote: [{id: A1, issuer: A}]\n"
+        "  - local: {id: L2, issuer: LOCAL}\n"
+        "    remote: [{id: A1, issuer: A}]\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_table(path)
+    assert str(raised.value) == (
+        f"{path}:5: cross_references[1].remote[0]: A1^^^A is already mapped to local patient "
+        "L1^^^LOCAL (one remote identifier belongs to one local patient)"
+    )

@@ -1,0 +1,195 @@
+"""HL7 parsing, acknowledgements and the translation of orders into events."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from engine.hl7.ack import AckError, AckHeader, build_ack
+from engine.hl7.codes import AckCode, ErrorCode
+from engine.hl7.events import IdentifierPolicy, Unhandled, check_header, to_event
+from engine.hl7.message import HL7Error, parse, parse_timestamp
+from engine.model import OrderPlaced, PatientIdentifier
+from engine.testing.dicomgen import PatientSpec
+from engine.testing.scenario import order_message
+
+POLICY = IdentifierPolicy(issuer="LOCAL", authorities=frozenset({"LOCAL"}))
+PATIENT = PatientSpec("L1", "LOCAL", "DOE^JANE^M", "19650312", "F")
+WHEN = dt.datetime(2026, 3, 14, 9, 30)
+
+
+def order(**options: object) -> bytes:
+    return order_message(PATIENT, "MSG1", "ACC1", WHEN, **options)  # type: ignore[arg-type]
+
+
+def test_parse_reads_fields_by_segment_id() -> None:
+    message = parse(order())
+    assert message.message_type == "ORM^O01"
+    assert message.control_id == "MSG1"
+    assert message.get("OBR", 24) == "CT"
+    assert message.get("OBR", 4, 2) == "CT Chest"
+    assert message.get("PID", 3, 4, repetition=2) == "NATIONAL"
+
+
+def test_parse_extra_segment_shifts_nothing() -> None:
+    text = order().replace(b"\rPID|", b"\rEVN|O01|20260314\rZXY|custom\rPID|")
+    message = parse(text)
+    assert message.get("PID", 5, 1) == "DOE"
+    assert message.get("OBR", 24) == "CT"
+
+
+def test_parse_delimiters_from_msh() -> None:
+    text = b"MSH#@*$%#RIS#RAD#FDQR#LOCAL#2026##ORM@O01#7#P#2.5\rPID#1##A1@@@LOCAL*A2@@@OTHER\r"
+    message = parse(text)
+    assert message.message_type == "ORM^O01"
+    assert message.get("PID", 3, 1, repetition=2) == "A2"
+    ack = build_ack(AckHeader.from_message(message), AckCode.APPLICATION_ACCEPT)
+    assert ack.startswith(b"MSH#@*$%#FDQR#LOCAL#RIS#RAD#")
+    assert b"\rMSA#AA#7\r" in ack
+
+
+def test_parse_accepts_lf_and_crlf_between_segments() -> None:
+    for separator in (b"\n", b"\r\n"):
+        message = parse(order().replace(b"\r", separator))
+        assert message.get("OBR", 24) == "CT"
+        assert [segment.id for segment in message.segments] == ["MSH", "PID", "PV1", "ORC", "OBR"]
+
+
+def test_parse_bare_lf_inside_field_is_data() -> None:
+    text = b"MSH|^~\\&|RIS|RAD|F|L|2026||ORM^O01|1|P|2.5\rNTE|1||line one\nline two\r"
+    message = parse(text)
+    assert message.get("NTE", 3) == "line one\nline two"
+
+
+def test_parse_unescapes_after_splitting() -> None:
+    text = b"MSH|^~\\&|RIS|RAD|F|L|2026||ORM^O01|1|P|2.5\rNTE|1||a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f\\X41\\\r"
+    assert parse(text).get("NTE", 3) == "a|b^c&d~e\\fA"
+
+
+def test_parse_charset_from_msh18() -> None:
+    text = "MSH|^~\\&|RIS|RAD|F|L|2026||ORM^O01|1|P|2.5||||||8859/1\rPID|1||X||MÜLLER^JÖRG\r"
+    message = parse(text.encode("latin-1"))
+    assert message.get("PID", 5, 1) == "MÜLLER"
+
+
+def test_parse_undecodable_is_application_error() -> None:
+    text = b"MSH|^~\\&|RIS|RAD|F|L|2026||ORM^O01|1|P|2.5||||||UNICODE UTF-8\rPID|1||X||\xff\xfe\r"
+    with pytest.raises(HL7Error) as raised:
+        parse(text)
+    assert raised.value.ack == AckCode.APPLICATION_ERROR
+    assert raised.value.code == ErrorCode.DATA_TYPE_ERROR
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"", b"PID|1||X\r", b"MSH", b"MSH|\rPID|", b"MSH|^^\\&|x\r", b"MSH|^~\\&|R\rP!D|x\r"],
+)
+def test_parse_rejects_malformed(text: bytes) -> None:
+    with pytest.raises(HL7Error) as raised:
+        parse(text)
+    assert raised.value.ack == AckCode.APPLICATION_REJECT
+
+
+def test_parse_timestamp_forms() -> None:
+    assert parse_timestamp("20260314") == dt.datetime(2026, 3, 14)
+    assert parse_timestamp("202603140930") == dt.datetime(2026, 3, 14, 9, 30)
+    stamped = parse_timestamp("20260314093015.25+0100")
+    assert stamped is not None
+    assert stamped.utcoffset() == dt.timedelta(hours=1)
+    assert stamped.microsecond == 250000
+    assert parse_timestamp("2026-03-14") is None
+    assert parse_timestamp("20261399") is None
+
+
+def test_ack_swaps_sender_and_echoes_control_id() -> None:
+    message = parse(order())
+    ack = build_ack(AckHeader.from_message(message), AckCode.APPLICATION_ACCEPT).decode()
+    msh, msa = ack.rstrip("\r").split("\r")
+    fields = msh.split("|")
+    assert fields[2:6] == ["FDQR", "LOCAL", "RIS", "RADIOLOGY"]
+    assert fields[8] == "ACK^O01^ACK"
+    assert fields[11] == "2.5.1"
+    assert fields[17] == "UNICODE UTF-8"
+    assert msa == "MSA|AA|MSG1"
+
+
+def test_ack_error_segment_has_location_and_code() -> None:
+    message = parse(order())
+    error = AckError(ErrorCode.REQUIRED_FIELD_MISSING, "PID-3 | missing", ("PID", 1, 3))
+    ack = build_ack(AckHeader.from_message(message), AckCode.APPLICATION_ERROR, [error]).decode()
+    err = ack.rstrip("\r").split("\r")[2].split("|")
+    assert err[0] == "ERR"
+    assert err[2] == "PID^1^3"
+    assert err[3] == "101^Required field missing^HL70357"
+    assert err[4] == "E"
+    assert err[8] == "PID-3 \\F\\ missing"
+
+
+def test_ack_header_from_unparsable_bytes() -> None:
+    header = AckHeader.from_raw(b"garbage\rMSH|^~\\&|RIS|RAD|F|L|2026||ORM^O01|C77|P|2.3\r\xff")
+    assert header.control_id == "C77"
+    assert header.sending_application == "RIS"
+    assert AckHeader.from_raw(b"no header at all").control_id == ""
+
+
+def test_event_new_order() -> None:
+    event = to_event(parse(order()), POLICY)
+    assert isinstance(event, OrderPlaced)
+    assert event.patient == PatientIdentifier("L1", "LOCAL")
+    assert event.demographics.name == "DOE^JANE^M"
+    assert event.demographics.birth_date == "19650312"
+    assert event.demographics.sex == "F"
+    assert event.order.accession_number == "ACC1"
+    assert event.order.ordered_modality == "CT"
+    assert event.order.procedure_code == "CTCHEST"
+    assert event.order.order_time == WHEN
+
+
+def test_event_picks_identifier_by_authority_not_position() -> None:
+    text = order().replace(
+        b"L1^^^LOCAL^MR~998877^^^NATIONAL^NI", b"998877^^^NATIONAL^NI~L1^^^LOCAL^MR"
+    )
+    event = to_event(parse(text), POLICY)
+    assert isinstance(event, OrderPlaced)
+    assert event.patient.value == "L1"
+
+
+def test_event_without_local_identifier_is_error() -> None:
+    text = order().replace(b"L1^^^LOCAL^MR~", b"")
+    with pytest.raises(HL7Error) as raised:
+        to_event(parse(text), POLICY)
+    assert raised.value.location == ("PID", 1, 3)
+    assert raised.value.ack == AckCode.APPLICATION_ERROR
+
+
+def test_event_unqualified_identifier_when_allowed() -> None:
+    text = order().replace(b"L1^^^LOCAL^MR~998877^^^NATIONAL^NI", b"L1")
+    lenient = IdentifierPolicy("LOCAL", frozenset({"LOCAL"}), unqualified_ids_are_local=True)
+    event = to_event(parse(text), lenient)
+    assert isinstance(event, OrderPlaced)
+    assert event.patient == PatientIdentifier("L1", "LOCAL")
+    with pytest.raises(HL7Error):
+        to_event(parse(text), POLICY)
+
+
+def test_event_cancel_is_unhandled() -> None:
+    event = to_event(parse(order(order_control="CA")), POLICY)
+    assert isinstance(event, Unhandled)
+    assert "CA" in event.reason
+
+
+def test_check_header_missing_control_id() -> None:
+    message = parse(order().replace(b"|MSG1|", b"||"))
+    with pytest.raises(HL7Error) as raised:
+        check_header(message)
+    assert raised.value.code == ErrorCode.REQUIRED_FIELD_MISSING
+    assert raised.value.location == ("MSH", 1, 10)
+
+
+def test_check_header_unsupported_type() -> None:
+    message = parse(order().replace(b"ORM^O01", b"ORU^R01"))
+    with pytest.raises(HL7Error) as raised:
+        check_header(message)
+    assert raised.value.code == ErrorCode.UNSUPPORTED_MESSAGE_TYPE
+    assert raised.value.ack == AckCode.APPLICATION_REJECT

@@ -1,0 +1,224 @@
+"""The job store and the worker's scheduling, retry and restart, on an injected Clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from twisted.internet import defer, task
+
+from engine.jobs.prefetch import Outcome
+from engine.jobs.store import JobRecord, JobState, NewJob, Store, StudyState
+from engine.jobs.worker import Worker, retry_delay
+from engine.model import (
+    Decision,
+    Demographics,
+    MessageOrigin,
+    OrderFacts,
+    PatientIdentifier,
+    StudyCandidate,
+)
+from tests.conftest import NOW
+from tests.fakes import ImmediateStore
+
+PATIENT = PatientIdentifier("L1", "LOCAL")
+
+
+def new_job(not_before: dt.datetime = NOW, rule: str = "ct") -> NewJob:
+    return NewJob(
+        route="ris",
+        rule=rule,
+        destination="local",
+        sources=("a", "b"),
+        patient=PATIENT,
+        demographics=Demographics("DOE^JANE", "19650312", "F"),
+        order=OrderFacts(accession_number="ACC1", order_time=NOW),
+        not_before=not_before,
+    )
+
+
+def test_store_round_trips_job(store: Store) -> None:
+    job_id = store.add_job(new_job(), NOW)
+    job = store.get_job(job_id)
+    assert job is not None
+    assert job.state == JobState.QUEUED
+    assert job.sources == ("a", "b")
+    assert job.patient == PATIENT
+    assert job.demographics.name == "DOE^JANE"
+    assert job.order.order_time == NOW
+    assert store.events(job_id)[0][1] == "queued by route ris, rule ct"
+
+
+def test_store_duplicate_message_keeps_first(store: Store) -> None:
+    origin = MessageOrigin("RIS", "RAD", "ORM^O01", "C1")
+    first = store.record_message(origin, "peer", b"msg", b"ACK1", "ok", [new_job()], NOW)
+    second = store.record_message(origin, "peer", b"msg", b"ACK2", "ok", [new_job()], NOW)
+    assert first[2] is False
+    assert second == (first[0], b"ACK1", True)
+    assert len(store.list_jobs()) == 1
+
+
+def test_store_claims_only_due_jobs(store: Store) -> None:
+    due = store.add_job(new_job(), NOW)
+    store.add_job(new_job(NOW + dt.timedelta(hours=1)), NOW)
+    claimed = store.claim_due(NOW, 10)
+    assert [job.id for job in claimed] == [due]
+    assert claimed[0].state == JobState.RUNNING
+    assert claimed[0].attempts == 1
+    assert store.claim_due(NOW, 10) == []
+    assert store.next_due_time() == NOW + dt.timedelta(hours=1)
+
+
+def test_store_requeues_interrupted(store: Store) -> None:
+    job_id = store.add_job(new_job(), NOW)
+    store.claim_due(NOW, 1)
+    assert store.requeue_interrupted(NOW) == [job_id]
+    job = store.get_job(job_id)
+    assert job is not None
+    assert job.state == JobState.QUEUED
+
+
+def test_store_decisions_keep_counts_on_retry(store: Store) -> None:
+    job_id = store.add_job(new_job(), NOW)
+    study = StudyCandidate(
+        "a", "1.2.3", PatientIdentifier("R1", "A"), NOW.date(), "", ("CT",), "", "", 10
+    )
+    store.record_decisions(job_id, [Decision(study, True, "rank 1")])
+    store.update_study(job_id, "a", "1.2.3", StudyState.STORED, received=10, stored=10)
+    store.record_decisions(job_id, [Decision(study, True, "rank 1")])
+    [record] = store.studies(job_id)
+    assert record.state == StudyState.STORED
+    assert (record.found, record.received, record.stored) == (10, 10, 10)
+
+
+def test_retry_delay_doubles_to_cap() -> None:
+    assert [retry_delay(attempt, 30, 200) for attempt in range(1, 6)] == [30, 60, 120, 200, 200]
+
+
+class ScriptedRunner:
+    """A job runner whose attempts end when the test fires them."""
+
+    def __init__(self) -> None:
+        self.calls: list[JobRecord] = []
+        self.pending: list[defer.Deferred[Outcome]] = []
+
+    def __call__(self, job: JobRecord) -> defer.Deferred[Outcome]:
+        self.calls.append(job)
+        result: defer.Deferred[Outcome] = defer.Deferred()
+        self.pending.append(result)
+        return result
+
+
+@pytest.fixture
+def clock() -> task.Clock:
+    clock = task.Clock()
+    clock.advance(NOW.timestamp())
+    return clock
+
+
+def make_worker(
+    db: ImmediateStore, runner: ScriptedRunner, clock: task.Clock, **options: int
+) -> Worker:
+    settings = {
+        "concurrency": 2,
+        "max_attempts": 3,
+        "retry_base_seconds": 30,
+        "retry_max_seconds": 600,
+    }
+    settings.update(options)
+    return Worker(db, runner, clock, poll_seconds=5, **settings)  # type: ignore[arg-type]
+
+
+def stop(worker: Worker, clock: task.Clock) -> None:
+    worker.stop()
+    assert clock.getDelayedCalls() == []
+
+
+def test_worker_runs_up_to_concurrency(db: ImmediateStore, clock: task.Clock) -> None:
+    for _ in range(3):
+        db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    assert len(runner.calls) == 2
+    runner.pending[0].callback(Outcome(JobState.DONE, "ok"))
+    clock.advance(0)
+    assert len(runner.calls) == 3
+    assert db.store.get_job(runner.calls[0].id).state == JobState.DONE  # type: ignore[union-attr]
+    for pending in runner.pending[1:]:
+        pending.callback(Outcome(JobState.DONE, "ok"))
+    stop(worker, clock)
+
+
+def test_worker_retries_with_backoff_then_gives_up(db: ImmediateStore, clock: task.Clock) -> None:
+    job_id = db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    runner.pending[0].callback(Outcome(JobState.FAILED, "source down", retry=True))
+    job = db.store.get_job(job_id)
+    assert job is not None
+    assert job.state == JobState.WAITING
+    assert job.not_before == NOW + dt.timedelta(seconds=30)
+
+    clock.advance(25)
+    assert len(runner.calls) == 1
+    clock.advance(5)
+    assert len(runner.calls) == 2
+    runner.pending[1].callback(Outcome(JobState.FAILED, "source down", retry=True))
+    clock.advance(60)
+    assert len(runner.calls) == 3
+    # The third attempt is the last one allowed.
+    runner.pending[2].callback(Outcome(JobState.FAILED, "source down", retry=True))
+    job = db.store.get_job(job_id)
+    assert job is not None
+    assert job.state == JobState.FAILED
+    assert job.attempts == 3
+    clock.advance(3600)
+    assert len(runner.calls) == 3
+    stop(worker, clock)
+
+
+def test_worker_unexpected_error_is_retried(db: ImmediateStore, clock: task.Clock) -> None:
+    job_id = db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    runner.pending[0].errback(KeyError("bug"))
+    job = db.store.get_job(job_id)
+    assert job is not None
+    assert job.state == JobState.WAITING
+    assert "internal error: KeyError" in job.summary
+    stop(worker, clock)
+
+
+def test_worker_start_requeues_interrupted(db: ImmediateStore, clock: task.Clock) -> None:
+    job_id = db.store.add_job(new_job(), NOW)
+    db.store.claim_due(NOW, 1)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    assert [job.id for job in runner.calls] == [job_id]
+    assert runner.calls[0].attempts == 2
+    runner.pending[0].callback(Outcome(JobState.DONE, "ok"))
+    stop(worker, clock)
+
+
+def test_worker_stop_leaves_running_job_for_restart(db: ImmediateStore, clock: task.Clock) -> None:
+    job_id = db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    stopped = worker.stop()
+    assert not stopped.called
+    runner.pending[0].errback(ConnectionAbortedError("association aborted"))
+    assert stopped.called
+    job = db.store.get_job(job_id)
+    assert job is not None
+    assert job.state == JobState.RUNNING
+    assert clock.getDelayedCalls() == []

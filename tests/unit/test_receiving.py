@@ -1,0 +1,151 @@
+"""Matching received objects to retrievals, and the checks before an object is spooled."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from engine.coercion import Stamp
+from engine.dimse.status import Status
+from engine.dimse.storescp import Arrival
+from engine.jobs.receiving import Expectation, ExpectationRegistry, Receiver
+from engine.model import Demographics, PatientIdentifier
+
+LOCAL = PatientIdentifier("L1", "LOCAL")
+REMOTE = PatientIdentifier("HA-1", "HOSP_A")
+
+
+class InlineReactor:
+    """Runs calls from threads at once, so the Receiver can be tested on one thread."""
+
+    def callFromThread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        function(*args, **kwargs)
+
+
+def expectation(
+    tmp_path: Path,
+    study: str,
+    message_id: int = 7,
+    remote: PatientIdentifier = REMOTE,
+    job_id: int = 1,
+) -> Expectation:
+    return Expectation(
+        job_id=job_id,
+        source="hospital_a",
+        source_ae_title="HOSP_A",
+        study_instance_uid=study,
+        remote=remote,
+        stamp=Stamp(LOCAL, remote, Demographics("DOE^JANE", "19650312", "F")),
+        spool_dir=tmp_path / "spool" / f"job-{job_id}" / study,
+        message_id=message_id,
+    )
+
+
+def received_file(tmp_path: Path, patient_id: str, issuer: str = "", study: str = "1.2.3") -> Path:
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    ds = dcmread(path)
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = study
+    if issuer:
+        ds.IssuerOfPatientID = issuer
+    target = tmp_path / f"received-{patient_id}-{issuer}.dcm"
+    ds.save_as(target)
+    return target
+
+
+def arrival(path: Path, caller: str = "HOSP_A", message_id: int | None = 7) -> Arrival:
+    return Arrival(path, caller, "FDQR" if message_id else "", message_id)
+
+
+def test_registry_matches_by_study(tmp_path: Path) -> None:
+    registry = ExpectationRegistry("FDQR")
+    wanted = expectation(tmp_path, "1.2.3")
+    registry.expect(wanted)
+    registry.expect(expectation(tmp_path, "4.5.6"))
+    assert registry.match("1.2.3", "ANY", "", None) is wanted
+    assert registry.match("9.9.9", "HOSP_A", "FDQR", 7) is None
+    registry.forget(wanted)
+    assert registry.match("1.2.3", "HOSP_A", "", None) is None
+
+
+def test_registry_refuses_ambiguous_patients(tmp_path: Path) -> None:
+    registry = ExpectationRegistry("FDQR")
+    first = expectation(tmp_path, "1.2.3", message_id=7)
+    other = expectation(
+        tmp_path, "1.2.3", message_id=8, remote=PatientIdentifier("HA-2", "HOSP_A"), job_id=2
+    )
+    registry.expect(first)
+    registry.expect(other)
+    # Without the move request to tell them apart, two patients fit: no match.
+    assert registry.match("1.2.3", "HOSP_A", "", None) is None
+    assert registry.match("1.2.3", "HOSP_A", "FDQR", 8) is other
+    assert registry.match("1.2.3", "HOSP_A", "FDQR", 7) is first
+
+
+@pytest.fixture
+def receiver_and_registry() -> tuple[Receiver, ExpectationRegistry]:
+    registry = ExpectationRegistry("FDQR")
+    return Receiver(InlineReactor(), registry, fsync=False), registry  # type: ignore[arg-type]
+
+
+def test_receiver_spools_stamped_object(
+    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
+) -> None:
+    receiver, registry = receiver_and_registry
+    wanted = expectation(tmp_path, "1.2.3")
+    registry.expect(wanted)
+    verdict = receiver(arrival(received_file(tmp_path, "HA-1", "HOSP_A")))
+    assert verdict.status == Status.SUCCESS
+    [spooled] = list(wanted.spool_dir.glob("*.dcm"))
+    stamped = dcmread(spooled)
+    assert stamped.PatientID == "L1"
+    assert stamped.IssuerOfPatientID == "LOCAL"
+    assert wanted.received == 1
+
+
+def test_receiver_rejects_other_patient(
+    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
+) -> None:
+    receiver, registry = receiver_and_registry
+    wanted = expectation(tmp_path, "1.2.3")
+    registry.expect(wanted)
+    verdict = receiver(arrival(received_file(tmp_path, "HA-999")))
+    assert verdict.status == Status.REFUSED_NOT_AUTHORIZED
+    assert verdict.comment == "patient ID differs from the requested patient"
+    assert wanted.rejected == 1
+    assert not wanted.spool_dir.exists()
+
+
+def test_receiver_rejects_other_issuer(
+    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
+) -> None:
+    receiver, registry = receiver_and_registry
+    wanted = expectation(tmp_path, "1.2.3")
+    registry.expect(wanted)
+    verdict = receiver(arrival(received_file(tmp_path, "HA-1", "HOSP_B")))
+    assert verdict.status == Status.REFUSED_NOT_AUTHORIZED
+    assert wanted.received == 0
+
+
+def test_receiver_rejects_unexpected_study(
+    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
+) -> None:
+    receiver, registry = receiver_and_registry
+    verdict = receiver(arrival(received_file(tmp_path, "HA-1", study="7.7.7")))
+    assert verdict.status == Status.REFUSED_NOT_AUTHORIZED
+    assert registry.unmatched == 1
+
+
+def test_receiver_rejects_unreadable(
+    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
+) -> None:
+    receiver, _ = receiver_and_registry
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 10)
+    assert receiver(arrival(junk)).status == Status.CANNOT_UNDERSTAND

@@ -1,0 +1,252 @@
+"""Loading routes and rules, routing orders, and selecting priors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine.configfile import ConfigError
+from engine.model import MessageOrigin, OrderFacts, PatientIdentifier, StudyCandidate
+from engine.rules.loader import load_rule_set
+from engine.rules.model import Duration, RuleSet, parse_duration
+from engine.rules.select import route_order, select_priors, subtract
+
+ROUTES = """
+routes:
+  - name: ris
+    match: {message_type: [ORM^O01], sending_application: RIS}
+    sources: [a, b]
+    destination: local
+  - name: other
+    match: {message_type: ORM^O01}
+    sources: [b]
+    destination: local
+    rules: [mr]
+"""
+RULES = """
+procedure_codes:
+  CTCHEST: CT
+rules:
+  - name: ct
+    when: {ordered_modality: [CT]}
+    select: {modalities: [CT, MR], lookback: 5y, max_studies: 2}
+  - name: mr
+    when: {ordered_modality: MR}
+    select: {modalities: MR, lookback: 18m, max_studies: 1}
+"""
+TODAY = dt.date(2026, 3, 14)
+PATIENT = PatientIdentifier("R1", "A")
+
+
+def write_rule_set(tmp_path: Path, routes: str = ROUTES, rules: str = RULES) -> tuple[Path, Path]:
+    routes_folder = tmp_path / "routes"
+    rules_folder = tmp_path / "rules"
+    routes_folder.mkdir()
+    rules_folder.mkdir()
+    (routes_folder / "orders.yaml").write_text(textwrap.dedent(routes))
+    (rules_folder / "priors.yaml").write_text(textwrap.dedent(rules))
+    return routes_folder, rules_folder
+
+
+@pytest.fixture
+def rule_set(tmp_path: Path) -> RuleSet:
+    return load_rule_set(*write_rule_set(tmp_path))
+
+
+def candidate(
+    uid: str,
+    date: dt.date | None,
+    modalities: tuple[str, ...] = ("CT",),
+    source: str = "a",
+    accession: str = "",
+) -> StudyCandidate:
+    return StudyCandidate(
+        source=source,
+        study_instance_uid=uid,
+        patient=PATIENT,
+        study_date=date,
+        modalities=modalities,
+        accession_number=accession,
+    )
+
+
+def origin(application: str = "RIS") -> MessageOrigin:
+    return MessageOrigin(application, "RAD", "ORM^O01", "1")
+
+
+def test_load_keeps_file_order(rule_set: RuleSet) -> None:
+    assert [route.name for route in rule_set.routes] == ["ris", "other"]
+    assert sorted(rule_set.rules) == ["ct", "mr"]
+    assert rule_set.procedure_codes == {"CTCHEST": "CT"}
+    assert rule_set.rules["mr"].spec.select.modalities == ["MR"]
+
+
+def test_load_reports_every_error_with_line(tmp_path: Path) -> None:
+    rules = RULES.replace("lookback: 5y", "lookback: 5 yrs").replace(
+        "max_studies: 1", "max_studies: 0"
+    )
+    routes = ROUTES.replace(
+        "destination: local\n  - name: other", "destination: local\n  - name: ris"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(*write_rule_set(tmp_path, routes, rules))
+    messages = [str(problem) for problem in raised.value.problems]
+    assert messages == [
+        "rules/priors.yaml:7: rules[0].select.lookback: invalid duration '5 yrs' (use e.g. 5y, 18m, 6w, 30d)",
+        "rules/priors.yaml:10: rules[1].select.max_studies: input should be greater than or equal to 1 (value 0)",
+        "routes/orders.yaml:7: routes[1].name: route name 'ris' is already used in routes/orders.yaml",
+    ]
+
+
+def test_load_reports_unknown_rule(tmp_path: Path) -> None:
+    routes = ROUTES.replace("rules: [mr]", "rules: [mr, nope]")
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(*write_rule_set(tmp_path, routes, RULES))
+    assert [str(problem) for problem in raised.value.problems] == [
+        "routes/orders.yaml:11: routes[1].rules[1]: unknown rule 'nope' (known rules: ct, mr)"
+    ]
+
+
+def test_load_rejects_unknown_setting(tmp_path: Path) -> None:
+    rules = RULES.replace("max_studies: 2", "max_studies: 2, max_age: 3")
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(*write_rule_set(tmp_path, ROUTES, rules))
+    assert "rules[0].select.max_age: unknown setting (value 3)" in str(raised.value)
+
+
+def test_load_rejects_duplicate_rule_name(tmp_path: Path) -> None:
+    routes_folder, rules_folder = write_rule_set(tmp_path)
+    (rules_folder / "more.yaml").write_text(
+        "rules:\n  - name: ct\n    select: {modalities: CT, lookback: 1y, max_studies: 1}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(routes_folder, rules_folder)
+    assert str(raised.value) == (
+        "rules/priors.yaml:5: rules[0].name: rule name 'ct' is already used in rules/more.yaml"
+    )
+
+
+def test_load_reports_invalid_yaml_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(*write_rule_set(tmp_path, ROUTES, "rules:\n  - name: [unclosed\n"))
+    problem = raised.value.problems[0]
+    assert problem.file == "rules/priors.yaml"
+    assert problem.line == 3
+    assert "invalid YAML" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("5y", Duration(5, "y")),
+        ("18m", Duration(18, "m")),
+        ("30d", Duration(30, "d")),
+        ("6W", Duration(6, "w")),
+    ],
+)
+def test_parse_duration(text: str, expected: Duration) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["5", "y", "5 yrs", "-1y", "1.5y", ""])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_subtract_calendar_units() -> None:
+    assert subtract(dt.date(2024, 2, 29), Duration(1, "y")) == dt.date(2023, 2, 28)
+    assert subtract(dt.date(2026, 3, 31), Duration(1, "m")) == dt.date(2026, 2, 28)
+    assert subtract(dt.date(2026, 3, 14), Duration(18, "m")) == dt.date(2024, 9, 14)
+    assert subtract(dt.date(2026, 3, 14), Duration(30, "d")) == dt.date(2026, 2, 12)
+
+
+def test_route_first_match_and_rules(rule_set: RuleSet) -> None:
+    routing = route_order(rule_set, origin(), OrderFacts(ordered_modality="CT"))
+    assert routing is not None
+    assert routing.route.name == "ris"
+    assert [rule.name for rule in routing.rules] == ["ct"]
+
+
+def test_route_other_sender_takes_second_route(rule_set: RuleSet) -> None:
+    routing = route_order(rule_set, origin("PACS"), OrderFacts(ordered_modality="CT"))
+    assert routing is not None
+    assert routing.route.name == "other"
+    # The route names only the MR rule, so a CT order gets no rule.
+    assert routing.rules == ()
+
+
+def test_route_modality_from_procedure_map(rule_set: RuleSet) -> None:
+    routing = route_order(rule_set, origin(), OrderFacts(procedure_code="CTCHEST"))
+    assert routing is not None
+    assert routing.ordered_modality == "CT"
+    assert [rule.name for rule in routing.rules] == ["ct"]
+
+
+def test_route_none_for_other_type(rule_set: RuleSet) -> None:
+    other = MessageOrigin("RIS", "RAD", "OMI^O23", "1")
+    assert route_order(rule_set, other, OrderFacts(ordered_modality="CT")) is None
+
+
+def test_select_most_recent_within_max(rule_set: RuleSet) -> None:
+    candidates = [
+        candidate("1", dt.date(2025, 1, 1)),
+        candidate("2", dt.date(2026, 1, 1), ("MR",)),
+        candidate("3", dt.date(2024, 1, 1)),
+    ]
+    decisions = select_priors(rule_set.rules["ct"], OrderFacts(), candidates, TODAY)
+    chosen = [d.candidate.study_instance_uid for d in decisions if d.selected]
+    assert chosen == ["2", "1"]
+    skipped = {d.candidate.study_instance_uid: d.reason for d in decisions if not d.selected}
+    assert skipped == {"3": "beyond max_studies 2 (rank 3)"}
+
+
+def test_select_modality_and_lookback(rule_set: RuleSet) -> None:
+    candidates = [
+        candidate("cr", dt.date(2026, 1, 1), ("CR",)),
+        candidate("old", dt.date(2021, 3, 13)),
+        candidate("edge", dt.date(2021, 3, 14)),
+        candidate("nodate", None),
+        candidate("nomod", dt.date(2026, 1, 1), ()),
+    ]
+    decisions = {
+        d.candidate.study_instance_uid: d
+        for d in select_priors(rule_set.rules["ct"], OrderFacts(), candidates, TODAY)
+    }
+    assert decisions["cr"].reason == "modalities CR not in CT/MR"
+    assert decisions["old"].reason == "study date 2021-03-13 before lookback 5y (2021-03-14)"
+    assert decisions["edge"].selected
+    assert decisions["nodate"].reason == "no study date returned by the source"
+    assert decisions["nomod"].reason == "no modalities in study returned by the source"
+
+
+def test_select_never_the_ordered_study(rule_set: RuleSet) -> None:
+    order = OrderFacts(accession_number="ACC9", study_instance_uid="9.9")
+    candidates = [
+        candidate("9.9", dt.date(2026, 3, 14)),
+        candidate("8", dt.date(2026, 3, 14), accession="ACC9"),
+        candidate("7", dt.date(2026, 3, 1)),
+    ]
+    decisions = {
+        d.candidate.study_instance_uid: d
+        for d in select_priors(rule_set.rules["ct"], order, candidates, TODAY)
+    }
+    assert not decisions["9.9"].selected
+    assert "ordered study itself" in decisions["9.9"].reason
+    assert not decisions["8"].selected
+    assert decisions["7"].selected
+
+
+def test_select_study_at_two_sources_taken_from_first(rule_set: RuleSet) -> None:
+    candidates = [
+        candidate("1", dt.date(2026, 1, 1), source="a"),
+        candidate("1", dt.date(2026, 1, 1), source="b"),
+    ]
+    decisions = select_priors(rule_set.rules["ct"], OrderFacts(), candidates, TODAY)
+    by_source = {d.candidate.source: d for d in decisions}
+    assert by_source["a"].selected
+    assert not by_source["b"].selected
+    assert by_source["b"].reason == "same study is taken from a"

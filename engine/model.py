@@ -94,12 +94,75 @@ class MessageOrigin:
 
 @dataclasses.dataclass(frozen=True)
 class OrderPlaced:
-    """A new order (ORM^O01 with ORC-1 NW): the event that starts prefetch."""
+    """A new order (ORM^O01 or OMI^O23 with ORC-1 NW): the event that starts prefetch.
+
+    identifiers holds every qualified PID-3 identifier, the local one included.
+    """
 
     origin: MessageOrigin
     patient: PatientIdentifier
     demographics: Demographics
     order: OrderFacts
+    identifiers: tuple[PatientIdentifier, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderCancelled:
+    """An order withdrawn (ORC-1 CA cancel, DC discontinue)."""
+
+    origin: MessageOrigin
+    patient: PatientIdentifier
+    order: OrderFacts
+    order_control: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderChanged:
+    """An order changed (ORC-1 XO), e.g. another procedure or schedule."""
+
+    origin: MessageOrigin
+    patient: PatientIdentifier
+    demographics: Demographics
+    order: OrderFacts
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderStatusChanged:
+    """An order's status reported (ORC-1 SC); status is ORC-5."""
+
+    origin: MessageOrigin
+    patient: PatientIdentifier
+    order: OrderFacts
+    status: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DemographicsUpdated:
+    """A patient's demographics registered or updated (ADT^A01, A04, A08)."""
+
+    origin: MessageOrigin
+    patient: PatientIdentifier
+    demographics: Demographics
+    identifiers: tuple[PatientIdentifier, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientsMerged:
+    """Two patient records merged (ADT^A40): `retired` (MRG-1) now lives on as `surviving`."""
+
+    origin: MessageOrigin
+    surviving: PatientIdentifier
+    retired: PatientIdentifier
+
+
+DomainEvent = (
+    OrderPlaced
+    | OrderCancelled
+    | OrderChanged
+    | OrderStatusChanged
+    | DemographicsUpdated
+    | PatientsMerged
+)
 
 
 @dataclasses.dataclass(frozen=True)

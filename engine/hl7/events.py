@@ -6,12 +6,30 @@ import dataclasses
 
 from engine.hl7.codes import AckCode, ErrorCode
 from engine.hl7.message import HL7Error, Message, parse_timestamp
-from engine.model import Demographics, MessageOrigin, OrderFacts, OrderPlaced, PatientIdentifier
+from engine.model import (
+    Demographics,
+    DemographicsUpdated,
+    DomainEvent,
+    MessageOrigin,
+    OrderCancelled,
+    OrderChanged,
+    OrderFacts,
+    OrderPlaced,
+    OrderStatusChanged,
+    PatientIdentifier,
+    PatientsMerged,
+)
 
 ORDER_TYPES = frozenset({"ORM^O01", "OMI^O23"})
-# Message types the engine accepts and stores; only new orders start prefetch for now.
-SUPPORTED_TYPES = ORDER_TYPES | frozenset({"ADT^A01", "ADT^A04", "ADT^A08", "ADT^A40", "SIU^S12"})
+DEMOGRAPHIC_TYPES = frozenset({"ADT^A01", "ADT^A04", "ADT^A08"})
+MERGE_TYPE = "ADT^A40"
+# Message types the engine accepts and stores.
+SUPPORTED_TYPES = ORDER_TYPES | DEMOGRAPHIC_TYPES | frozenset({MERGE_TYPE, "SIU^S12"})
+# ORC-1 order control codes (HL7 Table 0119) the engine acts on.
 NEW_ORDER_CONTROL = "NW"
+CANCEL_ORDER_CONTROLS = frozenset({"CA", "DC"})
+CHANGE_ORDER_CONTROL = "XO"
+STATUS_ORDER_CONTROL = "SC"
 
 # HL7 Table 0001 administrative sex to DICOM Patient's Sex (M, F, O or empty).
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O", "U": ""}
@@ -34,7 +52,7 @@ class IdentifierPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class Unhandled:
-    """A supported message that does not start any work (e.g. an ORC-1 other than NW)."""
+    """A supported message that starts no work (e.g. SIU^S12, or an ORC-1 not acted on)."""
 
     origin: MessageOrigin
     reason: str
@@ -67,52 +85,123 @@ def check_header(message: Message) -> None:
         )
 
 
-def to_event(message: Message, policy: IdentifierPolicy) -> OrderPlaced | Unhandled:
+def to_event(message: Message, policy: IdentifierPolicy) -> DomainEvent | Unhandled:
+    """Translate a message whose header passed check_header into a domain event."""
     origin = origin_of(message)
-    if message.message_type not in ORDER_TYPES:
-        return Unhandled(origin, f"{message.message_type} does not start prefetch")
+    kind = message.message_type
+    if kind in ORDER_TYPES:
+        return _order_event(message, origin, policy)
+    if kind in DEMOGRAPHIC_TYPES:
+        return DemographicsUpdated(
+            origin=origin,
+            patient=local_identifier(message, policy),
+            demographics=demographics(message),
+            identifiers=qualified_identifiers(message, policy),
+        )
+    if kind == MERGE_TYPE:
+        return PatientsMerged(
+            origin=origin,
+            surviving=local_identifier(message, policy),
+            retired=local_identifier(message, policy, "MRG", 1),
+        )
+    return Unhandled(origin, f"{kind} does not start prefetch")
 
+
+def _order_event(
+    message: Message, origin: MessageOrigin, policy: IdentifierPolicy
+) -> DomainEvent | Unhandled:
     order_control = message.get("ORC", 1)
-    if order_control != NEW_ORDER_CONTROL:
-        return Unhandled(origin, f"order control '{order_control}' does not start prefetch")
+    if not order_control:
+        raise HL7Error(
+            "ORC-1 (order control) is missing",
+            ErrorCode.REQUIRED_FIELD_MISSING,
+            ("ORC", 1, 1),
+            AckCode.APPLICATION_ERROR,
+        )
+    patient = local_identifier(message, policy)
+    order = order_facts(message)
+    if order_control == NEW_ORDER_CONTROL:
+        return OrderPlaced(
+            origin=origin,
+            patient=patient,
+            demographics=demographics(message),
+            order=order,
+            identifiers=qualified_identifiers(message, policy),
+        )
+    if order_control in CANCEL_ORDER_CONTROLS:
+        return OrderCancelled(origin, patient, order, order_control)
+    if order_control == CHANGE_ORDER_CONTROL:
+        return OrderChanged(origin, patient, demographics(message), order)
+    if order_control == STATUS_ORDER_CONTROL:
+        return OrderStatusChanged(origin, patient, order, message.get("ORC", 5))
+    return Unhandled(origin, f"order control '{order_control}' is not acted on")
 
-    return OrderPlaced(
-        origin=origin,
-        patient=local_identifier(message, policy),
-        demographics=demographics(message),
-        order=order_facts(message),
-    )
 
+def local_identifier(
+    message: Message, policy: IdentifierPolicy, segment: str = "PID", field: int = 3
+) -> PatientIdentifier:
+    """Choose the identifier of the local domain by its assigning authority (CX-4).
 
-def local_identifier(message: Message, policy: IdentifierPolicy) -> PatientIdentifier:
-    """Choose the PID-3 repetition of the local domain by its assigning authority."""
-    repetitions = [rep for rep in message.repetitions("PID", 3) if rep and rep[0] not in ("", '""')]
+    Reads PID-3 by default, MRG-1 for the retired identifier of a merge.
+    """
+    location = (segment, 1, field)
+    name = f"{segment}-{field}"
+    repetitions = [
+        rep for rep in message.repetitions(segment, field) if rep and rep[0] not in ("", '""')
+    ]
     if not repetitions:
         raise HL7Error(
-            "PID-3 (patient identifier list) is missing",
+            f"{name} (patient identifier list) is missing",
             ErrorCode.REQUIRED_FIELD_MISSING,
-            ("PID", 1, 3),
+            location,
             AckCode.APPLICATION_ERROR,
         )
 
     for components in repetitions:
-        authority = components[3] if len(components) > 3 else ""
-        names = {part for part in authority.split(message.delimiters.subcomponent) if part}
-        if names & policy.authorities:
+        if _authority_names(message, components) & policy.authorities:
             return PatientIdentifier(components[0], policy.issuer)
 
     only = repetitions[0]
-    unqualified = len(repetitions) == 1 and not (only[3] if len(only) > 3 else "")
+    unqualified = len(repetitions) == 1 and not _authority_names(message, only)
     if policy.unqualified_ids_are_local and unqualified:
-        return PatientIdentifier(repetitions[0][0], policy.issuer)
+        return PatientIdentifier(only[0], policy.issuer)
 
     raise HL7Error(
-        "PID-3 has no identifier with a local assigning authority "
+        f"{name} has no identifier with a local assigning authority "
         f"({', '.join(sorted(policy.authorities))})",
         ErrorCode.UNKNOWN_KEY_IDENTIFIER,
-        ("PID", 1, 3),
+        location,
         AckCode.APPLICATION_ERROR,
     )
+
+
+def qualified_identifiers(
+    message: Message, policy: IdentifierPolicy
+) -> tuple[PatientIdentifier, ...]:
+    """Return every PID-3 identifier that names its assigning authority.
+
+    The local one carries the local issuer; the others carry their CX-4
+    namespace (or universal id when the namespace is empty).
+    """
+    found: list[PatientIdentifier] = []
+    for components in message.repetitions("PID", 3):
+        names = _authority_names(message, components)
+        if not components or components[0] in ("", '""') or not names:
+            continue
+        if names & policy.authorities:
+            issuer = policy.issuer
+        else:
+            authority = components[3].split(message.delimiters.subcomponent)
+            issuer = authority[0] or (authority[1] if len(authority) > 1 else "")
+        identifier = PatientIdentifier(components[0], issuer)
+        if identifier not in found:
+            found.append(identifier)
+    return tuple(found)
+
+
+def _authority_names(message: Message, components: list[str]) -> set[str]:
+    authority = components[3] if len(components) > 3 else ""
+    return {part for part in authority.split(message.delimiters.subcomponent)[:2] if part}
 
 
 def demographics(message: Message) -> Demographics:

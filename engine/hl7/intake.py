@@ -7,10 +7,9 @@ AR or AE and an ERR segment; it is not stored, so the sender keeps it.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -19,21 +18,14 @@ from engine.hl7.ack import AckError, AckHeader, build_ack
 from engine.hl7.codes import AckCode, ErrorCode
 from engine.hl7.events import IdentifierPolicy, Unhandled, check_header, origin_of, to_event
 from engine.hl7.message import HL7Error, Message, parse
-from engine.jobs.store import AsyncStore, NewJob
-from engine.model import OrderPlaced
+from engine.jobs.planner import Plan
+from engine.jobs.store import AsyncStore
+from engine.model import DomainEvent
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """The jobs a message creates, and a one-line outcome for the message log."""
-
-    jobs: Sequence[NewJob]
-    outcome: str
-
-
-Planner = Callable[[OrderPlaced | Unhandled], Plan]
+Planner = Callable[[DomainEvent | Unhandled], Plan]
 
 
 class Intake:
@@ -86,7 +78,7 @@ class Intake:
         now = self.now()
         stored = self.db.run(
             lambda store: store.record_message(
-                origin, peer, content, ack, plan.outcome, plan.jobs, now
+                origin, peer, content, ack, plan.outcome, plan.jobs, now, plan.actions
             )
         )
 

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from engine.hl7.events import Unhandled
-from engine.hl7.intake import Plan
-from engine.jobs.store import NewJob
-from engine.model import OrderPlaced
+from engine.jobs.store import Action, NewJob
+from engine.model import DomainEvent, OrderPlaced
 from engine.rules.model import RuleSet
 from engine.rules.select import route_order
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a message makes the engine do, applied in the transaction that stores it.
+
+    jobs are created; each action runs against the store in the same
+    transaction and returns a note; outcome is the one-line summary kept with
+    the message.
+    """
+
+    jobs: Sequence[NewJob]
+    outcome: str
+    actions: Sequence[Action] = ()
 
 
 class Planner:
@@ -30,9 +44,16 @@ class Planner:
         self.rule_set = rule_set
         self.now = now
 
-    def __call__(self, event: OrderPlaced | Unhandled) -> Plan:
+    def __call__(self, event: DomainEvent | Unhandled) -> Plan:
         if isinstance(event, Unhandled):
             return Plan((), event.reason)
+        if not isinstance(event, OrderPlaced):
+            # NOTE: cancels, changes, status reports, demographics and merges are
+            # stored and acknowledged but do not change jobs or identities yet.
+            return Plan((), f"{type(event).__name__}: recorded, no action taken")
+        return self._plan_order(event)
+
+    def _plan_order(self, event: OrderPlaced) -> Plan:
 
         routing = route_order(self.rule_set(), event.origin, event.order)
         if routing is None:

@@ -25,6 +25,8 @@ from twisted.python.threadpool import ThreadPool
 from engine.model import Decision, Demographics, MessageOrigin, OrderFacts, PatientIdentifier
 
 T = TypeVar("T")
+# A change to the store made in the transaction of a message; returns a note for its outcome.
+Action = Callable[["Store", dt.datetime], str]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -191,19 +193,32 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._depth = 0
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run a block in one transaction; a nested block joins the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self._db
+            finally:
+                self._depth -= 1
+            return
         self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
         try:
             yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        else:
+            self._db.execute("COMMIT")
+        finally:
+            self._depth = 0
 
     # Messages
 
@@ -216,8 +231,9 @@ class Store:
         outcome: str,
         jobs: Sequence[NewJob],
         now: dt.datetime,
+        actions: Sequence[Action] = (),
     ) -> tuple[int, bytes, bool]:
-        """Store a message, its ACK and its jobs at once.
+        """Store a message, its ACK, its jobs and the effect of its actions at once.
 
         Returns (message id, ACK to send, duplicate). For a duplicate (same
         sending application, facility and control id) nothing is written and
@@ -231,6 +247,9 @@ class Store:
             ).fetchone()
             if row is not None:
                 return int(row["id"]), bytes(row["ack"]), True
+            notes = [action(self, now) for action in actions]
+            if notes:
+                outcome = "; ".join([outcome, *notes])
             cursor = db.execute(
                 "INSERT INTO messages (received_at, peer, sending_application, sending_facility,"
                 " control_id, message_type, content, ack, outcome) VALUES (?,?,?,?,?,?,?,?,?)",

@@ -10,7 +10,15 @@ from engine.hl7.ack import AckError, AckHeader, build_ack
 from engine.hl7.codes import AckCode, ErrorCode
 from engine.hl7.events import IdentifierPolicy, Unhandled, check_header, to_event
 from engine.hl7.message import HL7Error, parse, parse_timestamp
-from engine.model import OrderPlaced, PatientIdentifier
+from engine.model import (
+    DemographicsUpdated,
+    OrderCancelled,
+    OrderChanged,
+    OrderPlaced,
+    OrderStatusChanged,
+    PatientIdentifier,
+    PatientsMerged,
+)
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
 
@@ -173,10 +181,74 @@ def test_event_unqualified_identifier_when_allowed() -> None:
         to_event(parse(text), POLICY)
 
 
-def test_event_cancel_is_unhandled() -> None:
-    event = to_event(parse(order(order_control="CA")), POLICY)
-    assert isinstance(event, Unhandled)
-    assert "CA" in event.reason
+@pytest.mark.parametrize("control", ["CA", "DC"])
+def test_event_cancel(control: str) -> None:
+    event = to_event(parse(order(order_control=control)), POLICY)
+    assert isinstance(event, OrderCancelled)
+    assert event.order_control == control
+    assert event.order.placer_order_number == "PLC-MSG1"
+    assert event.patient == PatientIdentifier("L1", "LOCAL")
+
+
+def test_event_change_and_status() -> None:
+    changed = to_event(parse(order(order_control="XO")), POLICY)
+    assert isinstance(changed, OrderChanged)
+    assert changed.order.accession_number == "ACC1"
+    status = to_event(parse(order(order_control="SC")), POLICY)
+    assert isinstance(status, OrderStatusChanged)
+    assert status.status == "SC"
+    other = to_event(parse(order(order_control="HD")), POLICY)
+    assert isinstance(other, Unhandled)
+    assert "'HD'" in other.reason
+
+
+def test_event_missing_order_control() -> None:
+    with pytest.raises(HL7Error) as raised:
+        to_event(parse(order(order_control="")), POLICY)
+    assert raised.value.location == ("ORC", 1, 1)
+    assert raised.value.code == ErrorCode.REQUIRED_FIELD_MISSING
+
+
+def test_event_order_lists_qualified_identifiers() -> None:
+    event = to_event(parse(order()), POLICY)
+    assert isinstance(event, OrderPlaced)
+    assert event.identifiers == (
+        PatientIdentifier("L1", "LOCAL"),
+        PatientIdentifier("998877", "NATIONAL"),
+    )
+
+
+ADT = (
+    "MSH|^~\\&|HIS|ADT|FDQR|LOCAL|20260314||ADT^{trigger}|A{trigger}|P|2.5\r"
+    "EVN|{trigger}|20260314\r"
+    "PID|1||L1^^^LOCAL^MR~HA-9^^^HOSP_A&1.2.3&ISO^MR||DOE^JANE||19650312|F\r"
+)
+
+
+@pytest.mark.parametrize("trigger", ["A01", "A04", "A08"])
+def test_event_demographics_update(trigger: str) -> None:
+    event = to_event(parse(ADT.format(trigger=trigger).encode()), POLICY)
+    assert isinstance(event, DemographicsUpdated)
+    assert event.patient == PatientIdentifier("L1", "LOCAL")
+    assert event.demographics.name == "DOE^JANE"
+    assert event.identifiers == (
+        PatientIdentifier("L1", "LOCAL"),
+        PatientIdentifier("HA-9", "HOSP_A"),
+    )
+
+
+def test_event_merge_reads_mrg() -> None:
+    text = ADT.format(trigger="A40") + "MRG|L0^^^LOCAL^MR\r"
+    event = to_event(parse(text.encode()), POLICY)
+    assert isinstance(event, PatientsMerged)
+    assert event.surviving == PatientIdentifier("L1", "LOCAL")
+    assert event.retired == PatientIdentifier("L0", "LOCAL")
+
+
+def test_event_merge_without_mrg() -> None:
+    with pytest.raises(HL7Error) as raised:
+        to_event(parse(ADT.format(trigger="A40").encode()), POLICY)
+    assert raised.value.location == ("MRG", 1, 1)
 
 
 def test_check_header_missing_control_id() -> None:

@@ -22,6 +22,7 @@ from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake
 from engine.hl7.mllp import MLLPFactory
+from engine.identity.resolver import TableResolver
 from engine.jobs.planner import Planner
 from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
@@ -73,7 +74,9 @@ class Engine:
                 if node.issuer is not None
             },
             registry=self.registry,
-            identity=lambda: self.config.identity_table,
+            identity=lambda: TableResolver(
+                self.config.identity_table, self.config.settings.local_patient.issuer
+            ),
             rule_set=lambda: self.config.rule_set,
             engine_ae_title=settings.dicom.ae_title,
             spool_root=config.spool_path,

@@ -47,6 +47,9 @@ class CrossReferenceTable:
 
     def __init__(self, entries: dict[PatientIdentifier, dict[str, PatientIdentifier]]) -> None:
         self._entries = entries
+        self._owners = {
+            remote: local for local, mapped in entries.items() for remote in mapped.values()
+        }
 
     @classmethod
     def empty(cls) -> CrossReferenceTable:
@@ -59,6 +62,12 @@ class CrossReferenceTable:
         if local.issuer == issuer:
             return local
         return self._entries.get(local, {}).get(issuer)
+
+    def local_for(self, remote: PatientIdentifier, local_issuer: str) -> PatientIdentifier | None:
+        """Return the local patient a remote identifier belongs to, if the table says."""
+        if remote.issuer == local_issuer:
+            return remote
+        return self._owners.get(remote)
 
 
 def load_table(path: Path) -> CrossReferenceTable:

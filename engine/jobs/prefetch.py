@@ -32,7 +32,7 @@ from engine.dimse.queries import (
 )
 from engine.dimse.scu import DimseError, MoveOutcome, NodeClient, StoreOutcome
 from engine.dimse.status import describe, is_success_or_warning
-from engine.identity.table import CrossReferenceTable
+from engine.identity.resolver import IdentityResolver
 from engine.jobs.receiving import Expectation, ExpectationRegistry
 from engine.jobs.store import AsyncStore, JobRecord, JobState, StudyState
 from engine.model import PatientIdentifier, StudyCandidate
@@ -80,7 +80,7 @@ class Prefetch:
         clients: dict[str, NodeClient],
         sources: dict[str, Source],
         registry: ExpectationRegistry,
-        identity: Callable[[], CrossReferenceTable],
+        identity: Callable[[], IdentityResolver],
         rule_set: Callable[[], RuleSet],
         engine_ae_title: str,
         spool_root: Path,
@@ -137,22 +137,23 @@ class Prefetch:
     def _resolve_identities(
         self, job: JobRecord
     ) -> Generator[defer.Deferred[Any], Any, list[tuple[Source, PatientIdentifier]]]:
-        table = self.identity()
+        resolver = self.identity()
         lookups = []
         for name in job.sources:
             source = self.sources.get(name)
             if source is None:
                 yield self.note(job, f"source {name} skipped: node is no longer configured")
                 continue
-            remote = table.lookup(job.patient, source.issuer)
+            resolution = yield resolver.resolve(job.patient, source.issuer)
+            remote = resolution.identifier
             if remote is None:
                 yield self.note(
                     job,
                     f"source {name} skipped: no identifier for {job.patient} "
-                    f"in domain {source.issuer}",
+                    f"in domain {source.issuer} ({resolution.source}: {resolution.detail})",
                 )
                 continue
-            yield self.note(job, f"source {name}: patient is {remote}")
+            yield self.note(job, f"source {name}: patient is {remote} ({resolution.source})")
             lookups.append((source, remote))
         return lookups
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import yaml
+from twisted.internet.defer import Deferred
 
 from engine import config
 from engine.configfile import ConfigError
+from engine.identity.resolver import TableResolver
 from engine.identity.table import load_table
 from engine.model import PatientIdentifier
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -117,3 +121,28 @@ def test_identity_table_rejects_conflicts(tmp_path: Path) -> None:
         f"{path}:5: cross_references[1].remote[0]: A1^^^A is already mapped to local patient "
         "L1^^^LOCAL (one remote identifier belongs to one local patient)"
     )
+
+
+def test_table_resolver_answers_both_ways(layout: Path) -> None:
+    resolver = TableResolver(load_table(layout.parent / "identity.yaml"), "LOCAL")
+    local = PatientIdentifier("L12345", "LOCAL")
+    remote = PatientIdentifier("HB-4455", "HOSP_B")
+
+    found = successResultOf(resolver.resolve(local, "HOSP_B"))
+    assert found.identifier == remote
+    assert found.source == "table"
+    missing = successResultOf(resolver.resolve(local, "HOSP_C"))
+    assert missing.identifier is None
+    assert missing.detail == "no entry for L12345^^^LOCAL in domain HOSP_C"
+
+    assert successResultOf(resolver.local_for(remote)).identifier == local
+    assert (
+        successResultOf(resolver.local_for(PatientIdentifier("HB-1", "HOSP_B"))).identifier is None
+    )
+
+
+def successResultOf(deferred: Deferred[T]) -> T:
+    results: list[T] = []
+    deferred.addCallback(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]

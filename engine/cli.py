@@ -36,7 +36,8 @@ def setup_logging(level: str) -> None:
     globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
 
 
-def _load(config_path: Path) -> config_module.Config:
+def load_or_exit(config_path: Path) -> config_module.Config:
+    """Load the configuration, or print every problem and exit with status 2."""
     try:
         return config_module.load(config_path)
     except ConfigError as error:
@@ -74,7 +75,7 @@ def main() -> None:
 def run(config_path: Path, log_level: str) -> None:
     """Run the engine: MLLP listener, Storage SCP and job worker, until SIGINT or SIGTERM."""
     setup_logging(log_level)
-    config = _load(config_path)
+    config = load_or_exit(config_path)
     from engine.service import run as run_engine
 
     raise SystemExit(run_engine(config))
@@ -89,7 +90,7 @@ def config_group() -> None:
 @config_option
 def config_check(config_path: Path) -> None:
     """Validate conf/, routes/ and rules/ and report every problem at once."""
-    config = _load(config_path)
+    config = load_or_exit(config_path)
     rule_set = config.rule_set
     click.echo(
         f"{config_path}: valid ({len(config.settings.nodes)} nodes, {len(rule_set.routes)} routes,"
@@ -212,6 +213,14 @@ def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
         lines.append(indent + "  ".join(cells).rstrip())
     return "\n".join(lines)
 
+
+def _register_groups() -> None:
+    from engine.worklist.cli import worklist_group
+
+    main.add_command(worklist_group)
+
+
+_register_groups()
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from typing import Annotated
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.configfile import ConfigError, Problem, load_document, validate
+from engine.configfile import ConfigError, Document, Problem, load_document, validate
 from engine.identity.table import CrossReferenceTable, load_table
 from engine.rules.loader import load_rule_set
 from engine.rules.model import RuleSet
@@ -94,6 +94,30 @@ class IdentitySettings(Settings):
     table: Path | None = None
 
 
+class WorklistSource(Settings):
+    """A Modality Worklist SCP to poll, and which of its steps to consider."""
+
+    node: str
+    station_ae_titles: list[AETitle] = Field(default_factory=list)
+    modalities: list[str] = Field(default_factory=list)
+
+    @pydantic.field_validator("modalities")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [modality.upper() for modality in value]
+
+
+class WorklistSettings(Settings):
+    """Polling Modality Worklists for scheduled steps, so they prefetch like HL7 orders."""
+
+    sources: list[WorklistSource] = Field(default_factory=list)
+    poll_seconds: float = Field(default=300, ge=5)
+    look_ahead_hours: float = Field(default=24, gt=0, le=24 * 31)
+    # A step that started less than this long ago is still polled, so a late poll
+    # does not read a running exam as removed from the worklist.
+    grace_minutes: float = Field(default=30, ge=0)
+
+
 class EngineSettings(Settings):
     """The top level of conf/engine.yaml."""
 
@@ -105,6 +129,7 @@ class EngineSettings(Settings):
     store: StoreSettings = StoreSettings()
     spool: SpoolSettings = SpoolSettings()
     jobs: JobSettings = JobSettings()
+    worklist: WorklistSettings = WorklistSettings()
     routes: Path = Path("../routes")
     rules: Path = Path("../rules")
 
@@ -158,18 +183,28 @@ def load(path: Path) -> Config:
         except ConfigError as error:
             problems += error.problems
 
-    problems += _check_references(document.file, document.line_of, settings, rule_set)
+    problems += _check_references(document.file, settings, rule_set)
+    problems += _check_worklist_nodes(document, settings)
     if problems:
         raise ConfigError(problems)
     return Config(path=path.resolve(), settings=settings, rule_set=rule_set, identity_table=table)
 
 
-def _check_references(
-    file: str,
-    line_of: object,
-    settings: EngineSettings,
-    rule_set: RuleSet,
-) -> list[Problem]:
+def _check_worklist_nodes(document: Document, settings: EngineSettings) -> list[Problem]:
+    problems = []
+    for index, source in enumerate(settings.worklist.sources):
+        if source.node not in settings.nodes:
+            problems.append(
+                document.problem(
+                    ("worklist", "sources", index, "node"),
+                    f"unknown node '{source.node}'",
+                    f"define it under nodes; known: {', '.join(sorted(settings.nodes))}",
+                )
+            )
+    return problems
+
+
+def _check_references(file: str, settings: EngineSettings, rule_set: RuleSet) -> list[Problem]:
     problems: list[Problem] = []
     nodes = settings.nodes
     for route in rule_set.routes:

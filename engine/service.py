@@ -28,6 +28,7 @@ from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.store import AsyncStore, Store
 from engine.jobs.worker import Worker
+from engine.worklist.poller import WorklistPoller
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +95,28 @@ class Engine:
             poll_seconds=jobs.poll_seconds,
         )
         local = settings.local_patient
+        policy = IdentifierPolicy(
+            issuer=local.issuer,
+            authorities=frozenset(local.authorities or [local.issuer]),
+            unqualified_ids_are_local=local.unqualified_ids_are_local,
+        )
+        self.planner = Planner(lambda: self.config.rule_set, now=self.now)
         self.intake = Intake(
             self.db,
-            Planner(lambda: self.config.rule_set, now=self.now),
-            IdentifierPolicy(
-                issuer=local.issuer,
-                authorities=frozenset(local.authorities or [local.issuer]),
-                unqualified_ids_are_local=local.unqualified_ids_are_local,
-            ),
+            self.planner,
+            policy,
             default_charset=settings.mllp.default_charset,
             now=self.now,
+            on_jobs_created=self.worker.wake,
+        )
+        self.worklist = WorklistPoller(
+            settings.worklist,
+            self.clients,
+            self.pools,
+            self.db,
+            self.planner,
+            policy,
+            reactor,
             on_jobs_created=self.worker.wake,
         )
         self.mllp_port: IListeningPort | None = None
@@ -119,6 +132,7 @@ class Engine:
         self.pools.start()
         self.scp.start()
         yield self.worker.start()
+        self.worklist.start()
         endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
             self.reactor, settings.mllp.listen
         )
@@ -143,11 +157,13 @@ class Engine:
         logger.info("engine stopping")
         if self.mllp_port is not None:
             yield defer.maybeDeferred(self.mllp_port.stopListening)
-        jobs_ended = self.worker.stop()
+        work_ended = defer.DeferredList(
+            [self.worker.stop(), self.worklist.stop()], consumeErrors=True
+        )
         self.tracker.abort_all()
-        timeout = self.reactor.callLater(STOP_GRACE_SECONDS, jobs_ended.cancel)
+        timeout = self.reactor.callLater(STOP_GRACE_SECONDS, work_ended.cancel)
         try:
-            yield jobs_ended
+            yield work_ended
         except defer.CancelledError:
             logger.warning(
                 "jobs still running after %ss; they resume at next start", STOP_GRACE_SECONDS

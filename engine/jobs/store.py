@@ -13,7 +13,7 @@ import enum
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,6 +85,16 @@ CREATE TABLE IF NOT EXISTS job_studies (
     stored INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, source, study_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS worklist_steps (
+    node TEXT NOT NULL,
+    step_key TEXT NOT NULL,
+    start TEXT,
+    item TEXT NOT NULL,
+    first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL,
+    removed_at TEXT,
+    PRIMARY KEY (node, step_key)
 );
 """
 
@@ -219,6 +229,10 @@ class Store:
             self._db.execute("COMMIT")
         finally:
             self._depth = 0
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """Run a block in one transaction, for modules that keep their own tables here."""
+        return self._transaction()
 
     # Messages
 

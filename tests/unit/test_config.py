@@ -41,8 +41,8 @@ def edit(path: Path, change: dict[str, object]) -> None:
 
 def test_shipped_configuration_is_valid(layout: Path) -> None:
     loaded = config.load(layout)
-    assert sorted(loaded.settings.nodes) == ["hospital_a", "hospital_b", "local_pacs"]
-    assert [route.name for route in loaded.rule_set.routes] == ["ris-orders"]
+    assert sorted(loaded.settings.nodes) == ["hospital_a", "hospital_b", "local_pacs", "ris_mwl"]
+    assert [route.name for route in loaded.rule_set.routes] == ["ris-orders", "worklist-orders"]
     assert loaded.store_path == (layout.parent.parent / "var" / "fdqr.sqlite").resolve()
     assert len(loaded.identity_table) == 2
 
@@ -70,7 +70,7 @@ def test_errors_name_file_line_path_value(layout: Path) -> None:
 def test_route_naming_unknown_node(layout: Path) -> None:
     routes = layout.parent.parent / "routes" / "orders.yaml"
     routes.write_text(
-        routes.read_text().replace("destination: local_pacs", "destination: pacs_typo")
+        routes.read_text().replace("destination: local_pacs", "destination: pacs_typo", 1)
     )
     with pytest.raises(ConfigError) as raised:
         config.load(layout)
@@ -78,7 +78,7 @@ def test_route_naming_unknown_node(layout: Path) -> None:
     assert problem.file == "routes/orders.yaml"
     assert problem.path == "routes[0].destination"
     assert problem.message == "unknown node 'pacs_typo'"
-    assert "known: hospital_a, hospital_b, local_pacs" in problem.hint
+    assert "known: hospital_a, hospital_b, local_pacs, ris_mwl" in problem.hint
 
 
 def test_source_without_issuer(layout: Path) -> None:
@@ -86,6 +86,18 @@ def test_source_without_issuer(layout: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         config.load(layout)
     assert "routes[0].sources[1]: source node 'hospital_b' has no issuer" in str(raised.value)
+
+
+def test_worklist_source_must_be_a_node(layout: Path) -> None:
+    edit(
+        layout,
+        {"worklist.sources": [{"node": "ris_mwl"}, {"node": "mwl_typo", "modalities": ["ct"]}]},
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "worklist.sources[1].node"
+    assert problem.message == "unknown node 'mwl_typo'"
 
 
 def test_missing_folder_and_table(layout: Path) -> None:

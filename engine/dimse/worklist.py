@@ -1,0 +1,157 @@
+"""Modality Worklist C-FIND: the query for scheduled steps in a time window, and reading matches."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pynetdicom import build_context
+from pynetdicom.sop_class import ModalityWorklistInformationFind
+
+from engine.dimse.scu import DimseError, NodeClient, _status_code
+from engine.dimse.status import Status, describe, is_pending
+from engine.model import Demographics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorklistItem:
+    """One scheduled procedure step read from a worklist C-FIND match."""
+
+    step_id: str
+    accession_number: str
+    study_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    demographics: Demographics
+    modality: str
+    station_ae_title: str
+    start: dt.datetime | None
+    procedure_code: str = ""
+    procedure_coding_system: str = ""
+    procedure_text: str = ""
+    step_description: str = ""
+    body_part: str = ""
+
+    @property
+    def key(self) -> str:
+        """Return the step's key at its worklist: the SPS ID, else the accession number."""
+        return self.step_id or self.accession_number
+
+
+class MalformedItem(ValueError):
+    """A worklist match that cannot become an order."""
+
+
+def worklist_query(
+    start: dt.datetime, end: dt.datetime, modality: str = "", station: str = ""
+) -> Dataset:
+    """Build a Modality Worklist query for steps scheduled between two dates.
+
+    The date range covers whole days. The exact window is applied to the matches
+    on our side, because combined date-time range matching is optional for SCPs.
+    """
+    query = Dataset()
+    for keyword in (
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "RequestedProcedureID",
+        "RequestedProcedureDescription",
+    ):
+        setattr(query, keyword, "")
+    code = Dataset()
+    code.CodeValue = ""
+    code.CodingSchemeDesignator = ""
+    code.CodeMeaning = ""
+    query.RequestedProcedureCodeSequence = Sequence([code])
+
+    step = Dataset()
+    step.ScheduledStationAETitle = station
+    step.ScheduledProcedureStepStartDate = f"{start:%Y%m%d}-{end:%Y%m%d}"
+    step.ScheduledProcedureStepStartTime = ""
+    step.Modality = modality
+    step.ScheduledProcedureStepID = ""
+    step.ScheduledProcedureStepDescription = ""
+    query.ScheduledProcedureStepSequence = Sequence([step])
+    return query
+
+
+def find_worklist(client: NodeClient, query: Dataset) -> list[Dataset]:
+    """Run one Modality Worklist C-FIND at a node and return the matches (blocking)."""
+    matches: list[Dataset] = []
+    with client.associate([build_context(ModalityWorklistInformationFind)]) as association:
+        responses = association.send_c_find(
+            query, ModalityWorklistInformationFind, msg_id=client.next_message_id()
+        )
+        for status, identifier in responses:
+            code = _status_code(client.node, "worklist C-FIND", status)
+            if is_pending(code):
+                if identifier is not None:
+                    matches.append(identifier)
+                continue
+            if code != Status.SUCCESS:
+                raise DimseError(
+                    f"worklist C-FIND at {client.node} failed with status {describe(code)}"
+                )
+    return matches
+
+
+def read_item(answer: Dataset) -> WorklistItem:
+    """Read one match; raise MalformedItem when it lacks what an order needs."""
+    steps = answer.get("ScheduledProcedureStepSequence") or []
+    if len(steps) == 0:
+        raise MalformedItem("no Scheduled Procedure Step Sequence item")
+    step = steps[0]
+    patient_id = _text(answer, "PatientID")
+    if not patient_id:
+        raise MalformedItem("no Patient ID")
+    step_id = _text(step, "ScheduledProcedureStepID")
+    accession = _text(answer, "AccessionNumber")
+    if not step_id and not accession:
+        raise MalformedItem("neither Scheduled Procedure Step ID nor Accession Number")
+
+    codes = answer.get("RequestedProcedureCodeSequence") or []
+    code = codes[0] if len(codes) else Dataset()
+    return WorklistItem(
+        step_id=step_id,
+        accession_number=accession,
+        study_instance_uid=_text(answer, "StudyInstanceUID"),
+        patient_id=patient_id,
+        issuer_of_patient_id=_text(answer, "IssuerOfPatientID"),
+        demographics=Demographics(
+            name=_text(answer, "PatientName"),
+            birth_date=_text(answer, "PatientBirthDate"),
+            sex=_text(answer, "PatientSex").upper(),
+        ),
+        modality=_text(step, "Modality").upper(),
+        station_ae_title=_text(step, "ScheduledStationAETitle"),
+        start=_start_of(step),
+        procedure_code=_text(code, "CodeValue"),
+        procedure_coding_system=_text(code, "CodingSchemeDesignator"),
+        procedure_text=_text(answer, "RequestedProcedureDescription") or _text(code, "CodeMeaning"),
+        step_description=_text(step, "ScheduledProcedureStepDescription"),
+        body_part=_text(answer, "BodyPartExamined") or _text(step, "BodyPartExamined"),
+    )
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _start_of(step: Dataset) -> dt.datetime | None:
+    date = _text(step, "ScheduledProcedureStepStartDate")
+    time = _text(step, "ScheduledProcedureStepStartTime").split(".")[0].ljust(6, "0")[:6]
+    try:
+        return dt.datetime.strptime(date + time, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None

@@ -16,6 +16,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.configfile import ConfigError, Problem, load_document, validate
+from engine.identity.build import check_identity
+from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable, load_table
 from engine.rules.loader import load_rule_set
 from engine.rules.model import RuleSet
@@ -90,10 +92,6 @@ class JobSettings(Settings):
     poll_seconds: float = Field(default=5, gt=0)
 
 
-class IdentitySettings(Settings):
-    table: Path | None = None
-
-
 class EngineSettings(Settings):
     """The top level of conf/engine.yaml."""
 
@@ -159,6 +157,10 @@ def load(path: Path) -> Config:
             problems += error.problems
 
     problems += _check_references(document.file, document.line_of, settings, rule_set)
+    node_issuers = {node.issuer for node in settings.nodes.values() if node.issuer}
+    problems += check_identity(
+        document, settings.identity, settings.local_patient.issuer, node_issuers
+    )
     if problems:
         raise ConfigError(problems)
     return Config(path=path.resolve(), settings=settings, rule_set=rule_set, identity_table=table)

@@ -22,7 +22,7 @@ from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake
 from engine.hl7.mllp import MLLPFactory
-from engine.identity.resolver import TableResolver
+from engine.identity.build import build_resolver
 from engine.jobs.planner import Planner
 from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
@@ -56,6 +56,14 @@ class Engine:
         self.pools = NodePools(
             reactor, {name: node.max_associations for name, node in settings.nodes.items()}
         )
+        self.resolver = build_resolver(
+            settings.identity,
+            config.identity_table,
+            settings.local_patient.issuer,
+            self.db,
+            reactor,
+            self.now,
+        )
         self.registry = ExpectationRegistry(settings.dicom.ae_title)
         self.scp = StorageSCP(
             settings.dicom.ae_title,
@@ -74,9 +82,7 @@ class Engine:
                 if node.issuer is not None
             },
             registry=self.registry,
-            identity=lambda: TableResolver(
-                self.config.identity_table, self.config.settings.local_patient.issuer
-            ),
+            identity=lambda: self.resolver,
             rule_set=lambda: self.config.rule_set,
             engine_ae_title=settings.dicom.ae_title,
             spool_root=config.spool_path,

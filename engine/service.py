@@ -22,7 +22,9 @@ from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake
 from engine.hl7.mllp import MLLPFactory
+from engine.identity.adt import IdentityEvents
 from engine.identity.build import build_resolver
+from engine.identity.domains import DomainDirectory
 from engine.jobs.planner import Planner
 from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
@@ -102,7 +104,11 @@ class Engine:
         local = settings.local_patient
         self.intake = Intake(
             self.db,
-            Planner(lambda: self.config.rule_set, now=self.now),
+            Planner(
+                lambda: self.config.rule_set,
+                now=self.now,
+                identity=IdentityEvents(local.issuer, DomainDirectory(settings.identity.domains)),
+            ),
             IdentifierPolicy(
                 issuer=local.issuer,
                 authorities=frozenset(local.authorities or [local.issuer]),

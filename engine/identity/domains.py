@@ -64,6 +64,13 @@ class DomainDirectory:
             return namespace_id
         return universal_id or None
 
+    def issuer_for_name(self, name: str) -> str:
+        """Return the issuer an authority name (a namespace id or a universal id) denotes."""
+        for domain in self._domains.values():
+            if name in (domain.universal_id, domain.namespace_id):
+                return domain.issuer
+        return name
+
     def issuer_for_system(self, system: str) -> str | None:
         for domain in self._domains.values():
             if domain.fhir_system and domain.fhir_system == system:

@@ -12,6 +12,7 @@ import click
 
 from engine import config as config_module
 from engine.configfile import ConfigError
+from engine.identity.cli import identity_group
 from engine.jobs.store import JobState, Store
 
 DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
@@ -212,6 +213,8 @@ def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
         lines.append(indent + "  ".join(cells).rstrip())
     return "\n".join(lines)
 
+
+main.add_command(identity_group)
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,8 @@ from typing import Annotated
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.coercion import CoercionProfile
+from engine.coercion_config import CoercionSettings, build_profiles, check_coercion
 from engine.configfile import ConfigError, Problem, load_document, validate
 from engine.identity.build import check_identity
 from engine.identity.settings import IdentitySettings
@@ -100,6 +102,7 @@ class EngineSettings(Settings):
     local_patient: LocalPatientSettings
     nodes: dict[str, Node]
     identity: IdentitySettings = IdentitySettings()
+    coercion: CoercionSettings = CoercionSettings()
     store: StoreSettings = StoreSettings()
     spool: SpoolSettings = SpoolSettings()
     jobs: JobSettings = JobSettings()
@@ -115,6 +118,8 @@ class Config:
     settings: EngineSettings
     rule_set: RuleSet
     identity_table: CrossReferenceTable
+    # The coercion profile of each destination that has one configured.
+    coercion_profiles: dict[str, CoercionProfile] = dataclasses.field(default_factory=dict)
 
     def resolve(self, path: Path) -> Path:
         return resolve(self.path, path)
@@ -161,9 +166,24 @@ def load(path: Path) -> Config:
     problems += check_identity(
         document, settings.identity, settings.local_patient.issuer, node_issuers
     )
+    problems += check_coercion(
+        document,
+        settings.coercion,
+        settings.identity,
+        set(settings.nodes),
+        settings.local_patient.issuer,
+    )
     if problems:
         raise ConfigError(problems)
-    return Config(path=path.resolve(), settings=settings, rule_set=rule_set, identity_table=table)
+    return Config(
+        path=path.resolve(),
+        settings=settings,
+        rule_set=rule_set,
+        identity_table=table,
+        coercion_profiles=build_profiles(
+            settings.coercion, settings.identity, settings.dicom.ae_title
+        ),
+    )
 
 
 def _check_references(

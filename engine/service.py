@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet import defer, endpoints, threads
 from twisted.internet.interfaces import IListeningPort
 
+from engine.coercion import DEFAULT_PROFILE
 from engine.config import Config
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
@@ -89,6 +90,8 @@ class Engine:
             engine_ae_title=settings.dicom.ae_title,
             spool_root=config.spool_path,
             now=self.now,
+            coercion=lambda name: self.config.coercion_profiles.get(name, DEFAULT_PROFILE),
+            check=settings.identity.check,
         )
         jobs = settings.jobs
         self.worker = Worker(

@@ -338,3 +338,44 @@ def test_csv_table_header_checked(tmp_path: Path) -> None:
         f"{path}:1: header: invalid CSV header 'local,remote'"
         " (the first line must be local_id,local_issuer,remote_id,remote_issuer)"
     )
+
+
+# The demographics check before storing
+
+
+@pytest.mark.parametrize(
+    ("remote", "strictness", "expected"),
+    [
+        (Demographics("DOE^JANE", "19650312", "F"), "exact", []),
+        (Demographics("DOE^JANE^^", "19650312", "F"), "exact", []),
+        (Demographics("doe^jane", "19650312", "F"), "exact", ["name differs"]),
+        (Demographics("doe^jane", "19650312", "f"), "normalised", []),
+        (Demographics("JANE^DOE", "19650312", "F"), "normalised", []),
+        (Demographics("DÖE^JANÉ^MARIE", "1965-03-12", "F"), "normalised", []),
+        (Demographics("DOE^JOAN", "19650312", "F"), "normalised", ["name differs"]),
+        (
+            Demographics("DOE^JANE", "19650313", "M"),
+            "normalised",
+            ["birth date differs", "sex differs"],
+        ),
+        (Demographics("", "", ""), "normalised", []),
+        (Demographics("ROE^RICHARD", "19580101", "M"), "off", []),
+    ],
+)
+def test_demographics_check(remote: Demographics, strictness: str, expected: list[str]) -> None:
+    from engine.identity.check import differences
+    from engine.identity.settings import CheckSettings
+
+    local = Demographics("DOE^JANE", "19650312", "F")
+    assert differences(local, remote, CheckSettings(strictness=strictness)) == expected  # type: ignore[arg-type]
+
+
+def test_demographics_check_missing_values_can_quarantine() -> None:
+    from engine.identity.check import differences
+    from engine.identity.settings import CheckSettings
+
+    local = Demographics("DOE^JANE", "19650312", "F")
+    settings = CheckSettings(when_missing="quarantine", attributes=["birth_date"])
+    assert differences(local, Demographics("X^Y", "", ""), settings) == [
+        "birth date not returned by the source"
+    ]

@@ -235,7 +235,11 @@ def identifiers_in(
 
 
 def error_answer(response: Response, target_field: int) -> Answer:
-    """Turn an AE or AR response into an answer, by its ERR-3 code and ERR-2 location."""
+    """Turn an AE or AR response into an answer, by its ERR-3 code and ERR-2 location.
+
+    NOTE: only ERR-2 is read; a manager that reports the location in the HL7 v2.4
+    field ERR-1 gets a transient failure, so the job retries instead of skipping.
+    """
     for location, code in response.errors:
         parts = location.split("^")
         segment = parts[0] if parts else ""

@@ -209,6 +209,8 @@ class Prefetch:
         """Return the job with the patient's active ID after merges, and the demographics
         of the local record (ADT) over those of the order."""
         patient = job.patient
+        # NOTE: the merge state is read once per attempt, so a merge that arrives while
+        # this attempt retrieves is applied to its objects only at the next attempt.
         if isinstance(resolver, ChainResolver):
             active, path = yield resolver.active_patient(job.patient)
             if path:

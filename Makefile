@@ -14,9 +14,11 @@ demo: $(STAMP) system-packages
 test: $(STAMP) system-packages
 	$(VENV)/bin/pytest -q
 
+LINT_PATHS = $(wildcard engine tests bench)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine tests bench
-	$(VENV)/bin/ruff format --check engine tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
 $(STAMP): pyproject.toml

@@ -12,7 +12,9 @@ import click
 
 from engine import config as config_module
 from engine.configfile import ConfigError
+from engine.identity.cli import identity_group
 from engine.jobs.store import JobState, Store
+from engine.worklist.cli import worklist_group
 
 DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
 config_option = click.option(
@@ -214,13 +216,8 @@ def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
     return "\n".join(lines)
 
 
-def _register_groups() -> None:
-    from engine.worklist.cli import worklist_group
-
-    main.add_command(worklist_group)
-
-
-_register_groups()
+main.add_command(identity_group)
+main.add_command(worklist_group)
 
 if __name__ == "__main__":
     main()

@@ -1,47 +1,132 @@
 """Stamping local patient identity into DICOM objects received from another domain.
 
-Only the declared patient elements change. Pixel data is never decoded: for a
-file, the header up to the pixel data element is rewritten and the rest of the
-file is copied byte for byte.
+Only the elements a destination's coercion profile declares change:
+
+- PatientID and IssuerOfPatientID become the local values, with an Issuer of
+  Patient ID Qualifiers Sequence (Universal Entity ID and Type) when the
+  profile has qualifiers for the issuer;
+- the source's (ID, issuer) is added to Other Patient IDs Sequence, existing
+  items are kept and exact duplicates dropped; the retired Other Patient IDs
+  (0010,1000) is removed;
+- PatientName, PatientBirthDate and PatientSex come from the local record (a
+  value empty there keeps the object's), with Specific Character Set set to
+  match: ISO_IR 192 when needed, or Latin-1 only for a destination that
+  accepts nothing else, transliterating or rejecting what does not fit;
+- AccessionNumber is kept, prefixed with the source's site code, or blanked;
+  StudyInstanceUID is kept or remapped to a UID derived from it. A changed
+  value is recorded in the Original Attributes Sequence, which also keeps
+  stamping idempotent.
+
+Pixel data is never decoded: for a file, the header up to the pixel data
+element is rewritten and the rest of the file is copied byte for byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from pydicom import dcmread
-from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from engine.coercion_text import (
+    UTF8_CHARSET,
+    TextRejected,
+    charset_terms,
+    convert_to_latin1,
+    latin1_person_name,
+    switch_to_utf8_for,
+)
 from engine.model import Demographics, PatientIdentifier
 
-UTF8_CHARSET = "ISO_IR 192"
+__all__ = ["UTF8_CHARSET", "CoercionProfile", "Header", "Stamp", "StampError", "UniversalEntity"]
+
 # The three pixel data tags, as they appear on disk in little and big endian.
 _PIXEL_TAGS = {
     bytes.fromhex(text)
     for text in ("e07f1000", "7fe00010", "e07f0800", "7fe00008", "e07f0900", "7fe00009")
 }
 _COPY_CHUNK = 1024 * 1024
+# AccessionNumber is SH: at most 16 characters.
+MAX_ACCESSION_LENGTH = 16
+MAX_UID_LENGTH = 64
+# Defined term of Reason for the Attribute Modification (0400,0565).
+COERCE = "COERCE"
+OTHER_PATIENT_IDS = 0x00101000
 
 
 class StampError(Exception):
     """An object that cannot be stamped safely; it must not be stored."""
 
 
+class StampRejected(StampError):
+    """An object the destination's profile does not allow, e.g. text outside Latin-1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UniversalEntity:
+    """Universal Entity ID (e.g. an OID) and Universal Entity ID Type (ISO, DNS, UUID ...)."""
+
+    id: str
+    type: str = "ISO"
+
+
+@dataclasses.dataclass(frozen=True)
+class CoercionProfile:
+    """How objects are stamped for one destination; the defaults change the least.
+
+    qualifiers and site_codes are (issuer, value) pairs. site codes prefix
+    accession numbers (accession prefix) and name the issuer of the original
+    accession number (accession blank); an issuer without one uses its own name.
+    """
+
+    name: str = "default"
+    qualifiers: tuple[tuple[str, UniversalEntity], ...] = ()
+    character_set: Literal["unicode", "latin1"] = "unicode"
+    non_latin1: Literal["transliterate", "reject"] = "transliterate"
+    accession: Literal["keep", "prefix", "blank"] = "keep"
+    site_codes: tuple[tuple[str, str], ...] = ()
+    study_uid: Literal["keep", "remap"] = "keep"
+    uid_root: str = ""
+    modifying_system: str = "FDQR"
+
+    def qualifier(self, issuer: str) -> UniversalEntity | None:
+        return dict(self.qualifiers).get(issuer)
+
+    def site_code(self, issuer: str) -> str:
+        return dict(self.site_codes).get(issuer, issuer)
+
+    def study_uid_for(self, study_instance_uid: str, source_issuer: str) -> str:
+        """Return the Study Instance UID an object of this study gets at the destination."""
+        if self.study_uid == "keep" or study_instance_uid.startswith(self.uid_root + "."):
+            return study_instance_uid
+        digest = hashlib.sha256(f"{source_issuer}|{study_instance_uid}".encode()).digest()
+        suffix = str(int.from_bytes(digest[:16], "big"))
+        return f"{self.uid_root}.{suffix}"[:MAX_UID_LENGTH]
+
+
+DEFAULT_PROFILE = CoercionProfile()
+
+
 @dataclasses.dataclass(frozen=True)
 class Stamp:
-    """What to write into each object: the local identity, and where the object came from."""
+    """What to write into each object: the local identity, where the object came from, and
+    the destination's profile. modified_at is the Attribute Modification DateTime recorded
+    for changed accession numbers and UIDs (the time of stamping when None)."""
 
     local: PatientIdentifier
     remote: PatientIdentifier
     demographics: Demographics
+    profile: CoercionProfile = DEFAULT_PROFILE
+    modified_at: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,63 +141,147 @@ class Header:
 
 
 def stamp_dataset(ds: Dataset, stamp: Stamp) -> None:
-    """Set the local identity on a dataset in place; pixel data is not touched."""
-    _set_charset_for(ds, stamp.demographics)
+    """Set the local identity on a dataset in place; pixel data is not touched.
+
+    Raises StampRejected when the profile does not allow the result.
+    """
+    profile = stamp.profile
+    name = _fit_character_set(ds, stamp)
 
     ds.PatientID = stamp.local.value
     ds.IssuerOfPatientID = stamp.local.issuer
-    _add_other_patient_id(ds, stamp.remote)
+    _set_qualifiers(ds, profile.qualifier(stamp.local.issuer))
+    _add_other_patient_id(ds, stamp.remote, profile.qualifier(stamp.remote.issuer))
+    if OTHER_PATIENT_IDS in ds:
+        del ds[OTHER_PATIENT_IDS]
 
     demographics = stamp.demographics
-    if demographics.name:
-        ds.PatientName = demographics.name
+    if name:
+        ds.PatientName = name
     if demographics.birth_date:
         ds.PatientBirthDate = demographics.birth_date
     if demographics.sex:
         ds.PatientSex = demographics.sex
 
+    _coerce_study(ds, stamp)
+
     # A group length would be wrong after the change; it is retired outside group 0002.
-    for group in (0x0008, 0x0010):
+    for group in (0x0008, 0x0010, 0x0020, 0x0400):
         if (group << 16) in ds:
             del ds[group << 16]
 
 
-def _add_other_patient_id(ds: Dataset, identifier: PatientIdentifier) -> None:
-    items = ds.get("OtherPatientIDsSequence") or Sequence()
-    for item in items:
-        if (item.get("PatientID"), item.get("IssuerOfPatientID")) == (
-            identifier.value,
-            identifier.issuer,
-        ):
-            return
+def _fit_character_set(ds: Dataset, stamp: Stamp) -> str:
+    """Make the dataset's character set hold the stamped text; return the name to write."""
+    name = stamp.demographics.name
+    if stamp.profile.character_set == "unicode":
+        switch_to_utf8_for(ds, [name])
+        return name
+    reject = stamp.profile.non_latin1 == "reject"
+    try:
+        if name:
+            name = latin1_person_name(name, reject)
+        convert_to_latin1(ds, reject)
+    except TextRejected as error:
+        raise StampRejected(f"destination accepts only Latin-1: {error}") from None
+    if not name.isascii() and charset_terms(ds) == ["ISO_IR 6"]:
+        ds.SpecificCharacterSet = "ISO_IR 100"
+    return name
+
+
+def _set_qualifiers(ds: Dataset, entity: UniversalEntity | None) -> None:
+    if entity is None:
+        return
     item = Dataset()
-    item.PatientID = identifier.value
-    item.IssuerOfPatientID = identifier.issuer
-    item.TypeOfPatientID = "TEXT"
-    items.append(item)
+    item.UniversalEntityID = entity.id
+    item.UniversalEntityIDType = entity.type
+    ds.IssuerOfPatientIDQualifiersSequence = Sequence([item])
+
+
+def _add_other_patient_id(
+    ds: Dataset, identifier: PatientIdentifier, entity: UniversalEntity | None
+) -> None:
+    seen: set[tuple[object, object]] = set()
+    items = Sequence()
+    for existing in ds.get("OtherPatientIDsSequence") or []:
+        key = (existing.get("PatientID"), existing.get("IssuerOfPatientID"))
+        if key not in seen:
+            seen.add(key)
+            items.append(existing)
+    if (identifier.value, identifier.issuer) not in seen:
+        item = Dataset()
+        item.PatientID = identifier.value
+        item.IssuerOfPatientID = identifier.issuer
+        item.TypeOfPatientID = "TEXT"
+        if entity is not None:
+            _set_qualifiers(item, entity)
+        items.append(item)
     ds.OtherPatientIDsSequence = items
 
 
-def _set_charset_for(ds: Dataset, demographics: Demographics) -> None:
-    """Switch the dataset to UTF-8 when its character set cannot encode the new text."""
-    text = demographics.name
-    if text.isascii():
-        return
-    current = ds.get("SpecificCharacterSet", "")
-    terms = [current] if isinstance(current, str) else list(current)
-    terms = [term for term in terms if term] or ["ISO_IR 6"]
-    # pydicom reads the default repertoire leniently as Latin-1; the standard says ASCII.
-    codec = "ascii" if terms[0] == "ISO_IR 6" else python_encoding.get(terms[0])
-    if len(terms) == 1 and codec is not None:
-        try:
-            text.encode(codec)
-            return
-        except UnicodeEncodeError:
-            pass
-    # Decode every text element with the old character set first, so that all of
-    # them are written again in the new one.
-    ds.decode()
-    ds.SpecificCharacterSet = UTF8_CHARSET
+def _coerce_study(ds: Dataset, stamp: Stamp) -> None:
+    """Apply the accession number and Study Instance UID rules, recording original values."""
+    profile = stamp.profile
+    original = Dataset()
+
+    accession = str(ds.get("AccessionNumber", "") or "")
+    if (
+        profile.accession != "keep"
+        and accession
+        and not _already_modified(ds, profile, "AccessionNumber")
+    ):
+        original.AccessionNumber = accession
+        issuer = ds.get("IssuerOfAccessionNumberSequence")
+        if issuer is not None:
+            original.IssuerOfAccessionNumberSequence = issuer
+        if profile.accession == "prefix":
+            prefixed = profile.site_code(stamp.remote.issuer) + accession
+            if len(prefixed) > MAX_ACCESSION_LENGTH:
+                raise StampRejected(
+                    f"prefixed accession number '{prefixed}' is longer than"
+                    f" {MAX_ACCESSION_LENGTH} characters"
+                )
+            ds.AccessionNumber = prefixed
+        else:
+            ds.AccessionNumber = ""
+            if issuer is None:
+                item = Dataset()
+                item.LocalNamespaceEntityID = profile.site_code(stamp.remote.issuer)
+                original.IssuerOfAccessionNumberSequence = Sequence([item])
+            if "IssuerOfAccessionNumberSequence" in ds:
+                del ds.IssuerOfAccessionNumberSequence
+
+    uid = str(ds.get("StudyInstanceUID", "") or "")
+    remapped = profile.study_uid_for(uid, stamp.remote.issuer) if uid else uid
+    if remapped != uid:
+        original.StudyInstanceUID = uid
+        ds.StudyInstanceUID = remapped
+
+    if len(original):
+        _record_original(ds, original, stamp)
+
+
+def _already_modified(ds: Dataset, profile: CoercionProfile, keyword: str) -> bool:
+    for item in ds.get("OriginalAttributesSequence") or []:
+        if item.get("ModifyingSystem") != profile.modifying_system:
+            continue
+        for modified in item.get("ModifiedAttributesSequence") or []:
+            if keyword in modified:
+                return True
+    return False
+
+
+def _record_original(ds: Dataset, original: Dataset, stamp: Stamp) -> None:
+    when = stamp.modified_at or dt.datetime.now(dt.UTC)
+    item = Dataset()
+    item.ModifiedAttributesSequence = Sequence([original])
+    item.AttributeModificationDateTime = when.strftime("%Y%m%d%H%M%S")
+    item.ModifyingSystem = stamp.profile.modifying_system
+    item.SourceOfPreviousValues = stamp.remote.issuer
+    item.ReasonForTheAttributeModification = COERCE
+    items = ds.get("OriginalAttributesSequence") or Sequence()
+    items.append(item)
+    ds.OriginalAttributesSequence = items
 
 
 def read_header(path: Path) -> Header:

@@ -15,7 +15,11 @@ from typing import Annotated
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.coercion import CoercionProfile
+from engine.coercion_config import CoercionSettings, build_profiles, check_coercion
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
+from engine.identity.build import check_identity
+from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable, load_table
 from engine.rules.loader import load_rule_set
 from engine.rules.model import RuleSet
@@ -90,10 +94,6 @@ class JobSettings(Settings):
     poll_seconds: float = Field(default=5, gt=0)
 
 
-class IdentitySettings(Settings):
-    table: Path | None = None
-
-
 class WorklistSource(Settings):
     """A Modality Worklist SCP to poll, and which of its steps to consider."""
 
@@ -126,6 +126,7 @@ class EngineSettings(Settings):
     local_patient: LocalPatientSettings
     nodes: dict[str, Node]
     identity: IdentitySettings = IdentitySettings()
+    coercion: CoercionSettings = CoercionSettings()
     store: StoreSettings = StoreSettings()
     spool: SpoolSettings = SpoolSettings()
     jobs: JobSettings = JobSettings()
@@ -142,6 +143,8 @@ class Config:
     settings: EngineSettings
     rule_set: RuleSet
     identity_table: CrossReferenceTable
+    # The coercion profile of each destination that has one configured.
+    coercion_profiles: dict[str, CoercionProfile] = dataclasses.field(default_factory=dict)
 
     def resolve(self, path: Path) -> Path:
         return resolve(self.path, path)
@@ -185,9 +188,28 @@ def load(path: Path) -> Config:
 
     problems += _check_references(document.file, settings, rule_set)
     problems += _check_worklist_nodes(document, settings)
+    node_issuers = {node.issuer for node in settings.nodes.values() if node.issuer}
+    problems += check_identity(
+        document, settings.identity, settings.local_patient.issuer, node_issuers
+    )
+    problems += check_coercion(
+        document,
+        settings.coercion,
+        settings.identity,
+        set(settings.nodes),
+        settings.local_patient.issuer,
+    )
     if problems:
         raise ConfigError(problems)
-    return Config(path=path.resolve(), settings=settings, rule_set=rule_set, identity_table=table)
+    return Config(
+        path=path.resolve(),
+        settings=settings,
+        rule_set=rule_set,
+        identity_table=table,
+        coercion_profiles=build_profiles(
+            settings.coercion, settings.identity, settings.dicom.ae_title
+        ),
+    )
 
 
 def _check_worklist_nodes(document: Document, settings: EngineSettings) -> list[Problem]:

@@ -178,6 +178,8 @@ class StudyCandidate:
     description: str = ""
     accession_number: str = ""
     instance_count: int | None = None
+    # The patient attributes of the C-FIND answer, for the check before storing.
+    demographics: Demographics = Demographics()
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet import defer, endpoints, threads
 from twisted.internet.interfaces import IListeningPort
 
+from engine.coercion import DEFAULT_PROFILE
 from engine.config import Config
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
@@ -22,7 +23,9 @@ from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake
 from engine.hl7.mllp import MLLPFactory
-from engine.identity.resolver import TableResolver
+from engine.identity.adt import IdentityEvents
+from engine.identity.build import build_resolver
+from engine.identity.domains import DomainDirectory
 from engine.jobs.planner import Planner
 from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
@@ -57,6 +60,14 @@ class Engine:
         self.pools = NodePools(
             reactor, {name: node.max_associations for name, node in settings.nodes.items()}
         )
+        self.resolver = build_resolver(
+            settings.identity,
+            config.identity_table,
+            settings.local_patient.issuer,
+            self.db,
+            reactor,
+            self.now,
+        )
         self.registry = ExpectationRegistry(settings.dicom.ae_title)
         self.scp = StorageSCP(
             settings.dicom.ae_title,
@@ -75,13 +86,13 @@ class Engine:
                 if node.issuer is not None
             },
             registry=self.registry,
-            identity=lambda: TableResolver(
-                self.config.identity_table, self.config.settings.local_patient.issuer
-            ),
+            identity=lambda: self.resolver,
             rule_set=lambda: self.config.rule_set,
             engine_ae_title=settings.dicom.ae_title,
             spool_root=config.spool_path,
             now=self.now,
+            coercion=lambda name: self.config.coercion_profiles.get(name, DEFAULT_PROFILE),
+            check=settings.identity.check,
         )
         jobs = settings.jobs
         self.worker = Worker(
@@ -100,7 +111,11 @@ class Engine:
             authorities=frozenset(local.authorities or [local.issuer]),
             unqualified_ids_are_local=local.unqualified_ids_are_local,
         )
-        self.planner = Planner(lambda: self.config.rule_set, now=self.now)
+        self.planner = Planner(
+            lambda: self.config.rule_set,
+            now=self.now,
+            identity=IdentityEvents(local.issuer, DomainDirectory(settings.identity.domains)),
+        )
         self.intake = Intake(
             self.db,
             self.planner,

@@ -7,7 +7,7 @@ import datetime as dt
 
 from pydicom.dataset import Dataset
 
-from engine.model import PatientIdentifier, StudyCandidate
+from engine.model import Demographics, PatientIdentifier, StudyCandidate
 
 STUDY_RETURN_KEYS = (
     "StudyInstanceUID",
@@ -18,6 +18,9 @@ STUDY_RETURN_KEYS = (
     "AccessionNumber",
     "NumberOfStudyRelatedInstances",
     "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
 )
 
 
@@ -89,6 +92,11 @@ def read_study_answers(
                 description=str(answer.get("StudyDescription", "") or ""),
                 accession_number=str(answer.get("AccessionNumber", "") or ""),
                 instance_count=_int_or_none(answer.get("NumberOfStudyRelatedInstances")),
+                demographics=Demographics(
+                    name=str(answer.get("PatientName", "") or ""),
+                    birth_date=str(answer.get("PatientBirthDate", "") or ""),
+                    sex=str(answer.get("PatientSex", "") or ""),
+                ),
             )
         )
     return FilteredAnswers(candidates, ignored)

@@ -7,10 +7,20 @@ File format (YAML):
         remote:
           - {id: A-778899, issuer: HOSP_A}
           - {id: B-4455, issuer: HOSP_B}
+
+or CSV (a file whose name ends in .csv), one remote identifier per row, with
+this header line:
+
+    local_id,local_issuer,remote_id,remote_issuer
+    L12345,LOCAL,A-778899,HOSP_A
+    L12345,LOCAL,B-4455,HOSP_B
 """
 
 from __future__ import annotations
 
+import csv
+import io
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,42 +80,121 @@ class CrossReferenceTable:
         return self._owners.get(remote)
 
 
+CSV_COLUMNS = ("local_id", "local_issuer", "remote_id", "remote_issuer")
+# A row of either format: where it is (for errors), the local and the remote identifier.
+_Row = tuple[Problem, PatientIdentifier, PatientIdentifier]
+
+
 def load_table(path: Path) -> CrossReferenceTable:
-    """Load a cross-reference file. Raises ConfigError naming every conflicting entry."""
-    document = load_document(path)
-    parsed = validate(document, _TableFile)
+    """Load a YAML or CSV cross-reference file. Raises ConfigError naming every bad entry."""
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _yaml_rows(path)
     entries: dict[PatientIdentifier, dict[str, PatientIdentifier]] = {}
     owners: dict[PatientIdentifier, PatientIdentifier] = {}
     problems: list[Problem] = []
 
-    for index, entry in enumerate(parsed.cross_references):
-        local = entry.local.to_identifier()
+    for where, local, remote in rows:
         mapped = entries.setdefault(local, {})
-        for position, item in enumerate(entry.remote):
-            remote = item.to_identifier()
-            where = ("cross_references", index, "remote", position)
-            if remote.issuer in mapped and mapped[remote.issuer] != remote:
-                problems.append(
-                    document.problem(
-                        where,
-                        f"{local} already maps to {mapped[remote.issuer]} in {remote.issuer}",
-                        "one local patient has one identifier per domain",
-                    )
+        if remote.issuer in mapped and mapped[remote.issuer] != remote:
+            problems.append(
+                _at(
+                    where,
+                    f"{local} already maps to {mapped[remote.issuer]} in {remote.issuer}",
+                    "one local patient has one identifier per domain",
                 )
-                continue
-            owner = owners.get(remote)
-            if owner is not None and owner != local:
-                problems.append(
-                    document.problem(
-                        where,
-                        f"{remote} is already mapped to local patient {owner}",
-                        "one remote identifier belongs to one local patient",
-                    )
+            )
+            continue
+        owner = owners.get(remote)
+        if owner is not None and owner != local:
+            problems.append(
+                _at(
+                    where,
+                    f"{remote} is already mapped to local patient {owner}",
+                    "one remote identifier belongs to one local patient",
                 )
-                continue
-            mapped[remote.issuer] = remote
-            owners[remote] = local
+            )
+            continue
+        mapped[remote.issuer] = remote
+        owners[remote] = local
 
     if problems:
         raise ConfigError(problems)
     return CrossReferenceTable(entries)
+
+
+def _at(where: Problem, message: str, hint: str) -> Problem:
+    return Problem(where.file, where.path, message, where.line, hint)
+
+
+def _yaml_rows(path: Path) -> list[_Row]:
+    document = load_document(path)
+    parsed = validate(document, _TableFile)
+    rows: list[_Row] = []
+    for index, entry in enumerate(parsed.cross_references):
+        local = entry.local.to_identifier()
+        for position, item in enumerate(entry.remote):
+            where = document.problem(("cross_references", index, "remote", position), "")
+            rows.append((where, local, item.to_identifier()))
+    return rows
+
+
+def _csv_rows(path: Path) -> list[_Row]:
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise ConfigError([Problem(name, "", f"cannot be read: {error.strerror}")]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([Problem(name, "", f"is not UTF-8 text ({error.reason})")]) from None
+
+    lines = _numbered_records(text)
+    header = next(lines, None)
+    if header is None or tuple(cell.strip() for cell in header[1]) != CSV_COLUMNS:
+        found = ",".join(header[1]) if header else ""
+        raise ConfigError(
+            [
+                Problem(
+                    name,
+                    "header",
+                    f"invalid CSV header '{found}'",
+                    header[0] if header else 1,
+                    f"the first line must be {','.join(CSV_COLUMNS)}",
+                )
+            ]
+        )
+
+    rows: list[_Row] = []
+    problems: list[Problem] = []
+    for number, cells in lines:
+        if not any(cell.strip() for cell in cells):
+            continue
+        where = Problem(name, f"row {number}", "", number)
+        values = [cell.strip() for cell in cells]
+        if len(values) != len(CSV_COLUMNS) or not all(values):
+            problems.append(
+                _at(
+                    where,
+                    f"invalid row '{','.join(cells)}'",
+                    f"each row needs the four values {','.join(CSV_COLUMNS)}",
+                )
+            )
+            continue
+        local_id, local_issuer, remote_id, remote_issuer = values
+        rows.append(
+            (
+                where,
+                PatientIdentifier(local_id, local_issuer),
+                PatientIdentifier(remote_id, remote_issuer),
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+    return rows
+
+
+def _numbered_records(text: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield each CSV record with the line it starts on."""
+    reader = csv.reader(io.StringIO(text))
+    start = 1
+    for record in reader:
+        yield start, record
+        start = reader.line_num + 1

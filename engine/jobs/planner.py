@@ -9,11 +9,13 @@ from collections.abc import Callable, Sequence
 
 from engine.hl7.events import Unhandled
 from engine.jobs.store import Action, NewJob
-from engine.model import DomainEvent, OrderPlaced
+from engine.model import DemographicsUpdated, DomainEvent, OrderPlaced, PatientsMerged
 from engine.rules.model import RuleSet
 from engine.rules.select import route_order
 
 logger = logging.getLogger(__name__)
+# Plans the identity effects of ADT events: returns the outcome and the store actions.
+IdentityPlanner = Callable[[DemographicsUpdated | PatientsMerged], tuple[str, Sequence[Action]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +42,18 @@ class Planner:
         self,
         rule_set: Callable[[], RuleSet],
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        identity: IdentityPlanner | None = None,
     ) -> None:
         self.rule_set = rule_set
         self.now = now
+        self.identity = identity
 
     def __call__(self, event: DomainEvent | Unhandled) -> Plan:
         if isinstance(event, Unhandled):
             return Plan((), event.reason)
+        if isinstance(event, DemographicsUpdated | PatientsMerged) and self.identity is not None:
+            outcome, actions = self.identity(event)
+            return Plan((), outcome, actions)
         if not isinstance(event, OrderPlaced):
             # NOTE: cancels, changes, status reports, demographics and merges are
             # stored and acknowledged but do not change jobs or identities yet.

@@ -21,7 +21,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from engine.coercion import Stamp
+from engine.coercion import DEFAULT_PROFILE, CoercionProfile, Stamp
+from engine.coercion_text import is_latin1
 from engine.dimse.pools import NodePools
 from engine.dimse.queries import (
     move_study,
@@ -32,10 +33,13 @@ from engine.dimse.queries import (
 )
 from engine.dimse.scu import DimseError, MoveOutcome, NodeClient, StoreOutcome
 from engine.dimse.status import describe, is_success_or_warning
-from engine.identity.resolver import IdentityResolver
+from engine.identity import records
+from engine.identity.check import differences
+from engine.identity.resolver import ChainResolver, IdentityResolver
+from engine.identity.settings import CheckSettings
 from engine.jobs.receiving import Expectation, ExpectationRegistry
-from engine.jobs.store import AsyncStore, JobRecord, JobState, StudyState
-from engine.model import PatientIdentifier, StudyCandidate
+from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyState
+from engine.model import Demographics, PatientIdentifier, StudyCandidate
 from engine.rules.model import RuleSet
 from engine.rules.select import select_priors
 
@@ -69,6 +73,21 @@ class Source:
     issuer: str
 
 
+@dataclasses.dataclass(frozen=True)
+class IdentityLookups:
+    """The identity step's result.
+
+    job carries the patient's active local ID (after merges) and the demographics
+    objects are stamped with; failed lists the sources whose lookup failed in a
+    way that may pass; stop, when set, ends the attempt with that outcome.
+    """
+
+    job: JobRecord
+    lookups: list[tuple[Source, PatientIdentifier]]
+    failed: list[str]
+    stop: Outcome | None = None
+
+
 class Prefetch:
     """Runs the pipeline for one job at a time; several jobs may run concurrently."""
 
@@ -85,6 +104,8 @@ class Prefetch:
         engine_ae_title: str,
         spool_root: Path,
         now: Callable[[], dt.datetime],
+        coercion: Callable[[str], CoercionProfile] = lambda destination: DEFAULT_PROFILE,
+        check: CheckSettings | None = None,
     ) -> None:
         self.db = db
         self.pools = pools
@@ -96,6 +117,8 @@ class Prefetch:
         self.engine_ae_title = engine_ae_title
         self.spool_root = spool_root
         self.now = now
+        self.coercion = coercion
+        self.check = check or CheckSettings()
 
     def note(self, job: JobRecord, text: str) -> defer.Deferred[None]:
         logger.info("job %d: %s", job.id, text)
@@ -112,13 +135,21 @@ class Prefetch:
                 JobState.FAILED, f"destination {job.destination} is no longer configured"
             )
 
-        lookups = yield self._resolve_identities(job)
+        identities: IdentityLookups = yield self._resolve_identities(job)
+        if identities.stop is not None:
+            return identities.stop
+        job = identities.job
+        lookups = identities.lookups
+        if not lookups and identities.failed:
+            failed = ", ".join(identities.failed)
+            return Outcome(JobState.FAILED, f"identity lookup failed for {failed}", retry=True)
         if not lookups:
             return Outcome(
                 JobState.DONE, "nothing to fetch: no source has an identifier for the patient"
             )
 
         candidates, failed_sources = yield self._find_candidates(job, lookups)
+        failed_sources = identities.failed + failed_sources
         decisions = select_priors(rule, job.order, candidates, self.now().date())
         yield self.db.run(lambda store: store.record_decisions(job.id, decisions))
         selected = [decision.candidate for decision in decisions if decision.selected]
@@ -126,6 +157,9 @@ class Prefetch:
             job,
             f"rule {rule.name}: {len(selected)} of {len(candidates)} candidate studies selected",
         )
+        held: Outcome | None = yield self._check_patients(job, selected)
+        if held is not None:
+            return held
 
         results = []
         for candidate in selected:
@@ -136,26 +170,113 @@ class Prefetch:
     @defer.inlineCallbacks
     def _resolve_identities(
         self, job: JobRecord
-    ) -> Generator[defer.Deferred[Any], Any, list[tuple[Source, PatientIdentifier]]]:
+    ) -> Generator[defer.Deferred[Any], Any, IdentityLookups]:
         resolver = self.identity()
+        job = yield self._active_patient(job, resolver)
+        stop = self._check_destination_charset(job)
+        if stop is not None:
+            return IdentityLookups(job, [], [], stop)
+
         lookups = []
+        failed = []
         for name in job.sources:
             source = self.sources.get(name)
             if source is None:
                 yield self.note(job, f"source {name} skipped: node is no longer configured")
                 continue
             resolution = yield resolver.resolve(job.patient, source.issuer)
+            for line in resolution.trail:
+                yield self.note(job, f"source {name}: identity {line}")
             remote = resolution.identifier
             if remote is None:
+                retry = "; retried later" if resolution.transient else ""
                 yield self.note(
                     job,
                     f"source {name} skipped: no identifier for {job.patient} "
-                    f"in domain {source.issuer} ({resolution.source}: {resolution.detail})",
+                    f"in domain {source.issuer} ({resolution.source}: {resolution.detail}){retry}",
                 )
+                if resolution.transient:
+                    failed.append(name)
                 continue
             yield self.note(job, f"source {name}: patient is {remote} ({resolution.source})")
             lookups.append((source, remote))
-        return lookups
+        return IdentityLookups(job, lookups, failed)
+
+    @defer.inlineCallbacks
+    def _active_patient(
+        self, job: JobRecord, resolver: IdentityResolver
+    ) -> Generator[defer.Deferred[Any], Any, JobRecord]:
+        """Return the job with the patient's active ID after merges, and the demographics
+        of the local record (ADT) over those of the order."""
+        patient = job.patient
+        # NOTE: the merge state is read once per attempt, so a merge that arrives while
+        # this attempt retrieves is applied to its objects only at the next attempt.
+        if isinstance(resolver, ChainResolver):
+            active, path = yield resolver.active_patient(job.patient)
+            if path:
+                chain = " -> ".join(str(item) for item in [job.patient, *path])
+                yield self.note(job, f"patient {job.patient} was merged: {chain}; using {active}")
+                patient = active
+        recorded = yield self.db.run(lambda store: records.local_demographics(store, patient))
+        demographics = job.demographics
+        if recorded is not None:
+            demographics = Demographics(
+                name=recorded.name or demographics.name,
+                birth_date=recorded.birth_date or demographics.birth_date,
+                sex=recorded.sex or demographics.sex,
+            )
+            yield self.note(job, f"demographics from the local record of {patient}")
+        return dataclasses.replace(job, patient=patient, demographics=demographics)
+
+    def _check_destination_charset(self, job: JobRecord) -> Outcome | None:
+        profile = self.coercion(job.destination)
+        if (
+            profile.character_set == "latin1"
+            and profile.non_latin1 == "reject"
+            and not is_latin1(job.demographics.name.split("=")[0])
+        ):
+            return Outcome(
+                JobState.FAILED,
+                f"destination {job.destination} accepts only Latin-1 and the name of"
+                f" {job.patient} has other characters (profile {profile.name}: non_latin1 reject)",
+            )
+        return None
+
+    @defer.inlineCallbacks
+    def _check_patients(
+        self, job: JobRecord, selected: list[StudyCandidate]
+    ) -> Generator[defer.Deferred[Any], Any, Outcome | None]:
+        """Hold the job when a selected study's remote patient differs from the local record.
+
+        Nothing is retrieved then; the job is quarantined with the reasons, in
+        words without names or birth dates.
+        """
+        accepted = yield self.db.run(lambda store: records.accepted_remote_patients(store, job.id))
+        reasons: dict[tuple[str, PatientIdentifier], list[str]] = {}
+        for candidate in selected:
+            if candidate.patient in accepted:
+                continue
+            found = differences(job.demographics, candidate.demographics, self.check)
+            if found:
+                key = (candidate.source, candidate.patient)
+                reasons.setdefault(key, [])
+                reasons[key] += [item for item in found if item not in reasons[key]]
+        if not reasons:
+            return None
+
+        text = "; ".join(
+            f"source {source} patient {remote}: {', '.join(found)}"
+            for (source, remote), found in reasons.items()
+        )
+        for candidate in selected:
+            key = (candidate.source, candidate.patient)
+            reason = "held: " + ", ".join(reasons[key]) if key in reasons else "held with its job"
+            yield self.db.run(_hold_study(job.id, candidate, reason))
+        yield self.note(job, f"demographics check ({self.check.strictness}) failed: {text}")
+        return Outcome(
+            JobState.QUARANTINED,
+            f"quarantined, nothing retrieved: {text} (see fdqr identity release)",
+        )
 
     @defer.inlineCallbacks
     def _find_candidates(
@@ -217,8 +338,10 @@ class Prefetch:
     ) -> Generator[defer.Deferred[Any], Any, StudyResult]:
         uid = candidate.study_instance_uid
         destination = self.clients[job.destination]
+        # The destination holds the study under the UID its coercion profile gives it.
+        uid_there = self.coercion(job.destination).study_uid_for(uid, candidate.patient.issuer)
         present = yield self.pools.run(
-            job.destination, lambda: read_instance_count(destination.find(study_by_uid(uid)))
+            job.destination, lambda: read_instance_count(destination.find(study_by_uid(uid_there)))
         )
         expected = candidate.instance_count
         if present is not None and present > 0 and (expected is None or present >= expected):
@@ -245,7 +368,13 @@ class Prefetch:
             source_ae_title=source.ae_title,
             study_instance_uid=candidate.study_instance_uid,
             remote=candidate.patient,
-            stamp=Stamp(local=job.patient, remote=candidate.patient, demographics=job.demographics),
+            stamp=Stamp(
+                local=job.patient,
+                remote=candidate.patient,
+                demographics=job.demographics,
+                profile=self.coercion(job.destination),
+                modified_at=self.now(),
+            ),
             spool_dir=self.spool_root / f"job-{job.id}" / candidate.study_instance_uid,
             message_id=client.next_message_id(),
         )
@@ -330,6 +459,19 @@ def _study_result(
         transient_failure=not complete and not expectation.rejected,
         problem="; ".join(problems),
     )
+
+
+def _hold_study(job_id: int, candidate: StudyCandidate, reason: str) -> Callable[[Store], None]:
+    def hold(store: Store) -> None:
+        store.update_study(
+            job_id,
+            candidate.source,
+            candidate.study_instance_uid,
+            StudyState.QUARANTINED,
+            reason=reason,
+        )
+
+    return hold
 
 
 def _reason(failure: Failure) -> str:

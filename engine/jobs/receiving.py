@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread
 
-from engine.coercion import Header, Stamp, StampError, read_header, stamp_file
+from engine.coercion import Header, Stamp, StampError, StampRejected, read_header, stamp_file
 from engine.dimse.status import Status
 from engine.dimse.storescp import Arrival, Verdict
 from engine.model import PatientIdentifier
@@ -151,6 +151,15 @@ class Receiver:
         try:
             expectation.spool_dir.mkdir(parents=True, exist_ok=True)
             stamp_file(arrival.path, target, expectation.stamp, fsync=self.fsync)
+        except StampRejected as error:
+            self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
+            logger.warning(
+                "job %d: object %s rejected by the destination's profile: %s",
+                expectation.job_id,
+                header.sop_instance_uid,
+                error,
+            )
+            return Verdict(Status.PROCESSING_FAILURE, "rejected by the coercion profile")
         except (StampError, OSError) as error:
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
             logger.error(

@@ -13,7 +13,7 @@ import enum
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from engine.identity.schema import IDENTITY_SCHEMA
 from engine.model import Decision, Demographics, MessageOrigin, OrderFacts, PatientIdentifier
 
 T = TypeVar("T")
@@ -106,10 +107,13 @@ class JobState(enum.StrEnum):
     DONE = "done"
     PARTIAL = "partial"  # finished, but some studies or instances failed
     FAILED = "failed"
+    # Held before anything was retrieved: a remote patient's demographics differ
+    # from the local record. Only an operator requeues it (fdqr identity release).
+    QUARANTINED = "quarantined"
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.DONE, JobState.PARTIAL, JobState.FAILED)
+        return self in (JobState.DONE, JobState.PARTIAL, JobState.FAILED, JobState.QUARANTINED)
 
 
 class StudyState(enum.StrEnum):
@@ -120,6 +124,7 @@ class StudyState(enum.StrEnum):
     STORED = "stored"
     INCOMPLETE = "incomplete"
     FAILED = "failed"
+    QUARANTINED = "quarantined"  # selected, held with its job by the demographics check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +208,17 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._db.executescript(IDENTITY_SCHEMA)
         self._depth = 0
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run a block of another module's queries in one transaction, joining an open one."""
+        with self._transaction() as db:
+            yield db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -229,10 +241,6 @@ class Store:
             self._db.execute("COMMIT")
         finally:
             self._depth = 0
-
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """Run a block in one transaction, for modules that keep their own tables here."""
-        return self._transaction()
 
     # Messages
 
@@ -410,6 +418,23 @@ class Store:
                 "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
                 (job_id, _iso(now), f"retry at {_iso(not_before)}: {summary}"),
             )
+
+    def requeue_job(self, job_id: int, note: str, now: dt.datetime) -> bool:
+        """Queue a finished or quarantined job for a new attempt now; False if it is not one."""
+        with self._transaction() as db:
+            finished = [state.value for state in JobState if state.finished]
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, not_before = ?, attempts = 0, updated_at = ?"
+                f" WHERE id = ? AND state IN ({','.join('?' * len(finished))})",
+                (JobState.QUEUED, _iso(now), _iso(now), job_id, *finished),
+            )
+            if cursor.rowcount == 0:
+                return False
+            db.execute(
+                "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
+                (job_id, _iso(now), note),
+            )
+            return True
 
     def add_event(self, job_id: int, text: str, now: dt.datetime) -> None:
         with self._transaction() as db:

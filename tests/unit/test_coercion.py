@@ -21,6 +21,7 @@ STAMPED = {
     "PatientID",
     "IssuerOfPatientID",
     "OtherPatientIDsSequence",
+    "OtherPatientIDs",
     "PatientName",
     "PatientBirthDate",
     "PatientSex",

@@ -1,0 +1,72 @@
+"""Planning the identity effects of ADT messages, applied with the message in one transaction.
+
+ADT^A01, A04 and A08 (DemographicsUpdated) update the local patient record and
+teach the engine every other qualified identifier of PID-3; ADT^A40
+(PatientsMerged) records that the MRG-1 ID now lives on as the PID-3 one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from engine.identity import records
+from engine.identity.domains import DomainDirectory
+from engine.jobs.store import Action, Store
+from engine.model import DemographicsUpdated, PatientIdentifier, PatientsMerged
+
+
+class IdentityEvents:
+    """Turns DemographicsUpdated and PatientsMerged into an outcome and store actions."""
+
+    def __init__(self, local_issuer: str, directory: DomainDirectory) -> None:
+        self.local_issuer = local_issuer
+        self.directory = directory
+
+    def __call__(self, event: DemographicsUpdated | PatientsMerged) -> tuple[str, Sequence[Action]]:
+        if isinstance(event, PatientsMerged):
+            return self._merge(event)
+        return self._demographics(event)
+
+    def _demographics(self, event: DemographicsUpdated) -> tuple[str, Sequence[Action]]:
+        patient = event.patient
+        control_id = event.origin.control_id
+        demographics = event.demographics
+
+        def update(store: Store, now: dt.datetime) -> str:
+            return records.save_demographics(store, patient, demographics, now, control_id)
+
+        actions: list[Action] = [update]
+        for remote in self._remote_identifiers(event.identifiers, patient):
+            actions.append(_learn(patient, remote, control_id))
+        return f"{event.origin.message_type} for {patient}", actions
+
+    def _remote_identifiers(
+        self, identifiers: Sequence[PatientIdentifier], patient: PatientIdentifier
+    ) -> list[PatientIdentifier]:
+        """Return PID-3's other identifiers, with their issuer named as the engine names it."""
+        found: list[PatientIdentifier] = []
+        for identifier in identifiers:
+            issuer = self.directory.issuer_for_name(identifier.issuer)
+            if issuer == self.local_issuer or identifier == patient:
+                continue
+            remote = PatientIdentifier(identifier.value, issuer)
+            if remote not in found:
+                found.append(remote)
+        return found
+
+    def _merge(self, event: PatientsMerged) -> tuple[str, Sequence[Action]]:
+        surviving, retired = event.surviving, event.retired
+        control_id = event.origin.control_id
+
+        def merge(store: Store, now: dt.datetime) -> str:
+            return records.merge(store, surviving, retired, now, control_id)
+
+        return f"{event.origin.message_type}", [merge]
+
+
+def _learn(local: PatientIdentifier, remote: PatientIdentifier, control_id: str) -> Action:
+    def learn(store: Store, now: dt.datetime) -> str:
+        return records.learn(store, local, remote, now, control_id)
+
+    return learn

@@ -1,0 +1,70 @@
+"""Comparing a remote patient's demographics (from the source's C-FIND) with the local record.
+
+exact compares values as they are, apart from PN padding and trailing empty
+components. normalised ignores letter case, accents and punctuation, compares
+only family and given name, in either order, and reads birth dates by their
+digits. An attribute empty in the local record is not compared.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from engine.identity.settings import CheckSettings
+from engine.model import Demographics
+
+LABELS = {"name": "name", "birth_date": "birth date", "sex": "sex"}
+
+
+def differences(local: Demographics, remote: Demographics, settings: CheckSettings) -> list[str]:
+    """Return what differs, e.g. ['birth date differs'], in words without the values."""
+    if settings.strictness == "off":
+        return []
+    found: list[str] = []
+    for attribute in settings.attributes:
+        ours = str(getattr(local, attribute)).strip()
+        theirs = str(getattr(remote, attribute)).strip()
+        if not ours:
+            continue
+        if not theirs:
+            if settings.when_missing == "quarantine":
+                found.append(f"{LABELS[attribute]} not returned by the source")
+            continue
+        if not _equal(attribute, ours, theirs, settings.strictness == "exact"):
+            found.append(f"{LABELS[attribute]} differs")
+    return found
+
+
+def _equal(attribute: str, ours: str, theirs: str, exact: bool) -> bool:
+    if attribute == "name":
+        if exact:
+            return _exact_name(ours) == _exact_name(theirs)
+        return _name_key(ours) == _name_key(theirs)
+    if exact:
+        return ours == theirs
+    if attribute == "birth_date":
+        return _digits(ours)[:8] == _digits(theirs)[:8]
+    return ours.upper() == theirs.upper()
+
+
+def _exact_name(name: str) -> str:
+    groups = [
+        "^".join(part.strip() for part in group.split("^")).rstrip("^") for group in name.split("=")
+    ]
+    return "=".join(groups).rstrip("=")
+
+
+def _name_key(name: str) -> tuple[str, ...]:
+    parts = [*name.split("=")[0].split("^"), ""]
+    family, given = _fold(parts[0]), _fold(parts[1])
+    return tuple(sorted(part for part in (family, given) if part))
+
+
+def _fold(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    letters = (char for char in decomposed if not unicodedata.combining(char))
+    return "".join(char for char in "".join(letters).casefold() if char.isalnum())
+
+
+def _digits(text: str) -> str:
+    return "".join(char for char in text if char.isdigit())

@@ -1,0 +1,96 @@
+"""`fdqr identity`: learned cross-references, merges, and releasing quarantined jobs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import click
+
+from engine.identity import records
+from engine.jobs.store import JobState, Store
+
+
+def _open(config_path: Path) -> Store:
+    from engine.cli import _open_store
+
+    return _open_store(config_path)
+
+
+@click.group(name="identity")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default.",
+)
+@click.pass_context
+def identity_group(ctx: click.Context, config_path: Path | None) -> None:
+    """Inspect identity records and release quarantined jobs."""
+    from engine.cli import DEFAULT_CONFIG
+
+    ctx.obj = config_path or DEFAULT_CONFIG
+
+
+@identity_group.command(name="learned")
+@click.option("--limit", default=200, show_default=True, help="Number of most recent entries.")
+@click.pass_obj
+def learned(config_path: Path, limit: int) -> None:
+    """List cross-references learned from ADT messages, most recent first."""
+    from engine.cli import format_table
+
+    store = _open(config_path)
+    rows = [("LOCAL", "REMOTE", "LEARNED AT", "MESSAGE")]
+    for item in records.learned_references(store, limit):
+        rows.append((str(item.local), str(item.remote), item.learned_at, item.message_control_id))
+    click.echo(format_table(rows))
+
+
+@identity_group.command(name="merges")
+@click.option("--limit", default=200, show_default=True, help="Number of most recent merges.")
+@click.pass_obj
+def merges(config_path: Path, limit: int) -> None:
+    """List ADT^A40 merges: each retired ID and the ID it lives on as."""
+    from engine.cli import format_table
+
+    store = _open(config_path)
+    rows = [("RETIRED", "SURVIVING", "MERGED AT", "MESSAGE")]
+    for item in records.merges(store, limit):
+        rows.append(
+            (str(item.retired), str(item.surviving), item.merged_at, item.message_control_id)
+        )
+    click.echo(format_table(rows))
+
+
+@identity_group.command(name="release")
+@click.argument("job_id", type=int)
+@click.option(
+    "--accept",
+    is_flag=True,
+    help="Accept the remote patients of the held studies as the job's patient, so the"
+    " demographics check passes for them; without it the check runs again.",
+)
+@click.pass_obj
+def release(config_path: Path, job_id: int, accept: bool) -> None:
+    """Queue a quarantined job for a new attempt (the running engine picks it up)."""
+    store = _open(config_path)
+    job = store.get_job(job_id)
+    if job is None:
+        click.echo(f"job {job_id} not found", err=True)
+        raise SystemExit(1)
+    if job.state != JobState.QUARANTINED:
+        click.echo(f"job {job_id} is {job.state}, not quarantined", err=True)
+        raise SystemExit(1)
+    now = dt.datetime.now(dt.UTC)
+    held = [study.remote_patient for study in store.studies(job_id) if study.state == "quarantined"]
+    if accept:
+        records.accept_remote_patients(store, job_id, sorted(set(held), key=str), now)
+    remotes = ", ".join(sorted({str(remote) for remote in held})) or "none"
+    note = (
+        f"released from quarantine by an operator, remote patients accepted: {remotes}"
+        if accept
+        else "released from quarantine by an operator; the demographics check runs again"
+    )
+    store.requeue_job(job_id, note, now)
+    click.echo(f"job {job_id} queued: {note}")

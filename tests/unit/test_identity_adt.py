@@ -1,0 +1,88 @@
+"""ADT messages through intake: demographics, learned identifiers and merges, stored with the message."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from twisted.internet import defer
+
+from engine.hl7.events import IdentifierPolicy
+from engine.hl7.intake import Intake
+from engine.identity import records
+from engine.identity.adt import IdentityEvents
+from engine.identity.domains import DomainDirectory
+from engine.identity.settings import DomainSettings
+from engine.jobs.planner import Planner
+from engine.model import Demographics, PatientIdentifier
+from engine.rules.model import RuleSet
+from engine.testing.adt import demographics_message, merge_message
+from engine.testing.dicomgen import PatientSpec
+from tests.conftest import NOW
+from tests.fakes import ImmediateStore
+
+PATIENT = PatientSpec("L1", "LOCAL", "DOE^JANE", "19650312", "F")
+WHEN = dt.datetime(2026, 3, 14, 9, 0)
+L1 = PatientIdentifier("L1", "LOCAL")
+
+
+def intake(db: ImmediateStore) -> Intake:
+    directory = DomainDirectory({"HOSP_B": DomainSettings(universal_id="1.2.3.3")})
+    planner = Planner(RuleSet.empty, now=lambda: NOW, identity=IdentityEvents("LOCAL", directory))
+    policy = IdentifierPolicy(issuer="LOCAL", authorities=frozenset({"LOCAL"}))
+    return Intake(db, planner, policy, now=lambda: NOW)  # type: ignore[arg-type]
+
+
+def send(target: Intake, message: bytes) -> list[str]:
+    fired: list[Any] = []
+    result: defer.Deferred[bytes] = target.handle_message(message, "test")
+    result.addBoth(fired.append)
+    return list(fired[0].decode().rstrip("\r").split("\r"))
+
+
+def test_a04_records_demographics_and_learns(db: ImmediateStore) -> None:
+    message = demographics_message(
+        PATIENT, "ADT1", WHEN, "A04", ["HA-1^^^HOSP_A^MR", "HB-1^^^&1.2.3.3&ISO^MR"]
+    )
+    assert send(intake(db), message)[1] == "MSA|AA|ADT1"
+    assert records.local_demographics(db.store, L1) == Demographics("DOE^JANE", "19650312", "F")
+    assert records.learned_remote(db.store, L1, "HOSP_A") == PatientIdentifier("HA-1", "HOSP_A")
+    # The universal id names the domain configured for it.
+    assert records.learned_remote(db.store, L1, "HOSP_B") == PatientIdentifier("HB-1", "HOSP_B")
+    [stored] = db.store.list_messages(1)
+    assert stored.outcome == (
+        "ADT^A04 for L1^^^LOCAL; demographics of L1^^^LOCAL recorded;"
+        " learned HA-1^^^HOSP_A for L1^^^LOCAL; learned HB-1^^^HOSP_B for L1^^^LOCAL"
+    )
+    assert "DOE" not in stored.outcome
+
+
+def test_a08_updates_demographics(db: ImmediateStore) -> None:
+    target = intake(db)
+    send(target, demographics_message(PATIENT, "ADT1", WHEN, "A04"))
+    changed = PatientSpec("L1", "LOCAL", "DOE-SMITH^JANE", "19650312", "F")
+    assert send(target, demographics_message(changed, "ADT2", WHEN, "A08"))[1] == "MSA|AA|ADT2"
+    assert records.local_demographics(db.store, L1) == Demographics(
+        "DOE-SMITH^JANE", "19650312", "F"
+    )
+
+
+def test_a40_merges_and_moves_learned(db: ImmediateStore) -> None:
+    target = intake(db)
+    retired = PatientSpec("L9", "LOCAL", "DOE^JANE", "19650312", "F")
+    send(target, demographics_message(retired, "ADT1", WHEN, "A04", ["HA-9^^^HOSP_A"]))
+    assert send(target, merge_message(PATIENT, "L9", "MRG1", WHEN))[1] == "MSA|AA|MRG1"
+    assert records.active_patient(db.store, PatientIdentifier("L9", "LOCAL")) == (L1, [L1])
+    assert records.learned_remote(db.store, L1, "HOSP_A") == PatientIdentifier("HA-9", "HOSP_A")
+    [stored] = db.store.list_messages(1)
+    assert stored.outcome == (
+        "ADT^A40; merged L9^^^LOCAL into L1^^^LOCAL (learned HA-9^^^HOSP_A moved)"
+    )
+
+
+def test_a40_duplicate_message_changes_nothing(db: ImmediateStore) -> None:
+    target = intake(db)
+    first = send(target, merge_message(PATIENT, "L9", "MRG1", WHEN))
+    again = send(target, merge_message(PATIENT, "L9", "MRG1", WHEN))
+    assert first == again
+    assert len(records.merges(db.store)) == 1

@@ -1,0 +1,79 @@
+"""`fdqr identity`: listing learned identifiers and merges, releasing quarantined jobs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from engine.cli import main
+from engine.identity import records
+from engine.jobs.store import JobState, Store, StudyState
+from engine.model import Decision, PatientIdentifier, StudyCandidate
+from tests.conftest import NOW
+from tests.unit.test_jobs import new_job
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+REMOTE = PatientIdentifier("HB-1", "HOSP_B")
+
+
+def quarantined_job(tmp_path: Path) -> tuple[Path, int]:
+    for folder in ("conf", "routes", "rules"):
+        shutil.copytree(REPOSITORY / folder, tmp_path / folder)
+    config = tmp_path / "conf" / "engine.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["store"]["path"] = str(tmp_path / "fdqr.sqlite")
+    config.write_text(yaml.safe_dump(settings))
+
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    candidate = StudyCandidate("hospital_b", "1.2.3", REMOTE)
+    store.record_decisions(job_id, [Decision(candidate, True, "rank 1")])
+    store.update_study(job_id, "hospital_b", "1.2.3", StudyState.QUARANTINED, reason="held")
+    store.finish_job(job_id, JobState.QUARANTINED, "quarantined", NOW)
+    records.learn(store, PatientIdentifier("L1", "LOCAL"), REMOTE, NOW, "ADT1")
+    records.merge(
+        store, PatientIdentifier("L1", "LOCAL"), PatientIdentifier("L0", "LOCAL"), NOW, "A40"
+    )
+    store.close()
+    return config, job_id
+
+
+def test_release_accept_requeues_and_records(tmp_path: Path) -> None:
+    config, job_id = quarantined_job(tmp_path)
+    result = CliRunner().invoke(
+        main, ["identity", "--config", str(config), "release", str(job_id), "--accept"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "remote patients accepted: HB-1^^^HOSP_B" in result.output
+
+    store = Store(tmp_path / "fdqr.sqlite")
+    job = store.get_job(job_id)
+    assert job is not None
+    assert job.state == JobState.QUEUED
+    assert records.accepted_remote_patients(store, job_id) == {REMOTE}
+    store.close()
+
+
+def test_release_rejects_job_not_quarantined(tmp_path: Path) -> None:
+    config, job_id = quarantined_job(tmp_path)
+    runner = CliRunner()
+    assert (
+        runner.invoke(main, ["identity", "--config", str(config), "release", str(job_id)]).exit_code
+        == 0
+    )
+    again = runner.invoke(main, ["identity", "--config", str(config), "release", str(job_id)])
+    assert again.exit_code == 1
+    assert f"job {job_id} is queued, not quarantined" in again.output
+
+
+def test_learned_and_merges_listed(tmp_path: Path) -> None:
+    config, _ = quarantined_job(tmp_path)
+    runner = CliRunner()
+    learned = runner.invoke(main, ["identity", "--config", str(config), "learned"])
+    assert learned.exit_code == 0, learned.output
+    assert "L1^^^LOCAL  HB-1^^^HOSP_B" in learned.output
+    merged = runner.invoke(main, ["identity", "--config", str(config), "merges"])
+    assert "L0^^^LOCAL  L1^^^LOCAL" in merged.output

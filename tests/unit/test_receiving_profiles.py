@@ -1,0 +1,36 @@
+"""The Storage SCP's receiver with a destination profile that rejects an object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.coercion import CoercionProfile, Stamp
+from engine.dimse.status import Status
+from engine.jobs.receiving import ExpectationRegistry, Receiver
+from engine.model import Demographics
+from tests.unit.test_receiving import (
+    LOCAL,
+    REMOTE,
+    InlineReactor,
+    arrival,
+    expectation,
+    received_file,
+)
+
+
+def test_receiver_rejects_object_profile_forbids(tmp_path: Path) -> None:
+    registry = ExpectationRegistry("FDQR")
+    receiver = Receiver(InlineReactor(), registry, fsync=False)  # type: ignore[arg-type]
+    profile = CoercionProfile(character_set="latin1", non_latin1="reject")
+    wanted = expectation(tmp_path, "1.2.3")
+    wanted.stamp = Stamp(LOCAL, REMOTE, Demographics("ŁUKASZ^ŻÓŁW", "19650312", "M"), profile)
+    registry.expect(wanted)
+
+    verdict = receiver(arrival(received_file(tmp_path, "HA-1", "HOSP_A")))
+    assert verdict.status == Status.PROCESSING_FAILURE
+    assert verdict.comment == "rejected by the coercion profile"
+    assert wanted.rejected == 1
+    assert wanted.rejections == [
+        "destination accepts only Latin-1: patient name has characters outside Latin-1"
+    ]
+    assert list(wanted.spool_dir.iterdir()) == []

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
 from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import defer, endpoints, threads
 from twisted.internet.interfaces import IListeningPort
 
-from engine.config import Config
+from engine.config import Config, load_rules, rule_files
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
@@ -28,6 +29,7 @@ from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.store import AsyncStore, Store
 from engine.jobs.worker import Worker
+from engine.rules.reload import RuleFileWatcher, RuleSetHolder
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,12 @@ class Engine:
         self.reactor = reactor
         settings = config.settings
         configure_pynetdicom()
+        self.rules = RuleSetHolder(
+            config.rule_set,
+            load=lambda: load_rules(config.path, config.settings),
+            files=lambda: rule_files(config.path, config.settings),
+        )
+        self.rule_watcher = RuleFileWatcher(self.rules, reactor, settings.rules_reload_seconds)
 
         self.db = AsyncStore(reactor, Store(config.store_path))
         self.tracker = AssociationTracker()
@@ -77,10 +85,12 @@ class Engine:
             identity=lambda: TableResolver(
                 self.config.identity_table, self.config.settings.local_patient.issuer
             ),
-            rule_set=lambda: self.config.rule_set,
+            rule_set=self.rules.current,
             engine_ae_title=settings.dicom.ae_title,
             spool_root=config.spool_path,
             now=self.now,
+            policies=settings.source_policies(),
+            zone=settings.zone,
         )
         jobs = settings.jobs
         self.worker = Worker(
@@ -96,7 +106,7 @@ class Engine:
         local = settings.local_patient
         self.intake = Intake(
             self.db,
-            Planner(lambda: self.config.rule_set, now=self.now),
+            Planner(self.rules.current, now=self.now, zone=settings.zone),
             IdentifierPolicy(
                 issuer=local.issuer,
                 authorities=frozenset(local.authorities or [local.issuer]),
@@ -119,6 +129,8 @@ class Engine:
         self.pools.start()
         self.scp.start()
         yield self.worker.start()
+        if settings.rules_reload_seconds > 0:
+            self.rule_watcher.start()
         endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
             self.reactor, settings.mllp.listen
         )
@@ -141,6 +153,7 @@ class Engine:
     @defer.inlineCallbacks
     def stop(self) -> Generator[defer.Deferred[Any], Any, None]:
         logger.info("engine stopping")
+        self.rule_watcher.stop()
         if self.mllp_port is not None:
             yield defer.maybeDeferred(self.mllp_port.stopListening)
         jobs_ended = self.worker.stop()
@@ -176,6 +189,10 @@ def run(config: Config, reactor: Any = None) -> int:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: engine.start().addErrback(failed_to_start))
+    signal.signal(
+        signal.SIGHUP,
+        lambda number, frame: reactor.callFromThread(engine.rules.reload, "SIGHUP"),
+    )
     reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
     reactor.run()
     return exit_status

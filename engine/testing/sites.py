@@ -78,6 +78,8 @@ class Network:
         settings["identity"]["table"] = str(conf / settings["identity"]["table"])
         settings["routes"] = str((conf / settings["routes"]).resolve())
         settings["rules"] = str((conf / settings["rules"]).resolve())
+        if settings.get("anatomy"):
+            settings["anatomy"] = str((conf / settings["anatomy"]).resolve())
         settings["store"]["path"] = str(target.parent / "fdqr.sqlite")
         settings["spool"]["path"] = str(target.parent / "spool")
         settings["jobs"]["poll_seconds"] = 0.5

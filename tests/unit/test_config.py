@@ -42,7 +42,8 @@ def edit(path: Path, change: dict[str, object]) -> None:
 def test_shipped_configuration_is_valid(layout: Path) -> None:
     loaded = config.load(layout)
     assert sorted(loaded.settings.nodes) == ["hospital_a", "hospital_b", "local_pacs"]
-    assert [route.name for route in loaded.rule_set.routes] == ["ris-orders"]
+    assert [route.name for route in loaded.rule_set.routes] == ["ris-orders", "worklist-orders"]
+    assert len(loaded.rule_set.anatomy) > 10
     assert loaded.store_path == (layout.parent.parent / "var" / "fdqr.sqlite").resolve()
     assert len(loaded.identity_table) == 2
 
@@ -70,7 +71,7 @@ def test_errors_name_file_line_path_value(layout: Path) -> None:
 def test_route_naming_unknown_node(layout: Path) -> None:
     routes = layout.parent.parent / "routes" / "orders.yaml"
     routes.write_text(
-        routes.read_text().replace("destination: local_pacs", "destination: pacs_typo")
+        routes.read_text().replace("destination: local_pacs", "destination: pacs_typo", 1)
     )
     with pytest.raises(ConfigError) as raised:
         config.load(layout)

@@ -13,6 +13,7 @@ import click
 from engine import config as config_module
 from engine.configfile import ConfigError
 from engine.jobs.store import JobState, Store
+from engine.rules.cli import rules_group
 
 DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
 config_option = click.option(
@@ -212,6 +213,8 @@ def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
         lines.append(indent + "  ".join(cells).rstrip())
     return "\n".join(lines)
 
+
+main.add_command(rules_group)
 
 if __name__ == "__main__":
     main()

@@ -40,11 +40,13 @@ FACT_NAMES = (
     "order_time",
 )
 UPPER_CASE_FACTS = frozenset({"ordered_modality", "body_part"})
-# Where the scheduled start of the procedure is read, first found wins:
+# Where the scheduled start of the procedure is read, first found wins (ORC-7 is
+# the order's copy of OBR-27 in HL7 v2.3 and v2.4):
 # (label, segment, field, component, subcomponent).
 SCHEDULED_TIME_FIELDS = (
     ("TQ1-7", "TQ1", 7, 1, 0),
     ("OBR-27.4", "OBR", 27, 4, 1),
+    ("ORC-7.4", "ORC", 7, 4, 1),
     ("OBR-36", "OBR", 36, 1, 0),
     ("SCH-11.4", "SCH", 11, 4, 1),
 )

@@ -208,10 +208,30 @@ def _load_all(
     for path in yaml_files(folder):
         try:
             document = load_document(path, _display_name(path))
+        except ConfigError as error:
+            problems.extend(error.problems)
+            continue
+        try:
             loaded.append((document, validate(document, model)))
         except ConfigError as error:
             problems.extend(error.problems)
+            # The schema leaves conditions alone, so check them too: every error at once.
+            problems.extend(_condition_problems(document, model))
     return loaded
+
+
+def _condition_problems(
+    document: Document, model: type[RoutesFile] | type[RulesFile]
+) -> list[Problem]:
+    """Check the conditions of a file that failed validation, from its raw data."""
+    section, key = ("routes", "match") if model is RoutesFile else ("rules", "when")
+    data = document.data if isinstance(document.data, dict) else {}
+    items = data.get(section)
+    parser = ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS)
+    for index, item in enumerate(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get(key) is not None:
+            parser.parse(item[key], (section, index, key))
+    return parser.problems
 
 
 def _display_name(path: Path) -> str:

@@ -115,6 +115,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
             "JOB",
             "STATE",
             "CREATED",
+            "NOT BEFORE",
             "PATIENT",
             "RULE",
             "STUDIES",
@@ -131,6 +132,9 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
                 str(job.id),
                 job.state.value,
                 job.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+                job.not_before.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+                if job.state.pending
+                else "",
                 str(job.patient),
                 job.rule,
                 str(len(studies)),
@@ -160,6 +164,11 @@ def jobs_show(config_path: Path, job_id: int) -> None:
     click.echo(
         f"  order: accession {order.accession_number or '-'},"
         f" modality {order.ordered_modality or '-'}, procedure {order.procedure_code or '-'}"
+    )
+    scheduled = order.scheduled_time.isoformat() if order.scheduled_time else "-"
+    click.echo(
+        f"  body part {', '.join(order.body_parts) or '-'}, scheduled {scheduled},"
+        f" not before {job.not_before.astimezone().isoformat(timespec='seconds')}"
     )
     rows = [
         (

@@ -146,5 +146,11 @@ class EngineProcess:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def send_signal(self, number: int) -> None:
+        """Send a signal to the running engine, e.g. SIGHUP to reload the rules."""
+        if self._process is None:
+            raise RuntimeError("fdqr run is not running")
+        self._process.send_signal(number)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -315,3 +315,30 @@ def test_watcher_reloads_on_change(layout: Path) -> None:
     assert "extra" in holder.current().rules
     watcher.stop()
     assert clock.getDelayedCalls() == []
+
+
+def test_jobs_command_shows_cancelled_and_due(layout: Path) -> None:
+    from engine.jobs.store import NewJob, Store
+    from engine.model import Demographics, OrderFacts
+
+    store = Store(layout.parent.parent / "var" / "fdqr.sqlite")
+    local = PatientIdentifier("L12345", "LOCAL")
+    due = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    now = dt.datetime(2026, 3, 14, 9, 0, tzinfo=dt.UTC)
+    for accession in ("A1", "A2"):
+        order = OrderFacts(accession_number=accession)
+        job = NewJob("ris", "ct", "local", ("a",), local, Demographics(), order, due)
+        store.add_job(job, now)
+    store.cancel_order(local, OrderFacts(accession_number="A1"), "order cancelled", now)
+    store.close()
+
+    code, output = invoke("jobs", "--config", str(layout))
+    assert code == 0, output
+    header, second, first = output.splitlines()
+    assert "NOT BEFORE" in header
+    assert first.split()[:2] == ["1", "cancelled"]
+    assert second.split()[:2] == ["2", "queued"]
+    assert due.astimezone().strftime("%Y-%m-%d %H:%M:%S") in second
+    assert due.astimezone().strftime("%Y-%m-%d %H:%M:%S") not in first
+    code, output = invoke("jobs", "--config", str(layout), "--state", "cancelled")
+    assert [line.split()[0] for line in output.splitlines()[1:]] == ["1"]

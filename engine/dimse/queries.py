@@ -32,10 +32,10 @@ class FilteredAnswers:
     ignored: list[str]
 
 
-# How a source is asked for modalities (ModalitiesInStudy): one value per C-FIND,
-# several values in one C-FIND, or not at all (the answers are filtered here).
+# Ways to request modalities (ModalitiesInStudy) from a source: one value per C-FIND,
+# several values in one C-FIND, or none (the responses are filtered here).
 MODALITY_MATCHING = ("one_per_query", "list", "local")
-# How a source is asked for a date range (StudyDate D1-D2), or not at all.
+# Ways to request a date range (StudyDate D1-D2) from a source, or none.
 DATE_MATCHING = ("range", "local")
 
 
@@ -57,9 +57,9 @@ def candidate_queries(
     modality_matching: str = "one_per_query",
     date_matching: str = "range",
 ) -> list[Dataset]:
-    """Build the C-FIND identifiers that ask one source for a patient's candidate studies.
+    """Build the C-FIND identifiers that request a patient's candidate studies from one source.
 
-    modalities None asks for every modality, date_from and date_to None for every
+    modalities None requests every modality, date_from and date_to None every
     date. Some PACS ignore ModalitiesInStudy or reject several values in it, and
     some ignore date ranges, so every answer is filtered again by the selection.
     """

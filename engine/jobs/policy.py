@@ -16,9 +16,9 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class SourcePolicy:
-    """How the engine treats one source.
+    """The query and retrieve policy of one source.
 
-    modality_matching and date_matching say how candidate queries are built (see
+    modality_matching and date_matching set how candidate queries are built (see
     engine.dimse.queries.candidate_queries). max_retrieves limits the studies
     retrieved from the source at once across all jobs (None: no limit beyond the
     node's association limit). quiet_hours are windows without retrieves, or with

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """How a job attempt ended. retry asks for another attempt later; defer_until puts
+    """How a job attempt ended. retry requests another attempt later. defer_until puts
     the job back until then without counting the attempt (quiet hours)."""
 
     state: JobState
@@ -220,13 +220,13 @@ class Prefetch:
                 failed.append(source.name)
                 yield self.note(job, f"source {source.name}: query failed: {_reason(result)}")
                 continue
-            datasets, asked = result
+            datasets, queries = result
             filtered = read_study_answers(source.name, remote, datasets)
             for reason in filtered.ignored:
                 yield self.note(job, f"source {source.name}: ignored {reason}")
             found = _unique_studies(filtered.candidates)
             yield self.note(
-                job, f"source {source.name}: {len(found)} studies found ({'; '.join(asked)})"
+                job, f"source {source.name}: {len(found)} studies found ({'; '.join(queries)})"
             )
             candidates.extend(found)
         return candidates, failed
@@ -409,8 +409,8 @@ def _reason(failure: Failure) -> str:
 
 
 def _unique_studies(candidates: list[StudyCandidate]) -> list[StudyCandidate]:
-    """Keep the first answer for each study: one-modality-per-query answers repeat studies
-    that hold several of the modalities asked for."""
+    """Keep the first C-FIND response for each study, because one query per modality
+    returns a study once for each of its modalities that was requested."""
     seen: set[str] = set()
     unique = []
     for candidate in candidates:

@@ -149,10 +149,10 @@ class NewJob:
     demographics: Demographics
     order: OrderFacts
     not_before: dt.datetime
-    # With skip_repeated_orders, a job whose order (placer or filler order number,
-    # or accession number) already has a job for the same patient, rule and
-    # destination is stored as suppressed; so is one within suppression_window
-    # of such a job for the same patient. Failed and cancelled jobs do not count.
+    # With skip_repeated_orders, a job is stored as suppressed when its order
+    # (placer or filler order number, or accession number) already has a job for
+    # the same patient, rule and destination. With suppression_window, so is a job
+    # created within that span of such a job. Failed and cancelled jobs do not count.
     skip_repeated_orders: bool = False
     suppression_window: dt.timedelta | None = None
     # Why the job starts when it does, kept in its event log.

@@ -134,7 +134,12 @@ def load_candidates_file(path: Path) -> list[CandidateSchema]:
 def _join(path: PathKey) -> str:
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif text:
+            text += f".{part}"
+        else:
+            text += str(part)
     return text
 
 

@@ -36,7 +36,7 @@ _COMBINATORS = ("all", "any", "not")
 
 
 class FactSource(Protocol):
-    """What conditions read: named order facts, and the HL7 message if there is one."""
+    """The input of conditions: named order facts, and the HL7 message if there is one."""
 
     @property
     def message(self) -> Message | None: ...
@@ -228,7 +228,11 @@ class ConditionParser:
             part = self._parse_key(str(key), value, (*path, str(key)))
             if part is not None:
                 parts.append(part)
-        return All(tuple(parts)) if len(parts) > 1 else (parts[0] if parts else None)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return All(tuple(parts))
 
     def _parse_required(self, data: object, path: PathKey) -> Condition:
         return self._parse(data, path) or Never()

@@ -2,7 +2,7 @@
 
 The explanation is built as data (Explanation.to_dict) from the same
 evaluation the planner and the prefetch pipeline use, then printed as text or
-JSON. It holds identifiers and codes, never patient names or birth dates.
+JSON. It contains identifiers and codes, never patient names or birth dates.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Explanation:
     evaluation: OrderEvaluation
     identities: tuple[IdentityLookup, ...]
     rules: tuple[RuleExplanation, ...]
-    # Where candidate studies came from: a file, live queries, or none.
+    # Origin of the candidate studies: a file, live queries, or none.
     candidates_from: str
     today: dt.date
 

@@ -1,9 +1,10 @@
 """Order facts: the named values routes and rules decide on, each with where it came from.
 
-Facts are extracted once per order. An HL7 order gives them from its fields; an
-order from a Modality Worklist (origin message type MWL) gives them from the
-OrderFacts its poller filled in, with the origin as their source. The rule
-set's procedure-code map and body-part patterns fill in what the message leaves out.
+Facts are extracted once per order. An HL7 order gives them from its fields. An
+order from a Modality Worklist (origin message type MWL) has no message, so its
+facts come from the OrderFacts its poller filled in and name MWL as their source.
+The rule set's procedure-code map and body-part patterns fill in what the order
+leaves out.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ FACT_NAMES = (
     "order_time",
 )
 UPPER_CASE_FACTS = frozenset({"ordered_modality", "body_part"})
-# Where the scheduled start of the procedure is read, first found wins (ORC-7 is
-# the order's copy of OBR-27 in HL7 v2.3 and v2.4):
-# (label, segment, field, component, subcomponent).
+# Fields that carry the scheduled start of the procedure, as (label, segment,
+# field, component, subcomponent); the first one found is used. ORC-7 is the
+# order's copy of OBR-27 in HL7 v2.3 and v2.4.
 SCHEDULED_TIME_FIELDS = (
     ("TQ1-7", "TQ1", 7, 1, 0),
     ("OBR-27.4", "OBR", 27, 4, 1),

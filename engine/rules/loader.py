@@ -11,7 +11,6 @@ from engine.rules.conditions import Always, ConditionParser
 from engine.rules.facts import FACT_NAMES, UPPER_CASE_FACTS
 from engine.rules.model import (
     DEFAULT_ROUTE_MESSAGE_TYPES,
-    SAME,
     Procedure,
     ProcedureSchema,
     Route,
@@ -31,8 +30,8 @@ def load_rule_set(
 ) -> RuleSet:
     """Load every YAML file of both folders. Raises ConfigError listing every problem.
 
-    Body regions named in rules must exist in `anatomy` when one is given; without
-    one, any region name is accepted and regions relate only to themselves.
+    Body regions named in rules must exist in `anatomy` when one is given. Without
+    one, any region name is accepted, and regions relate only to themselves.
     """
     anatomy = anatomy if anatomy is not None else Anatomy.empty()
     loader = _Loader(anatomy)
@@ -193,10 +192,6 @@ def _describe(procedure: Procedure) -> str:
     if procedure.coding_system:
         parts.append(f"coding system {procedure.coding_system}")
     return "'" + ", ".join(parts) + "'"
-
-
-def uses_same_modality(rule: Rule) -> bool:
-    return SAME in rule.spec.select.modalities
 
 
 def _load_all(

@@ -115,7 +115,7 @@ KEY_IMAGE_MODALITIES = ("KO",)
 
 
 class Selection(Schema):
-    """Which prior studies to retrieve for an order."""
+    """The criteria that pick the prior studies to retrieve for an order."""
 
     # Modalities of the priors; `same` is the ordered modality.
     modalities: StringList = Field(min_length=1)
@@ -162,7 +162,7 @@ class RuleSchema(Schema):
 
 
 class ProcedureSchema(Schema):
-    """What a procedure code (OBR-4.1) means: its modality and body region."""
+    """The meaning of a procedure code (OBR-4.1): its modality and body region."""
 
     modality: str = ""
     body_part: str = ""

@@ -185,16 +185,17 @@ def _compare(expect: _Expect, explanation: Explanation) -> list[str]:
     failures: list[str] = []
     evaluation = explanation.evaluation
     route = evaluation.routing.route
-    taken = route.name if route else None
-    if expect.route != "(any)" and expect.route != taken:
-        failures.append(f"route: expected {expect.route}, got {taken}")
+    route_name = route.name if route else None
+    if expect.route != "(any)" and expect.route != route_name:
+        failures.append(f"route: expected {expect.route}, got {route_name}")
     applied = [rule.name for rule in evaluation.routing.rules]
     if expect.rules is not None and sorted(expect.rules) != sorted(applied):
         failures.append(f"rules: expected {_names(expect.rules)}, got {_names(applied)}")
 
-    for name, wanted in expect.facts.items():
+    for name, value_or_list in expect.facts.items():
         values = list(evaluation.facts.values(name))
-        expected = [str(value) for value in (wanted if isinstance(wanted, list) else [wanted])]
+        items = value_or_list if isinstance(value_or_list, list) else [value_or_list]
+        expected = [str(value) for value in items]
         if expected != values:
             failures.append(f"fact {name}: expected {_names(expected)}, got {_names(values)}")
 

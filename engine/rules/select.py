@@ -56,7 +56,8 @@ class Routing:
 def route_order(rule_set: RuleSet, facts: FactSource) -> Routing:
     """Find the first route whose condition holds, and its rules whose condition holds.
 
-    Every route is evaluated, so explain can say why each other route did not take the order.
+    Every route is evaluated, so explain can show why the other routes did not take
+    the order.
     """
     checks: list[RouteCheck] = []
     taken: Route | None = None
@@ -93,8 +94,8 @@ def subtract(date: dt.date, duration: Duration) -> dt.date:
 
 @dataclasses.dataclass(frozen=True)
 class StudyQuery:
-    """What to ask a source for one rule: the modalities of interest (None: any) and a
-    study date range (None: any date). Answers are filtered again by select_priors."""
+    """The request to a source for one rule: the modalities of interest (None: any) and
+    a study date range (None: any date). select_priors filters the responses again."""
 
     modalities: tuple[str, ...] | None
     date_from: dt.date | None
@@ -145,9 +146,9 @@ def select_priors(
 ) -> list[Decision]:
     """Decide for every candidate whether the rule selects it, and why.
 
-    Candidates come in the route's source order. A study held by several
-    sources is taken from the rule's first preferred source that holds it,
-    else from the first in route order.
+    Candidates come in the route's source order. A study that several sources
+    have is taken from the rule's first preferred source that has it, else from
+    the first in route order.
     """
     return _Selector(rule, order, today, rule_set or RuleSet.empty()).decide(candidates)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +107,33 @@ def test_cancel_before_lead_time_fetches_nothing(tmp_path: Path) -> None:
         }
         assert before < expected
         assert local.study_uids() == expected
+
+        # explain --live queries the same sources and selects the same studies.
+        order_file = tmp_path / "order.hl7"
+        order_file.write_bytes(scheduled_order("LT4", "ACC-LT-4", scheduled, "NW"))
+        explained = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "rules",
+                "explain",
+                str(order_file),
+                "--live",
+                "--json",
+                "--config",
+                str(config),
+            ],
+            capture_output=True,
+            check=True,
+            cwd=REPOSITORY,
+            timeout=120,
+        )
+        data = json.loads(explained.stdout)
+        [rule] = [rule for rule in data["rules"] if rule["applies"]]
+        selected = {c["study_instance_uid"] for c in rule["candidates"] if c["selected"]}
+        assert selected == expected
+        assert data["candidates_from"] == "live queries"
     finally:
         if engine is not None:
             assert engine.stop() == 0, engine.log_text()[-3000:]

@@ -141,7 +141,7 @@ def test_worklist_order_matches_origin_not_fields() -> None:
     field = condition({"field": "PV1-3.1", "present": False}).evaluate(facts)
     assert not field.matched
     assert field.text == "PV1-3.1: no HL7 message behind this order (origin MWL)"
-    # A field condition never holds without a message, so its negation does.
+    # A field condition is false without a message, so its negation is true.
     assert condition({"not": {"field": "OBR-4.1", "equals": "X"}}).evaluate(facts).matched
 
 

@@ -35,7 +35,7 @@ class FakePools:
 
 
 class FakeClient:
-    """Answers C-FIND like a PACS that ignores ModalitiesInStudy matching."""
+    """Returns every study on C-FIND, like a PACS that ignores ModalitiesInStudy matching."""
 
     def __init__(self, studies: list[tuple[str, str, str, int]]) -> None:
         self.studies = studies
@@ -147,7 +147,7 @@ def test_one_query_per_modality_then_local_filter(
     assert outcome.state == JobState.DONE
     assert [q.ModalitiesInStudy for q in client.queries] == ["CT", "MR"]
     assert {q.StudyDate for q in client.queries} == {"20210314-20260314"}
-    # The PACS returned everything twice and a CR study: answers are deduplicated and filtered.
+    # The PACS returned every study twice and a CR study, so responses are deduplicated and filtered.
     assert sorted(fetched) == ["1.1", "1.2"]
     skipped = {s.study_instance_uid: s.reason for s in db.store.studies(job.id) if not s.selected}
     assert skipped == {"1.3": "modalities CR not in CT/MR"}

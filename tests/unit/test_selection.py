@@ -274,7 +274,8 @@ def test_candidate_queries() -> None:
     assert describe_query(listed) == "ModalitiesInStudy=CT\\MR"
     [local] = candidate_queries(patient, ["CT"], dt.date(2021, 3, 14), TODAY, "local", "local")
     assert describe_query(local) == "all studies"
-    assert "ModalitiesInStudy" in local and local.ModalitiesInStudy == ""
+    assert "ModalitiesInStudy" in local
+    assert local.ModalitiesInStudy == ""
     [open_range] = candidate_queries(patient, None, dt.date(2021, 3, 14), None)
     assert open_range.StudyDate == "20210314-"
 

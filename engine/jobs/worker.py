@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Generator
@@ -127,6 +128,13 @@ class Worker:
             if cancel and wants_more and outcome.state != JobState.CANCELLED:
                 logger.info("job %d: cancelled while running", job.id)
                 store.finish_job(job.id, JobState.CANCELLED, f"{cancel}; {outcome.summary}", now)
+                return
+            if cancel and not wants_more and outcome.state != JobState.CANCELLED:
+                # The attempt finished its studies before it checked the cancel.
+                late = dataclasses.replace(
+                    outcome, summary=f"{outcome.summary}; {cancel} after the studies were fetched"
+                )
+                self._record_in_store(store, job, late, now, stopping)
                 return
             if outcome.defer_until is not None and not stopping:
                 logger.info("job %d: deferred until %s", job.id, outcome.defer_until.isoformat())

@@ -342,3 +342,57 @@ def test_jobs_command_shows_cancelled_and_due(layout: Path) -> None:
     assert due.astimezone().strftime("%Y-%m-%d %H:%M:%S") not in first
     code, output = invoke("jobs", "--config", str(layout), "--state", "cancelled")
     assert [line.split()[0] for line in output.splitlines()[1:]] == ["1"]
+
+
+def test_worklist_order_takes_worklist_route(layout: Path) -> None:
+    from engine.jobs.planner import Planner
+    from engine.model import Demographics, MessageOrigin, OrderFacts
+
+    loaded = config.load(layout)
+    now = dt.datetime(2026, 3, 14, 6, 0, tzinfo=dt.UTC)
+    planner = Planner(lambda: loaded.rule_set, now=lambda: now, zone=LocalZone("UTC"))
+    scheduled = dt.datetime(2026, 3, 14, 11, 0)
+    event = OrderPlaced(
+        MessageOrigin("WORKLIST", "LOCAL", "MWL", "SPS-77"),
+        PatientIdentifier("L12345", "LOCAL"),
+        Demographics(),
+        OrderFacts(accession_number="A77", ordered_modality="MG", scheduled_time=scheduled),
+    )
+    plan = planner(event)
+    assert plan.outcome == "route worklist-orders: 1 job(s) for rules mammo-priors"
+    [job] = plan.jobs
+    assert job.route == "worklist-orders"
+    assert job.not_before == dt.datetime(2026, 3, 14, 9, 0, tzinfo=dt.UTC)
+    assert job.order.body_parts == ()
+    assert job.suppression_window == dt.timedelta(hours=24)
+
+
+def test_sources_section_errors(layout: Path) -> None:
+    text = layout.read_text()
+    text = text.replace(
+        "  hospital_a:\n    modality_matching", "  nowhere:\n    modality_matching", 1
+    )
+    text = text.replace(
+        "    # quiet_hours:\n    #   - days: mon-fri\n    #     hours: 07:00-19:00",
+        "    quiet_hours:\n      - days: mon-fri\n        hours: 7-19",
+    )
+    layout.write_text(text + "time_zone: Mars/Olympus\n")
+    with pytest.raises(config.ConfigError) as raised:
+        config.load(layout)
+    messages = [str(problem) for problem in raised.value.problems]
+    assert any(
+        "sources.hospital_b.quiet_hours[0].hours: invalid hours '7-19' (use HH:MM-HH:MM" in m
+        for m in messages
+    )
+    assert any("time_zone: unknown time zone 'Mars/Olympus'" in m for m in messages)
+
+    layout.write_text(
+        layout.read_text()
+        .replace("hours: 7-19", "hours: 07:00-19:00")
+        .replace("time_zone: Mars/Olympus\n", "")
+    )
+    with pytest.raises(config.ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "sources.nowhere"
+    assert problem.message == "unknown node 'nowhere'"

@@ -422,3 +422,23 @@ def test_retrieve_slots_limit_per_source() -> None:
     assert slots.waiting("a") == 1
     pending["a1"].callback(None)
     assert started == ["a1", "b1", "b2", "a2"]
+
+
+def test_cancel_after_fetch_is_noted(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    intake = make_intake(db, rule_set, clock)
+    runner = ScriptedRunner()
+    worker = Worker(db, runner, clock, poll_seconds=5)  # type: ignore[arg-type]
+    worker.start()
+    send(intake, order("M1", "A1", application="NOW"))
+    clock.advance(0)
+    send(intake, order("M2", "A1", order_control="CA", application="NOW"))
+    runner.pending[0].callback(Outcome(JobState.DONE, "2 studies stored"))
+    job = db.store.get_job(runner.calls[0].id)
+    assert job is not None
+    assert job.state == JobState.DONE
+    assert job.summary == (
+        "2 studies stored; order cancelled (ORC-1 CA) by message M2 after the studies were fetched"
+    )
+    worker.stop()

@@ -148,7 +148,9 @@ class Selection(Schema):
     @classmethod
     def _body_part(cls, value: object) -> object:
         if isinstance(value, str) and value.lower() not in ("same", "related"):
-            return [value]
+            return [value.upper()]
+        if isinstance(value, list):
+            return [item.upper() if isinstance(item, str) else item for item in value]
         return value.lower() if isinstance(value, str) else value
 
 

@@ -14,6 +14,7 @@ from engine import config as config_module
 from engine.configfile import ConfigError
 from engine.identity.cli import identity_group
 from engine.jobs.store import JobState, Store
+from engine.rules.cli import rules_group
 from engine.worklist.cli import worklist_group
 
 DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
@@ -117,6 +118,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
             "JOB",
             "STATE",
             "CREATED",
+            "NOT BEFORE",
             "PATIENT",
             "RULE",
             "STUDIES",
@@ -133,6 +135,9 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
                 str(job.id),
                 job.state.value,
                 job.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+                job.not_before.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+                if job.state.pending
+                else "",
                 str(job.patient),
                 job.rule,
                 str(len(studies)),
@@ -162,6 +167,11 @@ def jobs_show(config_path: Path, job_id: int) -> None:
     click.echo(
         f"  order: accession {order.accession_number or '-'},"
         f" modality {order.ordered_modality or '-'}, procedure {order.procedure_code or '-'}"
+    )
+    scheduled = order.scheduled_time.isoformat() if order.scheduled_time else "-"
+    click.echo(
+        f"  body part {', '.join(order.body_parts) or '-'}, scheduled {scheduled},"
+        f" not before {job.not_before.astimezone().isoformat(timespec='seconds')}"
     )
     rows = [
         (
@@ -218,6 +228,7 @@ def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
 
 main.add_command(identity_group)
 main.add_command(worklist_group)
+main.add_command(rules_group)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,8 +21,11 @@ from engine.configfile import ConfigError, Document, Problem, load_document, val
 from engine.identity.build import check_identity
 from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable, load_table
-from engine.rules.loader import load_rule_set
+from engine.jobs.policy import SourcePolicy
+from engine.rules.anatomy import Anatomy, load_anatomy
+from engine.rules.loader import load_rule_set, yaml_files
 from engine.rules.model import RuleSet
+from engine.rules.timing import LocalZone, QuietWindow, check_zone, parse_days, parse_hours
 
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # 16 characters, no backslash
 AETitle = Annotated[str, Field(pattern=AE_TITLE_PATTERN)]
@@ -118,6 +121,48 @@ class WorklistSettings(Settings):
     grace_minutes: float = Field(default=30, ge=0)
 
 
+class QuietHoursSettings(Settings):
+    """Wall-clock hours when a source serves no retrieves, or only small studies."""
+
+    days: str | list[str] = "daily"
+    hours: str
+    # Studies of at most this many instances may still be retrieved; absent: none.
+    max_instances: int | None = Field(default=None, ge=0)
+
+    @pydantic.field_validator("days")
+    @classmethod
+    def _days(cls, value: str | list[str]) -> str | list[str]:
+        parse_days(value)
+        return value
+
+    @pydantic.field_validator("hours", mode="before")
+    @classmethod
+    def _hours(cls, value: object) -> object:
+        parse_hours(value)
+        return value
+
+    def window(self) -> QuietWindow:
+        start, end = parse_hours(self.hours)
+        return QuietWindow(parse_days(self.days), start, end, self.max_instances)
+
+
+class SourceSettings(Settings):
+    """How the engine queries a source node and schedules its retrieves."""
+
+    modality_matching: Literal["one_per_query", "list", "local"] = "one_per_query"
+    date_matching: Literal["range", "local"] = "range"
+    max_retrieves: int | None = Field(default=None, ge=1, le=64)
+    quiet_hours: list[QuietHoursSettings] = Field(default_factory=list)
+
+    def policy(self) -> SourcePolicy:
+        return SourcePolicy(
+            modality_matching=self.modality_matching,
+            date_matching=self.date_matching,
+            max_retrieves=self.max_retrieves,
+            quiet_hours=tuple(window.window() for window in self.quiet_hours),
+        )
+
+
 class EngineSettings(Settings):
     """The top level of conf/engine.yaml."""
 
@@ -133,6 +178,27 @@ class EngineSettings(Settings):
     worklist: WorklistSettings = WorklistSettings()
     routes: Path = Path("../routes")
     rules: Path = Path("../rules")
+    # The anatomy table of body regions; without one, regions relate only to themselves.
+    anatomy: Path | None = None
+    # IANA time zone of quiet hours and of HL7 times without an offset; default: the system's.
+    time_zone: str | None = None
+    # Per-source query and retrieve policies, by node name.
+    sources: dict[str, SourceSettings] = Field(default_factory=dict)
+    # How often `fdqr run` checks routes/, rules/ and the anatomy table for changes; 0: never
+    # (SIGHUP still reloads).
+    rules_reload_seconds: float = Field(default=2.0, ge=0)
+
+    @pydantic.field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return check_zone(value) if value is not None else None
+
+    @property
+    def zone(self) -> LocalZone:
+        return LocalZone(self.time_zone)
+
+    def source_policies(self) -> dict[str, SourcePolicy]:
+        return {name: source.policy() for name, source in self.sources.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +241,7 @@ def load(path: Path) -> Config:
 
     rule_set = RuleSet.empty()
     try:
-        rule_set = load_rule_set(resolve(path, settings.routes), resolve(path, settings.rules))
+        rule_set = load_rules(path, settings)
     except ConfigError as error:
         problems += error.problems
 
@@ -186,7 +252,6 @@ def load(path: Path) -> Config:
         except ConfigError as error:
             problems += error.problems
 
-    problems += _check_references(document.file, settings, rule_set)
     problems += _check_worklist_nodes(document, settings)
     node_issuers = {node.issuer for node in settings.nodes.values() if node.issuer}
     problems += check_identity(
@@ -199,6 +264,7 @@ def load(path: Path) -> Config:
         set(settings.nodes),
         settings.local_patient.issuer,
     )
+    problems += _check_sources(document, settings)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -210,6 +276,64 @@ def load(path: Path) -> Config:
             settings.coercion, settings.identity, settings.dicom.ae_title
         ),
     )
+
+
+def load_rules(path: Path, settings: EngineSettings) -> RuleSet:
+    """Load the anatomy table, routes and rules named by engine settings, and check the
+    nodes routes name. Raises ConfigError listing every problem; used at start and on reload.
+    """
+    problems: list[Problem] = []
+    anatomy = Anatomy.empty()
+    if settings.anatomy is not None:
+        anatomy_path = resolve(path, settings.anatomy)
+        try:
+            anatomy = load_anatomy(anatomy_path, f"{anatomy_path.parent.name}/{anatomy_path.name}")
+        except ConfigError as error:
+            problems += error.problems
+    try:
+        rule_set = load_rule_set(
+            resolve(path, settings.routes), resolve(path, settings.rules), anatomy
+        )
+    except ConfigError as error:
+        raise ConfigError(problems + error.problems) from None
+    problems += _check_references(str(path), settings, rule_set)
+    if problems:
+        raise ConfigError(problems)
+    return rule_set
+
+
+def rule_files(path: Path, settings: EngineSettings) -> list[Path]:
+    """Return every file a rule set is loaded from, to watch for changes."""
+    files = [
+        *yaml_files(resolve(path, settings.routes)),
+        *yaml_files(resolve(path, settings.rules)),
+    ]
+    if settings.anatomy is not None:
+        files.append(resolve(path, settings.anatomy))
+    return files
+
+
+def _check_sources(document: Document, settings: EngineSettings) -> list[Problem]:
+    problems = []
+    for name in settings.sources:
+        node = settings.nodes.get(name)
+        if node is None:
+            problems.append(
+                document.problem(
+                    ("sources", name),
+                    f"unknown node '{name}'",
+                    f"define it under nodes; known: {', '.join(sorted(settings.nodes))}",
+                )
+            )
+        elif node.issuer is None:
+            problems.append(
+                document.problem(
+                    ("sources", name),
+                    f"node '{name}' is not a source (it has no issuer)",
+                    f"set nodes.{name}.issuer to its patient identifier domain",
+                )
+            )
+    return problems
 
 
 def _check_worklist_nodes(document: Document, settings: EngineSettings) -> list[Problem]:

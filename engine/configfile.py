@@ -113,6 +113,10 @@ def _construct_scalar(node: yaml.Node) -> Any:
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except ValueError:
+        # An impossible date such as 2026-13-01 stays text, so validation reports it
+        # with its path and value instead of the load failing.
+        return node.value
     finally:
         loader.dispose()
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.hl7.message import Message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +71,26 @@ class OrderFacts:
     procedure_coding_system: str = ""
     procedure_text: str = ""
     order_time: dt.datetime | None = None
+    # When the procedure is scheduled to start (TQ1-7, OBR-27.4, OBR-36, SCH-11.4,
+    # or the worklist's scheduled procedure step start).
+    scheduled_time: dt.datetime | None = None
+    # Body regions of the ordered procedure (anatomy table names such as CHEST).
+    body_parts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["order_time"] = self.order_time.isoformat() if self.order_time else None
+        data["scheduled_time"] = self.scheduled_time.isoformat() if self.scheduled_time else None
+        data["body_parts"] = list(self.body_parts)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OrderFacts:
         values = {field.name: data.get(field.name, "") for field in dataclasses.fields(cls)}
-        raw_time = data.get("order_time")
-        values["order_time"] = dt.datetime.fromisoformat(raw_time) if raw_time else None
+        for name in ("order_time", "scheduled_time"):
+            raw_time = data.get(name)
+            values[name] = dt.datetime.fromisoformat(raw_time) if raw_time else None
+        values["body_parts"] = tuple(data.get("body_parts") or ())
         return cls(**values)
 
 
@@ -104,6 +116,9 @@ class OrderPlaced:
     demographics: Demographics
     order: OrderFacts
     identifiers: tuple[PatientIdentifier, ...] = ()
+    # The parsed HL7 message behind the order, for conditions on its fields; None
+    # for orders that come from elsewhere (a Modality Worklist poller).
+    message: Message | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
 from collections.abc import Generator
 from typing import Any
 
@@ -16,7 +17,7 @@ from twisted.internet import defer, endpoints, threads
 from twisted.internet.interfaces import IListeningPort
 
 from engine.coercion import DEFAULT_PROFILE
-from engine.config import Config
+from engine.config import Config, load_rules, rule_files
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
@@ -31,6 +32,7 @@ from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.store import AsyncStore, Store
 from engine.jobs.worker import Worker
+from engine.rules.reload import RuleFileWatcher, RuleSetHolder
 from engine.worklist.poller import WorklistPoller
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,12 @@ class Engine:
         self.reactor = reactor
         settings = config.settings
         configure_pynetdicom()
+        self.rules = RuleSetHolder(
+            config.rule_set,
+            load=lambda: load_rules(config.path, config.settings),
+            files=lambda: rule_files(config.path, config.settings),
+        )
+        self.rule_watcher = RuleFileWatcher(self.rules, reactor, settings.rules_reload_seconds)
 
         self.db = AsyncStore(reactor, Store(config.store_path))
         self.tracker = AssociationTracker()
@@ -87,12 +95,14 @@ class Engine:
             },
             registry=self.registry,
             identity=lambda: self.resolver,
-            rule_set=lambda: self.config.rule_set,
+            rule_set=self.rules.current,
             engine_ae_title=settings.dicom.ae_title,
             spool_root=config.spool_path,
             now=self.now,
             coercion=lambda name: self.config.coercion_profiles.get(name, DEFAULT_PROFILE),
             check=settings.identity.check,
+            policies=settings.source_policies(),
+            zone=settings.zone,
         )
         jobs = settings.jobs
         self.worker = Worker(
@@ -112,9 +122,10 @@ class Engine:
             unqualified_ids_are_local=local.unqualified_ids_are_local,
         )
         self.planner = Planner(
-            lambda: self.config.rule_set,
+            self.rules.current,
             now=self.now,
             identity=IdentityEvents(local.issuer, DomainDirectory(settings.identity.domains)),
+            zone=settings.zone,
         )
         self.intake = Intake(
             self.db,
@@ -148,6 +159,8 @@ class Engine:
         self.scp.start()
         yield self.worker.start()
         self.worklist.start()
+        if settings.rules_reload_seconds > 0:
+            self.rule_watcher.start()
         endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
             self.reactor, settings.mllp.listen
         )
@@ -170,6 +183,7 @@ class Engine:
     @defer.inlineCallbacks
     def stop(self) -> Generator[defer.Deferred[Any], Any, None]:
         logger.info("engine stopping")
+        self.rule_watcher.stop()
         if self.mllp_port is not None:
             yield defer.maybeDeferred(self.mllp_port.stopListening)
         work_ended = defer.DeferredList(
@@ -207,6 +221,10 @@ def run(config: Config, reactor: Any = None) -> int:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: engine.start().addErrback(failed_to_start))
+    signal.signal(
+        signal.SIGHUP,
+        lambda number, frame: reactor.callFromThread(engine.rules.reload, "SIGHUP"),
+    )
     reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
     reactor.run()
     return exit_status

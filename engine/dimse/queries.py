@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from engine.model import Demographics, PatientIdentifier, StudyCandidate
 
@@ -32,6 +35,13 @@ class FilteredAnswers:
     ignored: list[str]
 
 
+# Ways to request modalities (ModalitiesInStudy) from a source: one value per C-FIND,
+# several values in one C-FIND, or none (the responses are filtered here).
+MODALITY_MATCHING = ("one_per_query", "list", "local")
+# Ways to request a date range (StudyDate D1-D2) from a source, or none.
+DATE_MATCHING = ("range", "local")
+
+
 def studies_of_patient(patient: PatientIdentifier) -> Dataset:
     """Build a Study Root STUDY level query for one patient's studies."""
     query = Dataset()
@@ -40,6 +50,53 @@ def studies_of_patient(patient: PatientIdentifier) -> Dataset:
     for keyword in STUDY_RETURN_KEYS:
         setattr(query, keyword, "")
     return query
+
+
+def candidate_queries(
+    patient: PatientIdentifier,
+    modalities: Sequence[str] | None,
+    date_from: dt.date | None,
+    date_to: dt.date | None,
+    modality_matching: str = "one_per_query",
+    date_matching: str = "range",
+) -> list[Dataset]:
+    """Build the C-FIND identifiers that request a patient's candidate studies from one source.
+
+    modalities None requests every modality, date_from and date_to None every
+    date. Some PACS ignore ModalitiesInStudy or reject several values in it, and
+    some ignore date ranges, so every answer is filtered again by the selection.
+    """
+    base = studies_of_patient(patient)
+    if date_matching == "range" and (date_from or date_to):
+        base.StudyDate = f"{_da(date_from)}-{_da(date_to)}"
+    if not modalities or modality_matching == "local":
+        return [base]
+    if modality_matching == "list":
+        query = copy.deepcopy(base)
+        query.ModalitiesInStudy = list(modalities) if len(modalities) > 1 else modalities[0]
+        return [query]
+    queries = []
+    for modality in modalities:
+        query = copy.deepcopy(base)
+        query.ModalitiesInStudy = modality
+        queries.append(query)
+    return queries
+
+
+def describe_query(query: Dataset) -> str:
+    """Return the matching keys of a study query, for logs and explain (no patient ID)."""
+    parts = []
+    for keyword in ("StudyDate", "ModalitiesInStudy"):
+        value = query.get(keyword)
+        if value in (None, ""):
+            continue
+        shown = "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
+        parts.append(f"{keyword}={shown}")
+    return ", ".join(parts) or "all studies"
+
+
+def _da(value: dt.date | None) -> str:
+    return value.strftime("%Y%m%d") if value else ""
 
 
 def study_by_uid(study_instance_uid: str) -> Dataset:

@@ -127,6 +127,7 @@ def _order_event(
             demographics=demographics(message),
             order=order,
             identifiers=qualified_identifiers(message, policy),
+            message=message,
         )
     if order_control in CANCEL_ORDER_CONTROLS:
         return OrderCancelled(origin, patient, order, order_control)

@@ -8,10 +8,17 @@ import logging
 from collections.abc import Callable, Sequence
 
 from engine.hl7.events import Unhandled
-from engine.jobs.store import Action, NewJob
-from engine.model import DemographicsUpdated, DomainEvent, OrderPlaced, PatientsMerged
+from engine.jobs.store import Action, NewJob, Store
+from engine.model import (
+    DemographicsUpdated,
+    DomainEvent,
+    OrderCancelled,
+    OrderPlaced,
+    PatientsMerged,
+)
+from engine.rules.evaluate import evaluate_order
 from engine.rules.model import RuleSet
-from engine.rules.select import route_order
+from engine.rules.timing import LocalZone
 
 logger = logging.getLogger(__name__)
 # Plans the identity effects of ADT events: returns the outcome and the store actions.
@@ -33,7 +40,8 @@ class Plan:
 
 
 class Planner:
-    """Creates one job per rule that applies to an order on the route that takes it.
+    """Creates one job per rule that applies to an order on the route that takes it,
+    and cancels the pending jobs of a cancelled order.
 
     The rule set is read on every call, so a reloaded set applies to the next message.
     """
@@ -43,45 +51,59 @@ class Planner:
         rule_set: Callable[[], RuleSet],
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         identity: IdentityPlanner | None = None,
+        zone: LocalZone | None = None,
     ) -> None:
         self.rule_set = rule_set
         self.now = now
         self.identity = identity
+        self.zone = zone or LocalZone()
 
     def __call__(self, event: DomainEvent | Unhandled) -> Plan:
         if isinstance(event, Unhandled):
             return Plan((), event.reason)
+        if isinstance(event, OrderPlaced):
+            return self._plan_order(event)
+        if isinstance(event, OrderCancelled):
+            return self._plan_cancel(event)
         if isinstance(event, DemographicsUpdated | PatientsMerged) and self.identity is not None:
             outcome, actions = self.identity(event)
             return Plan((), outcome, actions)
-        if not isinstance(event, OrderPlaced):
-            # NOTE: cancels, changes, status reports, demographics and merges are
-            # stored and acknowledged but do not change jobs or identities yet.
-            return Plan((), f"{type(event).__name__}: recorded, no action taken")
-        return self._plan_order(event)
+        # NOTE: order changes and status reports are stored and acknowledged but
+        # do not change jobs yet.
+        return Plan((), f"{type(event).__name__}: recorded, no action taken")
 
     def _plan_order(self, event: OrderPlaced) -> Plan:
+        evaluation = evaluate_order(self.rule_set(), event, self.zone, self.now())
+        routing = evaluation.routing
+        if routing.route is None or not routing.rules or evaluation.fetch is None:
+            return Plan((), evaluation.outcome)
 
-        routing = route_order(self.rule_set(), event.origin, event.order)
-        if routing is None:
-            return Plan((), "no route matches")
-        if not routing.rules:
-            modality = routing.ordered_modality or "unknown"
-            return Plan((), f"route {routing.route.name}: no rule for ordered modality {modality}")
-
-        now = self.now()
+        route = routing.route
+        fetch = evaluation.fetch
         jobs = [
             NewJob(
-                route=routing.route.name,
+                route=route.name,
                 rule=rule.name,
-                destination=routing.route.destination,
-                sources=tuple(routing.route.sources),
+                destination=route.destination,
+                sources=tuple(route.sources),
                 patient=event.patient,
                 demographics=event.demographics,
-                order=event.order,
-                not_before=now,
+                order=evaluation.facts.order,
+                not_before=fetch.not_before,
+                skip_repeated_orders=True,
+                suppression_window=rule.spec.suppression_window,
+                schedule_note=fetch.reason,
             )
             for rule in routing.rules
         ]
-        names = ", ".join(rule.name for rule in routing.rules)
-        return Plan(jobs, f"route {routing.route.name}: {len(jobs)} job(s) for rules {names}")
+        return Plan(jobs, evaluation.outcome)
+
+    def _plan_cancel(self, event: OrderCancelled) -> Plan:
+        reason = (
+            f"order cancelled (ORC-1 {event.order_control}) by message {event.origin.control_id}"
+        )
+
+        def cancel(store: Store, now: dt.datetime) -> str:
+            return store.cancel_order(event.patient, event.order, reason, now)
+
+        return Plan((), f"OrderCancelled ({event.order_control})", [cancel])

@@ -25,10 +25,11 @@ from engine.coercion import DEFAULT_PROFILE, CoercionProfile, Stamp
 from engine.coercion_text import is_latin1
 from engine.dimse.pools import NodePools
 from engine.dimse.queries import (
+    candidate_queries,
+    describe_query,
     move_study,
     read_instance_count,
     read_study_answers,
-    studies_of_patient,
     study_by_uid,
 )
 from engine.dimse.scu import DimseError, MoveOutcome, NodeClient, StoreOutcome
@@ -37,22 +38,26 @@ from engine.identity import records
 from engine.identity.check import differences
 from engine.identity.resolver import ChainResolver, IdentityResolver
 from engine.identity.settings import CheckSettings
+from engine.jobs.policy import RetrieveSlots, SourcePolicy
 from engine.jobs.receiving import Expectation, ExpectationRegistry
 from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyState
 from engine.model import Demographics, PatientIdentifier, StudyCandidate
 from engine.rules.model import RuleSet
-from engine.rules.select import select_priors
+from engine.rules.select import StudyQuery, plan_query, select_priors
+from engine.rules.timing import LocalZone
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """How a job attempt ended. retry asks for another attempt later."""
+    """How a job attempt ended. retry requests another attempt later. defer_until puts
+    the job back until then without counting the attempt (quiet hours)."""
 
     state: JobState
     summary: str
     retry: bool = False
+    defer_until: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +111,8 @@ class Prefetch:
         now: Callable[[], dt.datetime],
         coercion: Callable[[str], CoercionProfile] = lambda destination: DEFAULT_PROFILE,
         check: CheckSettings | None = None,
+        policies: dict[str, SourcePolicy] | None = None,
+        zone: LocalZone | None = None,
     ) -> None:
         self.db = db
         self.pools = pools
@@ -119,6 +126,12 @@ class Prefetch:
         self.now = now
         self.coercion = coercion
         self.check = check or CheckSettings()
+        self.policies = policies or {}
+        self.zone = zone or LocalZone()
+        self.slots = RetrieveSlots(self.policies)
+
+    def policy(self, source: str) -> SourcePolicy:
+        return self.policies.get(source) or SourcePolicy()
 
     def note(self, job: JobRecord, text: str) -> defer.Deferred[None]:
         logger.info("job %d: %s", job.id, text)
@@ -127,13 +140,18 @@ class Prefetch:
 
     @defer.inlineCallbacks
     def run(self, job: JobRecord) -> Generator[defer.Deferred[Any], Any, Outcome]:
-        rule = self.rule_set().rules.get(job.rule)
+        # One rule set for the whole attempt, even if a reload swaps it meanwhile.
+        rule_set = self.rule_set()
+        rule = rule_set.rules.get(job.rule)
         if rule is None:
             return Outcome(JobState.FAILED, f"rule {job.rule} is no longer defined")
         if job.destination not in self.clients:
             return Outcome(
                 JobState.FAILED, f"destination {job.destination} is no longer configured"
             )
+        cancel = yield self._cancel_reason(job)
+        if cancel:
+            return Outcome(JobState.CANCELLED, cancel)
 
         identities: IdentityLookups = yield self._resolve_identities(job)
         if identities.stop is not None:
@@ -148,9 +166,11 @@ class Prefetch:
                 JobState.DONE, "nothing to fetch: no source has an identifier for the patient"
             )
 
-        candidates, failed_sources = yield self._find_candidates(job, lookups)
+        today = self.zone.local(self.now()).date()
+        query = plan_query(rule, job.order, today)
+        candidates, failed_sources = yield self._find_candidates(job, lookups, query)
         failed_sources = identities.failed + failed_sources
-        decisions = select_priors(rule, job.order, candidates, self.now().date())
+        decisions = select_priors(rule, job.order, candidates, today, rule_set)
         yield self.db.run(lambda store: store.record_decisions(job.id, decisions))
         selected = [decision.candidate for decision in decisions if decision.selected]
         yield self.note(
@@ -161,11 +181,37 @@ class Prefetch:
         if held is not None:
             return held
 
-        results = []
+        results: list[StudyResult] = []
+        postponed: list[dt.datetime] = []
         for candidate in selected:
-            result = yield self._fetch_study(job, candidate)
+            cancel = yield self._cancel_reason(job)
+            if cancel:
+                return Outcome(JobState.CANCELLED, f"{cancel} (after {len(results)} studies)")
+            quiet = self.policy(candidate.source).quiet(
+                self.zone, self.now(), candidate.instance_count
+            )
+            if not quiet.allowed and quiet.until is not None:
+                yield self.note(
+                    job,
+                    f"study {candidate.study_instance_uid} from {candidate.source}"
+                    f" postponed: {quiet.reason}",
+                )
+                postponed.append(quiet.until)
+                continue
+            result = yield self.slots.run(candidate.source, self._fetch_study, job, candidate)
             results.append(result)
-        return self._summarize(results, failed_sources)
+
+        outcome = self._summarize(results, failed_sources)
+        if postponed:
+            return Outcome(
+                JobState.DEFERRED,
+                f"{outcome.summary}, {len(postponed)} postponed for quiet hours",
+                defer_until=min(postponed),
+            )
+        return outcome
+
+    def _cancel_reason(self, job: JobRecord) -> defer.Deferred[str | None]:
+        return self.db.run(lambda store: store.cancellation(job.id))
 
     @defer.inlineCallbacks
     def _resolve_identities(
@@ -280,13 +326,13 @@ class Prefetch:
 
     @defer.inlineCallbacks
     def _find_candidates(
-        self, job: JobRecord, lookups: list[tuple[Source, PatientIdentifier]]
+        self,
+        job: JobRecord,
+        lookups: list[tuple[Source, PatientIdentifier]],
+        query: StudyQuery,
     ) -> Generator[defer.Deferred[Any], Any, tuple[list[StudyCandidate], list[str]]]:
-        queries = [
-            self.pools.run(source.name, self.clients[source.name].find, studies_of_patient(remote))
-            for source, remote in lookups
-        ]
-        answers = yield defer.DeferredList(queries, consumeErrors=True)
+        searches = [self._query_source(source, remote, query) for source, remote in lookups]
+        answers = yield defer.DeferredList(searches, consumeErrors=True)
 
         candidates: list[StudyCandidate] = []
         failed: list[str] = []
@@ -295,12 +341,36 @@ class Prefetch:
                 failed.append(source.name)
                 yield self.note(job, f"source {source.name}: query failed: {_reason(result)}")
                 continue
-            filtered = read_study_answers(source.name, remote, result)
+            datasets, queries = result
+            filtered = read_study_answers(source.name, remote, datasets)
             for reason in filtered.ignored:
                 yield self.note(job, f"source {source.name}: ignored {reason}")
-            yield self.note(job, f"source {source.name}: {len(filtered.candidates)} studies found")
-            candidates.extend(filtered.candidates)
+            found = _unique_studies(filtered.candidates)
+            yield self.note(
+                job, f"source {source.name}: {len(found)} studies found ({'; '.join(queries)})"
+            )
+            candidates.extend(found)
         return candidates, failed
+
+    @defer.inlineCallbacks
+    def _query_source(
+        self, source: Source, remote: PatientIdentifier, query: StudyQuery
+    ) -> Generator[defer.Deferred[Any], Any, tuple[list[Any], list[str]]]:
+        """Run every C-FIND a query needs at one source; fail if any of them fails."""
+        policy = self.policy(source.name)
+        identifiers = candidate_queries(
+            remote,
+            query.modalities,
+            query.date_from,
+            query.date_to,
+            policy.modality_matching,
+            policy.date_matching,
+        )
+        client = self.clients[source.name]
+        runs = [self.pools.run(source.name, client.find, identifier) for identifier in identifiers]
+        results = yield defer.gatherResults(runs, consumeErrors=True)
+        answers = [answer for result in results for answer in result]
+        return answers, [describe_query(identifier) for identifier in identifiers]
 
     @defer.inlineCallbacks
     def _fetch_study(
@@ -475,4 +545,18 @@ def _hold_study(job_id: int, candidate: StudyCandidate, reason: str) -> Callable
 
 
 def _reason(failure: Failure) -> str:
+    if isinstance(failure, Failure) and isinstance(failure.value, defer.FirstError):
+        failure = failure.value.subFailure
     return failure.getErrorMessage() if isinstance(failure, Failure) else str(failure)
+
+
+def _unique_studies(candidates: list[StudyCandidate]) -> list[StudyCandidate]:
+    """Keep the first C-FIND response for each study, because one query per modality
+    returns a study once for each of its modalities that was requested."""
+    seen: set[str] = set()
+    unique = []
+    for candidate in candidates:
+        if candidate.study_instance_uid not in seen:
+            seen.add(candidate.study_instance_uid)
+            unique.append(candidate)
+    return unique

@@ -97,6 +97,17 @@ CREATE TABLE IF NOT EXISTS worklist_steps (
     removed_at TEXT,
     PRIMARY KEY (node, step_key)
 );
+CREATE INDEX IF NOT EXISTS jobs_by_patient ON jobs (patient_id, patient_issuer, rule);
+CREATE TABLE IF NOT EXISTS job_cancellations (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    at TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_suppressions (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    suppressed_by INTEGER NOT NULL REFERENCES jobs(id)
+);
+CREATE INDEX IF NOT EXISTS job_suppressions_by_job ON job_suppressions (suppressed_by);
 """
 
 
@@ -110,10 +121,33 @@ class JobState(enum.StrEnum):
     # Held before anything was retrieved: a remote patient's demographics differ
     # from the local record. Only an operator requeues it (fdqr identity release).
     QUARANTINED = "quarantined"
+    DEFERRED = "deferred"  # waiting for a source's quiet hours to end; no attempt used
+    CANCELLED = "cancelled"  # its order was cancelled (ORC-1 CA or DC)
+    SUPPRESSED = "suppressed"  # a repeated order, or within a rule's suppression window
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.DONE, JobState.PARTIAL, JobState.FAILED, JobState.QUARANTINED)
+        return self in _FINISHED
+
+    @property
+    def pending(self) -> bool:
+        """Waiting to run: queued, waiting for a retry, or deferred."""
+        return self in _PENDING
+
+
+_FINISHED = frozenset(
+    {
+        JobState.DONE,
+        JobState.PARTIAL,
+        JobState.FAILED,
+        JobState.QUARANTINED,
+        JobState.CANCELLED,
+        JobState.SUPPRESSED,
+    }
+)
+_PENDING = frozenset({JobState.QUEUED, JobState.WAITING, JobState.DEFERRED})
+# Jobs that do not stop a later job for the same order, or the same patient and rule.
+_NOT_COVERING = (JobState.FAILED, JobState.CANCELLED, JobState.SUPPRESSED)
 
 
 class StudyState(enum.StrEnum):
@@ -137,6 +171,24 @@ class NewJob:
     demographics: Demographics
     order: OrderFacts
     not_before: dt.datetime
+    # With skip_repeated_orders, a job is stored as suppressed when its order
+    # (placer or filler order number, or accession number) already has a job for
+    # the same patient, rule and destination. With suppression_window, so is a job
+    # created within that span of such a job. Failed and cancelled jobs do not count.
+    skip_repeated_orders: bool = False
+    suppression_window: dt.timedelta | None = None
+    # Why the job starts when it does, kept in its event log.
+    schedule_note: str = ""
+
+
+def same_order(first: OrderFacts, second: OrderFacts) -> bool:
+    """Return True if two orders share a placer or filler order number or an accession number."""
+    pairs = (
+        (first.placer_order_number, second.placer_order_number),
+        (first.filler_order_number, second.filler_order_number),
+        (first.accession_number, second.accession_number),
+    )
+    return any(mine and mine == theirs for mine, theirs in pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +244,10 @@ def _iso(value: dt.datetime) -> str:
 
 def _time(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return ", ".join(str(job_id) for job_id in ids)
 
 
 class Store:
@@ -322,15 +378,16 @@ class Store:
     def _insert_job(
         self, db: sqlite3.Connection, message_id: int | None, job: NewJob, now: dt.datetime
     ) -> int:
+        state, reason, suppressed_by = self._admission(db, job, now)
         cursor = db.execute(
             "INSERT INTO jobs (message_id, created_at, updated_at, state, not_before, route, rule,"
-            " destination, sources, patient_id, patient_issuer, demographics, order_facts)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " destination, sources, patient_id, patient_issuer, demographics, order_facts, summary)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message_id,
                 _iso(now),
                 _iso(now),
-                JobState.QUEUED.value,
+                state.value,
                 _iso(job.not_before),
                 job.route,
                 job.rule,
@@ -340,14 +397,157 @@ class Store:
                 job.patient.issuer,
                 json.dumps(job.demographics.to_dict()),
                 json.dumps(job.order.to_dict()),
+                reason,
             ),
         )
         job_id = int(cursor.lastrowid or 0)
-        db.execute(
-            "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
-            (job_id, _iso(now), f"queued by route {job.route}, rule {job.rule}"),
-        )
+        text = f"queued by route {job.route}, rule {job.rule}"
+        if job.schedule_note:
+            text += f"; {job.schedule_note}"
+        self._event(db, job_id, now, text)
+        if suppressed_by is not None:
+            db.execute(
+                "INSERT INTO job_suppressions (job_id, suppressed_by) VALUES (?,?)",
+                (job_id, suppressed_by),
+            )
+            self._event(db, job_id, now, f"{state}: {reason}")
         return job_id
+
+    def _admission(
+        self, db: sqlite3.Connection, job: NewJob, now: dt.datetime
+    ) -> tuple[JobState, str, int | None]:
+        """Decide whether a new job is queued or suppressed, and by which earlier job."""
+        if not job.skip_repeated_orders and job.suppression_window is None:
+            return JobState.QUEUED, "", None
+        rows = db.execute(
+            "SELECT id, created_at, order_facts FROM jobs WHERE patient_id = ?"
+            " AND patient_issuer = ? AND rule = ? AND destination = ?"
+            f" AND state NOT IN ({','.join('?' * len(_NOT_COVERING))}) ORDER BY id",
+            (job.patient.value, job.patient.issuer, job.rule, job.destination, *_NOT_COVERING),
+        ).fetchall()
+        if job.skip_repeated_orders:
+            for row in rows:
+                if same_order(OrderFacts.from_dict(json.loads(row["order_facts"])), job.order):
+                    return (
+                        JobState.SUPPRESSED,
+                        f"repeated order: job {row['id']} already covers this order",
+                        int(row["id"]),
+                    )
+        if job.suppression_window is not None:
+            since = now - job.suppression_window
+            for row in reversed(rows):
+                created = _time(row["created_at"])
+                if created >= since:
+                    return (
+                        JobState.SUPPRESSED,
+                        f"job {row['id']} for the same patient and rule was created at"
+                        f" {_iso(created)}, within the suppression window",
+                        int(row["id"]),
+                    )
+        return JobState.QUEUED, "", None
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, job_id: int, now: dt.datetime, text: str) -> None:
+        db.execute(
+            "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)", (job_id, _iso(now), text)
+        )
+
+    # Cancels and deferrals
+
+    def cancel_order(
+        self, patient: PatientIdentifier, order: OrderFacts, reason: str, now: dt.datetime
+    ) -> str:
+        """Cancel the unfinished jobs of an order; return a note for the message's outcome.
+
+        Pending jobs are cancelled at once. A running job gets a cancel request
+        that the pipeline checks before each retrieve. A job that a cancelled job
+        suppressed is queued again, since nothing fetches its priors any more.
+        """
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, state, order_facts FROM jobs"
+                " WHERE patient_id = ? AND patient_issuer = ? ORDER BY id",
+                (patient.value, patient.issuer),
+            ).fetchall()
+            matching = [
+                row
+                for row in rows
+                if same_order(OrderFacts.from_dict(json.loads(row["order_facts"])), order)
+            ]
+            cancelled: list[int] = []
+            requested: list[int] = []
+            revived: list[int] = []
+            for row in matching:
+                job_id, state = int(row["id"]), JobState(row["state"])
+                if state.pending:
+                    db.execute(
+                        "UPDATE jobs SET state = ?, summary = ?, updated_at = ? WHERE id = ?",
+                        (JobState.CANCELLED, reason, _iso(now), job_id),
+                    )
+                    self._event(db, job_id, now, f"cancelled: {reason}")
+                    cancelled.append(job_id)
+                elif state == JobState.RUNNING:
+                    db.execute(
+                        "INSERT OR IGNORE INTO job_cancellations (job_id, at, reason)"
+                        " VALUES (?,?,?)",
+                        (job_id, _iso(now), reason),
+                    )
+                    self._event(db, job_id, now, f"cancel requested: {reason}")
+                    requested.append(job_id)
+            for job_id in cancelled:
+                revived += self._revive_suppressed(db, job_id, now)
+
+        if not matching:
+            return "no job for this order"
+        parts = []
+        if cancelled:
+            parts.append(f"cancelled job(s) {_ids(cancelled)}")
+        if requested:
+            parts.append(f"cancel requested for running job(s) {_ids(requested)}")
+        if revived:
+            parts.append(f"requeued suppressed job(s) {_ids(revived)}")
+        finished = _ids([int(row["id"]) for row in matching])
+        return "; ".join(parts) or f"job(s) {finished} already finished"
+
+    def _revive_suppressed(
+        self, db: sqlite3.Connection, job_id: int, now: dt.datetime
+    ) -> list[int]:
+        rows = db.execute(
+            "SELECT s.job_id FROM job_suppressions s JOIN jobs j ON j.id = s.job_id"
+            " WHERE s.suppressed_by = ? AND j.state = ? ORDER BY s.job_id",
+            (job_id, JobState.SUPPRESSED),
+        ).fetchall()
+        if not rows:
+            return []
+        revived, *others = [int(row["job_id"]) for row in rows]
+        db.execute(
+            "UPDATE jobs SET state = ?, summary = '', updated_at = ? WHERE id = ?",
+            (JobState.QUEUED, _iso(now), revived),
+        )
+        db.execute("DELETE FROM job_suppressions WHERE job_id = ?", (revived,))
+        self._event(db, revived, now, f"requeued: job {job_id} that suppressed it was cancelled")
+        for other in others:
+            db.execute(
+                "UPDATE job_suppressions SET suppressed_by = ? WHERE job_id = ?", (revived, other)
+            )
+        return [revived]
+
+    def cancellation(self, job_id: int) -> str | None:
+        """Return the reason a cancel was requested for a running job, or None."""
+        row = self._db.execute(
+            "SELECT reason FROM job_cancellations WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        return str(row["reason"]) if row else None
+
+    def defer_job(self, job_id: int, until: dt.datetime, summary: str, now: dt.datetime) -> None:
+        """Put a claimed job back until `until` without counting the attempt."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, not_before = ?, summary = ?, updated_at = ?,"
+                " attempts = MAX(attempts - 1, 0) WHERE id = ?",
+                (JobState.DEFERRED, _iso(until), summary, _iso(now), job_id),
+            )
+            self._event(db, job_id, now, f"deferred until {_iso(until)}: {summary}")
 
     def requeue_interrupted(self, now: dt.datetime) -> list[int]:
         """Put jobs left running by a stopped or crashed engine back in the queue."""
@@ -371,8 +571,9 @@ class Store:
         """Mark up to `limit` due jobs as running and return them, oldest first."""
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT * FROM jobs WHERE state IN (?, ?) AND not_before <= ? ORDER BY id LIMIT ?",
-                (JobState.QUEUED, JobState.WAITING, _iso(now), limit),
+                "SELECT * FROM jobs WHERE state IN (?, ?, ?) AND not_before <= ?"
+                " ORDER BY id LIMIT ?",
+                (JobState.QUEUED, JobState.WAITING, JobState.DEFERRED, _iso(now), limit),
             ).fetchall()
             for row in rows:
                 db.execute(
@@ -389,8 +590,8 @@ class Store:
 
     def next_due_time(self) -> dt.datetime | None:
         row = self._db.execute(
-            "SELECT MIN(not_before) AS due FROM jobs WHERE state IN (?, ?)",
-            (JobState.QUEUED, JobState.WAITING),
+            "SELECT MIN(not_before) AS due FROM jobs WHERE state IN (?, ?, ?)",
+            (JobState.QUEUED, JobState.WAITING, JobState.DEFERRED),
         ).fetchone()
         return _time(row["due"]) if row["due"] else None
 

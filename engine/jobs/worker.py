@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Generator
@@ -12,7 +13,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from engine.jobs.prefetch import Outcome
-from engine.jobs.store import AsyncStore, JobRecord, JobState
+from engine.jobs.store import AsyncStore, JobRecord, JobState, Store
 
 logger = logging.getLogger(__name__)
 
@@ -118,18 +119,45 @@ class Worker:
 
     def _record(self, job: JobRecord, outcome: Outcome) -> defer.Deferred[None]:
         now = self.now()
-        if outcome.retry and job.attempts < self.max_attempts and not self._stopping:
+        stopping = self._stopping
+
+        def record(store: Store) -> None:
+            # A cancel requested while the attempt ran stops any retry or deferral.
+            cancel = store.cancellation(job.id)
+            wants_more = outcome.retry or outcome.defer_until is not None
+            if cancel and wants_more and outcome.state != JobState.CANCELLED:
+                logger.info("job %d: cancelled while running", job.id)
+                store.finish_job(job.id, JobState.CANCELLED, f"{cancel}; {outcome.summary}", now)
+                return
+            if cancel and not wants_more and outcome.state != JobState.CANCELLED:
+                # The attempt finished its studies before it checked the cancel.
+                late = dataclasses.replace(
+                    outcome, summary=f"{outcome.summary}; {cancel} after the studies were fetched"
+                )
+                self._record_in_store(store, job, late, now, stopping)
+                return
+            if outcome.defer_until is not None and not stopping:
+                logger.info("job %d: deferred until %s", job.id, outcome.defer_until.isoformat())
+                store.defer_job(job.id, outcome.defer_until, outcome.summary, now)
+                return
+            self._record_in_store(store, job, outcome, now, stopping)
+
+        return self.db.run(record)
+
+    def _record_in_store(
+        self, store: Store, job: JobRecord, outcome: Outcome, now: dt.datetime, stopping: bool
+    ) -> None:
+        if outcome.retry and job.attempts < self.max_attempts and not stopping:
             delay = retry_delay(job.attempts, self.retry_base_seconds, self.retry_max_seconds)
             when = now + dt.timedelta(seconds=delay)
             logger.info("job %d: %s; retry in %.0fs", job.id, outcome.summary, delay)
-            return self.db.run(lambda store: store.retry_job(job.id, when, outcome.summary, now))
-        if outcome.retry and self._stopping:
+            store.retry_job(job.id, when, outcome.summary, now)
+        elif (outcome.retry or outcome.defer_until is not None) and stopping:
             logger.info("job %d: %s; resumes at next start", job.id, outcome.summary)
-            return self.db.run(lambda store: store.retry_job(job.id, now, outcome.summary, now))
-        logger.info("job %d: %s: %s", job.id, outcome.state, outcome.summary)
-        return self.db.run(
-            lambda store: store.finish_job(job.id, outcome.state, outcome.summary, now)
-        )
+            store.retry_job(job.id, now, outcome.summary, now)
+        else:
+            logger.info("job %d: %s: %s", job.id, outcome.state, outcome.summary)
+            store.finish_job(job.id, outcome.state, outcome.summary, now)
 
     def stop(self) -> defer.Deferred[Any]:
         """Stop claiming, and wait for the running jobs to end."""

@@ -2,84 +2,196 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
-from engine.rules.model import Route, RoutesFile, Rule, RuleSet, RulesFile
+from engine.rules.anatomy import Anatomy, compile_pattern
+from engine.rules.conditions import Always, ConditionParser
+from engine.rules.facts import FACT_NAMES, UPPER_CASE_FACTS
+from engine.rules.model import (
+    DEFAULT_ROUTE_MESSAGE_TYPES,
+    Procedure,
+    ProcedureSchema,
+    Route,
+    RoutesFile,
+    Rule,
+    RuleSet,
+    RulesFile,
+)
 
 
 def yaml_files(folder: Path) -> list[Path]:
     return sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
 
 
-def load_rule_set(routes_folder: Path, rules_folder: Path) -> RuleSet:
-    """Load every YAML file of both folders. Raises ConfigError listing every problem."""
-    problems: list[Problem] = []
-    routes: list[Route] = []
-    rules: dict[str, Rule] = {}
-    procedure_codes: dict[str, str] = {}
-    code_origin: dict[str, str] = {}
+def load_rule_set(
+    routes_folder: Path, rules_folder: Path, anatomy: Anatomy | None = None
+) -> RuleSet:
+    """Load every YAML file of both folders. Raises ConfigError listing every problem.
 
+    Body regions named in rules must exist in `anatomy` when one is given. Without
+    one, any region name is accepted, and regions relate only to themselves.
+    """
+    anatomy = anatomy if anatomy is not None else Anatomy.empty()
+    loader = _Loader(anatomy)
     for folder in (routes_folder, rules_folder):
         if not folder.is_dir():
-            problems.append(Problem(str(folder), "", "folder not found"))
+            loader.problems.append(Problem(str(folder), "", "folder not found"))
 
-    rule_problems_before = len(problems)
-    for document, parsed in _load_all(rules_folder, RulesFile, problems):
+    problems_before = len(loader.problems)
+    for document, parsed in _load_all(rules_folder, RulesFile, loader.problems):
         assert isinstance(parsed, RulesFile)
-        for index, rule_spec in enumerate(parsed.rules):
-            if rule_spec.name in rules:
-                first = rules[rule_spec.name].document.file
-                problems.append(
-                    document.problem(
-                        ("rules", index, "name"),
-                        f"rule name '{rule_spec.name}' is already used in {first}",
-                    )
-                )
-                continue
-            rules[rule_spec.name] = Rule(document, ("rules", index), rule_spec)
-        for code, modality in parsed.procedure_codes.items():
-            if code in procedure_codes and procedure_codes[code] != modality.upper():
-                problems.append(
-                    document.problem(
-                        ("procedure_codes", code),
-                        f"procedure code '{code}' maps to '{modality}' here but to "
-                        f"'{procedure_codes[code]}' in {code_origin[code]}",
-                    )
-                )
-                continue
-            procedure_codes[code] = modality.upper()
-            code_origin[code] = document.file
-
+        loader.add_rules_file(document, parsed)
     # Unknown-rule errors would only repeat an error in a rules file that did not load.
-    rules_loaded = len(problems) == rule_problems_before
-    route_names: dict[str, str] = {}
-    for document, parsed in _load_all(routes_folder, RoutesFile, problems):
+    rules_loaded = len(loader.problems) == problems_before
+    for document, parsed in _load_all(routes_folder, RoutesFile, loader.problems):
         assert isinstance(parsed, RoutesFile)
-        for index, spec in enumerate(parsed.routes):
-            route = Route(document, ("routes", index), spec)
-            if spec.name in route_names:
-                problems.append(
-                    route.problem(
-                        ("name",),
-                        f"route name '{spec.name}' is already used in {route_names[spec.name]}",
+        loader.add_routes_file(document, parsed, rules_loaded)
+
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return RuleSet(
+        tuple(loader.routes), loader.rules, loader.procedures, loader.body_patterns, anatomy
+    )
+
+
+class _Loader:
+    def __init__(self, anatomy: Anatomy) -> None:
+        self.anatomy = anatomy
+        self.problems: list[Problem] = []
+        self.routes: list[Route] = []
+        self.rules: dict[str, Rule] = {}
+        self.procedures: dict[str, Procedure] = {}
+        self.body_patterns: dict[str, tuple[re.Pattern[str], ...]] = {}
+        self.route_files: dict[str, str] = {}
+
+    def parser(self, document: Document) -> ConditionParser:
+        return ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS)
+
+    def check_region(self, document: Document, path: tuple[str | int, ...], name: str) -> None:
+        if self.anatomy and name not in self.anatomy:
+            self.problems.append(
+                document.problem(
+                    path,
+                    f"unknown body region '{name}'",
+                    f"use a region of the anatomy table {self.anatomy.source}: "
+                    + ", ".join(sorted(self.anatomy.regions)),
+                )
+            )
+
+    def add_rules_file(self, document: Document, parsed: RulesFile) -> None:
+        for code, entry in parsed.procedure_codes.items():
+            self.add_procedure(document, code, entry)
+        for region, texts in parsed.body_parts.items():
+            self.check_region(document, ("body_parts", region), region)
+            patterns = tuple(compile_pattern(text) for text in texts)
+            self.body_patterns[region] = self.body_patterns.get(region, ()) + patterns
+
+        for index, spec in enumerate(parsed.rules):
+            base = ("rules", index)
+            if spec.name in self.rules:
+                first = self.rules[spec.name].document.file
+                self.problems.append(
+                    document.problem(
+                        (*base, "name"), f"rule name '{spec.name}' is already used in {first}"
                     )
                 )
-            route_names[spec.name] = document.file
+                continue
+            parser = self.parser(document)
+            when = Always() if spec.when is None else parser.parse(spec.when, (*base, "when"))
+            self.problems.extend(parser.problems)
+            selection = spec.select
+            if isinstance(selection.body_part, list):
+                for position, region in enumerate(selection.body_part):
+                    self.check_region(document, (*base, "select", "body_part", position), region)
+            self.rules[spec.name] = Rule(
+                document,
+                base,
+                spec,
+                when,
+                tuple(compile_pattern(text) for text in selection.include_descriptions),
+                tuple(compile_pattern(text) for text in selection.exclude_descriptions),
+            )
+
+    def add_procedure(self, document: Document, code: str, entry: str | ProcedureSchema) -> None:
+        spec = ProcedureSchema(modality=entry) if isinstance(entry, str) else entry
+        path = ("procedure_codes", code)
+        procedure = Procedure(
+            code=code,
+            modality=spec.modality.upper(),
+            body_part=spec.body_part.upper(),
+            coding_system=spec.coding_system,
+            origin=document.file,
+        )
+        if procedure.body_part:
+            self.check_region(document, (*path, "body_part"), procedure.body_part)
+        known = self.procedures.get(code)
+        if known is not None and (known.modality, known.body_part, known.coding_system) != (
+            procedure.modality,
+            procedure.body_part,
+            procedure.coding_system,
+        ):
+            self.problems.append(
+                document.problem(
+                    path,
+                    f"procedure code '{code}' maps to {_describe(procedure)} here but to "
+                    f"{_describe(known)} in {known.origin}",
+                )
+            )
+            return
+        self.procedures[code] = procedure
+
+    def add_routes_file(self, document: Document, parsed: RoutesFile, rules_loaded: bool) -> None:
+        for index, spec in enumerate(parsed.routes):
+            base = ("routes", index)
+            parser = self.parser(document)
+            data = spec.match
+            if data is None:
+                data = {"message_type": list(DEFAULT_ROUTE_MESSAGE_TYPES)}
+            condition = parser.parse(data, (*base, "match"))
+            self.problems.extend(parser.problems)
+            route = Route(document, base, spec, condition)
+            if spec.name in self.route_files:
+                first = self.route_files[spec.name]
+                self.problems.append(
+                    route.problem(("name",), f"route name '{spec.name}' is already used in {first}")
+                )
+            self.route_files[spec.name] = document.file
             for position, rule_name in enumerate(spec.rules or []):
-                if rules_loaded and rule_name not in rules:
-                    problems.append(
+                if rules_loaded and rule_name not in self.rules:
+                    self.problems.append(
                         route.problem(
                             ("rules", position),
                             f"unknown rule '{rule_name}'",
-                            f"known rules: {', '.join(sorted(rules)) or 'none'}",
+                            f"known rules: {', '.join(sorted(self.rules)) or 'none'}",
                         )
                     )
-            routes.append(route)
+            self.check_preferred_sources(route)
+            self.routes.append(route)
 
-    if problems:
-        raise ConfigError(problems)
-    return RuleSet(tuple(routes), rules, procedure_codes)
+    def check_preferred_sources(self, route: Route) -> None:
+        names = route.spec.rules if route.spec.rules is not None else list(self.rules)
+        for name in names:
+            rule = self.rules.get(name)
+            if rule is None:
+                continue
+            for position, source in enumerate(rule.spec.select.prefer_sources):
+                if source not in route.sources and route.spec.rules is not None:
+                    self.problems.append(
+                        rule.problem(
+                            ("select", "prefer_sources", position),
+                            f"preferred source '{source}' is not a source of route {route.name}",
+                            f"sources of route {route.name}: {', '.join(route.sources)}",
+                        )
+                    )
+
+
+def _describe(procedure: Procedure) -> str:
+    parts = [procedure.modality or "no modality", procedure.body_part or "no body part"]
+    if procedure.coding_system:
+        parts.append(f"coding system {procedure.coding_system}")
+    return "'" + ", ".join(parts) + "'"
 
 
 def _load_all(
@@ -91,10 +203,30 @@ def _load_all(
     for path in yaml_files(folder):
         try:
             document = load_document(path, _display_name(path))
+        except ConfigError as error:
+            problems.extend(error.problems)
+            continue
+        try:
             loaded.append((document, validate(document, model)))
         except ConfigError as error:
             problems.extend(error.problems)
+            # The schema leaves conditions alone, so check them too: every error at once.
+            problems.extend(_condition_problems(document, model))
     return loaded
+
+
+def _condition_problems(
+    document: Document, model: type[RoutesFile] | type[RulesFile]
+) -> list[Problem]:
+    """Check the conditions of a file that failed validation, from its raw data."""
+    section, key = ("routes", "match") if model is RoutesFile else ("rules", "when")
+    data = document.data if isinstance(document.data, dict) else {}
+    items = data.get(section)
+    parser = ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS)
+    for index, item in enumerate(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get(key) is not None:
+            parser.parse(item[key], (section, index, key))
+    return parser.problems
 
 
 def _display_name(path: Path) -> str:

@@ -8,13 +8,17 @@ relevant for an order.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from engine.configfile import Document, PathKey, Problem
+from engine.rules.anatomy import Anatomy
+from engine.rules.conditions import Condition
+from engine.rules.timing import parse_timespan
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _DURATION = re.compile(r"^(\d+)\s*([ymwd])$")
@@ -49,20 +53,47 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RouteMatch(Schema):
-    """Conditions on the message header; all given conditions must hold."""
+def _timespan(value: object) -> dt.timedelta:
+    return value if isinstance(value, dt.timedelta) else parse_timespan(value)
 
-    message_type: StringList = Field(default_factory=lambda: ["ORM^O01"])
-    sending_application: StringList = Field(default_factory=list)
-    sending_facility: StringList = Field(default_factory=list)
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise ValueError(f"invalid regular expression '{value}': {error}") from None
+    return value
+
+
+TimeSpan = Annotated[dt.timedelta, BeforeValidator(_timespan)]
+Pattern = Annotated[str, AfterValidator(_regex)]
+# HL7 order messages: what a route without `match` takes.
+DEFAULT_ROUTE_MESSAGE_TYPES = ("ORM^O01", "OMI^O23")
+
+
+class RouteTiming(Schema):
+    """When a route's jobs start: now, or a lead time before the scheduled procedure."""
+
+    fetch: Literal["now", "before_scheduled_time"] = "now"
+    lead_time: TimeSpan | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _lead_time_matches_fetch(self) -> RouteTiming:
+        if self.fetch == "before_scheduled_time" and self.lead_time is None:
+            raise ValueError("fetch: before_scheduled_time needs a lead_time such as 2h")
+        if self.fetch == "now" and self.lead_time is not None:
+            raise ValueError("lead_time applies only with fetch: before_scheduled_time")
+        return self
 
 
 class RouteSchema(Schema):
     name: str = Field(pattern=NAME_PATTERN)
-    match: RouteMatch = RouteMatch()
+    # A condition (see engine.rules.conditions), parsed by the loader.
+    match: Any = None
     sources: list[str] = Field(min_length=1)
     destination: str
     rules: StringList | None = None
+    timing: RouteTiming = RouteTiming()
 
     @pydantic.field_validator("sources")
     @classmethod
@@ -77,18 +108,31 @@ class RoutesFile(Schema):
     routes: list[RouteSchema] = Field(default_factory=list)
 
 
-class RuleWhen(Schema):
-    """Conditions on the order. ordered_modality comes from OBR-24, else the procedure map."""
-
-    ordered_modality: StringList = Field(default_factory=list)
+SAME = "SAME"
+# Modalities of reports and key object selections, which the include_* options add.
+REPORT_MODALITIES = ("SR", "DOC")
+KEY_IMAGE_MODALITIES = ("KO",)
 
 
 class Selection(Schema):
-    """Which prior studies to retrieve, most recent first."""
+    """The criteria that pick the prior studies to retrieve for an order."""
 
+    # Modalities of the priors; `same` is the ordered modality.
     modalities: StringList = Field(min_length=1)
+    # `same`: the prior shows the ordered region; `related`: any region related to it
+    # in the anatomy table; or a list of regions. Absent: any body part.
+    body_part: Literal["same", "related"] | list[str] | None = None
+    unknown_body_part: Literal["include", "exclude"] = "include"
     lookback: Duration
     max_studies: int = Field(ge=1, le=1000)
+    ordering: Literal["most_recent", "oldest_and_most_recent"] = "most_recent"
+    include_descriptions: list[Pattern] = Field(default_factory=list)
+    exclude_descriptions: list[Pattern] = Field(default_factory=list)
+    include_reports: bool = False
+    include_key_images: bool = False
+    skip_ordered_study: bool = True
+    # Sources to take a study from when several hold it; the route's order breaks ties.
+    prefer_sources: list[str] = Field(default_factory=list)
 
     @pydantic.field_validator("lookback", mode="before")
     @classmethod
@@ -100,15 +144,37 @@ class Selection(Schema):
     def _upper(cls, value: list[str]) -> list[str]:
         return [modality.upper() for modality in value]
 
+    @pydantic.field_validator("body_part", mode="before")
+    @classmethod
+    def _body_part(cls, value: object) -> object:
+        if isinstance(value, str) and value.lower() not in ("same", "related"):
+            return [value.upper()]
+        if isinstance(value, list):
+            return [item.upper() if isinstance(item, str) else item for item in value]
+        return value.lower() if isinstance(value, str) else value
+
 
 class RuleSchema(Schema):
     name: str = Field(pattern=NAME_PATTERN)
-    when: RuleWhen = RuleWhen()
+    # A condition on the order (see engine.rules.conditions), parsed by the loader.
+    when: Any = None
     select: Selection
+    # No second job for the same patient, rule and destination within this span.
+    suppression_window: TimeSpan | None = None
+
+
+class ProcedureSchema(Schema):
+    """The meaning of a procedure code (OBR-4.1): its modality and body region."""
+
+    modality: str = ""
+    body_part: str = ""
+    coding_system: str = ""
 
 
 class RulesFile(Schema):
-    procedure_codes: dict[str, str] = Field(default_factory=dict)
+    procedure_codes: dict[str, str | ProcedureSchema] = Field(default_factory=dict)
+    # Extra patterns that name body regions in procedure texts and study descriptions.
+    body_parts: dict[str, list[Pattern]] = Field(default_factory=dict)
     rules: list[RuleSchema] = Field(default_factory=list)
 
 
@@ -126,6 +192,7 @@ class Located:
 @dataclasses.dataclass(frozen=True)
 class Route(Located):
     spec: RouteSchema
+    condition: Condition
 
     @property
     def name(self) -> str:
@@ -143,6 +210,9 @@ class Route(Located):
 @dataclasses.dataclass(frozen=True)
 class Rule(Located):
     spec: RuleSchema
+    condition: Condition
+    include_patterns: tuple[re.Pattern[str], ...] = ()
+    exclude_patterns: tuple[re.Pattern[str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -150,12 +220,28 @@ class Rule(Located):
 
 
 @dataclasses.dataclass(frozen=True)
+class Procedure:
+    """A procedure code's modality and body region, and where the mapping is defined."""
+
+    code: str
+    modality: str
+    body_part: str
+    coding_system: str
+    origin: str
+
+
+@dataclasses.dataclass(frozen=True)
 class RuleSet:
-    """All routes (in file order) and rules (by name), and the procedure-code map."""
+    """All routes (in file order), rules (by name), the procedure-code map, the body-part
+    patterns of the rule files and the anatomy table."""
 
     routes: tuple[Route, ...]
     rules: dict[str, Rule]
-    procedure_codes: dict[str, str]
+    procedures: dict[str, Procedure]
+    body_part_patterns: dict[str, tuple[re.Pattern[str], ...]] = dataclasses.field(
+        default_factory=dict
+    )
+    anatomy: Anatomy = dataclasses.field(default_factory=Anatomy.empty)
 
     @classmethod
     def empty(cls) -> RuleSet:

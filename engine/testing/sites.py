@@ -78,6 +78,8 @@ class Network:
         settings["identity"]["table"] = str(conf / settings["identity"]["table"])
         settings["routes"] = str((conf / settings["routes"]).resolve())
         settings["rules"] = str((conf / settings["rules"]).resolve())
+        if settings.get("anatomy"):
+            settings["anatomy"] = str((conf / settings["anatomy"]).resolve())
         settings["store"]["path"] = str(target.parent / "fdqr.sqlite")
         settings["spool"]["path"] = str(target.parent / "spool")
         settings["jobs"]["poll_seconds"] = 0.5
@@ -143,6 +145,12 @@ class EngineProcess:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def send_signal(self, number: int) -> None:
+        """Send a signal to the running engine, e.g. SIGHUP to reload the rules."""
+        if self._process is None:
+            raise RuntimeError("fdqr run is not running")
+        self._process.send_signal(number)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

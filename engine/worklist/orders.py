@@ -45,6 +45,8 @@ def order_facts(item: WorklistItem) -> OrderFacts:
         procedure_coding_system=item.procedure_coding_system,
         procedure_text=item.procedure_text,
         order_time=start,
+        scheduled_time=start,
+        body_parts=(item.body_part.upper(),) if item.body_part else (),
     )
 
 

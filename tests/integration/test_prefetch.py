@@ -136,14 +136,28 @@ def test_duplicate_message_gets_same_ack_and_no_job(prefetched: Prefetched) -> N
     assert len(read_jobs(prefetched.store)) == jobs_before
 
 
-def test_repeated_order_stores_no_second_copy(prefetched: Prefetched) -> None:
+def test_repeated_order_is_suppressed(prefetched: Prefetched) -> None:
     scenario = prefetched.scenario
     local = prefetched.network.sites["local_pacs"]
     count_before = local.instance_count()
+    # The RIS sends the same order (same accession number) with a new MSH-10.
     message = order_message(scenario.local_patient, "ORD2", "ACC-NEW-1", dt.datetime.now())
     assert send(prefetched.network.ports.mllp, message)[1] == "MSA|AA|ORD2"
-    job = wait_for_job(prefetched.store, max(job.id for job in read_jobs(prefetched.store)))
+    job = read_jobs(prefetched.store)[-1]
     assert job.id != prefetched.job_id
+    assert job.state == JobState.SUPPRESSED
+    assert job.summary == f"repeated order: job {prefetched.job_id} already covers this order"
+    assert read_studies(prefetched.store, job.id) == []
+    assert local.instance_count() == count_before
+
+
+def test_new_order_stores_no_second_copy(prefetched: Prefetched) -> None:
+    scenario = prefetched.scenario
+    local = prefetched.network.sites["local_pacs"]
+    count_before = local.instance_count()
+    message = order_message(scenario.local_patient, "ORD5", "ACC-NEW-5", dt.datetime.now())
+    assert send(prefetched.network.ports.mllp, message)[1] == "MSA|AA|ORD5"
+    job = wait_for_job(prefetched.store, max(job.id for job in read_jobs(prefetched.store)))
     assert job.state == JobState.DONE
     assert job.summary.startswith("0 studies stored (0 instances), 4 already at the destination")
     assert local.instance_count() == count_before

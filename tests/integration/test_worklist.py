@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from engine.jobs.store import JobState
-from engine.testing.scenario import prefetch_scenario
+from engine.testing.scenario import order_message, prefetch_scenario
 from engine.testing.sites import REPOSITORY, EngineProcess, Network
 from engine.testing.worklist import ScheduledStep, WorklistServer
-from tests.integration.conftest import read_jobs, wait_for_job
+from tests.integration.conftest import read_jobs, send, wait_for_job
 
 pytestmark = pytest.mark.integration
 
@@ -179,6 +179,57 @@ def test_worklist_down_then_back(tmp_path: Path) -> None:
         [job] = read_jobs(store)
         assert job.order.accession_number == "ACC-SPS-LATE"
         assert "skipped 1 malformed item(s): no Patient ID" in engine.log_text()
+    finally:
+        if engine is not None:
+            assert engine.stop() == 0
+        worklist.stop()
+        network.stop()
+
+
+def test_worklist_step_ordered_by_hl7_too_and_removed_step(tmp_path: Path) -> None:
+    scenario = prefetch_scenario(dt.date.today())
+    network = Network(tmp_path)
+    worklist = WorklistServer(tmp_path / "mwl")
+    network.start()
+    worklist.start()
+    engine: EngineProcess | None = None
+    try:
+        network.load(scenario)
+        config = network.write_engine_config(
+            tmp_path / "engine" / "engine.yaml", overrides=worklist_overrides(worklist)
+        )
+        store = tmp_path / "engine" / "fdqr.sqlite"
+        engine = EngineProcess(config, network.ports.mllp, tmp_path / "engine.log")
+        engine.start()
+
+        ordered = scheduled("SPS-HL7", in_hours(1))
+        message = order_message(
+            scenario.local_patient, "ORD-WL-1", ordered.accession, dt.datetime.now()
+        )
+        assert send(network.ports.mllp, message)[1] == "MSA|AA|ORD-WL-1"
+        [hl7_job] = read_jobs(store)
+        assert wait_for_job(store, hl7_job.id).state == JobState.DONE
+        instances_after_hl7 = network.sites["local_pacs"].instance_count()
+
+        # The same procedure on the worklist, and a later one whose job waits for its lead time.
+        later = scheduled("SPS-LATER", in_hours(5))
+        worklist.add(ordered)
+        worklist.add(later)
+        wait_for_jobs(store, 3)
+        jobs = {job.order.accession_number: job for job in read_jobs(store) if job.id != hl7_job.id}
+        assert jobs[ordered.accession].state == JobState.SUPPRESSED
+        assert jobs[later.accession].state == JobState.QUEUED
+        assert jobs[later.accession].not_before > dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+
+        worklist.remove(later)
+        deadline = time.monotonic() + POLL_SECONDS * 6
+        while {job.id: job for job in read_jobs(store)}[
+            jobs[later.accession].id
+        ].state != JobState.CANCELLED:
+            assert time.monotonic() < deadline, "the removed step's job was not cancelled"
+            time.sleep(0.2)
+        assert network.sites["local_pacs"].instance_count() == instances_after_hl7
+        assert len(read_jobs(store)) == 3
     finally:
         if engine is not None:
             assert engine.stop() == 0

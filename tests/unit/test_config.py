@@ -43,6 +43,7 @@ def test_shipped_configuration_is_valid(layout: Path) -> None:
     loaded = config.load(layout)
     assert sorted(loaded.settings.nodes) == ["hospital_a", "hospital_b", "local_pacs", "ris_mwl"]
     assert [route.name for route in loaded.rule_set.routes] == ["ris-orders", "worklist-orders"]
+    assert len(loaded.rule_set.anatomy) > 10
     assert loaded.store_path == (layout.parent.parent / "var" / "fdqr.sqlite").resolve()
     assert len(loaded.identity_table) == 2
 

@@ -9,10 +9,19 @@ from pathlib import Path
 import pytest
 
 from engine.configfile import ConfigError
-from engine.model import MessageOrigin, OrderFacts, PatientIdentifier, StudyCandidate
+from engine.model import (
+    Demographics,
+    MessageOrigin,
+    OrderFacts,
+    OrderPlaced,
+    PatientIdentifier,
+    StudyCandidate,
+)
+from engine.rules.facts import Facts, extract_facts
 from engine.rules.loader import load_rule_set
 from engine.rules.model import Duration, RuleSet, parse_duration
-from engine.rules.select import route_order, select_priors, subtract
+from engine.rules.select import Routing, route_order, select_priors, subtract
+from engine.rules.timing import LocalZone
 
 ROUTES = """
 routes:
@@ -73,14 +82,28 @@ def candidate(
     )
 
 
-def origin(application: str = "RIS") -> MessageOrigin:
-    return MessageOrigin(application, "RAD", "ORM^O01", "1")
+def origin(application: str = "RIS", message_type: str = "ORM^O01") -> MessageOrigin:
+    return MessageOrigin(application, "RAD", message_type, "1")
+
+
+def facts_of(rule_set: RuleSet, order: OrderFacts, source: MessageOrigin | None = None) -> Facts:
+    event = OrderPlaced(source or origin(), PATIENT, Demographics(), order)
+    return extract_facts(event, rule_set, LocalZone("UTC"))
+
+
+def routed(rule_set: RuleSet, source: MessageOrigin, order: OrderFacts) -> Routing:
+    return route_order(rule_set, facts_of(rule_set, order, source))
 
 
 def test_load_keeps_file_order(rule_set: RuleSet) -> None:
     assert [route.name for route in rule_set.routes] == ["ris", "other"]
     assert sorted(rule_set.rules) == ["ct", "mr"]
-    assert rule_set.procedure_codes == {"CTCHEST": "CT"}
+    procedure = rule_set.procedures["CTCHEST"]
+    assert (procedure.modality, procedure.body_part, procedure.origin) == (
+        "CT",
+        "",
+        "rules/priors.yaml",
+    )
     assert rule_set.rules["mr"].spec.select.modalities == ["MR"]
 
 
@@ -165,30 +188,41 @@ def test_subtract_calendar_units() -> None:
 
 
 def test_route_first_match_and_rules(rule_set: RuleSet) -> None:
-    routing = route_order(rule_set, origin(), OrderFacts(ordered_modality="CT"))
-    assert routing is not None
+    routing = routed(rule_set, origin(), OrderFacts(ordered_modality="CT"))
+    assert routing.route is not None
     assert routing.route.name == "ris"
     assert [rule.name for rule in routing.rules] == ["ct"]
+    assert [check.taken for check in routing.route_checks] == [True, False]
+    # The second route matches too, but the first match wins.
+    assert routing.route_checks[1].trace.matched
 
 
 def test_route_other_sender_takes_second_route(rule_set: RuleSet) -> None:
-    routing = route_order(rule_set, origin("PACS"), OrderFacts(ordered_modality="CT"))
-    assert routing is not None
+    routing = routed(rule_set, origin("PACS"), OrderFacts(ordered_modality="CT"))
+    assert routing.route is not None
     assert routing.route.name == "other"
+    assert routing.route_checks[0].trace.failures() == [
+        "sending_application 'PACS' does not match 'RIS'"
+    ]
     # The route names only the MR rule, so a CT order gets no rule.
     assert routing.rules == ()
+    assert [check.rule.name for check in routing.rule_checks] == ["mr"]
 
 
 def test_route_modality_from_procedure_map(rule_set: RuleSet) -> None:
-    routing = route_order(rule_set, origin(), OrderFacts(procedure_code="CTCHEST"))
-    assert routing is not None
-    assert routing.ordered_modality == "CT"
+    facts = facts_of(rule_set, OrderFacts(procedure_code="CTCHEST"))
+    assert facts.order.ordered_modality == "CT"
+    [fact] = [fact for fact in facts if fact.name == "ordered_modality"]
+    assert fact.source == "procedure_codes[CTCHEST] in rules/priors.yaml"
+    routing = route_order(rule_set, facts)
     assert [rule.name for rule in routing.rules] == ["ct"]
 
 
 def test_route_none_for_other_type(rule_set: RuleSet) -> None:
-    other = MessageOrigin("RIS", "RAD", "OMI^O23", "1")
-    assert route_order(rule_set, other, OrderFacts(ordered_modality="CT")) is None
+    routing = routed(rule_set, origin(message_type="OMI^O23"), OrderFacts(ordered_modality="CT"))
+    assert routing.route is None
+    assert routing.rules == ()
+    assert all(not check.trace.matched for check in routing.route_checks)
 
 
 def test_select_most_recent_within_max(rule_set: RuleSet) -> None:

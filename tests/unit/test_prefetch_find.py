@@ -1,0 +1,206 @@
+"""The find and select part of the pipeline: queries per source policy, quiet hours, cancels."""
+
+from __future__ import annotations
+
+import datetime as dt
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from twisted.internet import defer
+
+from engine.identity.resolver import TableResolver
+from engine.identity.table import CrossReferenceTable
+from engine.jobs.policy import SourcePolicy
+from engine.jobs.prefetch import Prefetch, Source, StudyResult
+from engine.jobs.receiving import ExpectationRegistry
+from engine.jobs.store import JobRecord, JobState, NewJob, StudyState
+from engine.model import Demographics, OrderFacts, PatientIdentifier, StudyCandidate
+from engine.rules.loader import load_rule_set
+from engine.rules.model import RuleSet
+from engine.rules.timing import LocalZone, QuietWindow, parse_days
+from tests.conftest import NOW
+from tests.fakes import ImmediateStore
+
+LOCAL = PatientIdentifier("L1", "LOCAL")
+REMOTE = PatientIdentifier("HA-1", "HOSP_A")
+
+
+class FakePools:
+    def run(self, node: str, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(function, *args)
+
+
+class FakeClient:
+    """Returns every study on C-FIND, like a PACS that ignores ModalitiesInStudy matching."""
+
+    def __init__(self, studies: list[tuple[str, str, str, int]]) -> None:
+        self.studies = studies
+        self.queries: list[Dataset] = []
+
+    def find(self, query: Dataset) -> list[Dataset]:
+        self.queries.append(query)
+        answers = []
+        for uid, date, modality, count in self.studies:
+            answer = Dataset()
+            answer.StudyInstanceUID = uid
+            answer.PatientID = REMOTE.value
+            answer.StudyDate = date
+            answer.ModalitiesInStudy = modality
+            answer.NumberOfStudyRelatedInstances = count
+            answers.append(answer)
+        return answers
+
+
+@pytest.fixture
+def rule_set(tmp_path: Path) -> RuleSet:
+    for name, text in (
+        ("routes", "routes:\n  - {name: ris, sources: [a], destination: local}\n"),
+        (
+            "rules",
+            "rules:\n  - name: ct\n    select: {modalities: [CT, MR], lookback: 5y, max_studies: 5}\n",
+        ),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.yaml").write_text(textwrap.dedent(text))
+    return load_rule_set(tmp_path / "routes", tmp_path / "rules")
+
+
+def make_pipeline(
+    db: ImmediateStore,
+    rule_set: RuleSet,
+    client: FakeClient,
+    policy: SourcePolicy,
+    now: dt.datetime,
+    tmp_path: Path,
+) -> tuple[Prefetch, list[str]]:
+    table = CrossReferenceTable({LOCAL: {"HOSP_A": REMOTE}})
+    pipeline = Prefetch(
+        db=db,  # type: ignore[arg-type]
+        pools=FakePools(),  # type: ignore[arg-type]
+        clients={"a": client, "local": FakeClient([])},  # type: ignore[dict-item]
+        sources={"a": Source("a", "HOSP_A", "HOSP_A")},
+        registry=ExpectationRegistry("FDQR"),
+        identity=lambda: TableResolver(table, "LOCAL"),
+        rule_set=lambda: rule_set,
+        engine_ae_title="FDQR",
+        spool_root=tmp_path / "spool",
+        now=lambda: now,
+        policies={"a": policy},
+        zone=LocalZone("UTC"),
+    )
+    fetched: list[str] = []
+
+    def fetch(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        fetched.append(candidate.study_instance_uid)
+        db.store.update_study(
+            job.id, candidate.source, candidate.study_instance_uid, StudyState.STORED
+        )
+        return defer.succeed(StudyResult(StudyState.STORED, received=1, stored=1))
+
+    pipeline._fetch_study = fetch  # type: ignore[method-assign]
+    return pipeline, fetched
+
+
+def claimed_job(db: ImmediateStore) -> JobRecord:
+    db.store.add_job(
+        NewJob(
+            "ris",
+            "ct",
+            "local",
+            ("a",),
+            LOCAL,
+            Demographics(),
+            OrderFacts(ordered_modality="CT", accession_number="ACC1"),
+            NOW,
+        ),
+        NOW,
+    )
+    [job] = db.store.claim_due(NOW, 1)
+    return job
+
+
+def run(pipeline: Prefetch, job: JobRecord) -> Any:
+    results: list[Any] = []
+    pipeline.run(job).addBoth(results.append)
+    assert results, "the pipeline did not finish"
+    return results[0]
+
+
+STUDIES = [
+    ("1.1", "20250101", "CT", 10),
+    ("1.2", "20240101", "MR", 500),
+    ("1.3", "20240601", "CR", 2),
+]
+
+
+def test_one_query_per_modality_then_local_filter(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    client = FakeClient(STUDIES)
+    pipeline, fetched = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    job = claimed_job(db)
+    outcome = run(pipeline, job)
+    assert outcome.state == JobState.DONE
+    assert [q.ModalitiesInStudy for q in client.queries] == ["CT", "MR"]
+    assert {q.StudyDate for q in client.queries} == {"20210314-20260314"}
+    # The PACS returned every study twice and a CR study, so responses are deduplicated and filtered.
+    assert sorted(fetched) == ["1.1", "1.2"]
+    skipped = {s.study_instance_uid: s.reason for s in db.store.studies(job.id) if not s.selected}
+    assert skipped == {"1.3": "modalities CR not in CT/MR"}
+    events = [text for _, text in db.store.events(job.id)]
+    assert (
+        "source a: 3 studies found (StudyDate=20210314-20260314, ModalitiesInStudy=CT;"
+        " StudyDate=20210314-20260314, ModalitiesInStudy=MR)" in events
+    )
+
+
+def test_local_matching_sends_one_query(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    client = FakeClient(STUDIES)
+    policy = SourcePolicy(modality_matching="local", date_matching="local")
+    pipeline, fetched = make_pipeline(db, rule_set, client, policy, NOW, tmp_path)
+    run(pipeline, claimed_job(db))
+    [query] = client.queries
+    assert query.ModalitiesInStudy == ""
+    assert query.StudyDate == ""
+    assert sorted(fetched) == ["1.1", "1.2"]
+
+
+def test_quiet_hours_defer_large_studies(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    window = QuietWindow(parse_days("daily"), dt.time(7), dt.time(19), max_instances=100)
+    client = FakeClient(STUDIES)
+    pipeline, fetched = make_pipeline(
+        db, rule_set, client, SourcePolicy(quiet_hours=(window,)), NOW, tmp_path
+    )
+    job = claimed_job(db)
+    outcome = run(pipeline, job)
+    assert fetched == ["1.1"]
+    assert outcome.state == JobState.DEFERRED
+    assert outcome.defer_until == dt.datetime(2026, 3, 14, 19, 0, tzinfo=dt.UTC)
+    assert outcome.summary.endswith("1 postponed for quiet hours")
+    events = [text for _, text in db.store.events(job.id)]
+    assert any(text.startswith("study 1.2 from a postponed: quiet hours") for text in events)
+
+
+def test_cancel_requested_stops_before_retrieve(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    client = FakeClient(STUDIES)
+    pipeline, fetched = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    job = claimed_job(db)
+    note = db.store.cancel_order(
+        LOCAL, OrderFacts(accession_number="ACC1"), "order cancelled (ORC-1 CA) by message X", NOW
+    )
+    assert note == f"cancel requested for running job(s) {job.id}"
+    outcome = run(pipeline, job)
+    assert outcome.state == JobState.CANCELLED
+    assert outcome.summary == "order cancelled (ORC-1 CA) by message X"
+    assert fetched == []
+    assert client.queries == []

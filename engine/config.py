@@ -16,6 +16,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.configfile import ConfigError, Problem, load_document, validate
+from engine.federation.settings import FederationSettings, check_federation
 from engine.identity.table import CrossReferenceTable, load_table
 from engine.rules.loader import load_rule_set
 from engine.rules.model import RuleSet
@@ -105,6 +106,7 @@ class EngineSettings(Settings):
     store: StoreSettings = StoreSettings()
     spool: SpoolSettings = SpoolSettings()
     jobs: JobSettings = JobSettings()
+    federation: FederationSettings = FederationSettings()
     routes: Path = Path("../routes")
     rules: Path = Path("../rules")
 
@@ -159,6 +161,7 @@ def load(path: Path) -> Config:
             problems += error.problems
 
     problems += _check_references(document.file, document.line_of, settings, rule_set)
+    problems += check_federation(document, settings)
     if problems:
         raise ConfigError(problems)
     return Config(path=path.resolve(), settings=settings, rule_set=rule_set, identity_table=table)

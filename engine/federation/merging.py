@@ -1,7 +1,7 @@
 """Turning site answers into the caller's rows: local identifiers, one character set, one row each.
 
 A row contains the keys the caller asked for (zero length when the site had no
-value), the unique key of the query level, Retrieve AE Title set to the
+value), the unique keys of the query level and above, Retrieve AE Title set to the
 engine, and the local patient identity: PatientID and IssuerOfPatientID are the
 local ones and Other Patient IDs Sequence lists the site's identifier. Values
 are re-encoded in the caller's character set; a character that set cannot
@@ -65,9 +65,11 @@ def build_row(
         replaced += count
         row.add(DataElement(key.tag, key.VR, value if value is not None else _empty(key.VR)))
 
-    unique = UNIQUE_KEYS[level]
-    if unique not in row and level is not Level.PATIENT:
-        row.add(DataElement(answer[unique].tag, "UI", str(answer.get(unique, ""))))
+    # The unique keys of the query level and the levels above it, so each row can be retrieved.
+    for above in (Level.STUDY, Level.SERIES, Level.IMAGE):
+        keyword = UNIQUE_KEYS[above]
+        if above <= level and keyword not in row:
+            setattr(row, keyword, str(answer.get(keyword, "") or ""))
     _set_identity(row, query, origin)
     row.RetrieveAETitle = retrieve_ae_title
     return row, replaced

@@ -13,6 +13,7 @@ abort the association when the site's time is up, from another thread.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import threading
@@ -203,9 +204,10 @@ def _query(level: Level, elements: list[DataElement], extra: dict[str, str]) -> 
 
 
 def _with_parent(answer: Dataset, parent: Dataset) -> Dataset:
+    """Add the parent's attributes to an answer, as copies: answers are changed later."""
     for element in parent:
         if element.tag not in answer:
-            answer.add(element)
+            answer.add(copy.deepcopy(element))
     return answer
 
 

@@ -208,7 +208,7 @@ class FederatedFind:
         except QueryCancelled:
             logger.info("federated query %s: %s confirmed the cancel", self.query_id, site.name)
         except Exception as error:
-            if site.name in self._running:
+            if site.name in self._running and not self.cancelled:
                 self.summary.failed[site.name] = f"failed: {error}"
                 logger.warning("federated query %s: %s failed: %s", self.query_id, site.name, error)
         finally:

@@ -178,6 +178,10 @@ class QRService:
                     yield final, None
                 return
             yield Status.PENDING, item.dataset
+            if event.is_cancelled:
+                self.reactor.callFromThread(find.cancel)
+                yield Status.CANCEL, None
+                return
 
     # C-MOVE and C-GET
 

@@ -71,18 +71,26 @@ class SiteHandle:
                 return
         raise QueryCancelled()
 
+    def finished(self) -> None:
+        """Record that the running C-FIND got its final response: nothing left to cancel."""
+        with self._lock:
+            self._current = None
+
     def cancel(self) -> None:
         """Send C-CANCEL for the running C-FIND; further levels are not asked."""
         with self._lock:
             self.cancelled = True
             association, current = self._association, self._current
-        if association is None or current is None or not association.is_established:
-            return
-        try:
-            # Non-blocking: pynetdicom queues the PDU for its own network thread.
-            association.send_c_cancel(current[0], query_model=current[1])
-        except (RuntimeError, ValueError) as error:
-            logger.warning("C-CANCEL could not be sent: %s", error)
+            # Sent under the lock, so never after finished(): a C-CANCEL (a
+            # P-DATA) sent while the association is being released breaks
+            # pynetdicom's state machine.
+            if association is None or current is None or not association.is_established:
+                return
+            try:
+                # Non-blocking: pynetdicom queues the PDU for its own network thread.
+                association.send_c_cancel(current[0], query_model=current[1])
+            except Exception as error:
+                logger.warning("C-CANCEL could not be sent: %s", error)
 
     def abort(self) -> None:
         with self._lock:
@@ -132,13 +140,16 @@ class _Finder:
         responses = self.association.send_c_find(query, model.find_sop_class, msg_id=message_id)
         for status, identifier in responses:
             if status is None or "Status" not in status:
+                self.handle.finished()
                 raise DimseError(f"C-FIND at {self.client.node}: no response (timeout or abort)")
             code = int(status.Status)
             if is_pending(code):
                 if identifier is not None:
                     identifier.decode()
                     yield identifier
-            elif code == Status.CANCEL:
+                continue
+            self.handle.finished()
+            if code == Status.CANCEL:
                 raise QueryCancelled()
             elif code != Status.SUCCESS:
                 raise DimseError(

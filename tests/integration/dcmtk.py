@@ -85,7 +85,7 @@ def run_tool(arguments: list[str], cwd: Path | None = None) -> Run:
     return Run(output, parse_responses(output), time.monotonic() - started)
 
 
-def keys(pairs: dict[str, str]) -> list[str]:
+def keys(pairs: dict[str, str | None]) -> list[str]:
     arguments = []
     for name, value in pairs.items():
         arguments += ["-k", f"{name}={value}" if value is not None else name]
@@ -93,7 +93,13 @@ def keys(pairs: dict[str, str]) -> list[str]:
 
 
 def findscu(
-    port: int, calling: str, level: str, pairs: dict[str, str], folder: Path, root: str = "-S"
+    port: int,
+    calling: str,
+    level: str,
+    pairs: dict[str, str | None],
+    folder: Path,
+    root: str = "-S",
+    extra: list[str] | None = None,
 ) -> tuple[Run, list[Dataset]]:
     """Run a C-FIND; return the run and the identifiers received, in order."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,6 +107,7 @@ def findscu(
         old.unlink()
     run = run_tool(
         ["findscu", "-d", root, "-X", "-od", str(folder), "-aet", calling, "-aec", "FDQR"]
+        + (extra or [])
         + ["127.0.0.1", str(port)]
         + keys({"QueryRetrieveLevel": level, **pairs})
     )
@@ -108,16 +115,24 @@ def findscu(
 
 
 def movescu(
-    port: int, calling: str, destination: str, pairs: dict[str, str], root: str = "-S"
+    port: int,
+    calling: str,
+    destination: str,
+    pairs: dict[str, str | None],
+    root: str = "-S",
+    extra: list[str] | None = None,
 ) -> Run:
     return run_tool(
         ["movescu", "-d", root, "-aet", calling, "-aec", "FDQR", "-aem", destination]
+        + (extra or [])
         + ["127.0.0.1", str(port)]
         + keys(pairs)
     )
 
 
-def getscu(port: int, calling: str, pairs: dict[str, str], folder: Path, root: str = "-S") -> Run:
+def getscu(
+    port: int, calling: str, pairs: dict[str, str | None], folder: Path, root: str = "-S"
+) -> Run:
     folder.mkdir(parents=True, exist_ok=True)
     return run_tool(
         ["getscu", "-d", root, "-aet", calling, "-aec", "FDQR", "-od", str(folder)]

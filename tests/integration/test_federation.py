@@ -287,6 +287,37 @@ def test_move_without_study_uid_a900(federated: Federated) -> None:
     assert "StudyInstanceUID" in run.final.error_comment
 
 
+def test_move_cancelled_by_caller(federated: Federated) -> None:
+    federated.destination.clear()
+    run = movescu(
+        federated.port,
+        "MOVESCU",
+        "STORESCP",
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid("a-ct-chest-1y")},
+        extra=["--cancel", "3"],
+    )
+    assert run.final.status == 0xFE00, run.output[-3000:]
+    completed = run.final.count("Completed") or 0
+    remaining = run.final.count("Remaining") or 0
+    assert 3 <= completed < 100
+    assert completed + remaining + (run.final.count("Failed") or 0) == 100
+    assert len(federated.destination.received()) == completed
+
+
+def test_find_cancelled_while_site_is_slow(federated: Federated, tmp_path: Path) -> None:
+    hospital_b = federated.network.sites["hospital_b"]
+    hospital_b.pause()
+    try:
+        run, rows = findscu(
+            federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path, extra=["--cancel", "1"]
+        )
+    finally:
+        hospital_b.resume()
+    assert run.final.status == 0xFE00, run.output[-3000:]
+    assert run.elapsed_seconds < SITE_TIMEOUT_SECONDS
+    assert len(rows) >= 1
+
+
 def test_find_with_stopped_site_answers_in_time(federated: Federated, tmp_path: Path) -> None:
     hospital_b = federated.network.sites["hospital_b"]
     hospital_b.pause()

@@ -52,7 +52,8 @@ def build_row(
     row = Dataset()
     row.SpecificCharacterSet = _charset_value(character_set)
     row.QueryRetrieveLevel = level.name
-    codecs = convert_encodings(character_set.split("\\") if character_set else ["ISO_IR 6"])
+    # pydicom reads the default repertoire leniently as Latin-1; the standard says ASCII.
+    codecs = convert_encodings(character_set.split("\\")) if character_set else ["ascii"]
     replaced = 0
 
     for key in query:

@@ -134,11 +134,8 @@ def getscu(
     port: int, calling: str, pairs: dict[str, str | None], folder: Path, root: str = "-S"
 ) -> Run:
     folder.mkdir(parents=True, exist_ok=True)
-    return run_tool(
-        ["getscu", "-d", root, "-aet", calling, "-aec", "FDQR", "-od", str(folder)]
-        + ["127.0.0.1", str(port)]
-        + keys(pairs)
-    )
+    arguments = ["getscu", "-d", root, "-aet", calling, "-aec", "FDQR", "-od", str(folder)]
+    return run_tool([*arguments, "127.0.0.1", str(port), *keys(pairs)])
 
 
 class StoreSCP:

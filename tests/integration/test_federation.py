@@ -180,9 +180,7 @@ def test_find_patient_level_one_row(federated: Federated, tmp_path: Path) -> Non
     assert [(row.PatientID, row.IssuerOfPatientID) for row in rows] == [("L12345", "LOCAL")]
 
 
-def test_find_without_patient_id_only_where_allowed(
-    federated: Federated, tmp_path: Path
-) -> None:
+def test_find_without_patient_id_only_where_allowed(federated: Federated, tmp_path: Path) -> None:
     chest = {"AccessionNumber": "HA-ACC-1001", "StudyInstanceUID": None, "PatientID": None}
     run, rows = findscu(federated.port, "FINDSCU", "STUDY", chest, tmp_path / "chest")
     assert run.final.status == 0x0000
@@ -196,7 +194,9 @@ def test_find_without_patient_id_only_where_allowed(
 
 
 def test_find_unknown_patient_no_rows(federated: Federated, tmp_path: Path) -> None:
-    run, rows = findscu(federated.port, "FINDSCU", "STUDY", {**STUDY_KEYS, "PatientID": "X1"}, tmp_path)
+    run, rows = findscu(
+        federated.port, "FINDSCU", "STUDY", {**STUDY_KEYS, "PatientID": "X1"}, tmp_path
+    )
     assert run.final.status == 0x0000
     assert rows == []
 

@@ -2,8 +2,8 @@
 
 For each site: translate the caller's patient into the site's domain (a site
 without a mapping is not asked), plan the site's query, run it in the site's
-thread pool, and handle every answer as it arrives: check that it belongs to
-the patient asked for, rewrite it to local identifiers, match it again
+thread pool, and handle every match as it arrives: check that it belongs to
+the requested patient, rewrite it to local identifiers, match it again
 against the caller's keys, merge it by the level's unique key, and pass new
 rows to the sink at once. Each site has its own timeout; a site that fails or
 runs out of time is reported in the summary and never holds the others back.
@@ -47,7 +47,7 @@ class MemberSite:
 
 
 class SiteRunner(Protocol):
-    """Run a site's plan in the site's thread pool; `emit` is called there for every answer."""
+    """Run a site's plan in the site's thread pool; `emit` is called there for every match."""
 
     def __call__(
         self, site: str, plan: SitePlan, handle: SiteHandle, emit: Callable[[Dataset], None]
@@ -56,7 +56,7 @@ class SiteRunner(Protocol):
 
 @dataclasses.dataclass
 class Federation:
-    """What every federated operation needs; built once by the engine."""
+    """The dependencies of every federated operation, built once by the engine."""
 
     reactor: Any
     sites: dict[str, MemberSite]
@@ -203,7 +203,7 @@ class FederatedFind:
             if site.name in self._running:
                 self.summary.answered.append(site.name)
                 logger.info(
-                    "federated query %s: %s returned %d answers", self.query_id, site.name, count
+                    "federated query %s: %s returned %d matches", self.query_id, site.name, count
                 )
         except QueryCancelled:
             logger.info("federated query %s: %s confirmed the cancel", self.query_id, site.name)
@@ -315,7 +315,7 @@ class FederatedFind:
     def _origin_if_known(
         self, query: _SiteQuery, answer: Dataset
     ) -> Origin | defer.Deferred[PatientIdentifier | None] | None:
-        """Return whose entity an answer is, a lookup in progress, or None to ignore it."""
+        """Return whose entity a match is, a lookup in progress, or None to ignore it."""
         site = query.site
         patient_id = str(answer.get("PatientID", "") or "").strip()
         issuer = str(answer.get("IssuerOfPatientID", "") or "").strip()

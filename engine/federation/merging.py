@@ -1,4 +1,4 @@
-"""Turning site answers into the caller's rows: local identifiers, one character set, one row each.
+"""Turning site matches into the caller's rows: local identifiers, one character set, one row each.
 
 A row contains the keys the caller asked for (zero length when the site had no
 value), the unique keys of the query level and above, Retrieve AE Title set to the
@@ -33,7 +33,7 @@ _PATIENT_KEYS = ("PatientID", "IssuerOfPatientID")
 
 @dataclasses.dataclass(frozen=True)
 class Origin:
-    """Where a row came from: the site and the patient there, and the local patient."""
+    """The origin of a row: the site, the patient at that site, and the local patient."""
 
     site: str
     remote: PatientIdentifier
@@ -48,7 +48,7 @@ def build_row(
     retrieve_ae_title: str,
     character_set: str,
 ) -> tuple[Dataset, int]:
-    """Build the caller's row from a site answer; return it and the count of replaced characters."""
+    """Build the caller's row from a site's match; return it and the replaced character count."""
     row = Dataset()
     row.SpecificCharacterSet = _charset_value(character_set)
     row.QueryRetrieveLevel = level.name
@@ -77,7 +77,7 @@ def build_row(
 
 
 def localize(answer: Dataset, origin: Origin) -> None:
-    """Give a site answer the local identity in place, before it is matched against the query."""
+    """Set the local identity on a site's match in place, before it is matched against the query."""
     answer.PatientID = origin.local.value
     answer.IssuerOfPatientID = origin.local.issuer
     answer.OtherPatientIDsSequence = _other_ids(origin)

@@ -7,8 +7,8 @@ a site returns it.
 
 C-FIND uses pynetdicom's handler protocol. C-MOVE and C-GET are served by
 this module's own service class, because the protocol of pynetdicom 3
-associates with the move destination before the handler can answer 0xA900 or
-0x0124, and sends only datasets held in memory. Here every final status is
+associates with the move destination before the handler can return 0xA900
+or 0x0124, and sends only datasets held in memory. Here every final status is
 chosen as PS3.4 C.4.2 and C.4.3 say, the counts include the instances a site
 failed to deliver, and objects go from the spool to the destination as files.
 """
@@ -167,7 +167,7 @@ class QRService:
                     yield Status.CANCEL, None
                     return
                 if time.monotonic() > deadline:
-                    logger.error("C-FIND %s: no final answer from the fan-out in time", query_id)
+                    logger.error("C-FIND %s: no final response from the fan-out in time", query_id)
                     self.reactor.callFromThread(find.cancel)
                     yield _status(UNABLE_TO_PROCESS, "federated query timed out"), None
                     return
@@ -604,14 +604,14 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 def _find_final(summary: FindSummary) -> Dataset | None:
-    """Return the final C-FIND status when it must say more than plain success."""
+    """Return the final C-FIND status when plain success would hide a failed site."""
     comment = summary.failure_comment()
     if not comment:
         return None
     if summary.asked and not summary.answered:
         return _status(UNABLE_TO_PROCESS, comment)
-    # Success with an Error Comment naming the sites that did not answer: the
-    # C-FIND service defines no final warning status (PS3.4 C.4.1.1.4).
+    # Success with an Error Comment naming the sites that did not respond,
+    # because the C-FIND service defines no final warning status (PS3.4 C.4.1.1.4).
     return _status(Status.SUCCESS, comment)
 
 

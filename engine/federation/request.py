@@ -71,6 +71,9 @@ def read_level(model: Model, identifier: Dataset) -> Level:
 def read_find(model: Model, identifier: Dataset, local_issuer: str) -> FindRequest:
     """Check a C-FIND identifier; UI keys of `*` become universal matching."""
     query = _copy(identifier)
+    # Text is decoded with the caller's character set now: the site queries
+    # built from these keys declare their own.
+    query.decode()
     level = read_level(model, query)
     universal_uid_keys(query)
     for element in query:

@@ -5,7 +5,7 @@ relational site gets one query at the caller's level. Any other site is asked
 level by level: STUDY first, then SERIES for each study found, then IMAGE for
 each series, so that every request is a hierarchical one. Each answer at the
 caller's level carries the attributes of its parents, PatientID included, so
-that the engine knows whose entity it is.
+the engine can tell whose entity it is.
 
 The SiteHandle lets the reactor cancel the query (C-CANCEL to the site) or
 abort the association when the site's time is up, from another thread.
@@ -39,7 +39,7 @@ class QueryCancelled(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SitePlan:
-    """What to ask one site: the caller's keys with the site's patient ID, at a level."""
+    """The query for one site: the caller's keys with the site's patient ID, at a level."""
 
     site: str
     level: Level
@@ -112,7 +112,7 @@ def split_by_level(model: Model, keys: Dataset, default: Level) -> dict[Level, l
 def run_site_find(
     client: NodeClient, plan: SitePlan, handle: SiteHandle, emit: Callable[[Dataset], None]
 ) -> int:
-    """Query one site and pass every answer at the plan's level to `emit`; return their number."""
+    """Query one site and pass every match at the plan's level to `emit`; return their count."""
     contexts = [
         build_context(Model.STUDY_ROOT.find_sop_class),
         build_context(Model.PATIENT_ROOT.find_sop_class),
@@ -215,7 +215,7 @@ def _query(level: Level, elements: list[DataElement], extra: dict[str, str]) -> 
 
 
 def _with_parent(answer: Dataset, parent: Dataset) -> Dataset:
-    """Add the parent's attributes to an answer, as copies: answers are changed later."""
+    """Add copies of the parent's attributes to a match, because matches are changed later."""
     for element in parent:
         if element.tag not in answer:
             answer.add(copy.deepcopy(element))

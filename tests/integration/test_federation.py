@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from engine.testing.dicomgen import uid_for
 from engine.testing.scenario import Scenario, prefetch_scenario
 from engine.testing.sites import EngineProcess, Network
-from tests.integration.dcmtk import StoreSCP, findscu, getscu, movescu
+from tests.integration.dcmtk import StoreSCP, findscu, getscu, movescu, run_tool
 
 pytestmark = pytest.mark.integration
 
@@ -333,3 +333,24 @@ def test_find_with_stopped_site_answers_in_time(federated: Federated, tmp_path: 
     assert study_uid("b-mr-knee-4y") in uids
     assert study_uid("b-ct-head-3y") not in uids
     assert "hospital_b timed out" in federated.engine.log_text()
+
+
+def test_find_with_site_down_reports_failure(federated: Federated, tmp_path: Path) -> None:
+    hospital_b = federated.network.sites["hospital_b"]
+    hospital_b.stop()
+    try:
+        run, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
+    finally:
+        hospital_b.start()
+    assert run.final.status == 0x0000
+    assert run.final.error_comment == "no answer from hospital_b (failed)"
+    assert run.elapsed_seconds < SITE_TIMEOUT_SECONDS
+    uids = {str(row.StudyInstanceUID) for row in rows}
+    assert study_uid("a-mr-brain-2y") in uids
+    assert study_uid("b-ct-head-3y") not in uids
+
+
+def test_echo_answered(federated: Federated) -> None:
+    command = ["echoscu", "-v", "-aet", "FINDSCU", "-aec", "FDQR", "127.0.0.1", str(federated.port)]
+    run = run_tool(command)
+    assert "Received Echo Response (Success)" in run.output, run.output[-2000:]

@@ -255,3 +255,12 @@ def test_read_retrieve_series_level() -> None:
 def test_read_retrieve_rejects(model: Model, values: dict[str, object], message: str) -> None:
     with pytest.raises(IdentifierError, match=message):
         read_retrieve(model, retrieve_identifier(**values), "LOCAL")
+
+
+def test_read_find_decodes_caller_charset() -> None:
+    query = study_query(SpecificCharacterSet="ISO_IR 192", PatientName="MÜLLER*")
+    received = decode(io.BytesIO(encoded(query)), True, True)
+    request = read_find(Model.STUDY_ROOT, received, "LOCAL")
+    assert request.character_set == "ISO_IR 192"
+    del request.identifier.SpecificCharacterSet
+    assert str(request.identifier.PatientName) == "MÜLLER*"

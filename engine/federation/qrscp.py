@@ -355,6 +355,7 @@ class _MoveSender(_Sender):
         self.problem = ""
 
     def open(self, files: list[Path]) -> None:
+        self.problem = ""
         syntaxes: set[tuple[str, str]] = set()
         for path in files:
             try:
@@ -457,6 +458,8 @@ class _Transfer:
         self.request_id = request_id
         self.counts = _Counts(plan.total)
         self.cancelled = False
+        # The first problem with the move destination, for the final Error Comment.
+        self.destination_problem = ""
 
     @property
     def reactor(self) -> Any:
@@ -498,6 +501,7 @@ class _Transfer:
         extra = [path for path in files if path.stem not in expected]
         self.counts.total += len(extra)
         self.sender.open(files)
+        self.destination_problem = self.destination_problem or self.sender.problem
         try:
             for path in files:
                 if self._check_cancel():
@@ -551,8 +555,8 @@ class _Transfer:
         comment = ""
         if self.plan.unavailable:
             comment = "unavailable: " + ", ".join(sorted(self.plan.unavailable))
-        if self.sender.problem:
-            comment = self.sender.problem
+        if self.destination_problem:
+            comment = self.destination_problem
         if self.cancelled:
             self.responder.send(
                 Status.CANCEL,

@@ -9,5 +9,7 @@ sitefind  blocking C-FIND against one site, streamed, cancellable, level by leve
 fanout    the reactor side of a federated C-FIND: identities, timeouts, merging
 locations which sites hold which study, remembered from queries
 retrieve  C-MOVE/C-GET: locate, pull through the stamping pipeline, count
+transfer  sending the pulled objects on, with sub-operation counts and final status
 qrscp     the pynetdicom side: handlers, the C-MOVE/C-GET service class
+wiring    building it all from the configuration
 """

@@ -13,8 +13,9 @@ from twisted.internet import defer
 from engine.dimse.status import Status
 from engine.federation.fanout import FindSummary
 from engine.federation.locations import Location
-from engine.federation.qrscp import UNABLE_TO_PROCESS, _Counts, _find_final, _Sender, _Transfer
+from engine.federation.qrscp import UNABLE_TO_PROCESS, _find_final
 from engine.federation.retrieve import NOT_FOUND, Instance, RetrievePlan, WorkItem
+from engine.federation.transfer import Counts, Sender, Transfer
 from engine.model import PatientIdentifier
 
 LOCATION = Location(
@@ -25,10 +26,6 @@ LOCATION = Location(
 class InlineReactor:
     def callFromThread(self, function: Callable[..., Any], *args: Any) -> None:
         function(*args)
-
-
-class FakeService:
-    reactor = InlineReactor()
 
 
 class FakeServiceClass:
@@ -69,7 +66,7 @@ class FakeRetrieve:
         self.cleaned = True
 
 
-class FakeSender(_Sender):
+class FakeSender(Sender):
     def __init__(self, statuses: dict[str, int | None]) -> None:
         self.statuses = statuses
         self.sent: list[str] = []
@@ -86,7 +83,7 @@ class FakeResponder:
     def send(
         self,
         status: int,
-        counts: _Counts | None = None,
+        counts: Counts | None = None,
         remaining: int | None = None,
         failed_instances: list[str] | None = None,
         comment: str = "",
@@ -127,8 +124,8 @@ def transfer(
     retrieve = FakeRetrieve(tmp_path, arrived, failing or set())
     request = Dataset()
     request.MessageID = 7
-    _Transfer(
-        FakeService(),  # type: ignore[arg-type]
+    Transfer(
+        InlineReactor(),
         FakeServiceClass(cancel_after),  # type: ignore[arg-type]
         request,
         retrieve,  # type: ignore[arg-type]

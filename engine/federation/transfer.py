@@ -1,12 +1,12 @@
 """Sending the objects of a federated C-MOVE or C-GET, with counts and the final status.
 
-Transfer runs in the caller's association thread: it has each planned study
-pulled into the spool (on the reactor), sends the files to the move
+Transfer runs in the caller's association thread. It has each planned study
+pulled into the spool on the reactor, then sends the files to the move
 destination (MoveSender) or back on the caller's association (GetSender),
-sends a pending response after each sub-operation, and ends with the status
-PS3.4 C.4.2 and C.4.3 define: Success, 0xB000 with the Failed SOP Instance UID
-List, 0xA702 when nothing could be sent, or Cancel. Instances a site failed to
-deliver count as failed sub-operations.
+with a pending response after each sub-operation. The final status is one
+that PS3.4 C.4.2 and C.4.3 define: Success, 0xB000 with the Failed SOP
+Instance UID List, 0xA702 when nothing could be sent, or Cancel. Instances a
+site failed to deliver count as failed sub-operations.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class WorkItem:
     study_instance_uid: str
     identifier: Dataset
     instances: tuple[Instance, ...]
+    # Other sites that hold the study, tried in order when the C-MOVE at `location` fails.
+    alternatives: tuple[Location, ...] = ()
 
 
 @dataclasses.dataclass
@@ -203,7 +205,7 @@ class FederatedRetrieve:
     ) -> Generator[defer.Deferred[Any], Any, WorkItem | None]:
         identifier = self._site_identifier(study)
         problems = []
-        for location in locations:
+        for index, location in enumerate(locations):
             try:
                 instances = yield self.retrieval.count_instances(
                     location.site, location, identifier
@@ -218,7 +220,8 @@ class FederatedRetrieve:
                     error,
                 )
                 continue
-            return WorkItem(location, study, identifier, tuple(instances))
+            alternatives = tuple(locations[index + 1 :])
+            return WorkItem(location, study, identifier, tuple(instances), alternatives)
         plan.unavailable[study] = "; ".join(problems)
         return None
 
@@ -236,8 +239,36 @@ class FederatedRetrieve:
 
     @defer.inlineCallbacks
     def pull(self, item: WorkItem) -> Generator[defer.Deferred[Any], Any, Path]:
-        """Move one item from its site into a spool folder, stamped; return the folder."""
-        location = item.location
+        """Move one item into a spool folder, stamped; return the folder.
+
+        When the C-MOVE fails, the other sites that hold the study are tried in turn.
+        """
+        problem: Exception | None = None
+        for location in (item.location, *item.alternatives):
+            if self.cancelled:
+                break
+            try:
+                spool: Path = yield self._pull_from(item, location)
+                return spool
+            except Exception as error:
+                problem = error
+                logger.warning(
+                    "federated retrieve %s: C-MOVE of study %s from %s failed: %s",
+                    self.request_id,
+                    item.study_instance_uid,
+                    location.site,
+                    error,
+                )
+        if self.cancelled:
+            self.clean_up()
+            return self.spool_dir / item.study_instance_uid
+        assert problem is not None
+        raise problem
+
+    @defer.inlineCallbacks
+    def _pull_from(
+        self, item: WorkItem, location: Location
+    ) -> Generator[defer.Deferred[Any], Any, Path]:
         client = self.retrieval.clients[location.site]
         expectation = Expectation(
             job_id=FEDERATION_JOB_ID,

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.coercion import CoercionProfile
 from engine.coercion_config import CoercionSettings, build_profiles, check_coercion
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
+from engine.federation.settings import FederationSettings, check_federation
 from engine.identity.build import check_identity
 from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable, load_table
@@ -176,6 +177,7 @@ class EngineSettings(Settings):
     spool: SpoolSettings = SpoolSettings()
     jobs: JobSettings = JobSettings()
     worklist: WorklistSettings = WorklistSettings()
+    federation: FederationSettings = FederationSettings()
     routes: Path = Path("../routes")
     rules: Path = Path("../rules")
     # The anatomy table of body regions; without one, regions relate only to themselves.
@@ -265,6 +267,7 @@ def load(path: Path) -> Config:
         settings.local_patient.issuer,
     )
     problems += _check_sources(document, settings)
+    problems += check_federation(document, settings)
     if problems:
         raise ConfigError(problems)
     return Config(

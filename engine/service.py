@@ -21,6 +21,7 @@ from engine.config import Config, load_rules, rule_files
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
+from engine.federation.wiring import build_qr_service
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake
 from engine.hl7.mllp import MLLPFactory
@@ -84,6 +85,19 @@ class Engine:
             Receiver(reactor, self.registry, fsync=settings.spool.fsync),
             max_pdu_bytes=settings.dicom.max_pdu_bytes,
         )
+        if settings.federation.enabled:
+            qr_service = build_qr_service(
+                config,
+                reactor,
+                self.pools,
+                self.clients,
+                self.registry,
+                self.tracker,
+                identity=lambda: self.resolver,
+                spool_root=config.spool_path / "federation",
+            )
+            # The Q/R SCP shares the Storage SCP's AE title and port.
+            self.scp.add_service(qr_service.configure, qr_service.handlers)
         self.prefetch = Prefetch(
             db=self.db,
             pools=self.pools,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,12 +80,24 @@ class StorageSCP:
             self._ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self._ae.add_supported_context(Verification)
         self._server: NoDelayServer | None = None
+        self._extra_handlers: list[tuple[Any, Callable[..., Any]]] = []
+
+    def add_service(
+        self, configure: Callable[[NoDelayAE], None], handlers: list[tuple[Any, Callable[..., Any]]]
+    ) -> None:
+        """Serve more services on the same AE (the federated Q/R SCP); call before start().
+
+        `configure` adds the presentation contexts to the AE; `handlers` are
+        (pynetdicom event, handler) pairs bound when the server starts.
+        """
+        configure(self._ae)
+        self._extra_handlers.extend(handlers)
 
     def start(self) -> None:
         self._server = start_server(
             self._ae,
             (self.host, self.port),
-            evt_handlers=[(evt.EVT_C_STORE, self._on_c_store)],
+            evt_handlers=[(evt.EVT_C_STORE, self._on_c_store), *self._extra_handlers],
         )
         logger.info("Storage SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
 

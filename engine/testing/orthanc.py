@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -155,6 +156,15 @@ class OrthancServer:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def pause(self) -> None:
+        """Stop the process with SIGSTOP: connections are accepted but never answered."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
     # REST API
 

@@ -1,0 +1,356 @@
+"""The federated Q/R SCP with DCMTK clients in front and real Orthanc sites behind it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from engine.testing.dicomgen import uid_for
+from engine.testing.scenario import Scenario, prefetch_scenario
+from engine.testing.sites import EngineProcess, Network
+from tests.integration.dcmtk import StoreSCP, findscu, getscu, movescu, run_tool
+
+pytestmark = pytest.mark.integration
+
+SITE_TIMEOUT_SECONDS = 8
+LOCAL_STUDIES = (
+    "a-ct-chest-1y",
+    "a-mr-brain-2y",
+    "a-cr-chest-6m",
+    "a-ct-abdomen-7y",
+    "b-ct-head-3y",
+    "b-mr-knee-4y",
+    "b-ct-neck-4y6m",
+)
+
+
+class Federated:
+    def __init__(
+        self, network: Network, engine: EngineProcess, scenario: Scenario, destination: StoreSCP
+    ) -> None:
+        self.network = network
+        self.engine = engine
+        self.scenario = scenario
+        self.destination = destination
+
+    @property
+    def port(self) -> int:
+        return self.network.ports.dicom
+
+
+@pytest.fixture(scope="module")
+def federated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federated]:
+    folder = tmp_path_factory.mktemp("federation")
+    scenario = prefetch_scenario(dt.date.today())
+    network = Network(folder)
+    destination = StoreSCP("STORESCP", folder / "destination")
+    network.start()
+    destination.start()
+    engine = None
+    try:
+        network.load(scenario)
+        site = {"timeout_seconds": SITE_TIMEOUT_SECONDS}
+        federation = {
+            "enabled": True,
+            "callers": {
+                "FINDSCU": {},
+                "MOVESCU": {"move_destinations": ["STORESCP"]},
+                "GETSCU": {},
+            },
+            "move_destinations": {"STORESCP": {"host": "127.0.0.1", "port": destination.port}},
+            "sites": {
+                "hospital_a": site,
+                "hospital_b": site,
+                "local_pacs": {**site, "issuer": "LOCAL", "queries_without_patient_id": True},
+            },
+        }
+        config = network.write_engine_config(
+            folder / "engine" / "engine.yaml", overrides={"federation": federation}
+        )
+        engine = EngineProcess(config, network.ports.mllp, folder / "engine.log")
+        engine.start()
+        yield Federated(network, engine, scenario, destination)
+    finally:
+        if engine is not None:
+            status = engine.stop()
+            assert status == 0, engine.log_text()[-3000:]
+        destination.stop()
+        network.stop()
+
+
+def study_uid(key: str) -> str:
+    return uid_for("study", key)
+
+
+def others(row: Dataset) -> list[tuple[str, str]]:
+    return [(item.PatientID, item.IssuerOfPatientID) for item in row.OtherPatientIDsSequence]
+
+
+STUDY_KEYS = {
+    "PatientID": "L12345",
+    "IssuerOfPatientID": None,
+    "StudyInstanceUID": None,
+    "StudyDate": None,
+    "StudyDescription": None,
+    "ModalitiesInStudy": None,
+    "NumberOfStudyRelatedInstances": None,
+    "OtherPatientIDsSequence[0].PatientID": None,
+    "OtherPatientIDsSequence[0].IssuerOfPatientID": None,
+}
+
+
+def test_find_merges_every_site_under_local_id(federated: Federated, tmp_path: Path) -> None:
+    run, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
+    assert run.final.status == 0x0000, run.output[-2000:]
+    assert run.final.error_comment == ""
+
+    uids = [str(row.StudyInstanceUID) for row in rows]
+    assert sorted(uids) == sorted(study_uid(key) for key in LOCAL_STUDIES)
+    for row in rows:
+        assert row.PatientID == "L12345"
+        assert row.IssuerOfPatientID == "LOCAL"
+        assert row.RetrieveAETitle == "FDQR"
+
+
+def test_find_returns_study_of_two_sites_once(federated: Federated, tmp_path: Path) -> None:
+    _, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
+    chest = [row for row in rows if row.StudyInstanceUID == study_uid("a-ct-chest-1y")]
+    assert len(chest) == 1
+    assert others(chest[0]) in ([("HA-778899", "HOSP_A")], [("HB-4455", "HOSP_B")])
+    [brain] = [row for row in rows if row.StudyInstanceUID == study_uid("a-mr-brain-2y")]
+    assert others(brain) == [("HA-778899", "HOSP_A")]
+    [knee] = [row for row in rows if row.StudyInstanceUID == study_uid("b-mr-knee-4y")]
+    assert int(knee.NumberOfStudyRelatedInstances) == 12
+
+
+def test_find_leaves_out_other_patients(federated: Federated, tmp_path: Path) -> None:
+    _, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
+    uids = {str(row.StudyInstanceUID) for row in rows}
+    assert study_uid("a-other-patient-ct") not in uids
+    assert study_uid("b-namesake-ct") not in uids
+
+
+def test_find_matches_wildcard_and_date_range(federated: Federated, tmp_path: Path) -> None:
+    today = dt.date.today()
+    since = (today - dt.timedelta(days=round(3.5 * 365.25))).strftime("%Y%m%d")
+    pairs = {**STUDY_KEYS, "StudyDescription": "CT*", "StudyDate": f"{since}-"}
+    run, rows = findscu(federated.port, "FINDSCU", "STUDY", pairs, tmp_path)
+    assert run.final.status == 0x0000
+    assert sorted(str(row.StudyInstanceUID) for row in rows) == sorted(
+        [study_uid("a-ct-chest-1y"), study_uid("b-ct-head-3y")]
+    )
+
+
+def test_find_series_of_known_study(federated: Federated, tmp_path: Path) -> None:
+    findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path / "study")
+    pairs = {
+        "StudyInstanceUID": study_uid("a-ct-chest-1y"),
+        "SeriesInstanceUID": None,
+        "SeriesDescription": None,
+        "Modality": None,
+        "NumberOfSeriesRelatedInstances": None,
+    }
+    run, rows = findscu(federated.port, "FINDSCU", "SERIES", pairs, tmp_path / "series")
+    assert run.final.status == 0x0000
+    assert sorted(str(row.SeriesDescription) for row in rows) == ["AXIAL 2.5MM", "CORONAL MPR"]
+    assert {row.PatientID for row in rows} == {"L12345"}
+
+
+def test_find_images_level_by_level(federated: Federated, tmp_path: Path) -> None:
+    pairs = {
+        "PatientID": "L12345",
+        "StudyDescription": "CHEST PA*",
+        "SOPInstanceUID": None,
+        "InstanceNumber": None,
+    }
+    run, rows = findscu(federated.port, "FINDSCU", "IMAGE", pairs, tmp_path)
+    assert run.final.status == 0x0000
+    assert len(rows) == 2
+    assert {str(row.StudyInstanceUID) for row in rows} == {study_uid("a-cr-chest-6m")}
+
+
+def test_find_patient_level_one_row(federated: Federated, tmp_path: Path) -> None:
+    pairs = {"PatientID": "L12345", "PatientName": None, "IssuerOfPatientID": None}
+    run, rows = findscu(federated.port, "FINDSCU", "PATIENT", pairs, tmp_path, root="-P")
+    assert run.final.status == 0x0000
+    assert [(row.PatientID, row.IssuerOfPatientID) for row in rows] == [("L12345", "LOCAL")]
+
+
+def test_find_without_patient_id_only_where_allowed(federated: Federated, tmp_path: Path) -> None:
+    chest = {"AccessionNumber": "HA-ACC-1001", "StudyInstanceUID": None, "PatientID": None}
+    run, rows = findscu(federated.port, "FINDSCU", "STUDY", chest, tmp_path / "chest")
+    assert run.final.status == 0x0000
+    assert rows == []
+
+    knee = {"AccessionNumber": "HB-ACC-5210", "StudyInstanceUID": None, "PatientID": None}
+    run, rows = findscu(federated.port, "FINDSCU", "STUDY", knee, tmp_path / "knee")
+    assert [(str(row.StudyInstanceUID), row.PatientID) for row in rows] == [
+        (study_uid("b-mr-knee-4y"), "L12345")
+    ]
+
+
+def test_find_unknown_patient_no_rows(federated: Federated, tmp_path: Path) -> None:
+    run, rows = findscu(
+        federated.port, "FINDSCU", "STUDY", {**STUDY_KEYS, "PatientID": "X1"}, tmp_path
+    )
+    assert run.final.status == 0x0000
+    assert rows == []
+
+
+def test_find_unknown_caller_refused(federated: Federated, tmp_path: Path) -> None:
+    run, rows = findscu(federated.port, "STRANGER", "STUDY", STUDY_KEYS, tmp_path)
+    assert run.final.status == 0x0124
+    assert rows == []
+
+
+def test_move_delivers_stamped_study_with_counts(federated: Federated) -> None:
+    federated.destination.clear()
+    run = movescu(
+        federated.port,
+        "MOVESCU",
+        "STORESCP",
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid("b-ct-head-3y")},
+    )
+    assert run.final.status == 0x0000, run.output[-3000:]
+    assert run.final.count("Completed") == 50
+    assert run.final.count("Failed") == 0
+    assert run.pending
+    for response in run.pending:
+        counts = [response.count(name) for name in ("Remaining", "Completed", "Failed", "Warning")]
+        assert sum(count or 0 for count in counts) == 50
+
+    received = federated.destination.received()
+    assert len(received) == 50
+    for instance in received:
+        assert instance.StudyInstanceUID == study_uid("b-ct-head-3y")
+        assert instance.PatientID == "L12345"
+        assert instance.IssuerOfPatientID == "LOCAL"
+        assert others(instance) == [("HB-4455", "HOSP_B")]
+
+
+def test_move_one_series_never_queried(federated: Federated) -> None:
+    federated.destination.clear()
+    series = uid_for("series", "a-ct-abdomen-7y", "1")
+    run = movescu(
+        federated.port,
+        "MOVESCU",
+        "STORESCP",
+        {
+            "QueryRetrieveLevel": "SERIES",
+            "StudyInstanceUID": study_uid("a-ct-abdomen-7y"),
+            "SeriesInstanceUID": series,
+        },
+    )
+    assert run.final.status == 0x0000, run.output[-3000:]
+    assert run.final.count("Completed") == 30
+    received = federated.destination.received()
+    assert {instance.SeriesInstanceUID for instance in received} == {series}
+    assert {instance.PatientID for instance in received} == {"L12345"}
+
+
+def test_get_delivers_stamped_study(federated: Federated, tmp_path: Path) -> None:
+    run = getscu(
+        federated.port,
+        "GETSCU",
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid("a-cr-chest-6m")},
+        tmp_path,
+    )
+    assert run.final.status == 0x0000, run.output[-3000:]
+    assert run.final.count("Completed") == 2
+    from pydicom import dcmread
+
+    received = [dcmread(path) for path in tmp_path.iterdir()]
+    assert len(received) == 2
+    for instance in received:
+        assert instance.PatientID == "L12345"
+        assert others(instance) == [("HA-778899", "HOSP_A")]
+
+
+def test_move_unknown_destination_a801(federated: Federated) -> None:
+    run = movescu(
+        federated.port,
+        "MOVESCU",
+        "NOWHERE",
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid("b-ct-head-3y")},
+    )
+    assert run.final.status == 0xA801
+    assert run.pending == []
+
+
+def test_move_without_study_uid_a900(federated: Federated) -> None:
+    run = movescu(federated.port, "MOVESCU", "STORESCP", {"QueryRetrieveLevel": "STUDY"})
+    assert run.final.status == 0xA900
+    assert "StudyInstanceUID" in run.final.error_comment
+
+
+def test_move_cancelled_by_caller(federated: Federated) -> None:
+    federated.destination.clear()
+    run = movescu(
+        federated.port,
+        "MOVESCU",
+        "STORESCP",
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid("a-ct-chest-1y")},
+        extra=["--cancel", "3"],
+    )
+    assert run.final.status == 0xFE00, run.output[-3000:]
+    completed = run.final.count("Completed") or 0
+    remaining = run.final.count("Remaining") or 0
+    assert 3 <= completed < 100
+    assert completed + remaining + (run.final.count("Failed") or 0) == 100
+    assert len(federated.destination.received()) == completed
+
+
+def test_find_cancelled_while_site_is_slow(federated: Federated, tmp_path: Path) -> None:
+    hospital_b = federated.network.sites["hospital_b"]
+    hospital_b.pause()
+    try:
+        run, rows = findscu(
+            federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path, extra=["--cancel", "1"]
+        )
+    finally:
+        hospital_b.resume()
+    assert run.final.status == 0xFE00, run.output[-3000:]
+    assert run.elapsed_seconds < SITE_TIMEOUT_SECONDS
+    assert len(rows) >= 1
+
+
+def test_find_with_stopped_site_answers_in_time(federated: Federated, tmp_path: Path) -> None:
+    hospital_b = federated.network.sites["hospital_b"]
+    hospital_b.pause()
+    try:
+        run, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
+    finally:
+        hospital_b.resume()
+    assert run.final.status == 0x0000
+    assert run.final.error_comment.startswith("no answer from hospital_b (timed out")
+    assert run.elapsed_seconds < SITE_TIMEOUT_SECONDS + 10
+    uids = {str(row.StudyInstanceUID) for row in rows}
+    assert study_uid("a-mr-brain-2y") in uids
+    assert study_uid("b-mr-knee-4y") in uids
+    assert study_uid("b-ct-head-3y") not in uids
+    assert "hospital_b timed out" in federated.engine.log_text()
+
+
+def test_find_with_site_down_reports_failure(federated: Federated, tmp_path: Path) -> None:
+    hospital_b = federated.network.sites["hospital_b"]
+    hospital_b.stop()
+    try:
+        run, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
+    finally:
+        hospital_b.start()
+    assert run.final.status == 0x0000
+    assert run.final.error_comment == "no answer from hospital_b (failed)"
+    assert run.elapsed_seconds < SITE_TIMEOUT_SECONDS
+    uids = {str(row.StudyInstanceUID) for row in rows}
+    assert study_uid("a-mr-brain-2y") in uids
+    assert study_uid("b-ct-head-3y") not in uids
+
+
+def test_echo_answered(federated: Federated) -> None:
+    command = ["echoscu", "-v", "-aet", "FINDSCU", "-aec", "FDQR", "127.0.0.1", str(federated.port)]
+    run = run_tool(command)
+    assert "Received Echo Response (Success)" in run.output, run.output[-2000:]

@@ -16,6 +16,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.configfile import ConfigError, Problem, load_document, validate
+from engine.hl7.message import CharsetDefaults, codec_for_charset
 from engine.identity.table import CrossReferenceTable, load_table
 from engine.rules.loader import load_rule_set
 from engine.rules.model import RuleSet
@@ -45,6 +46,9 @@ class MLLPSettings(Settings):
     max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     idle_timeout_seconds: float = Field(default=600, gt=0)
     default_charset: str = "UNICODE UTF-8"
+    # Character set per sender for an empty MSH-18, keyed by "APPLICATION^FACILITY"
+    # (MSH-3 and MSH-4, first components) or "APPLICATION" for any facility.
+    sender_charsets: dict[str, str] = Field(default_factory=dict)
 
     @pydantic.field_validator("listen")
     @classmethod
@@ -52,6 +56,35 @@ class MLLPSettings(Settings):
         if not re.match(r"^(tcp|ssl|unix|tls):", value):
             raise ValueError("listen must be a Twisted endpoint string such as tcp:2575")
         return value
+
+    @pydantic.field_validator("default_charset")
+    @classmethod
+    def _charset(cls, value: str) -> str:
+        if codec_for_charset(value) is None:
+            raise ValueError(f"unknown character set '{value}' (use e.g. UNICODE UTF-8, 8859/1)")
+        return value
+
+    @pydantic.field_validator("sender_charsets")
+    @classmethod
+    def _sender_charsets(cls, value: dict[str, str]) -> dict[str, str]:
+        for sender, charset in value.items():
+            if codec_for_charset(charset) is None:
+                raise ValueError(
+                    f"unknown character set '{charset}' for sender '{sender}'"
+                    " (use e.g. UNICODE UTF-8, 8859/1)"
+                )
+            if sender.count("^") > 1 or not sender.split("^")[0]:
+                raise ValueError(
+                    f"invalid sender '{sender}' (use APPLICATION^FACILITY or APPLICATION)"
+                )
+        return value
+
+    def charsets(self) -> CharsetDefaults:
+        by_sender = {}
+        for sender, charset in self.sender_charsets.items():
+            application, _, facility = sender.partition("^")
+            by_sender[(application, facility)] = charset
+        return CharsetDefaults(self.default_charset, by_sender)
 
 
 class LocalPatientSettings(Settings):
@@ -71,6 +104,10 @@ class Node(Settings):
     issuer: str | None = None
     max_associations: int = Field(default=2, ge=1, le=64)
     timeout_seconds: float = Field(default=30, gt=0)
+
+
+# A store path that keeps the store in memory, lost when the engine stops (for benchmarks).
+MEMORY_STORE = ":memory:"
 
 
 class StoreSettings(Settings):
@@ -123,6 +160,8 @@ class Config:
 
     @property
     def store_path(self) -> Path:
+        if str(self.settings.store.path) == MEMORY_STORE:
+            return self.settings.store.path
         return self.resolve(self.settings.store.path)
 
     @property

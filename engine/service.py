@@ -20,7 +20,7 @@ from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.hl7.events import IdentifierPolicy
-from engine.hl7.intake import Intake
+from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
 from engine.identity.resolver import TableResolver
 from engine.jobs.planner import Planner
@@ -99,12 +99,13 @@ class Engine:
             Planner(lambda: self.config.rule_set, now=self.now),
             IdentifierPolicy(
                 issuer=local.issuer,
-                authorities=frozenset(local.authorities or [local.issuer]),
+                authorities=tuple(local.authorities or [local.issuer]),
                 unqualified_ids_are_local=local.unqualified_ids_are_local,
             ),
-            default_charset=settings.mllp.default_charset,
+            charsets=settings.mllp.charsets(),
             now=self.now,
             on_jobs_created=self.worker.wake,
+            ignored=lambda origin: ignore_reason(self.config.rule_set, origin),
         )
         self.mllp_port: IListeningPort | None = None
 

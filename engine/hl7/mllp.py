@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -138,11 +139,14 @@ class MLLPDecoder:
 class MessageHandler(TypingProtocol):
     """What the MLLP listener calls for each complete frame."""
 
-    def handle_message(self, content: bytes, peer: str) -> defer.Deferred[bytes]:
-        """Process one message and fire with the acknowledgement to send back."""
+    def handle_message(self, content: bytes, peer: str) -> defer.Deferred[Sequence[bytes]]:
+        """Process one message and fire with the acknowledgements to send back, in order.
 
-    def reject_oversize(self, head: bytes, size: int, peer: str) -> bytes | None:
-        """Return the AR to send for an oversize message, or None if MSH is unreadable."""
+        Usually one; none or two in enhanced acknowledgement mode, none for an ACK.
+        """
+
+    def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
+        """Return the rejections to send for an oversize message; none if MSH is unreadable."""
 
 
 class MLLPProtocol(protocol.Protocol):
@@ -236,10 +240,10 @@ class MLLPProtocol(protocol.Protocol):
             result = defer.fail()
         result.addCallbacks(self._send_ack, self._handler_failed)
 
-    def _send_ack(self, ack: bytes) -> None:
+    def _send_ack(self, acks: Sequence[bytes]) -> None:
         self._busy = False
-        if not self._closing:
-            self._wire.write(frame(ack))
+        if not self._closing and acks:
+            self._wire.write(b"".join(frame(ack) for ack in acks))
         self._process_next()
 
     def _handler_failed(self, failure: Failure) -> None:
@@ -261,9 +265,9 @@ class MLLPProtocol(protocol.Protocol):
             self.decoder.max_message_bytes,
             event.size,
         )
-        ack = self.handler.reject_oversize(event.head, event.size, self.peer)
-        if ack is not None:
-            self._wire.write(frame(ack))
+        acks = self.handler.reject_oversize(event.head, event.size, self.peer)
+        if acks:
+            self._wire.write(b"".join(frame(ack) for ack in acks))
         self._closing = True
         self._queue.clear()
         self._wire.loseConnection()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
-from engine.rules.model import Route, RoutesFile, Rule, RuleSet, RulesFile
+from engine.rules.model import IgnoredMessages, Route, RoutesFile, Rule, RuleSet, RulesFile
 
 
 def yaml_files(folder: Path) -> list[Path]:
@@ -16,6 +16,7 @@ def load_rule_set(routes_folder: Path, rules_folder: Path) -> RuleSet:
     """Load every YAML file of both folders. Raises ConfigError listing every problem."""
     problems: list[Problem] = []
     routes: list[Route] = []
+    ignored: list[IgnoredMessages] = []
     rules: dict[str, Rule] = {}
     procedure_codes: dict[str, str] = {}
     code_origin: dict[str, str] = {}
@@ -76,10 +77,12 @@ def load_rule_set(routes_folder: Path, rules_folder: Path) -> RuleSet:
                         )
                     )
             routes.append(route)
+        for index, match in enumerate(parsed.accept_and_ignore):
+            ignored.append(IgnoredMessages(document, ("accept_and_ignore", index), match))
 
     if problems:
         raise ConfigError(problems)
-    return RuleSet(tuple(routes), rules, procedure_codes)
+    return RuleSet(tuple(routes), rules, procedure_codes, tuple(ignored))
 
 
 def _load_all(

@@ -73,8 +73,17 @@ class RouteSchema(Schema):
         return value
 
 
+class IgnoreMatch(Schema):
+    """Messages to store and answer AA without acting on them, whatever their type."""
+
+    message_type: StringList = Field(min_length=1)
+    sending_application: StringList = Field(default_factory=list)
+    sending_facility: StringList = Field(default_factory=list)
+
+
 class RoutesFile(Schema):
     routes: list[RouteSchema] = Field(default_factory=list)
+    accept_and_ignore: list[IgnoreMatch] = Field(default_factory=list)
 
 
 class RuleWhen(Schema):
@@ -141,6 +150,17 @@ class Route(Located):
 
 
 @dataclasses.dataclass(frozen=True)
+class IgnoredMessages(Located):
+    """One accept_and_ignore entry of a routes file."""
+
+    spec: IgnoreMatch
+
+    @property
+    def where(self) -> str:
+        return f"{self.document.file} accept_and_ignore[{self.base[-1]}]"
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule(Located):
     spec: RuleSchema
 
@@ -156,6 +176,7 @@ class RuleSet:
     routes: tuple[Route, ...]
     rules: dict[str, Rule]
     procedure_codes: dict[str, str]
+    accept_and_ignore: tuple[IgnoredMessages, ...] = ()
 
     @classmethod
     def empty(cls) -> RuleSet:

@@ -146,3 +146,49 @@ def successResultOf(deferred: Deferred[T]) -> T:
     deferred.addCallback(results.append)
     assert results, "the Deferred has not fired"
     return results[0]
+
+
+def test_sender_charsets_loaded(layout: Path) -> None:
+    edit(layout, {"mllp.sender_charsets": {"OLDRIS^RAD": "8859/1", "LAB": "WINDOWS-1252"}})
+    charsets = config.load(layout).settings.mllp.charsets()
+    assert charsets.for_sender("OLDRIS", "RAD") == "8859/1"
+    assert charsets.for_sender("OLDRIS", "ER") == "UNICODE UTF-8"
+    assert charsets.for_sender("LAB", "ANY") == "WINDOWS-1252"
+
+
+def test_sender_charsets_unknown_name_reported(layout: Path) -> None:
+    edit(layout, {"mllp.sender_charsets": {"OLDRIS": "KLINGON"}})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.sender_charsets"
+    assert "unknown character set 'KLINGON' for sender 'OLDRIS'" in problem.message
+    assert problem.line is not None
+
+
+def test_memory_store_path_kept(layout: Path) -> None:
+    edit(layout, {"store.path": ":memory:"})
+    assert str(config.load(layout).store_path) == ":memory:"
+
+
+def test_accept_and_ignore_loaded_with_routes(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        routes.read_text()
+        + "accept_and_ignore:\n  - message_type: [ORU^R01, ADT^A08]\n    sending_application: LAB\n"
+    )
+    [entry] = config.load(layout).rule_set.accept_and_ignore
+    assert entry.spec.message_type == ["ORU^R01", "ADT^A08"]
+    assert entry.spec.sending_application == ["LAB"]
+    assert entry.where == "routes/orders.yaml accept_and_ignore[0]"
+
+
+def test_accept_and_ignore_needs_message_type(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(routes.read_text() + "accept_and_ignore:\n  - sending_application: LAB\n")
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert str(problem) == (
+        "routes/orders.yaml:11: accept_and_ignore[0].message_type: missing required setting"
+    )

@@ -213,5 +213,9 @@ def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
     return "\n".join(lines)
 
 
+from engine.hl7.cli import messages_group  # noqa: E402 (registered after main is defined)
+
+main.add_command(messages_group)
+
 if __name__ == "__main__":
     main()

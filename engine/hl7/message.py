@@ -143,13 +143,19 @@ class Message:
         self.segments = segments
         self.delimiters = delimiters
         self.charset = charset
+        # Segments by id, in message order: fields are read by id many times per message.
+        self._by_id: dict[str, list[Segment]] = {}
+        # Values already read by get(); the message does not change after parsing.
+        self._values: dict[tuple[str, int, int, int, int], str] = {}
+        for segment in segments:
+            self._by_id.setdefault(segment.id, []).append(segment)
 
     def segment(self, segment_id: str, occurrence: int = 0) -> Segment | None:
-        found = [segment for segment in self.segments if segment.id == segment_id]
+        found = self._by_id.get(segment_id, [])
         return found[occurrence] if occurrence < len(found) else None
 
     def segments_of(self, segment_id: str) -> Iterator[Segment]:
-        return (segment for segment in self.segments if segment.id == segment_id)
+        return iter(self._by_id.get(segment_id, []))
 
     def repetitions(self, segment_id: str, field: int) -> list[list[str]]:
         """Return each repetition of a field as its list of unescaped components."""
@@ -178,6 +184,17 @@ class Message:
 
         An HL7 null (`""`) reads as an empty value.
         """
+        key = (segment_id, field, component, subcomponent, repetition)
+        value = self._values.get(key)
+        if value is None:
+            value = self._values[key] = self._read(
+                segment_id, field, component, subcomponent, repetition
+            )
+        return value
+
+    def _read(
+        self, segment_id: str, field: int, component: int, subcomponent: int, repetition: int
+    ) -> str:
         segment = self.segment(segment_id)
         if segment is None:
             return ""

@@ -94,10 +94,13 @@ class Network:
 class EngineProcess:
     """`fdqr run` as a separate process, as it runs in production."""
 
-    def __init__(self, config: Path, mllp_port: int, log_path: Path) -> None:
+    def __init__(
+        self, config: Path, mllp_port: int, log_path: Path, log_level: str = "INFO"
+    ) -> None:
         self.config = config
         self.mllp_port = mllp_port
         self.log_path = log_path
+        self.log_level = log_level
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
@@ -105,7 +108,16 @@ class EngineProcess:
         self._log = log
         environment = dict(os.environ, PYTHONUNBUFFERED="1")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config)],
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "run",
+                "--config",
+                str(self.config),
+                "--log-level",
+                self.log_level,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

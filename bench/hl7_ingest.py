@@ -33,17 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from engine.testing.dicomgen import PatientSpec
-from engine.testing.ports import free_port
+from engine.testing.intake import INTAKE_PATIENT, write_intake_config
 from engine.testing.scenario import order_message
-from engine.testing.sites import REPOSITORY, EngineProcess
+from engine.testing.sites import EngineProcess
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
-# No patient of the shipped identity table, so jobs end without querying a source.
-PATIENT = PatientSpec("BENCH-1", "LOCAL", "BENCH^PATIENT", "19700101", "O")
 
 
 @dataclasses.dataclass
@@ -136,35 +131,14 @@ def build_frames(
         batch = []
         for index in range(per_sender):
             control_id = f"{prefix}-{sender}-{index}"
-            message = order_message(PATIENT, control_id, control_id, when, modality=modality)
+            message = order_message(INTAKE_PATIENT, control_id, control_id, when, modality=modality)
             batch.append((control_id, START_BLOCK + message + END_BLOCK))
         batches.append(batch)
     return batches
 
 
-def write_config(folder: Path, store: str) -> tuple[Path, int]:
-    """Write an engine configuration from conf/engine.yaml with free loopback ports."""
-    settings = yaml.safe_load((REPOSITORY / "conf" / "engine.yaml").read_text())
-    mllp_port = free_port()
-    settings["dicom"]["port"] = free_port()
-    settings["mllp"]["listen"] = f"tcp:{mllp_port}:interface=127.0.0.1"
-    for node in settings["nodes"].values():
-        # Nothing listens there: the bench patient never reaches a source anyway.
-        node["host"] = "127.0.0.1"
-        node["port"] = free_port()
-    settings["identity"]["table"] = str(REPOSITORY / "conf" / "identity.yaml")
-    settings["routes"] = str(REPOSITORY / "routes")
-    settings["rules"] = str(REPOSITORY / "rules")
-    settings["store"]["path"] = store
-    settings["spool"]["path"] = str(folder / "spool")
-    config = folder / "engine.yaml"
-    config.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return config, mllp_port
-
-
 def measure(folder: Path, store: str, options: argparse.Namespace, label: str) -> tuple[Run, Run]:
-    folder.mkdir(parents=True, exist_ok=True)
-    config, port = write_config(folder, store)
+    config, port = write_intake_config(folder, store)
     engine = EngineProcess(config, port, folder / "engine.log", options.log_level)
     engine.start()
     try:

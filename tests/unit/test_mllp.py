@@ -383,3 +383,65 @@ def _answered_in_original_mode(content: bytes) -> bool:
         fields[8].split(b"^")[0] if len(fields) > 8 and content.startswith(b"MSH|") else b""
     )
     return not header.enhanced_mode and message_code != b"ACK"
+
+
+def converse(intake: Intake, data: bytes) -> tuple[list[list[str]], StringTransport]:
+    protocol = MLLPProtocol(intake, max_message_bytes=4096)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(data)
+    return acks_written(transport), transport
+
+
+def listener_order(control_id: str) -> bytes:
+    return order_message(PATIENT, control_id, "ACC", dt.datetime(2026, 3, 14))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (b"not HL7 at all", [("MSA|AR|", "|100^Segment sequence error^HL70357|")]),
+        (
+            listener_order(""),
+            [("MSA|AE|", "|MSH^1^10|101^Required field missing^HL70357|")],
+        ),
+        (
+            listener_order("T200").replace(b"ORM^O01", b"ORU^R01"),
+            [("MSA|AR|T200", "|MSH^1^9|200^Unsupported message type^HL70357|")],
+        ),
+        (
+            listener_order("T102").replace(b"DOE^JANE", b"DOE^\xff"),
+            [("MSA|AE|T102", "|MSH^1^18|102^Data type error^HL70357|")],
+        ),
+        (
+            listener_order("T103").replace(b"UNICODE UTF-8", b"EBCDIC-KLINGON"),
+            [("MSA|AE|T103", "|MSH^1^18|103^Table value not found^HL70357|")],
+        ),
+        (
+            listener_order("TENH").replace(b"|P|2.5.1||||||", b"|P|2.5.1|||AL|AL||"),
+            [("MSA|CA|TENH", ""), ("MSA|AA|TENH", "")],
+        ),
+        (b"MSH|^~\\&|RIS|RAD|FDQR|LOCAL|2026||ACK^O01^ACK|A1|P|2.5\rMSA|AA|X\r", []),
+    ],
+    ids=["unparsable", "no-control-id", "unsupported", "undecodable", "charset", "enhanced", "ack"],
+)
+def test_listener_answers_each_case(
+    memory_intake: Intake, message: bytes, expected: list[tuple[str, str]]
+) -> None:
+    answers, transport = converse(memory_intake, frame(message) + frame(listener_order("NEXT")))
+    assert len(answers) == len(expected) + 1
+    for segments, (msa, err) in zip(answers, expected, strict=False):
+        assert segments[1] == msa
+        if err:
+            assert err in segments[2]
+    # The connection stays usable after every case.
+    assert answers[-1][1] == "MSA|AA|NEXT"
+    assert not transport.disconnecting
+
+
+def test_listener_oversize_answers_ar_and_closes(memory_intake: Intake) -> None:
+    big = listener_order("BIG") + b"NTE|1||" + b"x" * 5000 + b"\r"
+    answers, transport = converse(memory_intake, frame(big) + frame(listener_order("AFTER")))
+    assert [segments[1] for segments in answers] == ["MSA|AR|BIG"]
+    assert "exceeds the size limit" in answers[0][2]
+    assert transport.disconnecting

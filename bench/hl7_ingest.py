@@ -4,7 +4,7 @@ Runs the engine twice, with its store on disk (WAL, fsync on every commit)
 and with the store in memory (store.path ":memory:"), and for each measures:
 
 - throughput: --senders connections send --messages ORM^O01 orders in total,
-  each connection waiting for the ACK before its next message, as MLLP asks;
+  each connection waiting for the ACK before its next message, as MLLP requires;
 - latency: the same senders paced at --rate messages/s in total for
   --paced-seconds, reporting p50 and p99 time from the write of a message to
   the arrival of its ACK.
@@ -107,7 +107,7 @@ def _sender(
                 answer = _read_frame(connection)
                 latencies.append(time.perf_counter() - sent)
                 if b"\rMSA|AA|" + control_id.encode() + b"\r" not in answer:
-                    raise SenderError(f"unexpected answer to {control_id}: {answer[:200]!r}")
+                    raise SenderError(f"unexpected response to {control_id}: {answer[:200]!r}")
     except BaseException as error:
         errors.append(error)
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = durable.messages + durable_paced.messages
         found = stored_messages(durable_store)
         if found != expected:
-            raise SystemExit(f"store holds {found} messages but {expected} were acknowledged")
+            raise SystemExit(f"store contains {found} messages but {expected} were acknowledged")
         memory, memory_paced = measure(root / "memory", ":memory:", options, "M")
 
     report("durable (SQLite WAL, fsync)", durable, durable_paced, options.rate)

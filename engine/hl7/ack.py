@@ -1,6 +1,6 @@
 """Building HL7 v2 acknowledgements (ACK) with MSA and ERR segments.
 
-The ACK uses the delimiters and character set of the message it answers, swaps
+The ACK uses the delimiters and character set of the message it acknowledges, swaps
 sender and receiver (MSH-3/4 with MSH-5/6) and echoes MSH-10 in MSA-2.
 
 Original mode (MSH-15 and MSH-16 both empty) answers every message with one
@@ -87,7 +87,7 @@ class AckHeader:
         """Read what can be read of MSH from a message that failed to parse.
 
         The acknowledgement mode is kept only when MSH-15 and MSH-16 hold valid
-        Table 0155 values; otherwise the answer is in original mode.
+        Table 0155 values; otherwise the ACK uses original mode.
         """
         start = data.find(b"MSH")
         if start == -1 or len(data) < start + 8:
@@ -157,7 +157,7 @@ def acknowledgements(
     errors: Sequence[AckError] = (),
     now: dt.datetime | None = None,
 ) -> list[bytes]:
-    """Build the acknowledgements a message asks for, in the order they are sent.
+    """Build the acknowledgements a message requests, in the order they are sent.
 
     Original mode always returns one application acknowledgement. Enhanced
     mode returns the accept acknowledgement and then the application
@@ -217,8 +217,8 @@ def build_ack(
         header.version,
     ]
     if header.enhanced_mode and code.value.startswith("A"):
-        # An application acknowledgement in enhanced mode is itself a message;
-        # NE/NE tells the sender that it needs no acknowledgement back.
+        # An application acknowledgement in enhanced mode is itself a message.
+        # NE/NE in it means the sender sends no acknowledgement of it back.
         msh += ["", "", AckCondition.NEVER.value, AckCondition.NEVER.value]
     if header.charset_field:
         msh += [""] * (17 - len(msh)) + [header.charset_field]

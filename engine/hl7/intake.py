@@ -1,9 +1,9 @@
 """HL7 intake: parse, plan the work, store durably, then acknowledge.
 
 The ACK is returned only after the message and the jobs it creates are
-committed to the store. A message that cannot be accepted is answered with
-AR or AE (CR or CE in enhanced mode) and an ERR segment; it is not stored, so
-the sender keeps it.
+committed to the store. A message that cannot be accepted gets AR or AE (CR or
+CE in enhanced mode) with an ERR segment. It is not stored, so the sender
+keeps it.
 """
 
 from __future__ import annotations
@@ -120,9 +120,9 @@ class Intake:
             return defer.succeed(self._error_acks(header.original_mode(), invalid_mode))
         if is_acknowledgement(message):
             # An ACK (e.g. the sender's commit acknowledgement of our application
-            # acknowledgement) is never answered, or two engines would loop.
+            # acknowledgement) gets no ACK back, or two engines would loop.
             logger.info(
-                "received %s %s from %s: not answered",
+                "received %s %s from %s: acknowledgements get no ACK",
                 message.message_type,
                 header.control_id,
                 peer,

@@ -325,8 +325,8 @@ class Store:
 
         Each message is written as record_message writes it, in order, so a
         duplicate of an earlier message of the same batch is found. A message
-        whose writing raises is undone alone and its exception takes its place
-        in the result; a failed commit raises and keeps none of them.
+        whose writing raises is undone alone, and its exception takes its
+        place in the result. A failed commit raises and keeps none of them.
         """
         results: list[Recorded | Exception] = []
         with self._transaction():
@@ -700,7 +700,7 @@ class Store:
         )
 
 
-# The most messages one group commit writes; a longer queue is written in several.
+# Maximum messages in one group commit; a longer queue is written in several.
 MAX_BATCH_MESSAGES = 500
 
 

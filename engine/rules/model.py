@@ -74,7 +74,7 @@ class RouteSchema(Schema):
 
 
 class IgnoreMatch(Schema):
-    """Messages to store and answer AA without acting on them, whatever their type."""
+    """Messages to store and acknowledge with AA without acting on them, whatever their type."""
 
     message_type: StringList = Field(min_length=1)
     sending_application: StringList = Field(default_factory=list)

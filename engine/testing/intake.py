@@ -24,9 +24,9 @@ def write_intake_config(
 ) -> tuple[Path, int]:
     """Write engine.yaml into folder, from conf/engine.yaml; return it and the MLLP port.
 
-    store is the store path (":memory:" keeps it in memory); mllp overrides
-    settings of the mllp section, and a `listen` given there must use the
-    port returned, e.g. "ssl:{port}:..." (formatted here).
+    store is the store path, and ":memory:" keeps the store in memory. mllp
+    overrides settings of the mllp section. A `listen` given there contains
+    "{port}" where the returned port goes, e.g. "ssl:{port}:...".
     """
     settings = yaml.safe_load((REPOSITORY / "conf" / "engine.yaml").read_text())
     port = free_port()

@@ -262,7 +262,7 @@ def test_missing_control_id_enhanced_is_ce_101(db: ImmediateStore) -> None:
     assert db.store.list_messages() == []
 
 
-def test_error_ack_for_version_2_3_uses_err_1(db: ImmediateStore) -> None:
+def test_version_2_3_error_uses_err_1(db: ImmediateStore) -> None:
     intake, _ = make_intake(db)
     text = order(control_id="").replace(b"|P|2.5.1|", b"|P|2.3|")
     segments = answer(intake.handle_message(text, "peer"))

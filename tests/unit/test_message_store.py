@@ -46,7 +46,7 @@ def test_batch_is_one_commit(store: Store) -> None:
     assert len(store.list_jobs()) == 3
 
 
-def test_duplicate_within_batch_gets_first_ack_and_one_job(store: Store) -> None:
+def test_batch_duplicate_gets_first_ack(store: Store) -> None:
     first, second = store.record_messages([write("C1", b"ACK-1"), write("C1", b"ACK-2")])
     assert not isinstance(first, Exception)
     assert second == (first[0], b"ACK-1", True)
@@ -106,7 +106,7 @@ def test_async_store_groups_waiting_messages(
     gate = threading.Event()
     blocked = fired(db.run(lambda store: gate.wait(30)))
     results = [fired(db.record_message(write(control_id))) for control_id in ("C1", "C2", "C1")]
-    # Nothing is answered while the store thread is busy, so no ACK can precede its commit.
+    # Nothing is acknowledged while the store thread is busy, so no ACK can precede its commit.
     assert results == [[], [], []]
     gate.set()
     reactor.run_calls(until=lambda: all(results) and bool(blocked))

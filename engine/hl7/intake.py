@@ -27,9 +27,9 @@ from engine.hl7.events import (
     origin_of,
     to_events,
 )
-from engine.hl7.message import CharsetDefaults, HL7Error, Message, parse
+from engine.hl7.message import CharsetDefaults, HL7Error, Message, parse, same_message
 from engine.jobs.planner import Plan
-from engine.jobs.store import AsyncStore, MessageWrite, Recorded
+from engine.jobs.store import AsyncStore, ControlIdReused, MessageWrite, Recorded
 from engine.model import DomainEvent, MessageOrigin
 from engine.rules.model import RuleSet
 
@@ -156,6 +156,7 @@ class Intake:
             plan.jobs,
             self.now(),
             plan.actions,
+            same_message,
         )
         stored = self.db.record_message(write)
 
@@ -183,6 +184,8 @@ class Intake:
             return answers
 
         def failed(failure: Failure) -> Sequence[bytes]:
+            if isinstance(failure.value, ControlIdReused):
+                return self._reused_control_id(header, failure.value, peer)
             logger.error(
                 "storing message %s failed: %s", origin.control_id, failure.getErrorMessage()
             )
@@ -195,6 +198,25 @@ class Intake:
             return self._error_acks(header, error)
 
         return stored.addCallbacks(committed, failed)
+
+    def _reused_control_id(
+        self, header: AckHeader, reused: ControlIdReused, peer: str
+    ) -> Sequence[bytes]:
+        logger.warning(
+            "rejected message %s from %s: its control id is already used by stored message %d"
+            " with different content",
+            reused.control_id,
+            peer,
+            reused.message_id,
+        )
+        error = HL7Error(
+            f"MSH-10 '{reused.control_id}' is already used by another message from this sender;"
+            " send this message with a new control id",
+            ErrorCode.DUPLICATE_KEY_IDENTIFIER,
+            ("MSH", 1, 10),
+            AckCode.APPLICATION_ERROR,
+        )
+        return self._error_acks(header, error)
 
     def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
         header = AckHeader.from_raw(head)

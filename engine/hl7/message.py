@@ -458,3 +458,25 @@ def parse_timestamp(value: str) -> dt.datetime | None:
         )
     except ValueError:
         return None
+
+
+def same_message(stored: bytes, received: bytes) -> bool:
+    """Tell whether received is a resend of stored: equal except for MSH-7 and line breaks.
+
+    Senders may stamp a new MSH-7 (date/time of message) on a resend, and
+    may end segments with CRLF one time and CR the next.
+    """
+    return _comparable(stored) == _comparable(received)
+
+
+def _comparable(data: bytes) -> bytes:
+    data = data.strip(b"\r\n \t\x00").replace(b"\r\n", b"\r")
+    if not data.startswith(b"MSH") or len(data) < 4:
+        return data
+    separator = data[3:4]
+    first, line_break, rest = data.partition(b"\r")
+    fields = first.split(separator)
+    if len(fields) > 6:
+        # fields[6] is MSH-7, because MSH-1 is the separator itself.
+        fields[6] = b""
+    return separator.join(fields) + line_break + rest

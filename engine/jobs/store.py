@@ -29,6 +29,8 @@ from engine.model import Decision, Demographics, MessageOrigin, OrderFacts, Pati
 T = TypeVar("T")
 # The result of storing one message: (message id, ACK to send, duplicate).
 Recorded = tuple[int, bytes, bool]
+# Whether a received message (second argument) is a resend of a stored one (first).
+SameMessage = Callable[[bytes, bytes], bool]
 # A change to the store made in the transaction of a message; returns a note for its outcome.
 Action = Callable[["Store", dt.datetime], str]
 
@@ -173,6 +175,15 @@ class StudyRecord:
     failed: int
 
 
+class ControlIdReused(Exception):
+    """A message whose sender and control id are stored already, with other content."""
+
+    def __init__(self, message_id: int, control_id: str) -> None:
+        super().__init__(f"control id {control_id} is already used by message {message_id}")
+        self.message_id = message_id
+        self.control_id = control_id
+
+
 @dataclasses.dataclass(frozen=True)
 class ReplayRecord:
     """One replay of a stored message: when, what it did, and the jobs it created."""
@@ -196,6 +207,7 @@ class MessageWrite:
     jobs: Sequence[NewJob]
     now: dt.datetime
     actions: Sequence[Action] = ()
+    same_message: SameMessage | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,20 +294,25 @@ class Store:
         jobs: Sequence[NewJob],
         now: dt.datetime,
         actions: Sequence[Action] = (),
+        same_message: SameMessage | None = None,
     ) -> tuple[int, bytes, bool]:
         """Store a message, its ACK, its jobs and the effect of its actions at once.
 
         Returns (message id, ACK to send, duplicate). For a duplicate (same
         sending application, facility and control id) nothing is written and
-        the stored ACK is returned.
+        the stored ACK is returned. When same_message is given and says the
+        stored message is a different one, ControlIdReused is raised instead,
+        because acknowledging it would drop the new message unprocessed.
         """
         with self._transaction() as db:
             row = db.execute(
-                "SELECT id, ack FROM messages WHERE sending_application = ? "
+                "SELECT id, ack, content FROM messages WHERE sending_application = ? "
                 "AND sending_facility = ? AND control_id = ?",
                 (origin.sending_application, origin.sending_facility, origin.control_id),
             ).fetchone()
             if row is not None:
+                if same_message is not None and not same_message(bytes(row["content"]), content):
+                    raise ControlIdReused(int(row["id"]), origin.control_id)
                 return int(row["id"]), bytes(row["ack"]), True
             notes = [action(self, now) for action in actions]
             if notes:
@@ -343,6 +360,7 @@ class Store:
                                 write.jobs,
                                 write.now,
                                 write.actions,
+                                write.same_message,
                             )
                         )
                 except Exception as error:

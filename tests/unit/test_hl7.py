@@ -9,7 +9,15 @@ import pytest
 from engine.hl7.ack import AckError, AckHeader, acknowledgements, build_ack, split_acks
 from engine.hl7.codes import AckCode, ErrorCode, Verdict
 from engine.hl7.events import IdentifierPolicy, Unhandled, check_header, to_event, to_events
-from engine.hl7.message import CharsetDefaults, Delimiters, HL7Error, escape, parse, parse_timestamp
+from engine.hl7.message import (
+    CharsetDefaults,
+    Delimiters,
+    HL7Error,
+    escape,
+    parse,
+    parse_timestamp,
+    same_message,
+)
 from engine.model import (
     DemographicsUpdated,
     OrderCancelled,
@@ -423,3 +431,12 @@ def test_ack_header_from_raw_keeps_valid_ack_modes() -> None:
     assert (header.accept_ack_type, header.application_ack_type) == ("AL", "ER")
     invalid = AckHeader.from_raw(b"MSH|^~\\&|R|F|A|L|2026||ORM^O01|C1|P|2.5|||ZZ|ER\r\xff")
     assert not invalid.enhanced_mode
+
+
+def test_same_message_ignores_msh7_and_line_breaks() -> None:
+    original = order()
+    resent = original.replace(b"|20260314093000||", b"|20260314094500||", 1)
+    resent = resent.replace(b"\r", b"\r\n")
+    assert same_message(original, resent)
+    assert not same_message(original, original.replace(b"ACC1", b"ACC2"))
+    assert not same_message(original, original.replace(b"|MSG1|", b"|MSG2|"))

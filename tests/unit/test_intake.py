@@ -393,3 +393,24 @@ def test_sender_charset_applies_without_msh18(db: ImmediateStore) -> None:
     segments = answer(intake.handle_message(other, "peer"))
     assert segments[1] == "MSA|AE|C1"
     assert "|MSH^1^18|102^Data type error^HL70357|" in segments[2]
+
+
+def test_resend_with_new_timestamp_is_duplicate(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    first = answer(intake.handle_message(order(), "peer"))
+    resent = order().replace(b"|20260314000000||ORM^O01|", b"|20260314000500||ORM^O01|")
+    second = answer(intake.handle_message(resent.replace(b"\r", b"\r\n"), "peer"))
+    assert second == first
+    assert len(db.store.list_jobs()) == 1
+
+
+def test_reused_control_id_gets_ae_205(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    answer(intake.handle_message(order(), "peer"))
+    other_order = order().replace(b"ACC1", b"ACC9")
+    segments = answer(intake.handle_message(other_order, "peer"))
+    assert segments[1] == "MSA|AE|MSG1"
+    assert "|MSH^1^10|205^Duplicate key identifier^HL70357|" in segments[2]
+    assert "send this message with a new control id" in segments[2]
+    assert len(db.store.list_messages()) == 1
+    assert len(db.store.list_jobs()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 
-from engine.jobs.store import AsyncStore, MessageWrite, NewJob, Recorded, Store
+from engine.jobs.store import AsyncStore, ControlIdReused, MessageWrite, NewJob, Recorded, Store
 from engine.model import Demographics, MessageOrigin, OrderFacts, PatientIdentifier
 from tests.conftest import NOW
 
@@ -184,3 +185,17 @@ def test_replay_creates_jobs_despite_duplicate_key(store: Store) -> None:
     assert store.events(replay.job_ids[0])[-1][1] == f"created by a replay of message {message_id}"
     with pytest.raises(KeyError):
         store.record_replay(999, "x", [job()], NOW)
+
+
+def test_reused_control_id_fails_alone(store: Store) -> None:
+    def same(stored: bytes, received: bytes) -> bool:
+        return stored == received
+
+    first = write("C1")
+    reused = dataclasses.replace(write("C1"), content=b"MSH|other", same_message=same)
+    resent = dataclasses.replace(write("C1"), same_message=same)
+    results = store.record_messages([first, reused, resent])
+    assert isinstance(results[1], ControlIdReused)
+    assert results[1].control_id == "C1"
+    assert results[2] == (results[0][0], b"ACK", True)  # type: ignore[index]
+    assert len(store.list_jobs()) == 1

@@ -14,9 +14,11 @@ from typing import Annotated
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
+from twisted.internet.ssl import CertificateOptions
 
-from engine.configfile import ConfigError, Problem, load_document, validate
+from engine.configfile import ConfigError, Document, Problem, load_document, validate
 from engine.hl7.message import CharsetDefaults, codec_for_charset
+from engine.hl7.tls import TLSConfigError, server_options
 from engine.identity.table import CrossReferenceTable, load_table
 from engine.rules.loader import load_rule_set
 from engine.rules.model import RuleSet
@@ -39,6 +41,18 @@ class DicomSettings(Settings):
     max_pdu_bytes: int = Field(default=262144, ge=0)
 
 
+class MLLPTLSSettings(Settings):
+    """MLLP over TLS: the listener's certificate and key, and the CAs of accepted clients.
+
+    Without client_ca any client may connect; with it, a client must present
+    a certificate signed by one of the CAs in that PEM file.
+    """
+
+    certificate: Path
+    private_key: Path
+    client_ca: Path | None = None
+
+
 class MLLPSettings(Settings):
     """The HL7 listener. listen is a Twisted endpoint string (tcp:PORT:interface=HOST, ssl:...)."""
 
@@ -49,6 +63,7 @@ class MLLPSettings(Settings):
     # Character set per sender for an empty MSH-18, keyed by "APPLICATION^FACILITY"
     # (MSH-3 and MSH-4, first components) or "APPLICATION" for any facility.
     sender_charsets: dict[str, str] = Field(default_factory=dict)
+    tls: MLLPTLSSettings | None = None
 
     @pydantic.field_validator("listen")
     @classmethod
@@ -78,6 +93,14 @@ class MLLPSettings(Settings):
                     f"invalid sender '{sender}' (use APPLICATION^FACILITY or APPLICATION)"
                 )
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _tls_over_tcp(self) -> MLLPSettings:
+        if self.tls is not None and not self.listen.startswith("tcp:"):
+            raise ValueError(
+                f"mllp.tls needs a tcp: listen endpoint (it adds TLS itself); got '{self.listen}'"
+            )
+        return self
 
     def charsets(self) -> CharsetDefaults:
         by_sender = {}
@@ -198,6 +221,7 @@ def load(path: Path) -> Config:
             problems += error.problems
 
     problems += _check_references(document.file, document.line_of, settings, rule_set)
+    problems += _check_mllp_tls(document, path, settings)
     if problems:
         raise ConfigError(problems)
     return Config(path=path.resolve(), settings=settings, rule_set=rule_set, identity_table=table)
@@ -238,3 +262,23 @@ def _check_references(
                 )
             )
     return problems
+
+
+def _check_mllp_tls(document: Document, path: Path, settings: EngineSettings) -> list[Problem]:
+    tls = settings.mllp.tls
+    if tls is None:
+        return []
+    try:
+        mllp_tls_options(path, tls)
+    except TLSConfigError as error:
+        return [document.problem(("mllp", "tls"), str(error))]
+    return []
+
+
+def mllp_tls_options(config_path: Path, tls: MLLPTLSSettings) -> CertificateOptions:
+    """Load the listener's TLS options, with paths relative to the configuration file."""
+    return server_options(
+        resolve(config_path, tls.certificate),
+        resolve(config_path, tls.private_key),
+        resolve(config_path, tls.client_ca) if tls.client_ca is not None else None,
+    )

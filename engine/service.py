@@ -15,13 +15,14 @@ from typing import Any
 from twisted.internet import defer, endpoints, threads
 from twisted.internet.interfaces import IListeningPort
 
-from engine.config import Config
+from engine.config import Config, MLLPTLSSettings, mllp_tls_options
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
+from engine.hl7.tls import wrap
 from engine.identity.resolver import TableResolver
 from engine.jobs.planner import Planner
 from engine.jobs.prefetch import Prefetch, Source
@@ -123,15 +124,18 @@ class Engine:
         endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
             self.reactor, settings.mllp.listen
         )
-        factory = MLLPFactory(
+        factory: Any = MLLPFactory(
             self.intake,
             max_message_bytes=settings.mllp.max_message_bytes,
             idle_timeout=settings.mllp.idle_timeout_seconds,
         )
+        if settings.mllp.tls is not None:
+            factory = wrap(factory, mllp_tls_options(self.config.path, settings.mllp.tls))
         self.mllp_port = yield endpoint.listen(factory)
         logger.info(
-            "engine started: MLLP on %s, DICOM %s on %s:%d, %d routes, %d rules",
+            "engine started: MLLP on %s%s, DICOM %s on %s:%d, %d routes, %d rules",
             settings.mllp.listen,
+            _describe_tls(settings.mllp.tls),
             settings.dicom.ae_title,
             settings.dicom.host,
             settings.dicom.port,
@@ -180,3 +184,9 @@ def run(config: Config, reactor: Any = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
     reactor.run()
     return exit_status
+
+
+def _describe_tls(tls: MLLPTLSSettings | None) -> str:
+    if tls is None:
+        return ""
+    return " with TLS, client certificates required" if tls.client_ca else " with TLS"

@@ -42,7 +42,7 @@ IgnoreCheck = Callable[[MessageOrigin], str | None]
 
 
 def ignore_reason(rule_set: RuleSet, origin: MessageOrigin) -> str | None:
-    """Return the accept_and_ignore entry of the routes that matches the message, if any."""
+    """Return why a message is accepted and ignored (the matching entry), or None."""
     for entry in rule_set.accept_and_ignore:
         match = entry.spec
         if origin.message_type not in match.message_type:
@@ -59,7 +59,7 @@ def ignore_reason(rule_set: RuleSet, origin: MessageOrigin) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Interpreter:
-    """Turns message bytes into a plan; shared by intake and `fdqr messages replay`."""
+    """The step from message bytes to a plan, shared by intake and `fdqr messages replay`."""
 
     planner: Planner
     policy: IdentifierPolicy

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import shutil
 import socket
 import ssl
@@ -15,12 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from engine.jobs.store import Store
+from engine.testing.certificates import certificate_authority, issue
 from engine.testing.intake import INTAKE_PATIENT, write_intake_config
 from engine.testing.scenario import order_message
 from engine.testing.sites import EngineProcess
@@ -34,7 +30,7 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
 
 def order(control_id: str, **options: object) -> bytes:
-    return order_message(INTAKE_PATIENT, control_id, f"ACC-{control_id}", WHEN, **options)  # type: ignore[arg-type]
+    return order_message(INTAKE_PATIENT, control_id, f"ACC-{control_id}", WHEN, **options)
 
 
 class RunningEngine:
@@ -233,54 +229,23 @@ def frame_of(message: bytes) -> bytes:
     return START_BLOCK + message + END_BLOCK
 
 
-def write_certificate(folder: Path) -> tuple[Path, Path]:
-    """Write a self-signed certificate for localhost and 127.0.0.1, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path = folder / "key.pem"
-    certificate_path = folder / "certificate.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return certificate_path, key_path
-
-
 def test_mllp_over_tls(tmp_path: Path) -> None:
-    certificate, key = write_certificate(tmp_path)
-    listen = f"ssl:{{port}}:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
+    authority = certificate_authority(tmp_path / "pki")
+    server = issue(tmp_path / "pki", authority, "engine", server=True)
+    listen = (
+        f"ssl:{{port}}:interface=127.0.0.1:privateKey={server.key_path}"
+        f":certKey={server.certificate_path}"
+    )
     engine = start_engine(tmp_path / "engine", {"listen": listen})
     try:
-        context = ssl.create_default_context(cafile=str(certificate))
+        context = ssl.create_default_context(cafile=str(authority.certificate_path))
         with (
             socket.create_connection(("127.0.0.1", engine.port), timeout=30) as plain,
             context.wrap_socket(plain, server_hostname="localhost") as connection,
         ):
             assert connection.version() in ("TLSv1.2", "TLSv1.3")
-            assert msa(exchange(connection, frame_of(order("TLS-1")))) == "MSA|AA|TLS-1"  # type: ignore[arg-type]
-            assert msa(exchange(connection, frame_of(order("TLS-2")))) == "MSA|AA|TLS-2"  # type: ignore[arg-type]
+            assert msa(exchange(connection, frame_of(order("TLS-1")))) == "MSA|AA|TLS-1"
+            assert msa(exchange(connection, frame_of(order("TLS-2")))) == "MSA|AA|TLS-2"
 
         # A client that does not trust the certificate gets no connection.
         with (
@@ -289,6 +254,49 @@ def test_mllp_over_tls(tmp_path: Path) -> None:
         ):
             ssl.create_default_context().wrap_socket(plain, server_hostname="localhost")
         assert engine.messages() == 2
+    finally:
+        stop_engine(engine)
+
+
+def test_mllp_tls_requires_client_certificate(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    authority = certificate_authority(pki)
+    server = issue(pki, authority, "engine", server=True)
+    client = issue(pki, authority, "ris", server=False)
+    stranger = issue(
+        pki, certificate_authority(pki / "other", "other CA"), "intruder", server=False
+    )
+    tls = {
+        "certificate": str(server.certificate_path),
+        "private_key": str(server.key_path),
+        "client_ca": str(authority.certificate_path),
+    }
+    engine = start_engine(tmp_path / "engine", {"tls": tls})
+    try:
+        context = ssl.create_default_context(cafile=str(authority.certificate_path))
+        context.load_cert_chain(str(client.certificate_path), str(client.key_path))
+        with (
+            socket.create_connection(("127.0.0.1", engine.port), timeout=30) as plain,
+            context.wrap_socket(plain, server_hostname="localhost") as connection,
+        ):
+            assert msa(exchange(connection, frame_of(order("MTLS-1")))) == "MSA|AA|MTLS-1"
+
+        for certificate in (None, stranger):
+            refused = ssl.create_default_context(cafile=str(authority.certificate_path))
+            if certificate is not None:
+                refused.load_cert_chain(
+                    str(certificate.certificate_path), str(certificate.key_path)
+                )
+            with (
+                socket.create_connection(("127.0.0.1", engine.port), timeout=30) as plain,
+                pytest.raises((ssl.SSLError, ConnectionError)),
+                refused.wrap_socket(plain, server_hostname="localhost") as connection,
+            ):
+                # With TLS 1.3 the server checks the client certificate after the
+                # client's handshake ends, so the rejection arrives on first use.
+                exchange(connection, frame_of(order("MTLS-X")))
+        assert engine.messages() == 1
+        assert engine.process.running
     finally:
         stop_engine(engine)
 

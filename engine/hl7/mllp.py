@@ -182,7 +182,14 @@ class MLLPProtocol(protocol.Protocol):
         self._closing = True
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
-        logger.info("MLLP connection from %s closed", self.peer)
+        if self.decoder.skipped_bytes:
+            logger.warning(
+                "MLLP connection from %s closed; %d bytes outside frames skipped in total",
+                self.peer,
+                self.decoder.skipped_bytes,
+            )
+        else:
+            logger.info("MLLP connection from %s closed", self.peer)
 
     def _reset_idle_timer(self) -> None:
         if self.idle_timeout is None or self._closing:
@@ -215,7 +222,9 @@ class MLLPProtocol(protocol.Protocol):
             self._wire.abortConnection()
             return
         skipped = self.decoder.skipped_bytes - skipped_before
-        if skipped:
+        if skipped and skipped_before == 0:
+            # Senders that end every frame with a line break would log once per
+            # message; the first skip is logged here and the total at close.
             logger.warning("skipped %d bytes outside MLLP frames from %s", skipped, self.peer)
         self._queue.extend(events)
         if len(self._queue) > MAX_QUEUED_FRAMES and not self._paused:

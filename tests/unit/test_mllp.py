@@ -252,6 +252,16 @@ def test_protocol_logs_skipped_bytes_with_count(caplog: pytest.LogCaptureFixture
     assert transport.connected
     assert not transport.disconnecting
 
+    # Later skips on the same connection are counted, and the total is logged at close.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.hl7.mllp"):
+        protocol.dataReceived(frame(b"MSH|2") + b"\r\n")
+        protocol.dataReceived(frame(b"MSH|3") + b"\r\n")
+        protocol.connectionLost()
+    assert [record.getMessage() for record in caplog.records] == [
+        "MLLP connection from 192.168.1.1:54321 closed; 20 bytes outside frames skipped in total"
+    ]
+
 
 def test_protocol_oversize_without_msh_closes_silently() -> None:
     class SilentHandler(RecordingHandler):

@@ -65,14 +65,19 @@ class SenderError(Exception):
 def send_all(port: int, frames: list[list[tuple[str, bytes]]], interval: float | None) -> Run:
     """Send each list of (control id, frame) on its own connection, one thread each.
 
-    interval paces each connection; None sends each message as soon as the
+    interval paces each connection, and the connections start evenly spread
+    over one interval, so paced messages arrive one at a time rather than in
+    bursts of one per connection. None sends each message as soon as the
     previous ACK arrived.
     """
     latencies: list[float] = []
     errors: list[BaseException] = []
     threads = [
-        threading.Thread(target=_sender, args=(port, batch, interval, latencies, errors))
-        for batch in frames
+        threading.Thread(
+            target=_sender,
+            args=(port, batch, interval, number / len(frames), latencies, errors),
+        )
+        for number, batch in enumerate(frames)
     ]
     start = time.perf_counter()
     for thread in threads:
@@ -89,13 +94,15 @@ def _sender(
     port: int,
     batch: list[tuple[str, bytes]],
     interval: float | None,
+    phase: float,
     latencies: list[float],
     errors: list[BaseException],
 ) -> None:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            next_send = time.perf_counter()
+            # phase is this connection's share of one interval, from 0 to 1.
+            next_send = time.perf_counter() + phase * (interval or 0)
             for control_id, frame in batch:
                 if interval is not None:
                     next_send += interval

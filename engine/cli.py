@@ -12,6 +12,7 @@ import click
 
 from engine import config as config_module
 from engine.configfile import ConfigError
+from engine.hl7.cli import messages_group
 from engine.jobs.store import JobState, Store
 
 DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
@@ -64,6 +65,9 @@ def _open_store(config_path: Path) -> Store:
 @click.group()
 def main() -> None:
     """fdqr: federated DICOM Query/Retrieve and prior-study prefetch engine."""
+
+
+main.add_command(messages_group)
 
 
 @main.command()
@@ -212,10 +216,6 @@ def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
         lines.append(indent + "  ".join(cells).rstrip())
     return "\n".join(lines)
 
-
-from engine.hl7.cli import messages_group  # noqa: E402 (registered after main is defined)
-
-main.add_command(messages_group)
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,9 @@ alternating, and for each run measures:
   the arrival of its ACK.
 
 Every order creates one job, as a CT order does with the shipped routes and
-rules; its patient is absent from the identity table, so the worker finishes
-each job without network traffic (--no-jobs sends orders no rule applies
-to). After each durable run the store is checked to contain every
+rules. Its patient is absent from the identity table, so the worker finishes
+each job without network traffic. --no-jobs sends orders that no rule
+applies to. After each durable run the store is checked to contain every
 acknowledged message. The last line of output is JSON with the medians over
 the runs: {"durable_msgs_per_s", "memory_msgs_per_s", "ratio", "p99_ack_ms"}.
 

@@ -33,7 +33,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
 from engine.testing.ports import free_port  # noqa: E402
-from engine.testing.sites import EngineProcess  # noqa: E402
+from engine.testing.sites import EngineProcess, shipped_settings  # noqa: E402
 
 LOCAL_ID = "L1001"
 LOCAL_ISSUER = "LOCAL"
@@ -116,11 +116,9 @@ def timed_find(port: int, called: str, query: Dataset) -> tuple[float, list[Data
 
 
 def write_config(folder: Path, sites: list[DelayedSite], dicom_port: int, mllp_port: int) -> Path:
-    settings = yaml.safe_load((REPOSITORY / "conf" / "engine.yaml").read_text())
+    settings = shipped_settings()
     settings["dicom"]["port"] = dicom_port
     settings["mllp"]["listen"] = f"tcp:{mllp_port}:interface=127.0.0.1"
-    settings["routes"] = str(REPOSITORY / "routes")
-    settings["rules"] = str(REPOSITORY / "rules")
     settings["store"]["path"] = str(folder / "fdqr.sqlite")
     settings["spool"]["path"] = str(folder / "spool")
     for site in sites:

@@ -12,6 +12,7 @@ import click
 
 from engine import config as config_module
 from engine.configfile import ConfigError
+from engine.hl7.cli import messages_group
 from engine.identity.cli import identity_group
 from engine.jobs.store import JobState, Store
 from engine.rules.cli import rules_group
@@ -68,6 +69,9 @@ def _open_store(config_path: Path) -> Store:
 @click.group()
 def main() -> None:
     """fdqr: federated DICOM Query/Retrieve and prior-study prefetch engine."""
+
+
+main.add_command(messages_group)
 
 
 @main.command()

@@ -14,11 +14,14 @@ from typing import Annotated, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
+from twisted.internet.ssl import CertificateOptions
 
 from engine.coercion import CoercionProfile
 from engine.coercion_config import CoercionSettings, build_profiles, check_coercion
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
 from engine.federation.settings import FederationSettings, check_federation
+from engine.hl7.message import CharsetDefaults, codec_for_charset
+from engine.hl7.tls import TLSConfigError, server_options
 from engine.identity.build import check_identity
 from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable, load_table
@@ -46,6 +49,18 @@ class DicomSettings(Settings):
     max_pdu_bytes: int = Field(default=262144, ge=0)
 
 
+class MLLPTLSSettings(Settings):
+    """MLLP over TLS: the listener's certificate and key, and the CAs of accepted clients.
+
+    Without client_ca any client may connect; with it, a client must present
+    a certificate signed by one of the CAs in that PEM file.
+    """
+
+    certificate: Path
+    private_key: Path
+    client_ca: Path | None = None
+
+
 class MLLPSettings(Settings):
     """The HL7 listener. listen is a Twisted endpoint string (tcp:PORT:interface=HOST, ssl:...)."""
 
@@ -53,6 +68,10 @@ class MLLPSettings(Settings):
     max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     idle_timeout_seconds: float = Field(default=600, gt=0)
     default_charset: str = "UNICODE UTF-8"
+    # Character set per sender for an empty MSH-18, keyed by "APPLICATION^FACILITY"
+    # (MSH-3 and MSH-4, first components) or "APPLICATION" for any facility.
+    sender_charsets: dict[str, str] = Field(default_factory=dict)
+    tls: MLLPTLSSettings | None = None
 
     @pydantic.field_validator("listen")
     @classmethod
@@ -60,6 +79,43 @@ class MLLPSettings(Settings):
         if not re.match(r"^(tcp|ssl|unix|tls):", value):
             raise ValueError("listen must be a Twisted endpoint string such as tcp:2575")
         return value
+
+    @pydantic.field_validator("default_charset")
+    @classmethod
+    def _charset(cls, value: str) -> str:
+        if codec_for_charset(value) is None:
+            raise ValueError(f"unknown character set '{value}' (use e.g. UNICODE UTF-8, 8859/1)")
+        return value
+
+    @pydantic.field_validator("sender_charsets")
+    @classmethod
+    def _sender_charsets(cls, value: dict[str, str]) -> dict[str, str]:
+        for sender, charset in value.items():
+            if codec_for_charset(charset) is None:
+                raise ValueError(
+                    f"unknown character set '{charset}' for sender '{sender}'"
+                    " (use e.g. UNICODE UTF-8, 8859/1)"
+                )
+            if sender.count("^") > 1 or not sender.split("^")[0]:
+                raise ValueError(
+                    f"invalid sender '{sender}' (use APPLICATION^FACILITY or APPLICATION)"
+                )
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _tls_over_tcp(self) -> MLLPSettings:
+        if self.tls is not None and not self.listen.startswith("tcp:"):
+            raise ValueError(
+                f"mllp.tls needs a tcp: listen endpoint (it adds TLS itself); got '{self.listen}'"
+            )
+        return self
+
+    def charsets(self) -> CharsetDefaults:
+        by_sender = {}
+        for sender, charset in self.sender_charsets.items():
+            application, _, facility = sender.partition("^")
+            by_sender[(application, facility)] = charset
+        return CharsetDefaults(self.default_charset, by_sender)
 
 
 class LocalPatientSettings(Settings):
@@ -79,6 +135,10 @@ class Node(Settings):
     issuer: str | None = None
     max_associations: int = Field(default=2, ge=1, le=64)
     timeout_seconds: float = Field(default=30, gt=0)
+
+
+# A store path that keeps the store in memory, lost when the engine stops (for benchmarks).
+MEMORY_STORE = ":memory:"
 
 
 class StoreSettings(Settings):
@@ -219,6 +279,8 @@ class Config:
 
     @property
     def store_path(self) -> Path:
+        if str(self.settings.store.path) == MEMORY_STORE:
+            return self.settings.store.path
         return self.resolve(self.settings.store.path)
 
     @property
@@ -268,6 +330,7 @@ def load(path: Path) -> Config:
     )
     problems += _check_sources(document, settings)
     problems += check_federation(document, settings)
+    problems += _check_mllp_tls(document, path, settings)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -383,3 +446,23 @@ def _check_references(file: str, settings: EngineSettings, rule_set: RuleSet) ->
                 )
             )
     return problems
+
+
+def _check_mllp_tls(document: Document, path: Path, settings: EngineSettings) -> list[Problem]:
+    tls = settings.mllp.tls
+    if tls is None:
+        return []
+    try:
+        mllp_tls_options(path, tls)
+    except TLSConfigError as error:
+        return [document.problem(("mllp", "tls"), str(error))]
+    return []
+
+
+def mllp_tls_options(config_path: Path, tls: MLLPTLSSettings) -> CertificateOptions:
+    """Load the listener's TLS options, with paths relative to the configuration file."""
+    return server_options(
+        resolve(config_path, tls.certificate),
+        resolve(config_path, tls.private_key),
+        resolve(config_path, tls.client_ca) if tls.client_ca is not None else None,
+    )

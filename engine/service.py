@@ -17,14 +17,15 @@ from twisted.internet import defer, endpoints, threads
 from twisted.internet.interfaces import IListeningPort
 
 from engine.coercion import DEFAULT_PROFILE
-from engine.config import Config, load_rules, rule_files
+from engine.config import Config, MLLPTLSSettings, load_rules, mllp_tls_options, rule_files
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.federation.wiring import build_qr_service
 from engine.hl7.events import IdentifierPolicy
-from engine.hl7.intake import Intake
+from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
+from engine.hl7.tls import wrap
 from engine.identity.adt import IdentityEvents
 from engine.identity.build import build_resolver
 from engine.identity.domains import DomainDirectory
@@ -132,7 +133,7 @@ class Engine:
         local = settings.local_patient
         policy = IdentifierPolicy(
             issuer=local.issuer,
-            authorities=frozenset(local.authorities or [local.issuer]),
+            authorities=tuple(local.authorities or [local.issuer]),
             unqualified_ids_are_local=local.unqualified_ids_are_local,
         )
         self.planner = Planner(
@@ -145,9 +146,10 @@ class Engine:
             self.db,
             self.planner,
             policy,
-            default_charset=settings.mllp.default_charset,
+            charsets=settings.mllp.charsets(),
             now=self.now,
             on_jobs_created=self.worker.wake,
+            ignored=lambda origin: ignore_reason(self.rules.current(), origin),
         )
         self.worklist = WorklistPoller(
             settings.worklist,
@@ -178,15 +180,18 @@ class Engine:
         endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
             self.reactor, settings.mllp.listen
         )
-        factory = MLLPFactory(
+        factory: Any = MLLPFactory(
             self.intake,
             max_message_bytes=settings.mllp.max_message_bytes,
             idle_timeout=settings.mllp.idle_timeout_seconds,
         )
+        if settings.mllp.tls is not None:
+            factory = wrap(factory, mllp_tls_options(self.config.path, settings.mllp.tls))
         self.mllp_port = yield endpoint.listen(factory)
         logger.info(
-            "engine started: MLLP on %s, DICOM %s on %s:%d, %d routes, %d rules",
+            "engine started: MLLP on %s%s, DICOM %s on %s:%d, %d routes, %d rules",
             settings.mllp.listen,
+            _describe_tls(settings.mllp.tls),
             settings.dicom.ae_title,
             settings.dicom.host,
             settings.dicom.port,
@@ -242,3 +247,9 @@ def run(config: Config, reactor: Any = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
     reactor.run()
     return exit_status
+
+
+def _describe_tls(tls: MLLPTLSSettings | None) -> str:
+    if tls is None:
+        return ""
+    return " with TLS, client certificates required" if tls.client_ca else " with TLS"

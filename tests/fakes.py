@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from twisted.internet import defer
 
-from engine.jobs.store import Store
+from engine.jobs.store import MessageWrite, Recorded, Store
 
 T = TypeVar("T")
 
@@ -33,3 +33,13 @@ class ImmediateStore:
             return defer.succeed(work(self.store))
         except Exception as error:
             return defer.fail(error)
+
+    def record_message(self, write: MessageWrite) -> defer.Deferred[Recorded]:
+        return self.run(lambda store: _record_one(store, write))
+
+
+def _record_one(store: Store, write: MessageWrite) -> Recorded:
+    [outcome] = store.record_messages([write])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome

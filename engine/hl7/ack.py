@@ -1,7 +1,14 @@
 """Building HL7 v2 acknowledgements (ACK) with MSA and ERR segments.
 
-The ACK uses the delimiters and character set of the message it answers, swaps
+The ACK uses the delimiters and character set of the message it acknowledges, swaps
 sender and receiver (MSH-3/4 with MSH-5/6) and echoes MSH-10 in MSA-2.
+
+Original mode (MSH-15 and MSH-16 both empty) answers every message with one
+application acknowledgement: AA, AE or AR. Enhanced mode sends an accept
+(commit) acknowledgement CA, CE or CR when MSH-15 asks for it, then an
+application acknowledgement AA, AE or AR when MSH-16 asks for it, either,
+both or none (HL7 Table 0155: AL always, NE never, ER on error or reject
+only, SU on success only).
 """
 
 from __future__ import annotations
@@ -9,11 +16,19 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import re
+from collections.abc import Sequence
 
-from engine.hl7.codes import AckCode, ErrorCode
-from engine.hl7.message import Delimiters, Message, escape
+from engine.hl7.codes import AckCode, AckCondition, ErrorCode, Verdict
+from engine.hl7.message import Delimiters, HL7Error, Message, escape
 
 _sequence = itertools.count(1)
+# The first HL7 version whose ERR segment has ERR-2 (location) and ERR-3 (code);
+# earlier versions carry both in ERR-1, and the error text in MSA-3.
+_ERR_LOCATION_VERSION = (2, 5)
+_VERSION = re.compile(r"^(\d+)\.(\d+)")
+# A field separator and 2 to 5 encoding characters, all ASCII punctuation.
+_DELIMITERS = re.compile(r"[!-/:-@\[-`{-~]{3,6}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +38,10 @@ class AckError:
     code: ErrorCode
     text: str
     location: tuple[str, int, int] = ("", 0, 0)
+
+    @classmethod
+    def from_error(cls, error: HL7Error) -> AckError:
+        return cls(error.code, error.text, error.location)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +57,8 @@ class AckHeader:
     control_id: str = ""
     processing_id: str = "P"
     version: str = "2.5"
+    accept_ack_type: str = ""
+    application_ack_type: str = ""
     charset_field: str = ""
     codec: str = "utf-8"
 
@@ -55,13 +76,19 @@ class AckHeader:
             control_id=msh.raw_field(10),
             processing_id=msh.raw_field(11) or "P",
             version=msh.raw_field(12) or "2.5",
+            accept_ack_type=message.get("MSH", 15).strip().upper(),
+            application_ack_type=message.get("MSH", 16).strip().upper(),
             charset_field=msh.raw_field(18),
             codec=message.charset,
         )
 
     @classmethod
     def from_raw(cls, data: bytes) -> AckHeader:
-        """Read what can be read of MSH from a message that failed to parse."""
+        """Read what can be read of MSH from a message that failed to parse.
+
+        The acknowledgement mode is kept only when MSH-15 and MSH-16 hold valid
+        Table 0155 values; otherwise the ACK uses original mode.
+        """
         start = data.find(b"MSH")
         if start == -1 or len(data) < start + 8:
             return cls(delimiters=Delimiters())
@@ -70,7 +97,7 @@ class AckHeader:
         text = line.decode("latin-1")
         fields = text.split(separator)
         encoding = fields[1] if len(fields) > 1 else ""
-        if len(encoding) < 2 or separator.isalnum() or separator in encoding:
+        if not _DELIMITERS.fullmatch(separator + encoding) or len(set(encoding)) < len(encoding):
             return cls(delimiters=Delimiters())
         delimiters = Delimiters(
             field=separator,
@@ -85,7 +112,7 @@ class AckHeader:
             return fields[index] if index < len(fields) else ""
 
         message_type = field(9).split(delimiters.component)
-        return cls(
+        header = cls(
             delimiters=delimiters,
             sending_application=field(3),
             sending_facility=field(4),
@@ -95,22 +122,85 @@ class AckHeader:
             control_id=field(10),
             processing_id=field(11) or "P",
             version=field(12) or "2.5",
+            accept_ack_type=field(15).strip().upper(),
+            application_ack_type=field(16).strip().upper(),
             codec="latin-1",
         )
+        if header.invalid_ack_type() is not None:
+            return dataclasses.replace(header, accept_ack_type="", application_ack_type="")
+        return header
+
+    @property
+    def enhanced_mode(self) -> bool:
+        return bool(self.accept_ack_type or self.application_ack_type)
+
+    def invalid_ack_type(self) -> HL7Error | None:
+        """Return the error for an MSH-15 or MSH-16 value outside Table 0155, if any."""
+        for number, value in ((15, self.accept_ack_type), (16, self.application_ack_type)):
+            if value and value not in AckCondition.__members__.values():
+                return HL7Error(
+                    f"MSH-{number} '{value}' is not an acknowledgement condition"
+                    " (use AL, NE, ER or SU)",
+                    ErrorCode.TABLE_VALUE_NOT_FOUND,
+                    ("MSH", 1, number),
+                    AckCode.APPLICATION_REJECT,
+                )
+        return None
+
+    def original_mode(self) -> AckHeader:
+        return dataclasses.replace(self, accept_ack_type="", application_ack_type="")
+
+
+def acknowledgements(
+    header: AckHeader,
+    verdict: Verdict,
+    errors: Sequence[AckError] = (),
+    now: dt.datetime | None = None,
+) -> list[bytes]:
+    """Build the acknowledgements a message requests, in the order they are sent.
+
+    Original mode always returns one application acknowledgement. Enhanced
+    mode returns the accept acknowledgement and then the application
+    acknowledgement, each only when MSH-15 or MSH-16 asks for it; an empty
+    one of the two counts as AL, so the sender always hears about a problem.
+    """
+    if not header.enhanced_mode:
+        return [build_ack(header, verdict.application_code, errors, now)]
+    answers = []
+    if _wanted(header.accept_ack_type, verdict):
+        answers.append(build_ack(header, verdict.commit_code, errors, now))
+    if _wanted(header.application_ack_type, verdict):
+        answers.append(build_ack(header, verdict.application_code, errors, now))
+    return answers
+
+
+def _wanted(condition: str, verdict: Verdict) -> bool:
+    if condition in ("", AckCondition.ALWAYS):
+        return True
+    if condition == AckCondition.ERROR_OR_REJECT:
+        return verdict is not Verdict.ACCEPT
+    if condition == AckCondition.SUCCESS:
+        return verdict is Verdict.ACCEPT
+    return False
+
+
+def verdict_of(error: HL7Error) -> Verdict:
+    return Verdict.REJECT if error.ack == AckCode.APPLICATION_REJECT else Verdict.ERROR
 
 
 def build_ack(
     header: AckHeader,
     code: AckCode,
-    errors: list[AckError] | None = None,
+    errors: Sequence[AckError] = (),
     now: dt.datetime | None = None,
 ) -> bytes:
-    """Build the ACK message body (without MLLP framing) for the given header."""
+    """Build one ACK message (without MLLP framing) for the given header."""
     d = header.delimiters
     now = now or dt.datetime.now().astimezone()
     timestamp = now.strftime("%Y%m%d%H%M%S%z")
     control_id = f"{now.strftime('%Y%m%d%H%M%S')}{next(_sequence):06d}"
     message_type = d.component.join(["ACK", header.trigger, "ACK"]) if header.trigger else "ACK"
+    legacy_err = _version(header.version) < _ERR_LOCATION_VERSION
 
     msh = [
         "MSH",
@@ -126,19 +216,45 @@ def build_ack(
         header.processing_id,
         header.version,
     ]
+    if header.enhanced_mode and code.value.startswith("A"):
+        # An application acknowledgement in enhanced mode is itself a message.
+        # NE/NE in it means the sender sends no acknowledgement of it back.
+        msh += ["", "", AckCondition.NEVER.value, AckCondition.NEVER.value]
     if header.charset_field:
-        msh += ["", "", "", "", "", header.charset_field]
-    segments = [d.field.join(msh), d.field.join(["MSA", code.value, header.control_id])]
+        msh += [""] * (17 - len(msh)) + [header.charset_field]
+    msa = ["MSA", code.value, header.control_id]
+    if legacy_err and errors:
+        msa.append(escape(errors[0].text, d))
+    segments = [d.field.join(msh), d.field.join(msa)]
 
-    for error in errors or []:
-        segments.append(_err_segment(error, d))
+    for error in errors:
+        segments.append(_legacy_err_segment(error, d) if legacy_err else _err_segment(error, d))
 
     text = "\r".join(segments) + "\r"
     return text.encode(header.codec, errors="replace")
 
 
+def split_acks(data: bytes) -> list[bytes]:
+    """Split stored acknowledgements (messages written one after the other) into messages."""
+    return [part for part in re.split(rb"(?<=\r)(?=MSH)", data) if part]
+
+
+def _version(text: str) -> tuple[int, int]:
+    match = _VERSION.match(text)
+    return (int(match.group(1)), int(match.group(2))) if match else _ERR_LOCATION_VERSION
+
+
 def _err_segment(error: AckError, d: Delimiters) -> str:
+    # ERR-2 location (ERL), ERR-3 code (CWE, Table 0357), ERR-4 severity, ERR-8 text.
     segment_id, sequence, field = error.location
     location = d.component.join([segment_id, str(sequence), str(field)]) if segment_id else ""
     condition = d.component.join([str(error.code.value), error.code.text, "HL70357"])
     return d.field.join(["ERR", "", location, condition, "E", "", "", "", escape(error.text, d)])
+
+
+def _legacy_err_segment(error: AckError, d: Delimiters) -> str:
+    # ERR-1 (ELD, HL7 2.1 to 2.4): segment^sequence^field^code&text&HL70357.
+    segment_id, sequence, field = error.location
+    code = d.subcomponent.join([str(error.code.value), error.code.text, "HL70357"])
+    location = [segment_id, str(sequence), str(field)] if segment_id else ["", "", ""]
+    return d.field.join(["ERR", d.component.join([*location, code])])

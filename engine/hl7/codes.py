@@ -36,3 +36,40 @@ class ErrorCode(enum.IntEnum):
     @property
     def text(self) -> str:
         return self.name.replace("_", " ").capitalize()
+
+
+class AckCondition(enum.StrEnum):
+    """MSH-15 and MSH-16 values, HL7 Table 0155: when an acknowledgement is sent."""
+
+    ALWAYS = "AL"
+    NEVER = "NE"
+    ERROR_OR_REJECT = "ER"
+    SUCCESS = "SU"
+
+
+class Verdict(enum.Enum):
+    """What the engine decided about a message, before the acknowledgement mode applies."""
+
+    ACCEPT = "accept"
+    ERROR = "error"
+    REJECT = "reject"
+
+    @property
+    def application_code(self) -> AckCode:
+        return _APPLICATION_CODES[self]
+
+    @property
+    def commit_code(self) -> AckCode:
+        return _COMMIT_CODES[self]
+
+
+_APPLICATION_CODES = {
+    Verdict.ACCEPT: AckCode.APPLICATION_ACCEPT,
+    Verdict.ERROR: AckCode.APPLICATION_ERROR,
+    Verdict.REJECT: AckCode.APPLICATION_REJECT,
+}
+_COMMIT_CODES = {
+    Verdict.ACCEPT: AckCode.COMMIT_ACCEPT,
+    Verdict.ERROR: AckCode.COMMIT_ERROR,
+    Verdict.REJECT: AckCode.COMMIT_REJECT,
+}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from engine.hl7.codes import AckCode, ErrorCode
-from engine.hl7.message import HL7Error, Message, parse_timestamp
+from engine.hl7.message import HL7Error, Message, Segment, parse_timestamp
 from engine.model import (
     Demographics,
     DemographicsUpdated,
@@ -23,8 +24,12 @@ from engine.model import (
 ORDER_TYPES = frozenset({"ORM^O01", "OMI^O23"})
 DEMOGRAPHIC_TYPES = frozenset({"ADT^A01", "ADT^A04", "ADT^A08"})
 MERGE_TYPE = "ADT^A40"
+SCHEDULE_TYPE = "SIU^S12"
 # Message types the engine accepts and stores.
-SUPPORTED_TYPES = ORDER_TYPES | DEMOGRAPHIC_TYPES | frozenset({MERGE_TYPE, "SIU^S12"})
+SUPPORTED_TYPES = ORDER_TYPES | DEMOGRAPHIC_TYPES | frozenset({MERGE_TYPE, SCHEDULE_TYPE})
+# MSH-9.1 of an acknowledgement, which is never answered.
+ACK_MESSAGE_CODE = "ACK"
+HL7_NULL = '""'
 # ORC-1 order control codes (HL7 Table 0119) the engine acts on.
 NEW_ORDER_CONTROL = "NW"
 CANCEL_ORDER_CONTROLS = frozenset({"CA", "DC"})
@@ -40,13 +45,13 @@ class IdentifierPolicy:
     """Which PID-3 repetition carries the local patient identifier.
 
     authorities are the assigning authority names (CX-4.1 namespace or CX-4.2
-    universal id) that denote the local domain; issuer is the DICOM
-    IssuerOfPatientID written for it. unqualified_ids_are_local accepts a PID-3
-    with a single identifier and no assigning authority as local.
+    universal id) that denote the local domain, most preferred first; issuer
+    is the DICOM IssuerOfPatientID written for it. unqualified_ids_are_local
+    accepts a PID-3 with a single identifier and no assigning authority as local.
     """
 
     issuer: str
-    authorities: frozenset[str]
+    authorities: Sequence[str]
     unqualified_ids_are_local: bool = False
 
 
@@ -67,8 +72,8 @@ def origin_of(message: Message) -> MessageOrigin:
     )
 
 
-def check_header(message: Message) -> None:
-    """Reject messages that no route can process: no control id, unsupported type."""
+def check_control_id(message: Message) -> None:
+    """Reject a message without MSH-10: it cannot be acknowledged or deduplicated."""
     if not message.control_id:
         raise HL7Error(
             "MSH-10 (message control id) is missing",
@@ -76,6 +81,9 @@ def check_header(message: Message) -> None:
             ("MSH", 1, 10),
             AckCode.APPLICATION_ERROR,
         )
+
+
+def check_supported(message: Message) -> None:
     if message.message_type not in SUPPORTED_TYPES:
         raise HL7Error(
             f"unsupported message type '{message.message_type}'",
@@ -85,37 +93,87 @@ def check_header(message: Message) -> None:
         )
 
 
-def to_event(message: Message, policy: IdentifierPolicy) -> DomainEvent | Unhandled:
-    """Translate a message whose header passed check_header into a domain event."""
+def check_header(message: Message) -> None:
+    """Reject messages that no route can process: no control id, unsupported type."""
+    check_control_id(message)
+    check_supported(message)
+
+
+def is_acknowledgement(message: Message) -> bool:
+    return message.get("MSH", 9, 1) == ACK_MESSAGE_CODE
+
+
+def to_events(message: Message, policy: IdentifierPolicy) -> list[DomainEvent | Unhandled]:
+    """Translate a message whose header passed check_header into its domain events.
+
+    An order message gives one event per order (ORC group); a merge gives one
+    per patient (PID and MRG pair). Raises HL7Error if any part is invalid,
+    so a message is taken whole or not at all.
+    """
     origin = origin_of(message)
     kind = message.message_type
     if kind in ORDER_TYPES:
-        return _order_event(message, origin, policy)
+        return [
+            _order_event(part, origin, policy, number)
+            for number, part in enumerate(_groups(message, "ORC"), start=1)
+        ]
     if kind in DEMOGRAPHIC_TYPES:
-        return DemographicsUpdated(
-            origin=origin,
-            patient=local_identifier(message, policy),
-            demographics=demographics(message),
-            identifiers=qualified_identifiers(message, policy),
-        )
+        return [
+            DemographicsUpdated(
+                origin=origin,
+                patient=local_identifier(message, policy),
+                demographics=demographics(message),
+                identifiers=qualified_identifiers(message, policy),
+            )
+        ]
     if kind == MERGE_TYPE:
-        return PatientsMerged(
-            origin=origin,
-            surviving=local_identifier(message, policy),
-            retired=local_identifier(message, policy, "MRG", 1),
-        )
-    return Unhandled(origin, f"{kind} does not start prefetch")
+        return [
+            _merge_event(part, origin, policy, number)
+            for number, part in enumerate(_groups(message, "PID"), start=1)
+        ]
+    if kind == SCHEDULE_TYPE:
+        return [_schedule_event(message, origin, policy)]
+    return [Unhandled(origin, f"{kind} does not start prefetch")]
+
+
+def to_event(message: Message, policy: IdentifierPolicy) -> DomainEvent | Unhandled:
+    """Translate a message that carries one order, patient or merge into its event."""
+    events = to_events(message, policy)
+    if len(events) != 1:
+        raise ValueError(f"message carries {len(events)} events; use to_events")
+    return events[0]
+
+
+def _groups(message: Message, first_segment: str) -> list[Message]:
+    """Split a message into one message per group that starts with first_segment.
+
+    Each part keeps the segments before the first group (MSH, EVN, PID ...),
+    so fields are read as from a message with that one group.
+    """
+    starts = [i for i, segment in enumerate(message.segments) if segment.id == first_segment]
+    if len(starts) <= 1:
+        return [message]
+    header = message.segments[: starts[0]]
+    ends = [*starts[1:], len(message.segments)]
+    return [
+        _part(message, [*header, *message.segments[start:end]])
+        for start, end in zip(starts, ends, strict=True)
+    ]
+
+
+def _part(message: Message, segments: list[Segment]) -> Message:
+    return Message(segments, message.delimiters, message.charset)
 
 
 def _order_event(
-    message: Message, origin: MessageOrigin, policy: IdentifierPolicy
+    message: Message, origin: MessageOrigin, policy: IdentifierPolicy, number: int
 ) -> DomainEvent | Unhandled:
     order_control = message.get("ORC", 1)
     if not order_control:
         raise HL7Error(
             "ORC-1 (order control) is missing",
             ErrorCode.REQUIRED_FIELD_MISSING,
-            ("ORC", 1, 1),
+            ("ORC", number, 1),
             AckCode.APPLICATION_ERROR,
         )
     patient = local_identifier(message, policy)
@@ -138,17 +196,60 @@ def _order_event(
     return Unhandled(origin, f"order control '{order_control}' is not acted on")
 
 
+def _merge_event(
+    message: Message, origin: MessageOrigin, policy: IdentifierPolicy, number: int
+) -> PatientsMerged:
+    surviving = local_identifier(message, policy)
+    retired = local_identifier(message, policy, "MRG", 1, number)
+    if retired == surviving:
+        raise HL7Error(
+            f"MRG-1 merges patient identifier {retired.value} into itself",
+            ErrorCode.DUPLICATE_KEY_IDENTIFIER,
+            ("MRG", number, 1),
+            AckCode.APPLICATION_ERROR,
+        )
+    return PatientsMerged(origin=origin, surviving=surviving, retired=retired)
+
+
+def _schedule_event(
+    message: Message, origin: MessageOrigin, policy: IdentifierPolicy
+) -> OrderPlaced:
+    """Read a booked appointment (SIU^S12) as an order: SCH for ids, AIS for the procedure."""
+    start = parse_timestamp(message.get("AIS", 4)) or parse_timestamp(message.get("SCH", 11, 4))
+    order = OrderFacts(
+        placer_order_number=message.get("SCH", 26) or message.get("SCH", 1),
+        filler_order_number=message.get("SCH", 27) or message.get("SCH", 2),
+        procedure_code=message.get("AIS", 3, 1),
+        procedure_text=message.get("AIS", 3, 2),
+        procedure_coding_system=message.get("AIS", 3, 3),
+        order_time=start or parse_timestamp(message.get("MSH", 7)),
+    )
+    return OrderPlaced(
+        origin=origin,
+        patient=local_identifier(message, policy),
+        demographics=demographics(message),
+        order=order,
+        identifiers=qualified_identifiers(message, policy),
+    )
+
+
 def local_identifier(
-    message: Message, policy: IdentifierPolicy, segment: str = "PID", field: int = 3
+    message: Message,
+    policy: IdentifierPolicy,
+    segment: str = "PID",
+    field: int = 3,
+    sequence: int = 1,
 ) -> PatientIdentifier:
     """Choose the identifier of the local domain by its assigning authority (CX-4).
 
-    Reads PID-3 by default, MRG-1 for the retired identifier of a merge.
+    Reads PID-3 by default, MRG-1 for the retired identifier of a merge. The
+    first configured authority found wins; two different identifiers under
+    that authority are an error, because either could be the wrong patient.
     """
-    location = (segment, 1, field)
+    location = (segment, sequence, field)
     name = f"{segment}-{field}"
     repetitions = [
-        rep for rep in message.repetitions(segment, field) if rep and rep[0] not in ("", '""')
+        rep for rep in message.repetitions(segment, field) if rep and rep[0] not in ("", HL7_NULL)
     ]
     if not repetitions:
         raise HL7Error(
@@ -158,9 +259,24 @@ def local_identifier(
             AckCode.APPLICATION_ERROR,
         )
 
-    for components in repetitions:
-        if _authority_names(message, components) & policy.authorities:
-            return PatientIdentifier(components[0], policy.issuer)
+    for authority in policy.authorities:
+        values = sorted(
+            {
+                components[0]
+                for components in repetitions
+                if authority in _authority_names(message, components)
+            }
+        )
+        if len(values) > 1:
+            raise HL7Error(
+                f"{name} has {len(values)} different identifiers of assigning authority "
+                f"{authority}: {', '.join(values)}",
+                ErrorCode.DUPLICATE_KEY_IDENTIFIER,
+                location,
+                AckCode.APPLICATION_ERROR,
+            )
+        if values:
+            return PatientIdentifier(values[0], policy.issuer)
 
     only = repetitions[0]
     unqualified = len(repetitions) == 1 and not _authority_names(message, only)
@@ -169,7 +285,7 @@ def local_identifier(
 
     raise HL7Error(
         f"{name} has no identifier with a local assigning authority "
-        f"({', '.join(sorted(policy.authorities))})",
+        f"({', '.join(policy.authorities)})",
         ErrorCode.UNKNOWN_KEY_IDENTIFIER,
         location,
         AckCode.APPLICATION_ERROR,
@@ -185,14 +301,18 @@ def qualified_identifiers(
     namespace (or universal id when the namespace is empty).
     """
     found: list[PatientIdentifier] = []
+    local = set(policy.authorities)
     for components in message.repetitions("PID", 3):
         names = _authority_names(message, components)
-        if not components or components[0] in ("", '""') or not names:
+        if not components or components[0] in ("", HL7_NULL) or not names:
             continue
-        if names & policy.authorities:
+        if names & local:
             issuer = policy.issuer
         else:
-            authority = components[3].split(message.delimiters.subcomponent)
+            authority = [
+                part if part != HL7_NULL else ""
+                for part in components[3].split(message.delimiters.subcomponent)
+            ]
             issuer = authority[0] or (authority[1] if len(authority) > 1 else "")
         identifier = PatientIdentifier(components[0], issuer)
         if identifier not in found:
@@ -202,7 +322,8 @@ def qualified_identifiers(
 
 def _authority_names(message: Message, components: list[str]) -> set[str]:
     authority = components[3] if len(components) > 3 else ""
-    return {part for part in authority.split(message.delimiters.subcomponent)[:2] if part}
+    parts = authority.split(message.delimiters.subcomponent)[:2]
+    return {part for part in parts if part and part != HL7_NULL}
 
 
 def demographics(message: Message) -> Demographics:

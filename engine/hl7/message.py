@@ -12,7 +12,7 @@ import codecs
 import dataclasses
 import datetime as dt
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from engine.hl7.codes import AckCode, ErrorCode
 
@@ -97,6 +97,25 @@ def codec_for_charset(name: str) -> str | None:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class CharsetDefaults:
+    """The character set assumed when MSH-18 is empty: the sender's, else one default.
+
+    by_sender is keyed by (MSH-3, MSH-4), first components; a facility of ""
+    applies to every facility of that application.
+    """
+
+    default: str = "UNICODE UTF-8"
+    by_sender: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+
+    def for_sender(self, application: str, facility: str) -> str:
+        return (
+            self.by_sender.get((application, facility))
+            or self.by_sender.get((application, ""))
+            or self.default
+        )
+
+
 @dataclasses.dataclass
 class Segment:
     """One segment, split into its encoded fields. fields[0] is the segment id."""
@@ -124,13 +143,19 @@ class Message:
         self.segments = segments
         self.delimiters = delimiters
         self.charset = charset
+        # Segments by id, in message order: fields are read by id many times per message.
+        self._by_id: dict[str, list[Segment]] = {}
+        # Values already read by get(); the message does not change after parsing.
+        self._values: dict[tuple[str, int, int, int, int], str] = {}
+        for segment in segments:
+            self._by_id.setdefault(segment.id, []).append(segment)
 
     def segment(self, segment_id: str, occurrence: int = 0) -> Segment | None:
-        found = [segment for segment in self.segments if segment.id == segment_id]
+        found = self._by_id.get(segment_id, [])
         return found[occurrence] if occurrence < len(found) else None
 
     def segments_of(self, segment_id: str) -> Iterator[Segment]:
-        return (segment for segment in self.segments if segment.id == segment_id)
+        return iter(self._by_id.get(segment_id, []))
 
     def repetitions(self, segment_id: str, field: int) -> list[list[str]]:
         """Return each repetition of a field as its list of unescaped components."""
@@ -159,6 +184,17 @@ class Message:
 
         An HL7 null (`""`) reads as an empty value.
         """
+        key = (segment_id, field, component, subcomponent, repetition)
+        value = self._values.get(key)
+        if value is None:
+            value = self._values[key] = self._read(
+                segment_id, field, component, subcomponent, repetition
+            )
+        return value
+
+    def _read(
+        self, segment_id: str, field: int, component: int, subcomponent: int, repetition: int
+    ) -> str:
         segment = self.segment(segment_id)
         if segment is None:
             return ""
@@ -225,11 +261,12 @@ def _segment_starts_after_lf(chunk: bytes, field_separator: bytes) -> Iterator[i
         position = chunk.find(b"\n", start)
 
 
-def parse(data: bytes, default_charset: str = "utf-8") -> Message:
+def parse(data: bytes, default_charset: str | CharsetDefaults = "utf-8") -> Message:
     """Parse one HL7 v2 message from bytes.
 
-    Raises HL7Error with an HL7 Table 0357 code and the location of the
-    first problem found.
+    default_charset applies when MSH-18 is empty: one name, or defaults per
+    sender. Raises HL7Error with an HL7 Table 0357 code and the location of
+    the first problem found.
     """
     data = data.lstrip(b"\r\n \t\x00")
     if data.startswith(codecs.BOM_UTF8):
@@ -243,7 +280,13 @@ def parse(data: bytes, default_charset: str = "utf-8") -> Message:
     delimiters = _read_delimiters(data, field_separator)
     raw_segments = split_segments(data, field_separator)
     charset_name = _raw_msh_field(raw_segments[0], field_separator, 18)
-    codec = _codec_for(charset_name, default_charset)
+    if isinstance(default_charset, CharsetDefaults):
+        component = delimiters.component
+        default_charset = default_charset.for_sender(
+            _raw_msh_field(raw_segments[0], field_separator, 3).split(component)[0],
+            _raw_msh_field(raw_segments[0], field_separator, 4).split(component)[0],
+        )
+    codec = _codec_for(charset_name, default_charset, delimiters.repetition)
 
     segments: list[Segment] = []
     for number, raw in enumerate(raw_segments, start=1):
@@ -304,11 +347,11 @@ def _raw_msh_field(msh: bytes, field_separator: bytes, number: int) -> str:
     return value.decode("ascii", errors="replace").strip()
 
 
-def _codec_for(charset_name: str, default_charset: str) -> str:
+def _codec_for(charset_name: str, default_charset: str, repetition: str) -> str:
     if not charset_name:
         return codec_for_charset(default_charset) or "utf-8"
     # MSH-18 may repeat (a default and alternate sets); the first one applies.
-    first = charset_name.split("~")[0]
+    first = charset_name.split(repetition)[0]
     codec = codec_for_charset(first)
     if codec is None:
         raise HL7Error(
@@ -374,6 +417,10 @@ def escape(value: str, delimiters: Delimiters) -> str:
     ]
     result = []
     for char in value:
+        if char in "\r\n":
+            # A line break would end the segment; HL7 writes it as a hex escape.
+            result.append(f"{delimiters.escape}X{ord(char):02X}{delimiters.escape}")
+            continue
         for delimiter, name in replacements:
             if char == delimiter:
                 result.append(f"{delimiters.escape}{name}{delimiters.escape}")
@@ -411,3 +458,25 @@ def parse_timestamp(value: str) -> dt.datetime | None:
         )
     except ValueError:
         return None
+
+
+def same_message(stored: bytes, received: bytes) -> bool:
+    """Tell whether received is a resend of stored: equal except for MSH-7 and line breaks.
+
+    Senders may stamp a new MSH-7 (date/time of message) on a resend, and
+    may end segments with CRLF one time and CR the next.
+    """
+    return _comparable(stored) == _comparable(received)
+
+
+def _comparable(data: bytes) -> bytes:
+    data = data.strip(b"\r\n \t\x00").replace(b"\r\n", b"\r")
+    if not data.startswith(b"MSH") or len(data) < 4:
+        return data
+    separator = data[3:4]
+    first, line_break, rest = data.partition(b"\r")
+    fields = first.split(separator)
+    if len(fields) > 6:
+        # fields[6] is MSH-7, because MSH-1 is the separator itself.
+        fields[6] = b""
+    return separator.join(fields) + line_break + rest

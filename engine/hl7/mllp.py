@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -138,11 +139,14 @@ class MLLPDecoder:
 class MessageHandler(TypingProtocol):
     """What the MLLP listener calls for each complete frame."""
 
-    def handle_message(self, content: bytes, peer: str) -> defer.Deferred[bytes]:
-        """Process one message and fire with the acknowledgement to send back."""
+    def handle_message(self, content: bytes, peer: str) -> defer.Deferred[Sequence[bytes]]:
+        """Process one message and fire with the acknowledgements to send back, in order.
 
-    def reject_oversize(self, head: bytes, size: int, peer: str) -> bytes | None:
-        """Return the AR to send for an oversize message, or None if MSH is unreadable."""
+        Usually one; none or two in enhanced acknowledgement mode, none for an ACK.
+        """
+
+    def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
+        """Return the rejections to send for an oversize message; none if MSH is unreadable."""
 
 
 class MLLPProtocol(protocol.Protocol):
@@ -178,7 +182,14 @@ class MLLPProtocol(protocol.Protocol):
         self._closing = True
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
-        logger.info("MLLP connection from %s closed", self.peer)
+        if self.decoder.skipped_bytes:
+            logger.warning(
+                "MLLP connection from %s closed; %d bytes outside frames skipped in total",
+                self.peer,
+                self.decoder.skipped_bytes,
+            )
+        else:
+            logger.info("MLLP connection from %s closed", self.peer)
 
     def _reset_idle_timer(self) -> None:
         if self.idle_timeout is None or self._closing:
@@ -211,7 +222,9 @@ class MLLPProtocol(protocol.Protocol):
             self._wire.abortConnection()
             return
         skipped = self.decoder.skipped_bytes - skipped_before
-        if skipped:
+        if skipped and skipped_before == 0:
+            # Senders that end every frame with a line break would log once per
+            # message; the first skip is logged here and the total at close.
             logger.warning("skipped %d bytes outside MLLP frames from %s", skipped, self.peer)
         self._queue.extend(events)
         if len(self._queue) > MAX_QUEUED_FRAMES and not self._paused:
@@ -236,10 +249,10 @@ class MLLPProtocol(protocol.Protocol):
             result = defer.fail()
         result.addCallbacks(self._send_ack, self._handler_failed)
 
-    def _send_ack(self, ack: bytes) -> None:
+    def _send_ack(self, acks: Sequence[bytes]) -> None:
         self._busy = False
-        if not self._closing:
-            self._wire.write(frame(ack))
+        if not self._closing and acks:
+            self._wire.write(b"".join(frame(ack) for ack in acks))
         self._process_next()
 
     def _handler_failed(self, failure: Failure) -> None:
@@ -261,9 +274,9 @@ class MLLPProtocol(protocol.Protocol):
             self.decoder.max_message_bytes,
             event.size,
         )
-        ack = self.handler.reject_oversize(event.head, event.size, self.peer)
-        if ack is not None:
-            self._wire.write(frame(ack))
+        acks = self.handler.reject_oversize(event.head, event.size, self.peer)
+        if acks:
+            self._wire.write(b"".join(frame(ack) for ack in acks))
         self._closing = True
         self._queue.clear()
         self._wire.loseConnection()

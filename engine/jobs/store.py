@@ -2,7 +2,8 @@
 
 Store is synchronous and must be used from one thread at a time: the engine
 runs it on a dedicated thread through AsyncStore, the CLI uses it directly.
-Each public method is one transaction.
+Each public method is one transaction, except record_messages, which writes a
+batch of messages in one transaction (group commit).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import datetime as dt
 import enum
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,10 @@ from engine.identity.schema import IDENTITY_SCHEMA
 from engine.model import Decision, Demographics, MessageOrigin, OrderFacts, PatientIdentifier
 
 T = TypeVar("T")
+# The result of storing one message: (message id, ACK to send, duplicate).
+Recorded = tuple[int, bytes, bool]
+# Whether a received message (second argument) is a resend of a stored one (first).
+SameMessage = Callable[[bytes, bytes], bool]
 # A change to the store made in the transaction of a message; returns a note for its outcome.
 Action = Callable[["Store", dt.datetime], str]
 
@@ -108,6 +114,14 @@ CREATE TABLE IF NOT EXISTS job_suppressions (
     suppressed_by INTEGER NOT NULL REFERENCES jobs(id)
 );
 CREATE INDEX IF NOT EXISTS job_suppressions_by_job ON job_suppressions (suppressed_by);
+CREATE TABLE IF NOT EXISTS message_replays (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id),
+    replayed_at TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    job_ids TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_message ON jobs (message_id);
 """
 
 
@@ -228,6 +242,41 @@ class StudyRecord:
     failed: int
 
 
+class ControlIdReused(Exception):
+    """A message whose sender and control id are stored already, with other content."""
+
+    def __init__(self, message_id: int, control_id: str) -> None:
+        super().__init__(f"control id {control_id} is already used by message {message_id}")
+        self.message_id = message_id
+        self.control_id = control_id
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayRecord:
+    """One replay of a stored message: when, what it did, and the jobs it created."""
+
+    id: int
+    message_id: int
+    replayed_at: dt.datetime
+    outcome: str
+    job_ids: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MessageWrite:
+    """One message to store, with its ACK, its jobs and its actions (see record_message)."""
+
+    origin: MessageOrigin
+    peer: str
+    content: bytes
+    ack: bytes
+    outcome: str
+    jobs: Sequence[NewJob]
+    now: dt.datetime
+    actions: Sequence[Action] = ()
+    same_message: SameMessage | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class MessageRecord:
     id: int
@@ -277,6 +326,19 @@ class Store:
             yield db
 
     @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        """Undo the block alone when it raises, keeping the rest of the open transaction."""
+        self._db.execute("SAVEPOINT message")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO message")
+            self._db.execute("RELEASE message")
+            raise
+        else:
+            self._db.execute("RELEASE message")
+
+    @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """Run a block in one transaction; a nested block joins the outer one."""
         if self._depth:
@@ -310,20 +372,25 @@ class Store:
         jobs: Sequence[NewJob],
         now: dt.datetime,
         actions: Sequence[Action] = (),
+        same_message: SameMessage | None = None,
     ) -> tuple[int, bytes, bool]:
         """Store a message, its ACK, its jobs and the effect of its actions at once.
 
         Returns (message id, ACK to send, duplicate). For a duplicate (same
         sending application, facility and control id) nothing is written and
-        the stored ACK is returned.
+        the stored ACK is returned. When same_message is given and says the
+        stored message is a different one, ControlIdReused is raised instead,
+        because acknowledging it would drop the new message unprocessed.
         """
         with self._transaction() as db:
             row = db.execute(
-                "SELECT id, ack FROM messages WHERE sending_application = ? "
+                "SELECT id, ack, content FROM messages WHERE sending_application = ? "
                 "AND sending_facility = ? AND control_id = ?",
                 (origin.sending_application, origin.sending_facility, origin.control_id),
             ).fetchone()
             if row is not None:
+                if same_message is not None and not same_message(bytes(row["content"]), content):
+                    raise ControlIdReused(int(row["id"]), origin.control_id)
                 return int(row["id"]), bytes(row["ack"]), True
             notes = [action(self, now) for action in actions]
             if notes:
@@ -348,26 +415,142 @@ class Store:
                 self._insert_job(db, message_id, job, now)
             return message_id, ack, False
 
-    def list_messages(self, limit: int = 50) -> list[MessageRecord]:
+    def record_messages(self, writes: Sequence[MessageWrite]) -> list[Recorded | Exception]:
+        """Store a batch of messages in one transaction, so one commit (fsync) covers all.
+
+        Each message is written as record_message writes it, in order, so a
+        duplicate of an earlier message of the same batch is found. A message
+        whose writing raises is undone alone, and its exception takes its
+        place in the result. A failed commit raises and keeps none of them.
+        """
+        results: list[Recorded | Exception] = []
+        with self._transaction():
+            for write in writes:
+                try:
+                    with self._savepoint():
+                        results.append(
+                            self.record_message(
+                                write.origin,
+                                write.peer,
+                                write.content,
+                                write.ack,
+                                write.outcome,
+                                write.jobs,
+                                write.now,
+                                write.actions,
+                                write.same_message,
+                            )
+                        )
+                except Exception as error:
+                    results.append(error)
+        return results
+
+    def list_messages(
+        self,
+        limit: int = 50,
+        *,
+        message_type: str | None = None,
+        sending_application: str | None = None,
+        control_id: str | None = None,
+    ) -> list[MessageRecord]:
+        """Return the most recent messages first, optionally filtered by header fields."""
+        query = "SELECT * FROM messages"
+        conditions: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("message_type", message_type),
+            ("sending_application", sending_application),
+            ("control_id", control_id),
+        ):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        if conditions:
+            query += " WHERE " + " AND ".join(conditions)
+        query += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [self._message(row) for row in self._db.execute(query, params)]
+
+    def get_message(self, message_id: int) -> MessageRecord | None:
+        row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return self._message(row) if row else None
+
+    def message_content(self, message_id: int) -> bytes | None:
+        row = self._db.execute(
+            "SELECT content FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        return bytes(row["content"]) if row else None
+
+    def message_jobs(self, message_id: int) -> list[JobRecord]:
+        """Return every job created for a message, on receipt and by replays, oldest first."""
         rows = self._db.execute(
-            "SELECT * FROM messages ORDER BY id DESC LIMIT ?", (limit,)
+            "SELECT * FROM jobs WHERE message_id = ? ORDER BY id", (message_id,)
+        ).fetchall()
+        return [self._job(row) for row in rows]
+
+    def record_replay(
+        self,
+        message_id: int,
+        outcome: str,
+        jobs: Sequence[NewJob],
+        now: dt.datetime,
+        actions: Sequence[Action] = (),
+    ) -> ReplayRecord:
+        """Apply a new plan for a stored message: its actions and jobs, in one transaction.
+
+        The duplicate check of record_message does not apply: a replay is an
+        explicit request to process the message again.
+        """
+        with self._transaction() as db:
+            if self.get_message(message_id) is None:
+                raise KeyError(f"message {message_id} not found")
+            notes = [action(self, now) for action in actions]
+            if notes:
+                outcome = "; ".join([outcome, *notes])
+            job_ids = [self._insert_job(db, message_id, job, now) for job in jobs]
+            for job_id in job_ids:
+                db.execute(
+                    "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
+                    (job_id, _iso(now), f"created by a replay of message {message_id}"),
+                )
+            cursor = db.execute(
+                "INSERT INTO message_replays (message_id, replayed_at, outcome, job_ids)"
+                " VALUES (?,?,?,?)",
+                (message_id, _iso(now), outcome, json.dumps(job_ids)),
+            )
+            return ReplayRecord(
+                int(cursor.lastrowid or 0), message_id, now, outcome, tuple(job_ids)
+            )
+
+    def replays(self, message_id: int) -> list[ReplayRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM message_replays WHERE message_id = ? ORDER BY id", (message_id,)
         ).fetchall()
         return [
-            MessageRecord(
+            ReplayRecord(
                 id=row["id"],
-                received_at=_time(row["received_at"]),
-                peer=row["peer"],
-                origin=MessageOrigin(
-                    row["sending_application"],
-                    row["sending_facility"],
-                    row["message_type"],
-                    row["control_id"],
-                ),
-                ack=bytes(row["ack"]),
+                message_id=row["message_id"],
+                replayed_at=_time(row["replayed_at"]),
                 outcome=row["outcome"],
+                job_ids=tuple(json.loads(row["job_ids"])),
             )
             for row in rows
         ]
+
+    def _message(self, row: sqlite3.Row) -> MessageRecord:
+        return MessageRecord(
+            id=row["id"],
+            received_at=_time(row["received_at"]),
+            peer=row["peer"],
+            origin=MessageOrigin(
+                row["sending_application"],
+                row["sending_facility"],
+                row["message_type"],
+                row["control_id"],
+            ),
+            ack=bytes(row["ack"]),
+            outcome=row["outcome"],
+        )
 
     # Jobs
 
@@ -775,13 +958,25 @@ class Store:
         )
 
 
+# Maximum messages in one group commit; a longer queue is written in several.
+MAX_BATCH_MESSAGES = 500
+
+
 class AsyncStore:
-    """Runs Store work on one dedicated thread and returns Deferreds."""
+    """Runs Store work on one dedicated thread and returns Deferreds.
+
+    record_message batches the messages that arrive while the thread is busy
+    into one transaction (group commit): each Deferred fires only after the
+    commit of its batch, so an ACK sent from it is never ahead of the disk.
+    """
 
     def __init__(self, reactor: IReactorFromThreads, store: Store) -> None:
         self.store = store
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="fdqr-store")
+        self._lock = threading.Lock()
+        self._pending: list[tuple[MessageWrite, defer.Deferred[Recorded]]] = []
+        self._batch_queued = False
 
     def start(self) -> None:
         self._pool.start()
@@ -792,3 +987,41 @@ class AsyncStore:
 
     def run(self, work: Callable[[Store], T]) -> defer.Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, work, self.store)
+
+    def record_message(self, write: MessageWrite) -> defer.Deferred[Recorded]:
+        """Store one message in the next group commit; fire after that commit."""
+        result: defer.Deferred[Recorded] = defer.Deferred()
+        with self._lock:
+            self._pending.append((write, result))
+            queue_batch = not self._batch_queued
+            self._batch_queued = True
+        if queue_batch:
+            self._pool.callInThread(self._write_batch)
+        return result
+
+    def _write_batch(self) -> None:
+        # Runs on the store thread. Queued behind any run() work already waiting,
+        # and queued again at the back when more messages arrived, so a steady
+        # stream of messages cannot starve the other users of the store.
+        with self._lock:
+            batch = self._pending[:MAX_BATCH_MESSAGES]
+            del self._pending[:MAX_BATCH_MESSAGES]
+        outcomes: list[Recorded | Exception]
+        try:
+            outcomes = self.store.record_messages([write for write, _ in batch])
+        except Exception as error:
+            outcomes = [error] * len(batch)
+        self._reactor.callFromThread(_fire, [result for _, result in batch], outcomes)
+        with self._lock:
+            queue_batch = bool(self._pending)
+            self._batch_queued = queue_batch
+        if queue_batch:
+            self._pool.callInThread(self._write_batch)
+
+
+def _fire(results: list[defer.Deferred[Recorded]], outcomes: list[Recorded | Exception]) -> None:
+    for result, outcome in zip(results, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)

@@ -69,7 +69,7 @@ def _policy(config: config_module.Config) -> IdentifierPolicy:
     local = config.settings.local_patient
     return IdentifierPolicy(
         issuer=local.issuer,
-        authorities=frozenset(local.authorities or [local.issuer]),
+        authorities=tuple(local.authorities or [local.issuer]),
         unqualified_ids_are_local=local.unqualified_ids_are_local,
     )
 

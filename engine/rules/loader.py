@@ -11,6 +11,7 @@ from engine.rules.conditions import Always, ConditionParser
 from engine.rules.facts import FACT_NAMES, UPPER_CASE_FACTS
 from engine.rules.model import (
     DEFAULT_ROUTE_MESSAGE_TYPES,
+    IgnoredMessages,
     Procedure,
     ProcedureSchema,
     Route,
@@ -52,7 +53,12 @@ def load_rule_set(
     if loader.problems:
         raise ConfigError(loader.problems)
     return RuleSet(
-        tuple(loader.routes), loader.rules, loader.procedures, loader.body_patterns, anatomy
+        tuple(loader.routes),
+        loader.rules,
+        loader.procedures,
+        loader.body_patterns,
+        anatomy,
+        tuple(loader.ignored),
     )
 
 
@@ -65,6 +71,7 @@ class _Loader:
         self.procedures: dict[str, Procedure] = {}
         self.body_patterns: dict[str, tuple[re.Pattern[str], ...]] = {}
         self.route_files: dict[str, str] = {}
+        self.ignored: list[IgnoredMessages] = []
 
     def parser(self, document: Document) -> ConditionParser:
         return ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS)
@@ -169,6 +176,8 @@ class _Loader:
                     )
             self.check_preferred_sources(route)
             self.routes.append(route)
+        for index, match in enumerate(parsed.accept_and_ignore):
+            self.ignored.append(IgnoredMessages(document, ("accept_and_ignore", index), match))
 
     def check_preferred_sources(self, route: Route) -> None:
         names = route.spec.rules if route.spec.rules is not None else list(self.rules)

@@ -104,8 +104,17 @@ class RouteSchema(Schema):
         return value
 
 
+class IgnoreMatch(Schema):
+    """Messages to store and acknowledge with AA without acting on them, whatever their type."""
+
+    message_type: StringList = Field(min_length=1)
+    sending_application: StringList = Field(default_factory=list)
+    sending_facility: StringList = Field(default_factory=list)
+
+
 class RoutesFile(Schema):
     routes: list[RouteSchema] = Field(default_factory=list)
+    accept_and_ignore: list[IgnoreMatch] = Field(default_factory=list)
 
 
 SAME = "SAME"
@@ -208,6 +217,17 @@ class Route(Located):
 
 
 @dataclasses.dataclass(frozen=True)
+class IgnoredMessages(Located):
+    """One accept_and_ignore entry of a routes file."""
+
+    spec: IgnoreMatch
+
+    @property
+    def where(self) -> str:
+        return f"{self.document.file} accept_and_ignore[{self.base[-1]}]"
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule(Located):
     spec: RuleSchema
     condition: Condition
@@ -242,6 +262,7 @@ class RuleSet:
         default_factory=dict
     )
     anatomy: Anatomy = dataclasses.field(default_factory=Anatomy.empty)
+    accept_and_ignore: tuple[IgnoredMessages, ...] = ()
 
     @classmethod
     def empty(cls) -> RuleSet:

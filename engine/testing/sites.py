@@ -30,6 +30,18 @@ class EnginePorts:
     mllp: int = dataclasses.field(default_factory=free_port)
 
 
+def shipped_settings(template: Path | None = None) -> dict[str, Any]:
+    """Read conf/engine.yaml with the files it names made absolute, to write elsewhere."""
+    template = template or REPOSITORY / "conf" / "engine.yaml"
+    settings: dict[str, Any] = yaml.safe_load(template.read_text())
+    conf = template.parent.resolve()
+    settings["identity"]["table"] = str(conf / settings["identity"]["table"])
+    for key in ("routes", "rules", "anatomy"):
+        if settings.get(key):
+            settings[key] = str((conf / settings[key]).resolve())
+    return settings
+
+
 class Network:
     """Orthanc servers for every site, all knowing the engine's AE for C-MOVE."""
 
@@ -67,19 +79,12 @@ class Network:
         overrides: dict[str, Any] | None = None,
     ) -> Path:
         """Write an engine configuration for this network, based on conf/engine.yaml."""
-        template = template or REPOSITORY / "conf" / "engine.yaml"
-        settings = yaml.safe_load(template.read_text())
-        conf = template.parent.resolve()
+        settings = shipped_settings(template)
         settings["dicom"]["port"] = self.ports.dicom
         settings["mllp"]["listen"] = f"tcp:{self.ports.mllp}:interface=127.0.0.1"
         for name, server in self.sites.items():
             settings["nodes"][name]["host"] = server.host
             settings["nodes"][name]["port"] = server.dicom_port
-        settings["identity"]["table"] = str(conf / settings["identity"]["table"])
-        settings["routes"] = str((conf / settings["routes"]).resolve())
-        settings["rules"] = str((conf / settings["rules"]).resolve())
-        if settings.get("anatomy"):
-            settings["anatomy"] = str((conf / settings["anatomy"]).resolve())
         settings["store"]["path"] = str(target.parent / "fdqr.sqlite")
         settings["spool"]["path"] = str(target.parent / "spool")
         settings["jobs"]["poll_seconds"] = 0.5
@@ -96,10 +101,13 @@ class Network:
 class EngineProcess:
     """`fdqr run` as a separate process, as it runs in production."""
 
-    def __init__(self, config: Path, mllp_port: int, log_path: Path) -> None:
+    def __init__(
+        self, config: Path, mllp_port: int, log_path: Path, log_level: str = "INFO"
+    ) -> None:
         self.config = config
         self.mllp_port = mllp_port
         self.log_path = log_path
+        self.log_level = log_level
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
@@ -107,7 +115,16 @@ class EngineProcess:
         self._log = log
         environment = dict(os.environ, PYTHONUNBUFFERED="1")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config)],
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "run",
+                "--config",
+                str(self.config),
+                "--log-level",
+                self.log_level,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -35,6 +35,7 @@ class Prefetched:
         self.engine = engine
         self.scenario = scenario
         self.store = store
+        self.message = b""
         self.ack: list[str] = []
         self.job_id = 0
 
@@ -52,8 +53,10 @@ def prefetched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefetched]
         engine = EngineProcess(config, network.ports.mllp, folder / "engine.log")
         engine.start()
         state = Prefetched(network, engine, scenario, folder / "engine" / "fdqr.sqlite")
-        message = order_message(scenario.local_patient, "ORD1", "ACC-NEW-1", dt.datetime.now())
-        state.ack = send(network.ports.mllp, message)
+        state.message = order_message(
+            scenario.local_patient, "ORD1", "ACC-NEW-1", dt.datetime.now()
+        )
+        state.ack = send(network.ports.mllp, state.message)
         [job] = read_jobs(state.store)
         state.job_id = job.id
         wait_for_job(state.store, job.id)
@@ -128,11 +131,19 @@ def test_every_instance_stamped_pixels_identical(prefetched: Prefetched, key: st
 
 
 def test_duplicate_message_gets_same_ack_and_no_job(prefetched: Prefetched) -> None:
-    scenario = prefetched.scenario
-    message = order_message(scenario.local_patient, "ORD1", "ACC-NEW-1", dt.datetime.now())
     jobs_before = len(read_jobs(prefetched.store))
-    again = send(prefetched.network.ports.mllp, message)
+    again = send(prefetched.network.ports.mllp, prefetched.message)
     assert again == prefetched.ack
+    assert len(read_jobs(prefetched.store)) == jobs_before
+
+
+def test_reused_control_id_gets_ae(prefetched: Prefetched) -> None:
+    scenario = prefetched.scenario
+    other = order_message(scenario.local_patient, "ORD1", "ACC-OTHER", dt.datetime.now())
+    jobs_before = len(read_jobs(prefetched.store))
+    answer = send(prefetched.network.ports.mllp, other)
+    assert answer[1] == "MSA|AE|ORD1"
+    assert "|MSH^1^10|205^Duplicate key identifier^HL70357|" in answer[2]
     assert len(read_jobs(prefetched.store)) == jobs_before
 
 

@@ -15,6 +15,7 @@ from engine.configfile import ConfigError
 from engine.identity.resolver import TableResolver
 from engine.identity.table import load_table
 from engine.model import PatientIdentifier
+from engine.testing.certificates import certificate_authority, issue
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -159,3 +160,117 @@ def successResultOf(deferred: Deferred[T]) -> T:
     deferred.addCallback(results.append)
     assert results, "the Deferred has not fired"
     return results[0]
+
+
+def test_sender_charsets_loaded(layout: Path) -> None:
+    edit(layout, {"mllp.sender_charsets": {"OLDRIS^RAD": "8859/1", "LAB": "WINDOWS-1252"}})
+    charsets = config.load(layout).settings.mllp.charsets()
+    assert charsets.for_sender("OLDRIS", "RAD") == "8859/1"
+    assert charsets.for_sender("OLDRIS", "ER") == "UNICODE UTF-8"
+    assert charsets.for_sender("LAB", "ANY") == "WINDOWS-1252"
+
+
+def test_sender_charsets_unknown_name_reported(layout: Path) -> None:
+    edit(layout, {"mllp.sender_charsets": {"OLDRIS": "KLINGON"}})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.sender_charsets"
+    assert "unknown character set 'KLINGON' for sender 'OLDRIS'" in problem.message
+    assert problem.line is not None
+
+
+def test_memory_store_path_kept(layout: Path) -> None:
+    edit(layout, {"store.path": ":memory:"})
+    assert str(config.load(layout).store_path) == ":memory:"
+
+
+def test_accept_and_ignore_loaded_with_routes(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        routes.read_text()
+        + "accept_and_ignore:\n  - message_type: [ORU^R01, ADT^A08]\n    sending_application: LAB\n"
+    )
+    [entry] = config.load(layout).rule_set.accept_and_ignore
+    assert entry.spec.message_type == ["ORU^R01", "ADT^A08"]
+    assert entry.spec.sending_application == ["LAB"]
+    assert entry.where == "routes/orders.yaml accept_and_ignore[0]"
+
+
+def test_accept_and_ignore_needs_message_type(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    text = routes.read_text()
+    routes.write_text(text + "accept_and_ignore:\n  - sending_application: LAB\n")
+    item_line = len(text.splitlines()) + 2
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert str(problem) == (
+        f"routes/orders.yaml:{item_line}: accept_and_ignore[0].message_type: missing required setting"
+    )
+
+
+def test_mllp_tls_loaded_relative_to_config(layout: Path) -> None:
+    authority = certificate_authority(layout.parent / "pki")
+    server = issue(layout.parent / "pki", authority, "engine", server=True)
+    edit(
+        layout,
+        {
+            "mllp.tls": {
+                "certificate": "pki/engine.crt.pem",
+                "private_key": "pki/engine.key.pem",
+                "client_ca": "pki/ca.crt.pem",
+            }
+        },
+    )
+    loaded = config.load(layout)
+    assert loaded.settings.mllp.tls is not None
+    options = config.mllp_tls_options(loaded.path, loaded.settings.mllp.tls)
+    assert options.verify
+    assert server.certificate_path.exists()
+
+
+def test_mllp_tls_missing_file_reported(layout: Path) -> None:
+    edit(layout, {"mllp.tls": {"certificate": "missing.pem", "private_key": "missing.key"}})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.tls"
+    assert "cannot load certificate" in problem.message
+    assert "missing.pem" in problem.message
+
+
+def test_mllp_tls_needs_tcp_listen(layout: Path) -> None:
+    edit(
+        layout,
+        {
+            "mllp.listen": "ssl:2575:privateKey=k.pem",
+            "mllp.tls": {"certificate": "c.pem", "private_key": "k.pem"},
+        },
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp"
+    assert "mllp.tls needs a tcp: listen endpoint" in problem.message
+
+
+def test_mllp_tls_client_ca_without_certificates(layout: Path) -> None:
+    pki = layout.parent / "pki"
+    authority = certificate_authority(pki)
+    issue(pki, authority, "engine", server=True)
+    (pki / "empty.pem").write_text("no certificates here\n")
+    edit(
+        layout,
+        {
+            "mllp.tls": {
+                "certificate": "pki/engine.crt.pem",
+                "private_key": "pki/engine.key.pem",
+                "client_ca": "pki/empty.pem",
+            }
+        },
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert "empty.pem contains no PEM certificate" in problem.message

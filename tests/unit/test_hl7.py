@@ -6,10 +6,18 @@ import datetime as dt
 
 import pytest
 
-from engine.hl7.ack import AckError, AckHeader, build_ack
-from engine.hl7.codes import AckCode, ErrorCode
-from engine.hl7.events import IdentifierPolicy, Unhandled, check_header, to_event
-from engine.hl7.message import HL7Error, parse, parse_timestamp
+from engine.hl7.ack import AckError, AckHeader, acknowledgements, build_ack, split_acks
+from engine.hl7.codes import AckCode, ErrorCode, Verdict
+from engine.hl7.events import IdentifierPolicy, Unhandled, check_header, to_event, to_events
+from engine.hl7.message import (
+    CharsetDefaults,
+    Delimiters,
+    HL7Error,
+    escape,
+    parse,
+    parse_timestamp,
+    same_message,
+)
 from engine.model import (
     DemographicsUpdated,
     OrderCancelled,
@@ -22,7 +30,7 @@ from engine.model import (
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
 
-POLICY = IdentifierPolicy(issuer="LOCAL", authorities=frozenset({"LOCAL"}))
+POLICY = IdentifierPolicy(issuer="LOCAL", authorities=("LOCAL",))
 PATIENT = PatientSpec("L1", "LOCAL", "DOE^JANE^M", "19650312", "F")
 WHEN = dt.datetime(2026, 3, 14, 9, 30)
 
@@ -173,7 +181,7 @@ def test_event_without_local_identifier_is_error() -> None:
 
 def test_event_unqualified_identifier_when_allowed() -> None:
     text = order().replace(b"L1^^^LOCAL^MR~998877^^^NATIONAL^NI", b"L1")
-    lenient = IdentifierPolicy("LOCAL", frozenset({"LOCAL"}), unqualified_ids_are_local=True)
+    lenient = IdentifierPolicy("LOCAL", ("LOCAL",), unqualified_ids_are_local=True)
     event = to_event(parse(text), lenient)
     assert isinstance(event, OrderPlaced)
     assert event.patient == PatientIdentifier("L1", "LOCAL")
@@ -265,3 +273,170 @@ def test_check_header_unsupported_type() -> None:
         check_header(message)
     assert raised.value.code == ErrorCode.UNSUPPORTED_MESSAGE_TYPE
     assert raised.value.ack == AckCode.APPLICATION_REJECT
+
+
+def test_event_identifier_by_configured_authority_order() -> None:
+    text = order().replace(
+        b"L1^^^LOCAL^MR~998877^^^NATIONAL^NI", b"OLD7^^^LOCAL_OLD^MR~L1^^^LOCAL^MR"
+    )
+    preferred = IdentifierPolicy("LOCAL", ("LOCAL", "LOCAL_OLD"))
+    fallback = IdentifierPolicy("LOCAL", ("LOCAL_OLD", "LOCAL"))
+    assert to_event(parse(text), preferred).patient == PatientIdentifier("L1", "LOCAL")  # type: ignore[union-attr]
+    assert to_event(parse(text), fallback).patient == PatientIdentifier("OLD7", "LOCAL")  # type: ignore[union-attr]
+
+
+def test_event_authority_by_universal_id() -> None:
+    text = order().replace(b"L1^^^LOCAL^MR", b"L1^^^&1.2.3.4&ISO^MR")
+    policy = IdentifierPolicy("LOCAL", ("1.2.3.4",))
+    event = to_event(parse(text), policy)
+    assert isinstance(event, OrderPlaced)
+    assert event.patient == PatientIdentifier("L1", "LOCAL")
+
+
+def test_event_two_local_identifiers_is_error() -> None:
+    text = order().replace(b"~998877^^^NATIONAL^NI", b"~L2^^^LOCAL^MR")
+    with pytest.raises(HL7Error) as raised:
+        to_event(parse(text), POLICY)
+    assert raised.value.code == ErrorCode.DUPLICATE_KEY_IDENTIFIER
+    assert raised.value.ack == AckCode.APPLICATION_ERROR
+    assert "L1, L2" in raised.value.text
+
+
+def test_event_same_local_identifier_twice_is_fine() -> None:
+    text = order().replace(b"~998877^^^NATIONAL^NI", b"~L1^^^LOCAL^PI")
+    assert to_event(parse(text), POLICY).patient == PatientIdentifier("L1", "LOCAL")  # type: ignore[union-attr]
+
+
+def test_event_null_identifier_means_no_value() -> None:
+    text = order().replace(
+        b"L1^^^LOCAL^MR~998877^^^NATIONAL^NI", b'""^^^LOCAL^MR~L1^^^""~L9^^^LOCAL'
+    )
+    event = to_event(parse(text), POLICY)
+    assert event.patient == PatientIdentifier("L9", "LOCAL")  # type: ignore[union-attr]
+    only_null = order().replace(b"L1^^^LOCAL^MR~998877^^^NATIONAL^NI", b'""')
+    with pytest.raises(HL7Error) as raised:
+        to_event(parse(only_null), POLICY)
+    assert raised.value.code == ErrorCode.REQUIRED_FIELD_MISSING
+
+
+def test_events_one_per_order_group() -> None:
+    second = b"ORC|CA|PLC-2|FIL-2\rOBR|1|PLC-2|FIL-2|MRBRAIN^MR Brain^LOCAL\rNTE|1||note\r"
+    events = to_events(parse(order() + second), POLICY)
+    assert [type(event).__name__ for event in events] == ["OrderPlaced", "OrderCancelled"]
+    assert events[0].order.placer_order_number == "PLC-MSG1"  # type: ignore[union-attr]
+    assert events[1].order.placer_order_number == "PLC-2"  # type: ignore[union-attr]
+    assert events[1].order.procedure_code == "MRBRAIN"  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        to_event(parse(order() + second), POLICY)
+
+
+def test_events_invalid_second_group_rejects_message() -> None:
+    second = b"ORC||PLC-2\rOBR|1|PLC-2\r"
+    with pytest.raises(HL7Error) as raised:
+        to_events(parse(order() + second), POLICY)
+    assert raised.value.location == ("ORC", 2, 1)
+
+
+def test_event_merge_pairs() -> None:
+    text = (
+        ADT.format(trigger="A40")
+        + "MRG|L0^^^LOCAL^MR\r"
+        + "PID|2||L5^^^LOCAL^MR\rMRG|L4^^^LOCAL^MR\r"
+    )
+    events = to_events(parse(text.encode()), POLICY)
+    assert [(e.surviving.value, e.retired.value) for e in events] == [("L1", "L0"), ("L5", "L4")]  # type: ignore[union-attr]
+
+
+def test_event_merge_into_itself_rejected() -> None:
+    text = ADT.format(trigger="A40") + "MRG|L1^^^LOCAL^MR\r"
+    with pytest.raises(HL7Error) as raised:
+        to_event(parse(text.encode()), POLICY)
+    assert raised.value.ack == AckCode.APPLICATION_ERROR
+    assert raised.value.code == ErrorCode.DUPLICATE_KEY_IDENTIFIER
+    assert raised.value.location == ("MRG", 1, 1)
+
+
+def test_event_schedule_is_order() -> None:
+    text = (
+        "MSH|^~\\&|RIS|RAD|FDQR|LOCAL|20260314||SIU^S12|S1|P|2.5\r"
+        "SCH|APT-1|FAPT-1|||||||||^^^20260320080000|||||||||||||||PLC-9|FIL-9\r"
+        "PID|1||L1^^^LOCAL^MR||DOE^JANE||19650312|F\r"
+        "RGS|1\r"
+        "AIS|1||CTHEAD^CT Head^LOCAL|20260320083000\r"
+    )
+    event = to_event(parse(text.encode()), POLICY)
+    assert isinstance(event, OrderPlaced)
+    assert event.patient == PatientIdentifier("L1", "LOCAL")
+    assert event.order.placer_order_number == "PLC-9"
+    assert event.order.filler_order_number == "FIL-9"
+    assert event.order.procedure_code == "CTHEAD"
+    assert event.order.order_time == dt.datetime(2026, 3, 20, 8, 30)
+
+
+def test_parse_sender_charset_default() -> None:
+    charsets = CharsetDefaults(
+        "UNICODE UTF-8", {("OLD", "RAD"): "8859/1", ("WIN", ""): "WINDOWS-1252"}
+    )
+    for sender, facility, codec in (
+        ("OLD", "RAD", "iso8859-1"),
+        ("OLD", "ER", "utf-8"),
+        ("WIN", "ANY", "cp1252"),
+        ("RIS", "RAD", "utf-8"),
+    ):
+        text = f"MSH|^~\\&|{sender}^1.2^ISO|{facility}|F|L|2026||ORM^O01|1|P|2.5\r".encode()
+        assert parse(text, charsets).charset == codec
+
+
+def test_parse_msh18_wins_over_sender_default() -> None:
+    charsets = CharsetDefaults("UNICODE UTF-8", {("OLD", ""): "8859/1"})
+    text = "MSH|^~\\&|OLD|RAD|F|L|2026||ORM^O01|1|P|2.5||||||UNICODE UTF-8\rPID|1||X||JÖRG\r"
+    assert parse(text.encode(), charsets).get("PID", 5) == "JÖRG"
+
+
+def test_parse_unknown_charset_is_ae_103() -> None:
+    text = b"MSH|^~\\&|RIS|RAD|F|L|2026||ORM^O01|1|P|2.5||||||KLINGON\r"
+    with pytest.raises(HL7Error) as raised:
+        parse(text)
+    assert raised.value.code == ErrorCode.TABLE_VALUE_NOT_FOUND
+    assert raised.value.ack == AckCode.APPLICATION_ERROR
+    assert raised.value.location == ("MSH", 1, 18)
+
+
+def test_escape_line_breaks() -> None:
+    assert escape("a\rb\nc|", Delimiters()) == "a\\X0D\\b\\X0A\\c\\F\\"
+
+
+def test_split_acks_round_trip() -> None:
+    header = AckHeader.from_message(parse(order()))
+    acks = [build_ack(header, AckCode.COMMIT_ACCEPT), build_ack(header, AckCode.APPLICATION_ACCEPT)]
+    assert split_acks(b"".join(acks)) == acks
+    assert split_acks(b"") == []
+
+
+def test_acknowledgements_original_mode_one_ack() -> None:
+    header = AckHeader.from_message(parse(order()))
+    [ack] = acknowledgements(header, Verdict.REJECT)
+    assert b"\rMSA|AR|MSG1\r" in ack
+
+
+def test_ack_header_from_raw_invalid_delimiters_defaults() -> None:
+    header = AckHeader.from_raw(b"MSH\x01\x00\x00|x|y\r")
+    assert header.delimiters == Delimiters()
+    header = AckHeader.from_raw(b"MSH|^^\\&|RIS\r")
+    assert header.delimiters == Delimiters()
+
+
+def test_ack_header_from_raw_keeps_valid_ack_modes() -> None:
+    header = AckHeader.from_raw(b"MSH|^~\\&|R|F|A|L|2026||ORM^O01|C1|P|2.5|||AL|ER\r\xff")
+    assert (header.accept_ack_type, header.application_ack_type) == ("AL", "ER")
+    invalid = AckHeader.from_raw(b"MSH|^~\\&|R|F|A|L|2026||ORM^O01|C1|P|2.5|||ZZ|ER\r\xff")
+    assert not invalid.enhanced_mode
+
+
+def test_same_message_ignores_msh7_and_line_breaks() -> None:
+    original = order()
+    resent = original.replace(b"|20260314093000||", b"|20260314094500||", 1)
+    resent = resent.replace(b"\r", b"\r\n")
+    assert same_message(original, resent)
+    assert not same_message(original, original.replace(b"ACC1", b"ACC2"))
+    assert not same_message(original, original.replace(b"|MSG1|", b"|MSG2|"))

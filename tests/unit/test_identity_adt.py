@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -35,9 +36,10 @@ def intake(db: ImmediateStore) -> Intake:
 
 def send(target: Intake, message: bytes) -> list[str]:
     fired: list[Any] = []
-    result: defer.Deferred[bytes] = target.handle_message(message, "test")
+    result: defer.Deferred[Sequence[bytes]] = target.handle_message(message, "test")
     result.addBoth(fired.append)
-    return list(fired[0].decode().rstrip("\r").split("\r"))
+    [ack] = fired[0]
+    return list(ack.decode().rstrip("\r").split("\r"))
 
 
 def test_a04_records_demographics_and_learns(db: ImmediateStore) -> None:

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import inspect
+from collections.abc import Sequence
 
+import pytest
 from twisted.internet import defer
 
+from engine.configfile import Document
 from engine.hl7.events import IdentifierPolicy, Unhandled
-from engine.hl7.intake import Intake
+from engine.hl7.intake import Intake, ignore_reason
+from engine.hl7.message import CharsetDefaults
 from engine.jobs.planner import Plan
 from engine.jobs.store import AsyncStore, NewJob
 from engine.model import DomainEvent, OrderPlaced
+from engine.rules.model import IgnoredMessages, IgnoreMatch, RuleSet
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
 from tests.conftest import NOW
 from tests.fakes import ImmediateStore
 
 PATIENT = PatientSpec("L1", "LOCAL", "DOE^JANE", "19650312", "F")
-POLICY = IdentifierPolicy(issuer="LOCAL", authorities=frozenset({"LOCAL"}))
+POLICY = IdentifierPolicy(issuer="LOCAL", authorities=("LOCAL",))
 
 
 def one_job_planner(event: DomainEvent | Unhandled) -> Plan:
@@ -44,12 +50,18 @@ def make_intake(db: ImmediateStore) -> tuple[Intake, list[str]]:
     return intake, wakes
 
 
-def answer(result: defer.Deferred[bytes]) -> list[str]:
-    """Return the segments of an ACK that has already fired."""
-    fired: list[bytes] = []
+def answers(result: defer.Deferred[Sequence[bytes]]) -> list[list[str]]:
+    """Return the segments of every ACK of a handler result that has already fired."""
+    fired: list[Sequence[bytes]] = []
     result.addCallback(fired.append)
     assert fired, "the ACK Deferred has not fired"
-    return fired[0].decode().rstrip("\r").split("\r")
+    return [ack.decode().rstrip("\r").split("\r") for ack in fired[0]]
+
+
+def answer(result: defer.Deferred[Sequence[bytes]]) -> list[str]:
+    """Return the segments of the one ACK of a handler result that has already fired."""
+    [segments] = answers(result)
+    return segments
 
 
 def order(control_id: str = "MSG1", **options: object) -> bytes:
@@ -58,6 +70,9 @@ def order(control_id: str = "MSG1", **options: object) -> bytes:
 
 def test_fake_store_matches_async_store() -> None:
     assert inspect.signature(ImmediateStore.run) == inspect.signature(AsyncStore.run)
+    assert inspect.signature(ImmediateStore.record_message) == inspect.signature(
+        AsyncStore.record_message
+    )
 
 
 def test_order_stored_then_acknowledged(db: ImmediateStore) -> None:
@@ -140,7 +155,262 @@ def test_cancel_is_stored_without_job(db: ImmediateStore) -> None:
 
 def test_oversize_reject_needs_msh() -> None:
     intake, _ = make_intake(ImmediateStore.__new__(ImmediateStore))
-    ack = intake.reject_oversize(order()[:200], 20_000_000, "peer")
-    assert ack is not None
-    assert b"MSA|AR|MSG1" in ack
-    assert intake.reject_oversize(b"\x00\x01garbage", 20_000_000, "peer") is None
+    [ack] = intake.reject_oversize(order()[:200], 20_000_000, "peer")
+    assert b"\rMSA|AR|MSG1\r" in ack
+    assert intake.reject_oversize(b"\x00\x01garbage", 20_000_000, "peer") == []
+
+
+def with_ack_modes(text: bytes, accept: str, application: str) -> bytes:
+    """Set MSH-15 and MSH-16 of a message built by order_message."""
+    return text.replace(b"|P|2.5.1||||||", f"|P|2.5.1|||{accept}|{application}||".encode())
+
+
+@pytest.mark.parametrize(
+    ("accept", "application", "expected"),
+    [
+        ("AL", "AL", ["MSA|CA|MSG1", "MSA|AA|MSG1"]),
+        ("AL", "NE", ["MSA|CA|MSG1"]),
+        ("NE", "AL", ["MSA|AA|MSG1"]),
+        ("NE", "NE", []),
+        ("SU", "ER", ["MSA|CA|MSG1"]),
+        ("ER", "SU", ["MSA|AA|MSG1"]),
+        ("AL", "", ["MSA|CA|MSG1", "MSA|AA|MSG1"]),
+        ("", "NE", ["MSA|CA|MSG1"]),
+    ],
+)
+def test_enhanced_mode_accepted(
+    db: ImmediateStore, accept: str, application: str, expected: list[str]
+) -> None:
+    intake, _ = make_intake(db)
+    acks = answers(intake.handle_message(with_ack_modes(order(), accept, application), "peer"))
+    assert [segments[1] for segments in acks] == expected
+    assert len(db.store.list_jobs()) == 1
+
+
+@pytest.mark.parametrize(
+    ("accept", "application", "expected"),
+    [
+        ("AL", "AL", ["MSA|CE|MSG1", "MSA|AE|MSG1"]),
+        ("ER", "NE", ["MSA|CE|MSG1"]),
+        ("SU", "ER", ["MSA|AE|MSG1"]),
+        ("SU", "SU", []),
+        ("NE", "AL", ["MSA|AE|MSG1"]),
+    ],
+)
+def test_enhanced_mode_error(
+    db: ImmediateStore, accept: str, application: str, expected: list[str]
+) -> None:
+    intake, _ = make_intake(db)
+    text = with_ack_modes(order().replace(b"L1^^^LOCAL^MR~", b""), accept, application)
+    acks = answers(intake.handle_message(text, "peer"))
+    assert [segments[1] for segments in acks] == expected
+    for segments in acks:
+        assert "|PID^1^3|204^Unknown key identifier^HL70357|" in segments[2]
+    assert db.store.list_messages() == []
+
+
+def test_enhanced_mode_reject_is_cr_then_ar(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = with_ack_modes(order().replace(b"ORM^O01", b"ORU^R01"), "AL", "AL")
+    acks = answers(intake.handle_message(text, "peer"))
+    assert [segments[1] for segments in acks] == ["MSA|CR|MSG1", "MSA|AR|MSG1"]
+    assert all("|200^Unsupported message type^HL70357|" in segments[2] for segments in acks)
+
+
+def test_enhanced_application_ack_asks_no_answer(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    commit, application = answers(
+        intake.handle_message(with_ack_modes(order(), "AL", "AL"), "peer")
+    )
+    assert commit[0].split("|")[14:16] == ["", ""]
+    assert application[0].split("|")[14:16] == ["NE", "NE"]
+    assert application[0].split("|")[17] == "UNICODE UTF-8"
+
+
+def test_enhanced_duplicate_gets_both_stored_acks(db: ImmediateStore) -> None:
+    intake, wakes = make_intake(db)
+    text = with_ack_modes(order(), "AL", "AL")
+    first = answers(intake.handle_message(text, "peer"))
+    second = answers(intake.handle_message(text, "peer"))
+    assert second == first
+    assert len(first) == 2
+    assert len(db.store.list_jobs()) == 1
+    assert wakes == ["wake"]
+
+
+def test_invalid_ack_type_rejected_in_original_mode(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    segments = answer(intake.handle_message(with_ack_modes(order(), "XX", "AL"), "peer"))
+    assert segments[1] == "MSA|AR|MSG1"
+    assert "|MSH^1^15|103^Table value not found^HL70357|" in segments[2]
+    assert db.store.list_messages() == []
+
+
+def test_incoming_ack_is_not_answered(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = b"MSH|^~\\&|RIS|RAD|FDQR|LOCAL|2026||ACK^O01^ACK|A1|P|2.5.1\rMSA|AA|X1\r"
+    assert answers(intake.handle_message(text, "peer")) == []
+    assert db.store.list_messages() == []
+
+
+def test_missing_control_id_enhanced_is_ce_101(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = with_ack_modes(order(control_id=""), "AL", "NE")
+    [segments] = answers(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|CE|"
+    assert "|MSH^1^10|101^Required field missing^HL70357|" in segments[2]
+    assert db.store.list_messages() == []
+
+
+def test_version_2_3_error_uses_err_1(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = order(control_id="").replace(b"|P|2.5.1|", b"|P|2.3|")
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|AE||MSH-10 (message control id) is missing"
+    assert segments[2] == "ERR|MSH^1^10^101&Required field missing&HL70357"
+
+
+def test_ack_uses_message_delimiters(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = order().replace(b"|", b"#").replace(b"^", b"@")
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[0].startswith("MSH#@~\\&#FDQR#LOCAL#RIS#RADIOLOGY#")
+    assert segments[1] == "MSA#AA#MSG1"
+
+
+def ignoring(*entries: dict[str, object]) -> RuleSet:
+    document = Document("routes/ignore.yaml", {}, {})
+    return dataclasses.replace(
+        RuleSet.empty(),
+        accept_and_ignore=tuple(
+            IgnoredMessages(document, ("accept_and_ignore", index), IgnoreMatch(**entry))  # type: ignore[arg-type]
+            for index, entry in enumerate(entries)
+        ),
+    )
+
+
+def make_ignoring_intake(db: ImmediateStore, rule_set: RuleSet) -> tuple[Intake, list[object]]:
+    planned: list[object] = []
+
+    def planner(event: DomainEvent | Unhandled) -> Plan:
+        planned.append(event)
+        return one_job_planner(event)
+
+    intake = Intake(
+        db,  # type: ignore[arg-type]
+        planner,
+        POLICY,
+        now=lambda: NOW,
+        ignored=lambda origin: ignore_reason(rule_set, origin),
+    )
+    return intake, planned
+
+
+def test_accept_and_ignore_unsupported_type(db: ImmediateStore) -> None:
+    rule_set = ignoring({"message_type": ["ORU^R01"], "sending_application": "RIS"})
+    intake, planned = make_ignoring_intake(db, rule_set)
+    text = order().replace(b"ORM^O01", b"ORU^R01")
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|AA|MSG1"
+    [stored] = db.store.list_messages()
+    assert stored.outcome == "accepted and ignored (routes/ignore.yaml accept_and_ignore[0])"
+    assert db.store.list_jobs() == []
+    assert planned == []
+
+
+def test_accept_and_ignore_other_sender_still_rejected(db: ImmediateStore) -> None:
+    rule_set = ignoring({"message_type": "ORU^R01", "sending_application": "LAB"})
+    intake, _ = make_ignoring_intake(db, rule_set)
+    text = order().replace(b"ORM^O01", b"ORU^R01")
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|AR|MSG1"
+    assert "|200^Unsupported message type^HL70357|" in segments[2]
+
+
+def test_accept_and_ignore_supported_type_creates_no_job(db: ImmediateStore) -> None:
+    rule_set = ignoring({"message_type": "ORM^O01", "sending_facility": ["RADIOLOGY"]})
+    intake, planned = make_ignoring_intake(db, rule_set)
+    assert answer(intake.handle_message(order(), "peer"))[1] == "MSA|AA|MSG1"
+    assert db.store.list_jobs() == []
+    assert planned == []
+
+
+def test_accept_and_ignore_still_needs_control_id(db: ImmediateStore) -> None:
+    rule_set = ignoring({"message_type": "ORU^R01"})
+    intake, _ = make_ignoring_intake(db, rule_set)
+    text = order(control_id="").replace(b"ORM^O01", b"ORU^R01")
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|AE|"
+    assert db.store.list_messages() == []
+
+
+def test_order_with_two_orders_creates_two_jobs(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = order()
+    second = (
+        b"ORC|NW|PLC-2|FIL-2||SC\rOBR|1|PLC-2|FIL-2|MRBRAIN^MR Brain^LOCAL"
+        + b"|" * 14
+        + b"ACC2||||||MR\r"
+    )
+    segments = answer(intake.handle_message(text + second, "peer"))
+    assert segments[1] == "MSA|AA|MSG1"
+    jobs = sorted(db.store.list_jobs(), key=lambda job: job.id)
+    assert [job.order.accession_number for job in jobs] == ["ACC1", "ACC2"]
+    assert [job.order.ordered_modality for job in jobs] == ["CT", "MR"]
+    assert len(db.store.list_messages()) == 1
+
+
+def test_merge_into_itself_gets_ae(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = (
+        b"MSH|^~\\&|HIS|ADT|FDQR|LOCAL|2026||ADT^A40|M1|P|2.5\r"
+        b"EVN|A40|2026\rPID|1||L1^^^LOCAL^MR\rMRG|L1^^^LOCAL^MR\r"
+    )
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|AE|M1"
+    assert "|MRG^1^1|205^Duplicate key identifier^HL70357|" in segments[2]
+    assert db.store.list_messages() == []
+
+
+def test_sender_charset_applies_without_msh18(db: ImmediateStore) -> None:
+    charsets = CharsetDefaults("UNICODE UTF-8", {("OLDRIS", ""): "8859/1"})
+    captured: list[DomainEvent | Unhandled] = []
+
+    def planner(event: DomainEvent | Unhandled) -> Plan:
+        captured.append(event)
+        return Plan((), "seen")
+
+    intake = Intake(db, planner, POLICY, charsets=charsets, now=lambda: NOW)  # type: ignore[arg-type]
+    latin = PatientSpec("L1", "LOCAL", "MÜLLER^JÖRG", "19650312", "M")
+    text = order_message(latin, "C1", "A1", dt.datetime(2026, 3, 14), sending_application="OLDRIS")
+    text = text.decode().replace("||||||UNICODE UTF-8", "").encode("latin-1")
+    assert answer(intake.handle_message(text, "peer"))[1] == "MSA|AA|C1"
+    [event] = captured
+    assert isinstance(event, OrderPlaced)
+    assert event.demographics.name == "MÜLLER^JÖRG"
+    # The same bytes from a sender without a configured charset are not UTF-8: AE 102.
+    other = text.replace(b"|OLDRIS|", b"|RIS|")
+    segments = answer(intake.handle_message(other, "peer"))
+    assert segments[1] == "MSA|AE|C1"
+    assert "|MSH^1^18|102^Data type error^HL70357|" in segments[2]
+
+
+def test_resend_with_new_timestamp_is_duplicate(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    first = answer(intake.handle_message(order(), "peer"))
+    resent = order().replace(b"|20260314000000||ORM^O01|", b"|20260314000500||ORM^O01|")
+    second = answer(intake.handle_message(resent.replace(b"\r", b"\r\n"), "peer"))
+    assert second == first
+    assert len(db.store.list_jobs()) == 1
+
+
+def test_reused_control_id_gets_ae_205(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    answer(intake.handle_message(order(), "peer"))
+    other_order = order().replace(b"ACC1", b"ACC9")
+    segments = answer(intake.handle_message(other_order, "peer"))
+    assert segments[1] == "MSA|AE|MSG1"
+    assert "|MSH^1^10|205^Duplicate key identifier^HL70357|" in segments[2]
+    assert "send this message with a new control id" in segments[2]
+    assert len(db.store.list_messages()) == 1
+    assert len(db.store.list_jobs()) == 1

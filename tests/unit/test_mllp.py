@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+import datetime as dt
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
+from engine.hl7.ack import AckHeader
+from engine.hl7.events import IdentifierPolicy, Unhandled
+from engine.hl7.intake import Intake
 from engine.hl7.mllp import (
     END_BLOCK,
+    MAX_QUEUED_FRAMES,
     START_BLOCK,
     Frame,
     MLLPDecoder,
@@ -16,6 +26,12 @@ from engine.hl7.mllp import (
     OversizeFrame,
     frame,
 )
+from engine.jobs.planner import Plan
+from engine.jobs.store import Store
+from engine.model import DomainEvent
+from engine.testing.dicomgen import PatientSpec
+from engine.testing.scenario import order_message
+from tests.fakes import ImmediateStore
 
 MESSAGE = b"MSH|^~\\&|RIS|RAD|FDQR|LOCAL|20260101||ORM^O01|1|P|2.5\rPID|1||X^^^LOCAL\r"
 
@@ -87,18 +103,18 @@ class RecordingHandler:
 
     def __init__(self) -> None:
         self.received: list[bytes] = []
-        self.pending: list[defer.Deferred[bytes]] = []
+        self.pending: list[defer.Deferred[Sequence[bytes]]] = []
         self.oversize: list[int] = []
 
-    def handle_message(self, content: bytes, peer: str) -> defer.Deferred[bytes]:
+    def handle_message(self, content: bytes, peer: str) -> defer.Deferred[Sequence[bytes]]:
         self.received.append(content)
-        answer: defer.Deferred[bytes] = defer.Deferred()
+        answer: defer.Deferred[Sequence[bytes]] = defer.Deferred()
         self.pending.append(answer)
         return answer
 
-    def reject_oversize(self, head: bytes, size: int, peer: str) -> bytes | None:
+    def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
         self.oversize.append(size)
-        return b"MSH|AR"
+        return [b"MSH|AR"]
 
 
 def connect(handler: RecordingHandler, **options: object) -> tuple[MLLPProtocol, StringTransport]:
@@ -114,9 +130,9 @@ def test_protocol_answers_in_order() -> None:
     protocol.dataReceived(frame(b"MSH|1") + frame(b"MSH|2"))
     # One message outstanding per connection: the second waits for the first ACK.
     assert handler.received == [b"MSH|1"]
-    handler.pending[0].callback(b"ACK1")
+    handler.pending[0].callback([b"ACK1"])
     assert handler.received == [b"MSH|1", b"MSH|2"]
-    handler.pending[1].callback(b"ACK2")
+    handler.pending[1].callback([b"ACK2"])
     assert transport.value() == frame(b"ACK1") + frame(b"ACK2")
     assert transport.connected
 
@@ -159,7 +175,7 @@ def test_protocol_pauses_when_many_frames_queued() -> None:
     protocol.dataReceived(b"".join(frame(b"MSH|%d" % i) for i in range(12)))
     assert transport.producerState == "paused"
     for index in range(12):
-        handler.pending[index].callback(b"ACK")
+        handler.pending[index].callback([b"ACK"])
     assert transport.producerState == "producing"
     assert transport.value().count(END_BLOCK) == 12
 
@@ -195,3 +211,247 @@ def test_decoder_random_bytes_never_raise_and_stay_bounded(chunks: list[bytes]) 
             else:
                 assert len(event.head) <= 1024
         assert len(decoder._buffer) <= 1024 + 400
+
+
+def test_protocol_writes_every_answer_in_order() -> None:
+    handler = RecordingHandler()
+    protocol, transport = connect(handler)
+    protocol.dataReceived(frame(b"MSH|1") + frame(b"MSH|2"))
+    handler.pending[0].callback([b"CA", b"AA"])
+    assert transport.value() == frame(b"CA") + frame(b"AA")
+    handler.pending[1].callback([])
+    assert transport.value() == frame(b"CA") + frame(b"AA")
+    assert handler.received == [b"MSH|1", b"MSH|2"]
+    assert transport.connected
+
+
+def test_protocol_serves_connections_independently() -> None:
+    handler = RecordingHandler()
+    first, first_transport = connect(handler)
+    second, second_transport = connect(handler)
+    first.dataReceived(frame(b"MSH|a"))
+    second.dataReceived(frame(b"MSH|b"))
+    # Both are in progress at once: a slow message on one connection does not block another.
+    assert handler.received == [b"MSH|a", b"MSH|b"]
+    handler.pending[1].callback([b"ACK-b"])
+    assert second_transport.value() == frame(b"ACK-b")
+    assert first_transport.value() == b""
+    handler.pending[0].callback([b"ACK-a"])
+    assert first_transport.value() == frame(b"ACK-a")
+
+
+def test_protocol_logs_skipped_bytes_with_count(caplog: pytest.LogCaptureFixture) -> None:
+    handler = RecordingHandler()
+    protocol, transport = connect(handler)
+    with caplog.at_level(logging.WARNING, logger="engine.hl7.mllp"):
+        protocol.dataReceived(b"\xef\xbb\xbf\x00log text\r\n" + frame(b"MSH|1") + b"\r\n")
+    assert handler.received == [b"MSH|1"]
+    assert [record.getMessage() for record in caplog.records] == [
+        "skipped 16 bytes outside MLLP frames from 192.168.1.1:54321"
+    ]
+    assert transport.connected
+    assert not transport.disconnecting
+
+    # Later skips on the same connection are counted, and the total is logged at close.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.hl7.mllp"):
+        protocol.dataReceived(frame(b"MSH|2") + b"\r\n")
+        protocol.dataReceived(frame(b"MSH|3") + b"\r\n")
+        protocol.connectionLost()
+    assert [record.getMessage() for record in caplog.records] == [
+        "MLLP connection from 192.168.1.1:54321 closed; 20 bytes outside frames skipped in total"
+    ]
+
+
+def test_protocol_oversize_without_msh_closes_silently() -> None:
+    class SilentHandler(RecordingHandler):
+        def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
+            self.oversize.append(size)
+            return []
+
+    handler = SilentHandler()
+    protocol, transport = connect(handler, max_message_bytes=100)
+    protocol.dataReceived(START_BLOCK + b"\x00" * 200)
+    assert handler.oversize == [200]
+    assert transport.value() == b""
+    assert transport.disconnecting
+
+
+def test_protocol_ignores_data_after_oversize() -> None:
+    handler = RecordingHandler()
+    protocol, transport = connect(handler, max_message_bytes=100)
+    protocol.dataReceived(START_BLOCK + b"MSH|" + b"x" * 200 + END_BLOCK + frame(b"MSH|2"))
+    protocol.dataReceived(frame(b"MSH|3"))
+    assert handler.received == []
+    assert transport.value() == frame(b"MSH|AR")
+
+
+INTAKE_POLICY = IdentifierPolicy("LOCAL", ("LOCAL",))
+PATIENT = PatientSpec("L1", "LOCAL", "DOE^JANE", "19650312", "F")
+
+
+def accept_all(event: DomainEvent | Unhandled) -> Plan:
+    return Plan((), type(event).__name__)
+
+
+@pytest.fixture(scope="module")
+def memory_intake() -> Iterator[Intake]:
+    fake = ImmediateStore(Store(":memory:"))
+    yield Intake(fake, accept_all, INTAKE_POLICY)  # type: ignore[arg-type]
+    fake.stop()
+
+
+def acks_written(transport: StringTransport) -> list[list[str]]:
+    """Return the segments of every framed ACK the protocol wrote."""
+    frames = MLLPDecoder().feed(transport.value())
+    assert all(isinstance(event, Frame) for event in frames)
+    return [
+        event.content.decode("latin-1").rstrip("\r").split("\r")
+        for event in frames
+        if isinstance(event, Frame)
+    ]
+
+
+_control_ids = itertools.count(1)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    count=st.integers(min_value=1, max_value=4),
+    cuts=st.lists(st.integers(min_value=0, max_value=6000), max_size=40),
+    noise=st.sampled_from([b"", b"\r\n", b"\x00", b"\n", b"\xef\xbb\xbf", b"log line\n"]),
+)
+def test_protocol_random_splits_answer_every_message(
+    memory_intake: Intake, count: int, cuts: list[int], noise: bytes
+) -> None:
+    control_ids = [f"SPLIT{next(_control_ids)}" for _ in range(count)]
+    when = dt.datetime(2026, 3, 14)
+    data = b"".join(
+        noise + frame(order_message(PATIENT, control_id, "ACC", when)) for control_id in control_ids
+    )
+    protocol = MLLPProtocol(memory_intake)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    start = 0
+    for cut in [*sorted({min(cut, len(data)) for cut in cuts}), len(data)]:
+        protocol.dataReceived(data[start:cut])
+        start = cut
+    answers = acks_written(transport)
+    assert [segments[1] for segments in answers] == [f"MSA|AA|{c}" for c in control_ids]
+    assert protocol.decoder.skipped_bytes == len(noise) * count
+    assert transport.connected
+    assert not transport.disconnecting
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=300),
+            st.binary(max_size=300).map(lambda body: START_BLOCK + b"MSH|^~\\&|" + body),
+            st.sampled_from([START_BLOCK, END_BLOCK, b"\x1c", b"\r"]),
+        ),
+        max_size=30,
+    )
+)
+def test_protocol_random_bytes_answer_or_skip(memory_intake: Intake, chunks: list[bytes]) -> None:
+    limit = 1024
+    protocol = MLLPProtocol(memory_intake, max_message_bytes=limit)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    reference = MLLPDecoder(limit)
+    expected_answers = 0
+    for chunk in chunks:
+        protocol.dataReceived(chunk)
+        assert len(protocol.decoder._buffer) <= limit + len(chunk)
+        assert len(protocol._queue) <= MAX_QUEUED_FRAMES + len(chunk)
+        if transport.disconnecting:
+            break
+        for event in reference.feed(chunk):
+            if isinstance(event, Frame) and _answered_in_original_mode(event.content):
+                expected_answers += 1
+
+    answers = acks_written(transport)
+    if not transport.disconnecting:
+        assert len(answers) == expected_answers
+    for segments in answers:
+        assert segments[0].startswith("MSH")
+        msa = segments[1]
+        assert msa.startswith("MSA")
+        assert msa.split(msa[3])[1] in ("AA", "AE", "AR")
+    assert not protocol._busy
+
+
+def _answered_in_original_mode(content: bytes) -> bool:
+    header = AckHeader.from_raw(content)
+    fields = content.split(b"\r")[0].split(b"|")
+    message_code = (
+        fields[8].split(b"^")[0] if len(fields) > 8 and content.startswith(b"MSH|") else b""
+    )
+    return not header.enhanced_mode and message_code != b"ACK"
+
+
+def converse(intake: Intake, data: bytes) -> tuple[list[list[str]], StringTransport]:
+    protocol = MLLPProtocol(intake, max_message_bytes=4096)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(data)
+    return acks_written(transport), transport
+
+
+def listener_order(control_id: str) -> bytes:
+    return order_message(PATIENT, control_id, "ACC", dt.datetime(2026, 3, 14))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (b"not HL7 at all", [("MSA|AR|", "|100^Segment sequence error^HL70357|")]),
+        (
+            listener_order(""),
+            [("MSA|AE|", "|MSH^1^10|101^Required field missing^HL70357|")],
+        ),
+        (
+            listener_order("T200").replace(b"ORM^O01", b"ORU^R01"),
+            [("MSA|AR|T200", "|MSH^1^9|200^Unsupported message type^HL70357|")],
+        ),
+        (
+            listener_order("T102").replace(b"DOE^JANE", b"DOE^\xff"),
+            [("MSA|AE|T102", "|MSH^1^18|102^Data type error^HL70357|")],
+        ),
+        (
+            listener_order("T103").replace(b"UNICODE UTF-8", b"EBCDIC-KLINGON"),
+            [("MSA|AE|T103", "|MSH^1^18|103^Table value not found^HL70357|")],
+        ),
+        (
+            listener_order("TENH").replace(b"|P|2.5.1||||||", b"|P|2.5.1|||AL|AL||"),
+            [("MSA|CA|TENH", ""), ("MSA|AA|TENH", "")],
+        ),
+        (b"MSH|^~\\&|RIS|RAD|FDQR|LOCAL|2026||ACK^O01^ACK|A1|P|2.5\rMSA|AA|X\r", []),
+    ],
+    ids=["unparsable", "no-control-id", "unsupported", "undecodable", "charset", "enhanced", "ack"],
+)
+def test_listener_answers_each_case(
+    memory_intake: Intake, message: bytes, expected: list[tuple[str, str]]
+) -> None:
+    answers, transport = converse(memory_intake, frame(message) + frame(listener_order("NEXT")))
+    assert len(answers) == len(expected) + 1
+    for segments, (msa, err) in zip(answers, expected, strict=False):
+        assert segments[1] == msa
+        if err:
+            assert err in segments[2]
+    # The connection stays usable after every case.
+    assert answers[-1][1] == "MSA|AA|NEXT"
+    assert not transport.disconnecting
+
+
+def test_listener_oversize_answers_ar_and_closes(memory_intake: Intake) -> None:
+    big = listener_order("BIG") + b"NTE|1||" + b"x" * 5000 + b"\r"
+    answers, transport = converse(memory_intake, frame(big) + frame(listener_order("AFTER")))
+    assert [segments[1] for segments in answers] == ["MSA|AR|BIG"]
+    assert "exceeds the size limit" in answers[0][2]
+    assert transport.disconnecting

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -86,10 +87,12 @@ def make_intake(db: ImmediateStore, rule_set: RuleSet, clock: task.Clock) -> Int
 
 
 def send(intake: Intake, message: bytes) -> str:
-    fired: list[bytes] = []
+    """Return the MSA segment of the one ACK sent for a message."""
+    fired: list[Sequence[bytes]] = []
     intake.handle_message(message, "peer").addCallback(fired.append)
     assert fired, "the ACK has not fired"
-    return fired[0].decode().split("\r")[1]
+    [ack] = fired[0]
+    return ack.decode().split("\r")[1]
 
 
 def order(

@@ -1,0 +1,297 @@
+"""`fdqr messages`: list, show and replay the HL7 messages in the store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import click
+
+from engine import config as config_module
+from engine.configfile import ConfigError
+from engine.hl7.ack import split_acks
+from engine.hl7.events import IdentifierPolicy
+from engine.hl7.intake import Interpreter, ignore_reason
+from engine.hl7.message import CharsetDefaults, HL7Error, Message, parse
+from engine.jobs.planner import Planner
+from engine.jobs.store import JobRecord, MessageRecord, Store
+
+# Fields that carry names, birth dates, addresses, phone numbers or national
+# ids, by segment: `messages show` replaces them unless asked not to.
+REDACTED_FIELDS = {
+    "PID": (5, 6, 7, 9, 11, 13, 14, 19, 20),
+    "NK1": (2, 4, 5, 6, 16),
+    "MRG": (7,),
+    "GT1": (3, 5, 6, 7, 8, 12),
+    "IN1": (16, 18, 19),
+    "IN2": (2,),
+}
+REDACTED = "***"
+
+
+@click.group(name="messages")
+def messages_group() -> None:
+    """List, show and replay stored HL7 messages."""
+
+
+def _config_option() -> click.Option:
+    return click.Option(
+        ["--config", "config_path"],
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml")),
+        show_default=True,
+        help="Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default.",
+    )
+
+
+def _with_config(command: click.Command) -> click.Command:
+    command.params.append(_config_option())
+    return command
+
+
+@_with_config
+@messages_group.command(name="list")
+@click.option("--limit", default=50, show_default=True, help="Number of most recent messages.")
+@click.option("--type", "message_type", help="Only this message type, e.g. ORM^O01.")
+@click.option("--sender", help="Only this sending application (MSH-3).")
+@click.option("--control-id", help="Only this message control id (MSH-10).")
+def messages_list(
+    config_path: Path,
+    limit: int,
+    message_type: str | None,
+    sender: str | None,
+    control_id: str | None,
+) -> None:
+    """List stored messages, most recent first, with their ACK and outcome."""
+    store = _open_store(config_path)
+    messages = store.list_messages(
+        limit, message_type=message_type, sending_application=sender, control_id=control_id
+    )
+    rows = [("ID", "RECEIVED", "TYPE", "CONTROL ID", "SENDER", "PEER", "ACK", "JOBS", "OUTCOME")]
+    for message in messages:
+        origin = message.origin
+        rows.append(
+            (
+                str(message.id),
+                _local_time(message.received_at),
+                origin.message_type,
+                origin.control_id,
+                f"{origin.sending_application}/{origin.sending_facility}",
+                message.peer,
+                ack_codes(message.ack),
+                str(len(store.message_jobs(message.id))),
+                message.outcome,
+            )
+        )
+    from engine.cli import format_table
+
+    click.echo(format_table(rows))
+
+
+@_with_config
+@messages_group.command(name="show")
+@click.argument("message_id", type=int)
+@click.option(
+    "--unredacted",
+    is_flag=True,
+    help="Show names, birth dates, addresses, phone numbers and national ids as received.",
+)
+def messages_show(config_path: Path, message_id: int, unredacted: bool) -> None:
+    """Show one message: header, outcome, ACK, jobs, replays and content."""
+    settings = _load_settings(config_path)
+    store = _open_store(config_path)
+    message = store.get_message(message_id)
+    content = store.message_content(message_id)
+    if message is None or content is None:
+        click.echo(f"message {message_id} not found", err=True)
+        raise SystemExit(1)
+
+    _echo_header(message)
+    for ack in split_acks(message.ack):
+        click.echo(f"  ack: {_segments(ack.decode('utf-8', errors='replace'))[1]}")
+    _echo_jobs(store.message_jobs(message_id))
+    for replay in store.replays(message_id):
+        jobs = ", ".join(str(job_id) for job_id in replay.job_ids) or "none"
+        click.echo(
+            f"  replay {replay.id} at {_local_time(replay.replayed_at)}: {replay.outcome}"
+            f" (jobs {jobs})"
+        )
+
+    click.echo(_content_heading(unredacted))
+    click.echo(render(content, settings.mllp.charsets(), unredacted))
+
+
+@_with_config
+@messages_group.command(name="replay")
+@click.argument("message_id", type=int)
+@click.option("--dry-run", is_flag=True, help="Show what the replay would do; change nothing.")
+@click.option(
+    "--force", is_flag=True, help="Replay even if jobs of the message have not finished yet."
+)
+def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bool) -> None:
+    """Process a stored message again with the current routes and rules.
+
+    A replay is never taken for a duplicate: it creates the jobs the current
+    rules ask for, even if the message created jobs before. A running engine
+    picks them up at its next poll.
+    """
+    config = _load_config(config_path)
+    store = _open_store(config_path)
+    message = store.get_message(message_id)
+    content = store.message_content(message_id)
+    if message is None or content is None:
+        click.echo(f"message {message_id} not found", err=True)
+        raise SystemExit(1)
+
+    unfinished = [job for job in store.message_jobs(message_id) if not job.state.finished]
+    if unfinished and not force and not dry_run:
+        listed = ", ".join(f"{job.id} ({job.state})" for job in unfinished)
+        click.echo(
+            f"message {message_id} has unfinished jobs {listed}; a replay would run the same"
+            " work twice. Wait for them, or replay anyway with --force.",
+            err=True,
+        )
+        raise SystemExit(1)
+
+    now = dt.datetime.now(dt.UTC)
+    interpreter = interpreter_for(config, now)
+    try:
+        plan = interpreter.plan(interpreter.parse(content))
+    except HL7Error as error:
+        click.echo(
+            f"message {message_id} cannot be processed with the current configuration:"
+            f" {error.text} (HL7 error {error.code.value}); nothing was changed",
+            err=True,
+        )
+        raise SystemExit(1) from None
+
+    if dry_run:
+        click.echo(f"message {message_id} would be replayed: {plan.outcome}")
+        for job in plan.jobs:
+            click.echo(f"  would create a job: route {job.route}, rule {job.rule}, {job.patient}")
+        return
+    replay = store.record_replay(message_id, plan.outcome, plan.jobs, now, plan.actions)
+    created = ", ".join(str(job_id) for job_id in replay.job_ids)
+    click.echo(f"message {message_id} replayed (replay {replay.id}): {replay.outcome}")
+    click.echo(f"  created jobs {created}" if created else "  created no jobs")
+
+
+def interpreter_for(config: config_module.Config, now: dt.datetime) -> Interpreter:
+    """Build the interpreter the engine uses, from a loaded configuration."""
+    settings = config.settings
+    local = settings.local_patient
+    policy = IdentifierPolicy(
+        issuer=local.issuer,
+        authorities=tuple(local.authorities or [local.issuer]),
+        unqualified_ids_are_local=local.unqualified_ids_are_local,
+    )
+    return Interpreter(
+        Planner(lambda: config.rule_set, now=lambda: now),
+        policy,
+        settings.mllp.charsets(),
+        lambda origin: ignore_reason(config.rule_set, origin),
+    )
+
+
+def render(content: bytes, charsets: CharsetDefaults, unredacted: bool) -> str:
+    """Return a message's segments one per line, redacted unless asked not to."""
+    try:
+        message = parse(content, charsets)
+    except HL7Error as error:
+        if not unredacted:
+            return f"(cannot be parsed: {error.text}; --unredacted shows the raw text)"
+        return content.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n")
+    return "\n".join(
+        _segment_text(message, index, unredacted) for index in range(len(message.segments))
+    )
+
+
+def _segment_text(message: Message, index: int, unredacted: bool) -> str:
+    segment = message.segments[index]
+    fields = list(segment.fields)
+    if not unredacted:
+        for number in REDACTED_FIELDS.get(segment.id, ()):
+            if number < len(fields) and fields[number]:
+                fields[number] = REDACTED
+    return message.delimiters.field.join(fields)
+
+
+def ack_codes(ack: bytes) -> str:
+    """Return the MSA-1 codes of stored acknowledgements, e.g. "CA AA"; "-" if none was sent."""
+    codes = []
+    for message in split_acks(ack):
+        segments = _segments(message.decode("utf-8", errors="replace"))
+        msa = segments[1] if len(segments) > 1 else ""
+        codes.append(msa[4:6] if msa.startswith("MSA") else "?")
+    return " ".join(codes) or "-"
+
+
+def _segments(text: str) -> list[str]:
+    return text.rstrip("\r").split("\r")
+
+
+def _echo_header(message: MessageRecord) -> None:
+    origin = message.origin
+    click.echo(
+        f"message {message.id}: {origin.message_type} {origin.control_id} from"
+        f" {origin.sending_application}/{origin.sending_facility} (peer {message.peer}),"
+        f" received {_local_time(message.received_at)}"
+    )
+    click.echo(f"  outcome: {message.outcome}")
+
+
+def _echo_jobs(jobs: list[JobRecord]) -> None:
+    if not jobs:
+        click.echo("  jobs: none")
+    for job in jobs:
+        click.echo(f"  job {job.id}: {job.state} (rule {job.rule}) {job.summary}".rstrip())
+
+
+def _content_heading(unredacted: bool) -> str:
+    if unredacted:
+        return "content (unredacted):"
+    return (
+        "content (names, birth dates, addresses, phone numbers and national ids redacted;"
+        " --unredacted shows them):"
+    )
+
+
+def _local_time(value: dt.datetime) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _load_settings(config_path: Path) -> config_module.EngineSettings:
+    try:
+        return config_module.load_settings(config_path)
+    except ConfigError as error:
+        click.echo(str(error), err=True)
+        raise SystemExit(2) from None
+
+
+def _load_config(config_path: Path) -> config_module.Config:
+    try:
+        return config_module.load(config_path)
+    except ConfigError as error:
+        click.echo(f"configuration invalid, {len(error.problems)} problem(s):", err=True)
+        for problem in error.problems:
+            click.echo(f"  {problem}", err=True)
+        raise SystemExit(2) from None
+
+
+def _open_store(config_path: Path) -> Store:
+    settings = _load_settings(config_path)
+    if str(settings.store.path) == config_module.MEMORY_STORE:
+        click.echo(
+            f"the store of {config_path} is in memory (store.path {config_module.MEMORY_STORE}),"
+            " so only the running engine can read it",
+            err=True,
+        )
+        raise SystemExit(1)
+    path = config_module.resolve(config_path.resolve(), settings.store.path)
+    if not path.exists():
+        click.echo(
+            f"no store at {path}: the engine has not run with this configuration yet", err=True
+        )
+        raise SystemExit(1)
+    return Store(path)

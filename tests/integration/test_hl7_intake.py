@@ -1,0 +1,315 @@
+"""HL7 intake on real sockets: python-hl7's mllp_send, concurrent senders, TLS, limits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.jobs.store import Store
+from engine.testing.certificates import certificate_authority, issue
+from engine.testing.intake import INTAKE_PATIENT, write_intake_config
+from engine.testing.scenario import order_message
+from engine.testing.sites import EngineProcess
+
+pytestmark = pytest.mark.integration
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c\r"
+WHEN = dt.datetime(2026, 3, 14, 9, 0)
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+
+
+def order(control_id: str, **options: object) -> bytes:
+    return order_message(INTAKE_PATIENT, control_id, f"ACC-{control_id}", WHEN, **options)
+
+
+class RunningEngine:
+    def __init__(self, process: EngineProcess, port: int, store: Path) -> None:
+        self.process = process
+        self.port = port
+        self.store = store
+
+    def messages(self) -> int:
+        store = Store(self.store)
+        try:
+            return len(store.list_messages(100_000))
+        finally:
+            store.close()
+
+    def jobs_of(self, control_id: str) -> int:
+        store = Store(self.store)
+        try:
+            [message] = store.list_messages(control_id=control_id)
+            return len(store.message_jobs(message.id))
+        finally:
+            store.close()
+
+
+def start_engine(folder: Path, mllp: dict[str, object]) -> RunningEngine:
+    store = folder / "fdqr.sqlite"
+    config, port = write_intake_config(folder, str(store), mllp)
+    process = EngineProcess(config, port, folder / "engine.log")
+    process.start()
+    return RunningEngine(process, port, store)
+
+
+def stop_engine(engine: RunningEngine) -> None:
+    status = engine.process.stop()
+    assert status == 0, engine.process.log_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEngine]:
+    running = start_engine(
+        tmp_path_factory.mktemp("intake"),
+        {"max_message_bytes": MAX_MESSAGE_BYTES, "idle_timeout_seconds": 3},
+    )
+    yield running
+    stop_engine(running)
+
+
+def exchange(connection: socket.socket, data: bytes, timeout: float = 30.0) -> bytes:
+    """Send bytes and return the next frame, without its framing."""
+    connection.sendall(data)
+    return read_frame(connection, timeout)
+
+
+def read_frame(connection: socket.socket, timeout: float = 30.0) -> bytes:
+    """Return the next frame; bytes after it stay in the socket's receive buffer."""
+    connection.settimeout(timeout)
+    data = b""
+    while not data.endswith(END_BLOCK):
+        # One byte at a time, so a second frame that arrived with this one is left unread.
+        chunk = connection.recv(1)
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} bytes: {data[:100]!r}")
+        data += chunk
+    return data.strip(START_BLOCK).removesuffix(END_BLOCK)
+
+
+def msa(ack: bytes) -> str:
+    return ack.decode().split("\r")[1]
+
+
+def test_mllp_send_file_of_messages(engine: RunningEngine, tmp_path: Path) -> None:
+    adt = (
+        b"MSH|^~\\&|HIS|ADT|FDQR|LOCAL|20260314||ADT^A08|SEND-2|P|2.5\r"
+        b"EVN|A08|20260314\rPID|1||INTAKE-1^^^LOCAL^MR||INTAKE^PATIENT||19700101|O\r"
+    )
+    unsupported = order("SEND-3").replace(b"ORM^O01", b"ORU^R01")
+    messages = [order("SEND-1"), adt, unsupported]
+    batch = tmp_path / "messages.hl7"
+    batch.write_bytes(b"".join(START_BLOCK + message + END_BLOCK for message in messages))
+    mllp_send = shutil.which("mllp_send", path=str(Path(sys.executable).parent))
+    assert mllp_send is not None, "python-hl7's mllp_send is not installed"
+
+    result = subprocess.run(
+        [mllp_send, "-p", str(engine.port), "-f", str(batch), "127.0.0.1"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+
+    acks = [line.strip(b"\x0b\x1c\r") for line in result.stdout.split(b"\n") if line.strip()]
+    assert [msa(ack) for ack in acks[:2]] == ["MSA|AA|SEND-1", "MSA|AA|SEND-2"]
+    assert msa(acks[2]) == "MSA|AR|SEND-3"
+    assert "|200^Unsupported message type^HL70357|" in acks[2].decode()
+    assert engine.jobs_of("SEND-1") == 1
+    assert engine.jobs_of("SEND-2") == 0
+
+
+def test_mllp_send_loose_file_with_crlf(engine: RunningEngine, tmp_path: Path) -> None:
+    batch = tmp_path / "loose.hl7"
+    text = order("LOOSE-1") + order("LOOSE-2")
+    batch.write_bytes(text.replace(b"\r", b"\r\n"))
+    mllp_send = shutil.which("mllp_send", path=str(Path(sys.executable).parent))
+    assert mllp_send is not None
+
+    result = subprocess.run(
+        [mllp_send, "--loose", "-p", str(engine.port), "-f", str(batch), "127.0.0.1"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+
+    acks = [line.strip(b"\x0b\x1c\r") for line in result.stdout.split(b"\n") if line.strip()]
+    assert [msa(ack) for ack in acks] == ["MSA|AA|LOOSE-1", "MSA|AA|LOOSE-2"]
+
+
+def test_concurrent_senders_each_answered_in_order(engine: RunningEngine) -> None:
+    senders, per_sender = 6, 25
+    answers: dict[int, list[str]] = {}
+    failures: list[BaseException] = []
+
+    def send(number: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
+                answers[number] = [
+                    msa(exchange(connection, frame_of(order(f"CC-{number}-{index}"))))
+                    for index in range(per_sender)
+                ]
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=send, args=(number,)) for number in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    for number in range(senders):
+        assert answers[number] == [f"MSA|AA|CC-{number}-{index}" for index in range(per_sender)]
+
+
+def test_noise_between_frames_and_one_byte_reads(engine: RunningEngine) -> None:
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data = b"\xef\xbb\xbf\x00log text\r\n" + frame_of(order("NOISE-1")) + b"\r\n"
+        for byte in data:
+            connection.sendall(bytes([byte]))
+        assert msa(read_frame(connection)) == "MSA|AA|NOISE-1"
+        assert msa(exchange(connection, frame_of(order("NOISE-2")))) == "MSA|AA|NOISE-2"
+
+
+def test_one_megabyte_message_accepted(engine: RunningEngine) -> None:
+    note = b"NTE|1||" + b"x" * (1024 * 1024) + b"\r"
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
+        assert msa(exchange(connection, frame_of(order("BIG-1") + note))) == "MSA|AA|BIG-1"
+
+
+def test_oversize_message_rejected_and_closed(engine: RunningEngine) -> None:
+    note = b"NTE|1||" + b"x" * (MAX_MESSAGE_BYTES + 1000) + b"\r"
+    messages_before = engine.messages()
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
+        ack = exchange(connection, frame_of(order("HUGE-1") + note))
+        assert msa(ack) == "MSA|AR|HUGE-1"
+        assert "exceeds the size limit" in ack.decode()
+        connection.settimeout(30)
+        assert connection.recv(100) == b""
+    assert engine.messages() == messages_before
+    assert engine.process.running
+
+
+def test_duplicate_answered_with_stored_ack(engine: RunningEngine) -> None:
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
+        first = exchange(connection, frame_of(order("DUP-1")))
+        second = exchange(connection, frame_of(order("DUP-1")))
+    assert second == first
+    assert engine.jobs_of("DUP-1") == 1
+
+
+def test_enhanced_mode_commit_then_application_ack(engine: RunningEngine) -> None:
+    text = order("ENH-1").replace(b"|P|2.5.1||||||", b"|P|2.5.1|||AL|AL||")
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
+        commit = exchange(connection, frame_of(text))
+        application = read_frame(connection)
+    assert msa(commit) == "MSA|CA|ENH-1"
+    assert msa(application) == "MSA|AA|ENH-1"
+
+
+def test_idle_connection_closed(engine: RunningEngine) -> None:
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
+        started = time.monotonic()
+        connection.settimeout(30)
+        assert connection.recv(100) == b""
+        assert time.monotonic() - started >= 2.5
+
+
+def frame_of(message: bytes) -> bytes:
+    return START_BLOCK + message + END_BLOCK
+
+
+def test_mllp_over_tls(tmp_path: Path) -> None:
+    authority = certificate_authority(tmp_path / "pki")
+    server = issue(tmp_path / "pki", authority, "engine", server=True)
+    listen = (
+        f"ssl:{{port}}:interface=127.0.0.1:privateKey={server.key_path}"
+        f":certKey={server.certificate_path}"
+    )
+    engine = start_engine(tmp_path / "engine", {"listen": listen})
+    try:
+        context = ssl.create_default_context(cafile=str(authority.certificate_path))
+        with (
+            socket.create_connection(("127.0.0.1", engine.port), timeout=30) as plain,
+            context.wrap_socket(plain, server_hostname="localhost") as connection,
+        ):
+            assert connection.version() in ("TLSv1.2", "TLSv1.3")
+            assert msa(exchange(connection, frame_of(order("TLS-1")))) == "MSA|AA|TLS-1"
+            assert msa(exchange(connection, frame_of(order("TLS-2")))) == "MSA|AA|TLS-2"
+
+        # A client that does not trust the certificate gets no connection.
+        with (
+            socket.create_connection(("127.0.0.1", engine.port), timeout=30) as plain,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            ssl.create_default_context().wrap_socket(plain, server_hostname="localhost")
+        assert engine.messages() == 2
+    finally:
+        stop_engine(engine)
+
+
+def test_mllp_tls_requires_client_certificate(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    authority = certificate_authority(pki)
+    server = issue(pki, authority, "engine", server=True)
+    client = issue(pki, authority, "ris", server=False)
+    stranger = issue(
+        pki, certificate_authority(pki / "other", "other CA"), "intruder", server=False
+    )
+    tls = {
+        "certificate": str(server.certificate_path),
+        "private_key": str(server.key_path),
+        "client_ca": str(authority.certificate_path),
+    }
+    engine = start_engine(tmp_path / "engine", {"tls": tls})
+    try:
+        context = ssl.create_default_context(cafile=str(authority.certificate_path))
+        context.load_cert_chain(str(client.certificate_path), str(client.key_path))
+        with (
+            socket.create_connection(("127.0.0.1", engine.port), timeout=30) as plain,
+            context.wrap_socket(plain, server_hostname="localhost") as connection,
+        ):
+            assert msa(exchange(connection, frame_of(order("MTLS-1")))) == "MSA|AA|MTLS-1"
+
+        for certificate in (None, stranger):
+            refused = ssl.create_default_context(cafile=str(authority.certificate_path))
+            if certificate is not None:
+                refused.load_cert_chain(
+                    str(certificate.certificate_path), str(certificate.key_path)
+                )
+            with (
+                socket.create_connection(("127.0.0.1", engine.port), timeout=30) as plain,
+                pytest.raises((ssl.SSLError, ConnectionError)),
+                refused.wrap_socket(plain, server_hostname="localhost") as connection,
+            ):
+                # With TLS 1.3 the server checks the client certificate after the
+                # client's handshake ends, so the rejection arrives on first use.
+                exchange(connection, frame_of(order("MTLS-X")))
+        assert engine.messages() == 1
+        assert engine.process.running
+    finally:
+        stop_engine(engine)
+
+
+def test_memory_store_engine_accepts_orders(tmp_path: Path) -> None:
+    config, port = write_intake_config(tmp_path, ":memory:")
+    process = EngineProcess(config, port, tmp_path / "engine.log")
+    process.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            assert msa(exchange(connection, frame_of(order("MEM-1")))) == "MSA|AA|MEM-1"
+            assert msa(exchange(connection, frame_of(order("MEM-1")))) == "MSA|AA|MEM-1"
+    finally:
+        assert process.stop() == 0, process.log_text()[-3000:]
+    assert not (tmp_path / ":memory:").exists()
+    assert "duplicate message MEM-1" in process.log_text()

@@ -1,0 +1,192 @@
+"""`fdqr messages list / show / replay` against a store filled through intake."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from engine import config
+from engine.cli import main
+from engine.hl7.cli import interpreter_for
+from engine.hl7.intake import Intake
+from engine.jobs.store import JobRecord, JobState, Store
+from engine.testing.dicomgen import PatientSpec
+from engine.testing.scenario import order_message
+from tests.conftest import NOW
+from tests.fakes import ImmediateStore
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+PATIENT = PatientSpec("L12345", "LOCAL", "DOE^JANE^M", "19650312", "F")
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Path:
+    """A copy of the shipped configuration with its store in tmp_path; return engine.yaml."""
+    for folder in ("conf", "routes", "rules"):
+        shutil.copytree(REPOSITORY / folder, tmp_path / folder)
+    path = tmp_path / "conf" / "engine.yaml"
+    settings = yaml.safe_load(path.read_text())
+    settings["store"]["path"] = str(tmp_path / "fdqr.sqlite")
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def receive(layout: Path, message: bytes) -> None:
+    """Take a message in as the engine does, with the configuration's routes and rules."""
+    loaded = config.load(layout)
+    interpreter = interpreter_for(loaded, NOW)
+    db = ImmediateStore(Store(loaded.store_path))
+    intake = Intake(db, interpreter.planner, interpreter.policy, now=lambda: NOW)  # type: ignore[arg-type]
+    result: list[object] = []
+    intake.handle_message(message, "127.0.0.1:4000").addCallback(result.append)
+    db.stop()
+    assert result, "intake did not answer"
+
+
+def run(layout: Path, *args: str) -> tuple[int, str]:
+    outcome = CliRunner().invoke(main, ["messages", *args, "--config", str(layout)])
+    return outcome.exit_code, outcome.output
+
+
+def order(control_id: str = "ORD1") -> bytes:
+    return order_message(PATIENT, control_id, "ACC1", dt.datetime(2026, 3, 14, 9, 0))
+
+
+def test_list_shows_ack_and_jobs(layout: Path) -> None:
+    receive(layout, order())
+    status, output = run(layout, "list")
+    assert status == 0, output
+    header, row = output.strip().split("\n")
+    assert header.split() == [
+        "ID",
+        "RECEIVED",
+        "TYPE",
+        "CONTROL",
+        "ID",
+        "SENDER",
+        "PEER",
+        "ACK",
+        "JOBS",
+        "OUTCOME",
+    ]
+    assert " ORM^O01 " in row
+    assert " ORD1 " in row
+    assert " RIS/RADIOLOGY " in row
+    assert " AA " in row
+    assert "route ris-orders: 1 job(s) for rules ct-priors" in row
+
+
+def test_list_filters_by_control_id(layout: Path) -> None:
+    receive(layout, order("ORD1"))
+    receive(layout, order("ORD2"))
+    status, output = run(layout, "list", "--control-id", "ORD2")
+    assert status == 0, output
+    assert " ORD2 " in output
+    assert " ORD1 " not in output
+
+
+def test_show_redacts_names_and_birth_dates(layout: Path) -> None:
+    receive(layout, order())
+    status, output = run(layout, "show", "1")
+    assert status == 0, output
+    assert "message 1: ORM^O01 ORD1 from RIS/RADIOLOGY" in output
+    assert "  ack: MSA|AA|ORD1" in output
+    assert "  job 1: queued (rule ct-priors)" in output
+    assert "DOE" not in output
+    assert "19650312" not in output
+    assert "PID|1||L12345^^^LOCAL^MR~998877^^^NATIONAL^NI||***||***|F" in output
+
+
+def test_show_unredacted_on_request(layout: Path) -> None:
+    receive(layout, order())
+    status, output = run(layout, "show", "1", "--unredacted")
+    assert status == 0, output
+    assert "PID|1||L12345^^^LOCAL^MR~998877^^^NATIONAL^NI||DOE^JANE^M||19650312|F" in output
+
+
+def test_show_unknown_message(layout: Path) -> None:
+    receive(layout, order())
+    status, output = run(layout, "show", "7")
+    assert status == 1
+    assert "message 7 not found" in output
+
+
+def test_replay_refuses_while_jobs_unfinished(layout: Path) -> None:
+    receive(layout, order())
+    status, output = run(layout, "replay", "1")
+    assert status == 1
+    assert "message 1 has unfinished jobs 1 (queued)" in output
+    assert "--force" in output
+    assert len(read_jobs(layout)) == 1
+
+
+def test_replay_creates_jobs_for_stored_duplicate_key(layout: Path) -> None:
+    receive(layout, order())
+    finish_all(layout)
+    status, output = run(layout, "replay", "1")
+    assert status == 0, output
+    assert "message 1 replayed (replay 1): route ris-orders: 1 job(s) for rules ct-priors" in output
+    assert "created jobs 2" in output
+    jobs = read_jobs(layout)
+    assert [job.message_id for job in jobs] == [1, 1]
+    status, output = run(layout, "show", "1")
+    assert "replay 1 at " in output
+    assert "(jobs 2)" in output
+
+
+def test_replay_with_force_and_dry_run(layout: Path) -> None:
+    receive(layout, order())
+    status, output = run(layout, "replay", "1", "--dry-run")
+    assert status == 0, output
+    assert "would create a job: route ris-orders, rule ct-priors, L12345^^^LOCAL" in output
+    assert len(read_jobs(layout)) == 1
+    status, output = run(layout, "replay", "1", "--force")
+    assert status == 0, output
+    assert len(read_jobs(layout)) == 2
+
+
+def test_replay_uses_current_rules(layout: Path) -> None:
+    receive(layout, order())
+    finish_all(layout)
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        routes.read_text().replace("sending_application: RIS", "sending_application: OTHER")
+    )
+    status, output = run(layout, "replay", "1")
+    assert status == 0, output
+    assert "message 1 replayed (replay 1): no route matches" in output
+    assert "created no jobs" in output
+
+
+def test_replay_rejected_by_current_configuration(layout: Path) -> None:
+    receive(layout, order())
+    finish_all(layout)
+    settings = yaml.safe_load(layout.read_text())
+    settings["local_patient"]["authorities"] = ["ELSEWHERE"]
+    layout.write_text(yaml.safe_dump(settings))
+    status, output = run(layout, "replay", "1")
+    assert status == 1
+    assert "cannot be processed with the current configuration" in output
+    assert "(HL7 error 204); nothing was changed" in output
+
+
+def read_jobs(layout: Path) -> list[JobRecord]:
+    store = Store(config.load(layout).store_path)
+    try:
+        return list(reversed(store.list_jobs()))
+    finally:
+        store.close()
+
+
+def finish_all(layout: Path) -> None:
+    store = Store(config.load(layout).store_path)
+    try:
+        for job in store.list_jobs():
+            store.finish_job(job.id, JobState.DONE, "done", NOW)
+    finally:
+        store.close()

@@ -74,6 +74,9 @@ class Node(Settings):
     # How studies are retrieved from this node: C-MOVE to the engine's AE, C-GET on
     # the same association, or C-GET with fallback to C-MOVE when the node refuses it.
     retrieve: Literal["move", "get", "auto"] = "move"
+    # A destination without a Query/Retrieve SCP (e.g. DCMTK storescp): the engine
+    # cannot ask what it holds, so a study counts as stored when every C-STORE succeeded.
+    store_only: bool = False
 
 
 class StoreSettings(Settings):

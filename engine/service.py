@@ -99,6 +99,7 @@ class Engine:
                 transfer.study_deadline_seconds,
                 transfer.destination_associations,
                 transfer.repair_passes,
+                frozenset(name for name, node in settings.nodes.items() if node.store_only),
             ),
             stopping=lambda: self.tracker.closed,
         )

@@ -56,6 +56,8 @@ class TransferSettings:
     study_deadline_seconds: float = 3600.0
     destination_associations: int = 2
     repair_passes: int = 1
+    # Destinations that answer no C-FIND, so nothing at them can be checked.
+    store_only: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +132,18 @@ class StudyTransfer:
             if forwarded.error is not None:
                 return self._destination_down(report, forwarded, job, uid)
 
-        present: int | None = yield self._destination_count(job, uid)
+        if job.destination in self.settings.store_only:
+            yield self._retrieve(job, candidate, stamp, [move_study(uid)], deadline, report, note)
+            return _unverified(report)
+
+        try:
+            present: int | None = yield self._destination_count(job, uid)
+        except DimseError as error:
+            if not error.transient:
+                raise
+            # The objects wait in the spool until the destination is back.
+            yield note(f"study {uid}: destination not reachable ({error}); retrieving anyway")
+            present = None
         expected = candidate.instance_count
         if present and expected is not None and present >= expected and not leftovers:
             report.state = StudyState.PRESENT
@@ -379,6 +392,16 @@ class StudyTransfer:
 
     def _spool_has(self, job: JobRecord, uid: str) -> bool:
         return bool(self.spool.pending(self.spool.study_dir(job.id, uid)))
+
+
+def _unverified(report: StudyReport) -> StudyReport:
+    """Judge a study at a store-only destination by the C-STORE results alone."""
+    if report.state == StudyState.INCOMPLETE:
+        return report
+    complete = not report.problems and report.stored >= report.received > 0
+    report.state = StudyState.STORED if complete else StudyState.INCOMPLETE
+    report.transient = report.transient or (not complete and not report.failed_instances)
+    return report
 
 
 def _add_outcome(report: StudyReport, outcome: MoveOutcome) -> None:

@@ -144,5 +144,9 @@ class EngineProcess:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -45,8 +45,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
 from engine.jobs.store import Store  # noqa: E402
+from engine.testing.dcmtk import StoreSCP  # noqa: E402
 from engine.testing.orthanc import OrthancServer, dcmtk_environment  # noqa: E402
-from engine.testing.ports import free_port, wait_for_port  # noqa: E402
 from engine.testing.scenario import order_message, prefetch_scenario  # noqa: E402
 from engine.testing.sites import EngineProcess, Network  # noqa: E402
 
@@ -111,7 +111,7 @@ def rate(size_bytes: int, seconds: float) -> float:
     return size_bytes / MB / seconds
 
 
-def best_of(repeats: int, run: Callable[[], float]) -> float:
+def median_of(repeats: int, run: Callable[[], float]) -> float:
     """Return the median duration of `repeats` runs (seconds)."""
     return statistics.median(run() for _ in range(repeats))
 
@@ -119,40 +119,16 @@ def best_of(repeats: int, run: Callable[[], float]) -> float:
 # (c) and (d): straight to DCMTK's storescp
 
 
-class StoreSCP:
-    """DCMTK storescp writing every object to a folder, with TCP_NODELAY."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            ["storescp", "--max-pdu", "131072", "-od", str(self.folder), str(self.port)],
-            env=dcmtk_environment(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port("127.0.0.1", self.port)
-
-    def clear(self) -> None:
-        for path in self.folder.iterdir():
-            path.unlink()
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=15)
-            self._process = None
+def clear(scp: StoreSCP) -> None:
+    for path in scp.files():
+        path.unlink()
 
 
 def time_dcmtk(study: Study, scp: StoreSCP) -> float:
-    scp.clear()
+    clear(scp)
     started = time.perf_counter()
     subprocess.run(
-        ["storescu", "--max-pdu", "131072", "-aec", "STORESCP", "127.0.0.1", str(scp.port)]
+        ["storescu", "--max-pdu", "131072", "-aec", "STORESCP", "127.0.0.1", str(scp.dicom_port)]
         + [str(path) for path in study.files],
         env=dcmtk_environment(),
         check=True,
@@ -163,14 +139,14 @@ def time_dcmtk(study: Study, scp: StoreSCP) -> float:
 
 def time_pynetdicom(study: Study, scp: StoreSCP) -> float:
     """Send with pynetdicom as a user would: one association, chunked send from file."""
-    scp.clear()
+    clear(scp)
     _config.STORE_SEND_CHUNKED_DATASET = True
     meta = dcmread(study.files[0], stop_before_pixels=True).file_meta
     ae = AE(ae_title="BENCH")
     context = build_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
     started = time.perf_counter()
     association = ae.associate(
-        "127.0.0.1", scp.port, contexts=[context], ae_title="STORESCP", max_pdu=131072
+        "127.0.0.1", scp.dicom_port, contexts=[context], ae_title="STORESCP", max_pdu=131072
     )
     assert association.is_established, "storescp refused the association"
     for message_id, path in enumerate(study.files, start=1):
@@ -252,7 +228,8 @@ def time_fdqr(
 
     count = destination.instance_count()
     assert count == len(study.files), f"fdqr stored {count} of {len(study.files)}: {summary}"
-    return FdqrRun(transfer_window(store_path, job_id, study.uid), job_seconds, peak_rss_mb, summary)
+    window = transfer_window(store_path, job_id, study.uid)
+    return FdqrRun(window, job_seconds, peak_rss_mb, summary)
 
 
 def wait_for_job(store_path: Path) -> tuple[int, str]:
@@ -292,6 +269,10 @@ def peak_rss(engine: EngineProcess) -> float:
     raise RuntimeError("VmHWM not found")
 
 
+def show(label: str, size: int, seconds: float) -> None:
+    print(f"{label:42} {rate(size, seconds):7.1f} MB/s ({seconds:.2f} s)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=300, help="CT slices in the study")
@@ -319,8 +300,12 @@ def main() -> int:
 
     network = Network(folder / "sites")
     source, destination = network.sites["hospital_a"], network.sites["local_pacs"]
-    source.modalities["local_pacs"] = (destination.ae_title, destination.host, destination.dicom_port)
-    scp = StoreSCP(folder / "storescp")
+    source.modalities["local_pacs"] = (
+        destination.ae_title,
+        destination.host,
+        destination.dicom_port,
+    )
+    scp = StoreSCP(folder / "storescp", max_pdu=131072)
     overrides: dict[str, object] = {"spool": {"fsync": True}}
     if args.destination_associations:
         overrides["transfer"] = {"destination_associations": args.destination_associations}
@@ -330,12 +315,12 @@ def main() -> int:
         for path in study.files:
             source.upload(path.read_bytes())
 
-        dcmtk = best_of(args.repeats, lambda: time_dcmtk(study, scp))
-        print(f"(c) dcmtk storescu -> storescp:       {rate(size, dcmtk):7.1f} MB/s ({dcmtk:.2f} s)")
-        pynet = best_of(args.repeats, lambda: time_pynetdicom(study, scp))
-        print(f"(d) pynetdicom SCU -> storescp:       {rate(size, pynet):7.1f} MB/s ({pynet:.2f} s)")
-        move = best_of(args.repeats, lambda: time_orthanc_move(study, source, destination))
-        print(f"(b) Orthanc C-MOVE source -> dest:    {rate(size, move):7.1f} MB/s ({move:.2f} s)")
+        dcmtk = median_of(args.repeats, lambda: time_dcmtk(study, scp))
+        show("(c) dcmtk storescu -> storescp", size, dcmtk)
+        pynet = median_of(args.repeats, lambda: time_pynetdicom(study, scp))
+        show("(d) pynetdicom SCU -> storescp", size, pynet)
+        move = median_of(args.repeats, lambda: time_orthanc_move(study, source, destination))
+        show("(b) Orthanc C-MOVE source -> destination", size, move)
         runs = [
             time_fdqr(network, folder, study, f"BENCH{index}", overrides)
             for index in range(args.repeats)
@@ -343,10 +328,8 @@ def main() -> int:
         fdqr = statistics.median(run.transfer_seconds for run in runs)
         job = statistics.median(run.job_seconds for run in runs)
         peak = max(run.peak_rss_mb for run in runs)
-        print(
-            f"(a) fdqr retrieve+stamp+store:        {rate(size, fdqr):7.1f} MB/s ({fdqr:.2f} s; "
-            f"whole job from the order {job:.2f} s; {runs[-1].summary})"
-        )
+        show("(a) fdqr retrieve + stamp + store", size, fdqr)
+        print(f"    whole job from the order: {job:.2f} s; {runs[-1].summary}")
         print(f"fdqr peak RSS: {peak:.0f} MB")
     finally:
         scp.stop()

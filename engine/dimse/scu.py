@@ -368,7 +368,11 @@ class NodeClient:
         except ValueError as error:
             raise RetrieveNotSupported(f"C-GET from {self.node}: {error}") from error
 
+        stores = 0
+
         def handle_store(event: Any) -> Dataset:
+            nonlocal stores
+            stores += 1
             return status_dataset(on_store(arrival_from_event(event)))
 
         with self.associate(
@@ -386,7 +390,18 @@ class NodeClient:
                     f"{self.node} accepts C-GET but grants the storage SCP role for no class"
                 )
             responses = association.send_c_get(identifier, model, msg_id=message_id)
-            final, final_identifier = self._final_response("C-GET", responses, deadline)
+            try:
+                final, final_identifier = self._final_response("C-GET", responses, deadline)
+            except DeadlineExceeded:
+                raise
+            except DimseError as error:
+                # Orthanc 1.10 aborts the association when C-GET is not allowed for
+                # the caller: an abort before any object arrived is a refusal.
+                if stores or self.tracker.closed:
+                    raise
+                raise RetrieveNotSupported(
+                    f"{self.node} ended the C-GET at once ({error})"
+                ) from None
 
         code = int(final.Status)
         if code in (Status.REFUSED_NOT_AUTHORIZED, Status.SOP_CLASS_NOT_SUPPORTED):

@@ -266,7 +266,9 @@ class NodeClient:
             if association.is_established:
                 return association
             if not association.is_rejected:
-                raise DimseError(f"association with {self.node} failed (no answer or aborted)")
+                raise DimseError(
+                    f"association with {self.node} failed (refused, timed out or aborted)"
+                )
 
             result, reason = _rejection(association)
             if result != REJECTED_TRANSIENT:
@@ -405,7 +407,7 @@ class NodeClient:
 
         code = int(final.Status)
         if code in (Status.REFUSED_NOT_AUTHORIZED, Status.SOP_CLASS_NOT_SUPPORTED):
-            raise RetrieveNotSupported(f"{self.node} refused C-GET with status {describe(code)}")
+            raise RetrieveNotSupported(f"{self.node} rejected C-GET with status {describe(code)}")
         return _outcome(final, final_identifier)
 
     def _final_response(

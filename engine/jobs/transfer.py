@@ -56,7 +56,7 @@ class TransferSettings:
     study_deadline_seconds: float = 3600.0
     destination_associations: int = 2
     repair_passes: int = 1
-    # Destinations that answer no C-FIND, so nothing at them can be checked.
+    # Destinations without a C-FIND SCP, whose content cannot be checked.
     store_only: frozenset[str] = frozenset()
 
 

@@ -314,7 +314,7 @@ def test_transient_rejection_backs_off_and_retries(site: Site) -> None:
     site.configure(retries)
     site.start_engine()
 
-    # Another AE holds the only association for two seconds.
+    # Another AE keeps the only association open for two seconds.
     ae = AE(ae_title="OTHER")
     held = ae.associate(
         "127.0.0.1", destination.dicom_port, [build_context(Verification)], "LOCAL_PACS"
@@ -343,7 +343,7 @@ def test_destination_down_spool_bounded_then_repaired(site: Site) -> None:
     site.destination.stop()
 
     def small_spool(settings: dict[str, Any]) -> None:
-        # CT_small instances are about 40 KB, so 1 MiB holds about 26 of 60.
+        # CT_small instances are about 40 KB, so 1 MiB has room for about 26 of 60.
         settings["spool"].update(max_bytes=1024 * 1024, full_wait_seconds=0.3)
 
     site.configure(small_spool)

@@ -143,6 +143,7 @@ def time_pynetdicom(study: Study, scp: StoreSCP) -> float:
     _config.STORE_SEND_CHUNKED_DATASET = True
     meta = dcmread(study.files[0], stop_before_pixels=True).file_meta
     ae = AE(ae_title="BENCH")
+    ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 600
     context = build_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
     started = time.perf_counter()
     association = ae.associate(

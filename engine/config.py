@@ -135,6 +135,12 @@ class Node(Settings):
     issuer: str | None = None
     max_associations: int = Field(default=2, ge=1, le=64)
     timeout_seconds: float = Field(default=30, gt=0)
+    # How studies are retrieved from this node: C-MOVE to the engine's AE, C-GET on
+    # the same association, or C-GET with fallback to C-MOVE when the node refuses it.
+    retrieve: Literal["move", "get", "auto"] = "move"
+    # A destination without a Query/Retrieve SCP (e.g. DCMTK storescp): the engine
+    # cannot ask what it holds, so a study counts as stored when every C-STORE succeeded.
+    store_only: bool = False
 
 
 # A store path that keeps the store in memory, lost when the engine stops (for benchmarks).
@@ -148,6 +154,24 @@ class StoreSettings(Settings):
 class SpoolSettings(Settings):
     path: Path = Path("../var/spool")
     fsync: bool = True
+    # Received objects wait here until the destination confirmed them; at this size
+    # the Storage SCP holds each new object up to full_wait_seconds, then refuses it.
+    max_bytes: int = Field(default=20 * 1024**3, ge=1024**2)
+    full_wait_seconds: float = Field(default=20, ge=0)
+
+
+class TransferSettings(Settings):
+    """How studies move from a source through the engine to the destination."""
+
+    # A retrieve still running after this long is aborted and retried later.
+    study_deadline_seconds: float = Field(default=3600, gt=0)
+    # Associations that store one study into the destination at the same time.
+    destination_associations: int = Field(default=2, ge=1, le=16)
+    # Passes that fetch again only the instances the destination is missing.
+    repair_passes: int = Field(default=1, ge=0, le=5)
+    # Transient association rejections are retried after 1, 2, 4 ... seconds.
+    association_attempts: int = Field(default=4, ge=1, le=20)
+    association_retry_seconds: float = Field(default=1, gt=0)
 
 
 class JobSettings(Settings):
@@ -238,6 +262,7 @@ class EngineSettings(Settings):
     jobs: JobSettings = JobSettings()
     worklist: WorklistSettings = WorklistSettings()
     federation: FederationSettings = FederationSettings()
+    transfer: TransferSettings = TransferSettings()
     routes: Path = Path("../routes")
     rules: Path = Path("../rules")
     # The anatomy table of body regions; without one, regions relate only to themselves.

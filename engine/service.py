@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IListeningPort
 from engine.coercion import DEFAULT_PROFILE
 from engine.config import Config, MLLPTLSSettings, load_rules, mllp_tls_options, rule_files
 from engine.dimse.pools import NodePools
-from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
+from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient, RetryPolicy
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.federation.wiring import build_qr_service
 from engine.hl7.events import IdentifierPolicy
@@ -32,7 +32,9 @@ from engine.identity.domains import DomainDirectory
 from engine.jobs.planner import Planner
 from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
+from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, Store
+from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
 from engine.rules.reload import RuleFileWatcher, RuleSetHolder
 from engine.worklist.poller import WorklistPoller
@@ -58,12 +60,16 @@ class Engine:
 
         self.db = AsyncStore(reactor, Store(config.store_path))
         self.tracker = AssociationTracker()
+        transfer = settings.transfer
+        retry = RetryPolicy(transfer.association_attempts, transfer.association_retry_seconds)
         self.clients = {
             name: NodeClient(
                 NodeAddress(name, node.ae_title, node.host, node.port, node.timeout_seconds),
                 settings.dicom.ae_title,
                 self.tracker,
                 settings.dicom.max_pdu_bytes,
+                max_associations=node.max_associations,
+                retry=retry,
             )
             for name, node in settings.nodes.items()
         }
@@ -79,11 +85,17 @@ class Engine:
             self.now,
         )
         self.registry = ExpectationRegistry(settings.dicom.ae_title)
+        self.spool = Spool(
+            config.spool_path, settings.spool.max_bytes, settings.spool.full_wait_seconds
+        )
+        self.receiver = Receiver(
+            reactor, self.registry, fsync=settings.spool.fsync, spool=self.spool
+        )
         self.scp = StorageSCP(
             settings.dicom.ae_title,
             settings.dicom.host,
             settings.dicom.port,
-            Receiver(reactor, self.registry, fsync=settings.spool.fsync),
+            self.receiver,
             max_pdu_bytes=settings.dicom.max_pdu_bytes,
         )
         if settings.federation.enabled:
@@ -104,7 +116,7 @@ class Engine:
             pools=self.pools,
             clients=self.clients,
             sources={
-                name: Source(name, node.ae_title, node.issuer)
+                name: Source(name, node.ae_title, node.issuer, node.retrieve)
                 for name, node in settings.nodes.items()
                 if node.issuer is not None
             },
@@ -118,6 +130,15 @@ class Engine:
             check=settings.identity.check,
             policies=settings.source_policies(),
             zone=settings.zone,
+            spool=self.spool,
+            receiver=self.receiver,
+            transfer_settings=TransferSettings(
+                transfer.study_deadline_seconds,
+                transfer.destination_associations,
+                transfer.repair_passes,
+                frozenset(name for name, node in settings.nodes.items() if node.store_only),
+            ),
+            stopping=lambda: self.tracker.closed,
         )
         jobs = settings.jobs
         self.worker = Worker(
@@ -169,7 +190,7 @@ class Engine:
     @defer.inlineCallbacks
     def start(self) -> Generator[defer.Deferred[Any], Any, None]:
         settings = self.config.settings
-        self.config.spool_path.mkdir(parents=True, exist_ok=True)
+        self.spool.open()
         self.db.start()
         self.pools.start()
         self.scp.start()

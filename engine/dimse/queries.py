@@ -188,3 +188,93 @@ def _int_or_none(value: object) -> int | None:
         return int(str(value)) if value not in (None, "") else None
     except ValueError:
         return None
+
+
+# Queries of the retrieval pipeline: what a study contains, series by series.
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceRef:
+    """One instance of a study as a node's IMAGE level C-FIND returns it."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+def sop_classes_of_study(study_instance_uid: str) -> Dataset:
+    """Build a STUDY level query for the SOP classes and instance count of one study."""
+    query = study_by_uid(study_instance_uid)
+    query.SOPClassesInStudy = ""
+    return query
+
+
+def series_of_study(study_instance_uid: str) -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = ""
+    query.NumberOfSeriesRelatedInstances = ""
+    return query
+
+
+def instances_of_series(study_instance_uid: str, series_instance_uid: str) -> Dataset:
+    """Build an IMAGE level query; the higher level unique keys are set, as PS3.4 C.4.1.2.1 asks."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = series_instance_uid
+    query.SOPInstanceUID = ""
+    query.SOPClassUID = ""
+    return query
+
+
+def move_instances(
+    study_instance_uid: str, series_instance_uid: str, sop_instance_uids: list[str]
+) -> Dataset:
+    """Build an IMAGE level C-MOVE or C-GET identifier for some instances of one series."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.StudyInstanceUID = study_instance_uid
+    identifier.SeriesInstanceUID = series_instance_uid
+    identifier.SOPInstanceUID = sop_instance_uids
+    return identifier
+
+
+def read_sop_classes(answers: list[Dataset]) -> list[str]:
+    """Return the SOPClassesInStudy values of STUDY level answers, in order, without repeats."""
+    classes: list[str] = []
+    for answer in answers:
+        value = answer.get("SOPClassesInStudy")
+        for uid in _multi_value_uids(value):
+            if uid not in classes:
+                classes.append(uid)
+    return classes
+
+
+def read_series(answers: list[Dataset]) -> list[str]:
+    return list(
+        dict.fromkeys(
+            str(answer.SeriesInstanceUID) for answer in answers if answer.get("SeriesInstanceUID")
+        )
+    )
+
+
+def read_instances(series_instance_uid: str, answers: list[Dataset]) -> list[InstanceRef]:
+    return [
+        InstanceRef(
+            series_instance_uid=series_instance_uid,
+            sop_instance_uid=str(answer.SOPInstanceUID),
+            sop_class_uid=str(answer.get("SOPClassUID", "") or ""),
+        )
+        for answer in answers
+        if answer.get("SOPInstanceUID")
+    ]
+
+
+def _multi_value_uids(value: object) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split("\\") if part.strip()]
+    return [str(part).strip() for part in value if str(part).strip()]  # type: ignore[attr-defined]

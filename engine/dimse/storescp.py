@@ -113,27 +113,40 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def _on_c_store(self, event: Any) -> Dataset:
-        request = event.request
-        arrival = Arrival(
-            path=Path(event.dataset_path),
-            calling_ae_title=str(event.assoc.requestor.ae_title).strip(),
-            move_originator_ae_title=str(
-                request.MoveOriginatorApplicationEntityTitle or ""
-            ).strip(),
-            move_originator_message_id=request.MoveOriginatorMessageID,
-        )
+        arrival = arrival_from_event(event)
         try:
             verdict = self.handler(arrival)
         except Exception as error:
             logger.exception(
                 "handling object %s from %s failed",
-                request.AffectedSOPInstanceUID,
+                event.request.AffectedSOPInstanceUID,
                 arrival.calling_ae_title,
             )
             verdict = Verdict(Status.PROCESSING_FAILURE, f"internal error: {type(error).__name__}")
-        status = Dataset()
-        status.Status = int(verdict.status)
-        if verdict.comment:
-            # Error Comment is LO: at most 64 characters.
-            status.ErrorComment = verdict.comment[:64]
-        return status
+        return status_dataset(verdict)
+
+
+def arrival_from_event(event: Any) -> Arrival:
+    """Describe a C-STORE request of pynetdicom's EVT_C_STORE, received in chunked mode.
+
+    The sender is the association's peer: the requestor on the Storage SCP,
+    the acceptor on a C-GET association the engine opened.
+    """
+    request = event.request
+    association = event.assoc
+    peer = association.acceptor if association.is_requestor else association.requestor
+    return Arrival(
+        path=Path(event.dataset_path),
+        calling_ae_title=str(peer.ae_title).strip(),
+        move_originator_ae_title=str(request.MoveOriginatorApplicationEntityTitle or "").strip(),
+        move_originator_message_id=request.MoveOriginatorMessageID,
+    )
+
+
+def status_dataset(verdict: Verdict) -> Dataset:
+    status = Dataset()
+    status.Status = int(verdict.status)
+    if verdict.comment:
+        # Error Comment is LO: at most 64 characters.
+        status.ErrorComment = verdict.comment[:64]
+    return status

@@ -3,17 +3,29 @@
 DIMSE exchanges many small PDUs (responses, command sets); with Nagle's
 algorithm on, each small write after a large one can wait for the peer's
 delayed ACK, which on Linux costs about 40 ms per C-STORE.
+
+Associations the engine requests also get a bounded queue of outgoing P-DATA
+primitives: pynetdicom 3.0 splits a whole object into PDUs before its DUL
+thread sends the first one, so an object sent from a file would otherwise sit
+in memory whole (a 1 GB Enhanced MR would take 1 GB).
 """
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 from typing import Any
 
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AddressInformation, AssociationSocket, ThreadedAssociationServer
+
+# Outgoing P-DATA primitives queued per association: with the peer's maximum PDU
+# length of 16 KB to 1 MB, at most 16 such PDUs wait in memory.
+MAX_QUEUED_PDUS = 16
 
 
 def set_no_delay(sock: socket.socket) -> None:
@@ -21,8 +33,33 @@ def set_no_delay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class BoundedPDataQueue(queue.Queue[Any]):
+    """The DUL's queue of primitives to send, where a P-DATA waits while `limit` are queued.
+
+    Only the thread that sends DIMSE messages waits here; the DUL thread only
+    takes from this queue. A-ASSOCIATE, A-RELEASE and A-ABORT primitives never
+    wait, and P-DATA stops waiting once the DUL thread has ended, so an abort
+    always gets through.
+    """
+
+    def __init__(self, dul: DULServiceProvider, limit: int = MAX_QUEUED_PDUS) -> None:
+        super().__init__()
+        self._dul = dul
+        self._limit = limit
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if isinstance(item, P_DATA):
+            with self.not_full:
+                while self._qsize() >= self._limit and self._dul_running():
+                    self.not_full.wait(0.05)
+        super().put(item, block, timeout)
+
+    def _dul_running(self) -> bool:
+        return not self._dul._kill_thread and (self._dul.is_alive() or not self._dul.ident)
+
+
 class NoDelayAE(AE):
-    """An AE whose requested associations use TCP_NODELAY."""
+    """An AE whose requested associations use TCP_NODELAY and a bounded send queue."""
 
     def _create_socket(
         self, assoc: Association, address: AddressInformation, tls_args: Any
@@ -30,6 +67,8 @@ class NoDelayAE(AE):
         association_socket = super()._create_socket(assoc, address, tls_args)
         if association_socket.socket is not None:
             set_no_delay(association_socket.socket)
+        # The DUL thread has not started yet, so nothing is in the old queue.
+        assoc.dul.to_provider_queue = BoundedPDataQueue(assoc.dul)
         return association_socket
 
 

@@ -3,9 +3,11 @@
 identity  -> the patient's identifier in each source's domain
 find      -> candidate studies per source, queried in parallel
 select    -> the rule's decision for every candidate
-retrieve  -> C-MOVE of each selected study to the engine's Storage SCP,
-             which stamps the local identity and spools every object
-store     -> C-STORE of the spooled objects to the destination
+retrieve  -> C-MOVE (or C-GET) of each selected study; the engine's Storage
+             SCP stamps the local identity and spools every object
+store     -> C-STORE of the spooled objects to the destination while the
+             study is still arriving, then verification at the destination
+             (see engine.jobs.transfer)
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import shutil
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,18 @@ from engine.dimse.pools import NodePools
 from engine.dimse.queries import (
     candidate_queries,
     describe_query,
-    move_study,
-    read_instance_count,
     read_study_answers,
-    study_by_uid,
 )
-from engine.dimse.scu import DimseError, MoveOutcome, NodeClient, StoreOutcome
-from engine.dimse.status import describe, is_success_or_warning
+from engine.dimse.scu import DimseError, NodeClient
 from engine.identity import records
 from engine.identity.check import differences
 from engine.identity.resolver import ChainResolver, IdentityResolver
 from engine.identity.settings import CheckSettings
 from engine.jobs.policy import RetrieveSlots, SourcePolicy
-from engine.jobs.receiving import Expectation, ExpectationRegistry
+from engine.jobs.receiving import ExpectationRegistry, Receiver
+from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyState
+from engine.jobs.transfer import SourceNode, StudyReport, StudyTransfer, TransferSettings
 from engine.model import Demographics, PatientIdentifier, StudyCandidate
 from engine.rules.model import RuleSet
 from engine.rules.select import StudyQuery, plan_query, select_priors
@@ -67,6 +66,7 @@ class StudyResult:
     stored: int = 0
     transient_failure: bool = False
     problem: str = ""
+    failed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,7 @@ class Source:
     name: str
     ae_title: str
     issuer: str
+    retrieve: str = "move"  # "move", "get" or "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,10 @@ class Prefetch:
         check: CheckSettings | None = None,
         policies: dict[str, SourcePolicy] | None = None,
         zone: LocalZone | None = None,
+        spool: Spool | None = None,
+        receiver: Receiver | None = None,
+        transfer_settings: TransferSettings | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.db = db
         self.pools = pools
@@ -129,6 +134,21 @@ class Prefetch:
         self.policies = policies or {}
         self.zone = zone or LocalZone()
         self.slots = RetrieveSlots(self.policies)
+        self.spool = spool or Spool(spool_root, max_bytes=1 << 62)
+        self.transfer = StudyTransfer(
+            pools=pools,
+            clients=clients,
+            sources={
+                name: SourceNode(source.name, source.ae_title, source.retrieve)
+                for name, source in sources.items()
+            },
+            registry=registry,
+            receiver=receiver,
+            spool=self.spool,
+            engine_ae_title=engine_ae_title,
+            settings=transfer_settings or TransferSettings(),
+            stopping=stopping,
+        )
 
     def policy(self, source: str) -> SourcePolicy:
         return self.policies.get(source) or SourcePolicy()
@@ -392,6 +412,7 @@ class Prefetch:
                 result.state,
                 received=result.received,
                 stored=result.stored,
+                failed=result.failed,
                 reason=result.problem or None,
             )
         )
@@ -407,76 +428,44 @@ class Prefetch:
         self, job: JobRecord, candidate: StudyCandidate
     ) -> Generator[defer.Deferred[Any], Any, StudyResult]:
         uid = candidate.study_instance_uid
-        destination = self.clients[job.destination]
-        # The destination holds the study under the UID its coercion profile gives it.
-        uid_there = self.coercion(job.destination).study_uid_for(uid, candidate.patient.issuer)
-        present = yield self.pools.run(
-            job.destination, lambda: read_instance_count(destination.find(study_by_uid(uid_there)))
-        )
-        expected = candidate.instance_count
-        if present is not None and present > 0 and (expected is None or present >= expected):
-            return StudyResult(
-                StudyState.PRESENT, problem=f"destination already has {present} instances"
+        earlier = yield self.db.run(
+            lambda store: {(s.source, s.study_instance_uid): s for s in store.studies(job.id)}.get(
+                (candidate.source, uid)
             )
-
+        )
         yield self.db.run(
             lambda store: store.update_study(job.id, candidate.source, uid, StudyState.RETRIEVING)
         )
-        expectation, move = yield self._retrieve(job, candidate)
-        stored = yield self._store(job, expectation.spool_dir)
-        return _study_result(candidate, expectation, move, stored)
-
-    @defer.inlineCallbacks
-    def _retrieve(
-        self, job: JobRecord, candidate: StudyCandidate
-    ) -> Generator[defer.Deferred[Any], Any, tuple[Expectation, MoveOutcome]]:
-        source = self.sources[candidate.source]
-        client = self.clients[source.name]
-        expectation = Expectation(
-            job_id=job.id,
-            source=source.name,
-            source_ae_title=source.ae_title,
-            study_instance_uid=candidate.study_instance_uid,
+        stamp = Stamp(
+            local=job.patient,
             remote=candidate.patient,
-            stamp=Stamp(
-                local=job.patient,
-                remote=candidate.patient,
-                demographics=job.demographics,
-                profile=self.coercion(job.destination),
-                modified_at=self.now(),
-            ),
-            spool_dir=self.spool_root / f"job-{job.id}" / candidate.study_instance_uid,
-            message_id=client.next_message_id(),
+            demographics=job.demographics,
+            profile=self.coercion(job.destination),
+            modified_at=self.now(),
         )
-        self.registry.expect(expectation)
-        try:
-            move = yield self.pools.run(
-                source.name,
-                client.move,
-                move_study(candidate.study_instance_uid),
-                self.engine_ae_title,
-                expectation.message_id,
+        report: StudyReport = yield self.transfer.fetch(
+            job, candidate, stamp, lambda text: self.note(job, text)
+        )
+        if report.failed_instances:
+            yield self.db.run(
+                lambda store: store.record_failed_instances(
+                    job.id, candidate.source, uid, report.failed_instances, self.now()
+                )
             )
-        finally:
-            self.registry.forget(expectation)
-        return expectation, move
-
-    @defer.inlineCallbacks
-    def _store(
-        self, job: JobRecord, spool_dir: Path
-    ) -> Generator[defer.Deferred[Any], Any, StoreOutcome]:
-        files = sorted(spool_dir.glob("*.dcm")) if spool_dir.is_dir() else []
-        if not files:
-            return StoreOutcome((), ())
-        outcome: StoreOutcome = yield self.pools.run(
-            job.destination, self.clients[job.destination].store, files
+        # Counts add up over the attempts of a job: a retry fetches only what is missing.
+        received = report.received + (earlier.received if earlier else 0)
+        stored = report.stored + (earlier.stored if earlier else 0)
+        state = report.state
+        if state == StudyState.PRESENT and stored:
+            state = StudyState.STORED
+        return StudyResult(
+            state=state,
+            received=received,
+            stored=stored,
+            transient_failure=report.transient,
+            problem=report.problem if state != StudyState.STORED else "",
+            failed=report.failed,
         )
-        # Only what the destination confirmed leaves the spool.
-        for path in outcome.stored:
-            path.unlink(missing_ok=True)
-        if not any(spool_dir.iterdir()):
-            shutil.rmtree(spool_dir, ignore_errors=True)
-        return outcome
 
     def _summarize(self, results: list[StudyResult], failed_sources: list[str]) -> Outcome:
         stored = [r for r in results if r.state == StudyState.STORED]
@@ -500,35 +489,6 @@ class Prefetch:
                 JobState.PARTIAL if stored or present else JobState.FAILED, summary, retry=True
             )
         return Outcome(JobState.PARTIAL if stored or present else JobState.FAILED, summary)
-
-
-def _study_result(
-    candidate: StudyCandidate, expectation: Expectation, move: MoveOutcome, stored: StoreOutcome
-) -> StudyResult:
-    problems = []
-    if not is_success_or_warning(move.status):
-        problems.append(f"C-MOVE ended with status {describe(move.status)}")
-    if move.failed:
-        problems.append(f"source failed {move.failed} sub-operations")
-    if expectation.rejected:
-        reasons = "; ".join(sorted(set(expectation.rejections)))
-        problems.append(f"{expectation.rejected} objects rejected ({reasons})")
-    if stored.failed:
-        first_reason = stored.failed[0][1]
-        problems.append(f"{len(stored.failed)} objects not stored ({first_reason})")
-    expected = candidate.instance_count
-    if expected is not None and expectation.received < expected:
-        problems.append(f"received {expectation.received} of {expected} instances")
-
-    complete = not problems and len(stored.stored) >= expectation.received
-    return StudyResult(
-        state=StudyState.STORED if complete else StudyState.INCOMPLETE,
-        received=expectation.received,
-        stored=len(stored.stored),
-        # A study that arrived short is worth another attempt; a rejected object is not.
-        transient_failure=not complete and not expectation.rejected,
-        problem="; ".join(problems),
-    )
 
 
 def _hold_study(job_id: int, candidate: StudyCandidate, reason: str) -> Callable[[Store], None]:

@@ -20,6 +20,7 @@ from twisted.internet.threads import blockingCallFromThread
 from engine.coercion import Header, Stamp, StampError, StampRejected, read_header, stamp_file
 from engine.dimse.status import Status
 from engine.dimse.storescp import Arrival, Verdict
+from engine.jobs.spool import Spool, SpoolFull, file_size
 from engine.model import PatientIdentifier
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class Expectation:
     received: int = 0
     rejected: int = 0
     rejections: list[str] = dataclasses.field(default_factory=list)
+    # Called in the Storage SCP's thread with each object's spool path once it is
+    # written, so the pipeline can forward it while the rest is still arriving.
+    on_spooled: Callable[[Path], None] | None = None
 
 
 class ExpectationRegistry:
@@ -102,10 +106,12 @@ class Receiver:
         reactor: IReactorFromThreads,
         registry: ExpectationRegistry,
         fsync: bool = True,
+        spool: Spool | None = None,
     ) -> None:
         self._reactor = reactor
         self.registry = registry
         self.fsync = fsync
+        self.spool = spool
 
     def _on_reactor(self, function: Callable[..., T], *args: Any) -> T:
         result: T = blockingCallFromThread(self._reactor, function, *args)
@@ -148,8 +154,19 @@ class Receiver:
             return Verdict(Status.REFUSED_NOT_AUTHORIZED, problem)
 
         target = expectation.spool_dir / f"{header.sop_instance_uid}.dcm"
+        reserved = file_size(arrival.path)
+        try:
+            if self.spool is not None:
+                self.spool.reserve(reserved)
+        except SpoolFull as error:
+            self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
+            logger.warning(
+                "job %d: object %s refused: %s", expectation.job_id, header.sop_instance_uid, error
+            )
+            return Verdict(Status.OUT_OF_RESOURCES, "spool full")
         try:
             expectation.spool_dir.mkdir(parents=True, exist_ok=True)
+            replaced = file_size(target)
             stamp_file(arrival.path, target, expectation.stamp, fsync=self.fsync)
         except StampRejected as error:
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
@@ -161,6 +178,8 @@ class Receiver:
             )
             return Verdict(Status.PROCESSING_FAILURE, "rejected by the coercion profile")
         except (StampError, OSError) as error:
+            if self.spool is not None:
+                self.spool.release(reserved)
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
             logger.error(
                 "job %d: object %s not stored in the spool: %s",
@@ -169,8 +188,13 @@ class Receiver:
                 error,
             )
             return Verdict(Status.OUT_OF_RESOURCES, "object could not be spooled")
+        if self.spool is not None:
+            # A second copy of the same instance replaced the first one in place.
+            self.spool.adjust(reserved + replaced, file_size(target))
 
         self._reactor.callFromThread(self.registry.record, expectation, True)
+        if expectation.on_spooled is not None:
+            expectation.on_spooled(target)
         return Verdict(Status.SUCCESS)
 
 

@@ -122,6 +122,14 @@ CREATE TABLE IF NOT EXISTS message_replays (
     job_ids TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_message ON jobs (message_id);
+CREATE TABLE IF NOT EXISTS job_failed_instances (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    source TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    reported_at TEXT NOT NULL,
+    PRIMARY KEY (job_id, source, study_instance_uid, sop_instance_uid)
+);
 """
 
 
@@ -891,7 +899,32 @@ class Store:
                 (*values, job_id, source, study_instance_uid),
             )
 
+    def record_failed_instances(
+        self,
+        job_id: int,
+        source: str,
+        study_instance_uid: str,
+        sop_instance_uids: Sequence[str],
+        now: dt.datetime,
+    ) -> None:
+        """Record the instances a source listed in Failed SOP Instance UID List (B000, A702)."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO job_failed_instances (job_id, source, study_instance_uid,"
+                " sop_instance_uid, reported_at) VALUES (?,?,?,?,?)",
+                [(job_id, source, study_instance_uid, uid, _iso(now)) for uid in sop_instance_uids],
+            )
+
     # Reading
+
+    def failed_instances(self, job_id: int) -> list[tuple[str, str, str]]:
+        """Return (source, Study Instance UID, SOP Instance UID) of the instances sources failed."""
+        rows = self._db.execute(
+            "SELECT source, study_instance_uid, sop_instance_uid FROM job_failed_instances"
+            " WHERE job_id = ? ORDER BY rowid",
+            (job_id,),
+        ).fetchall()
+        return [(row[0], row[1], row[2]) for row in rows]
 
     def get_job(self, job_id: int) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -169,5 +169,9 @@ class EngineProcess:
             raise RuntimeError("fdqr run is not running")
         self._process.send_signal(number)
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -1,0 +1,404 @@
+"""The retrieval pipeline against real Orthanc and DCMTK peers: transfer syntaxes, C-GET,
+association limits, a destination that is down, and repair of incomplete transfers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydicom import dcmread
+from pynetdicom import AE, build_context
+from pynetdicom.sop_class import Verification
+
+from engine.dimse.queries import move_study
+from engine.dimse.scu import AssociationTracker, DimseError, NodeAddress, NodeClient
+from engine.jobs.store import JobRecord, JobState, Store
+from engine.testing.dcmtk import QueryRetrieveSCP, StoreSCP
+from engine.testing.dicomgen import (
+    PatientSpec,
+    SeriesSpec,
+    StudySpec,
+    build_study,
+    encode,
+    years_before,
+)
+from engine.testing.scenario import Placement, Scenario, order_message, prefetch_scenario
+from engine.testing.sites import ENGINE_AE_TITLE, EngineProcess, Network
+from tests.integration.conftest import instance_by_uid, read_jobs, send, wait_for_job
+
+pytestmark = pytest.mark.integration
+
+TODAY = dt.date.today()
+BASE = prefetch_scenario(TODAY)
+LOCAL = BASE.local_patient
+AT_A = BASE.remote_patient_of("a-ct-chest-1y")
+
+
+def ct_study(key: str, count: int) -> StudySpec:
+    return StudySpec(
+        key,
+        years_before(TODAY, 1),
+        "CT CHEST",
+        f"ACC-{key}"[:16],
+        (SeriesSpec("CT_small.dcm", count, "CT", "AXIAL", "CHEST"),),
+    )
+
+
+COMPRESSED_MR = StudySpec(
+    "t-mr-compressed",
+    years_before(TODAY, 2),
+    "MR BRAIN",
+    "ACC-MR-COMP",
+    (
+        SeriesSpec("MR_small_jp2klossless.dcm", 6, "MR", "T2 J2K", "HEAD"),
+        SeriesSpec("MR_small_RLE.dcm", 6, "MR", "PD RLE", "HEAD"),
+        SeriesSpec("MR_small.dcm", 3, "MR", "T1", "HEAD"),
+    ),
+)
+
+
+class Site:
+    """A network with an engine, built for one test and stopped after it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.network = Network(folder)
+        self.engine: EngineProcess | None = None
+        self.config = folder / "engine" / "engine.yaml"
+        self.store = folder / "engine" / "fdqr.sqlite"
+        self.spool = folder / "engine" / "spool"
+        self.logs = 0
+
+    @property
+    def source(self) -> Any:
+        return self.network.sites["hospital_a"]
+
+    @property
+    def destination(self) -> Any:
+        return self.network.sites["local_pacs"]
+
+    def load(self, *studies: StudySpec) -> None:
+        scenario = Scenario(
+            TODAY, LOCAL, tuple(Placement("hospital_a", AT_A, s) for s in studies), (), (), ()
+        )
+        for placement in scenario.placements:
+            for ds in build_study(placement.patient, placement.study):
+                self.source.upload(encode(ds))
+
+    def configure(self, change: Callable[[dict[str, Any]], None]) -> None:
+        self.network.write_engine_config(self.config)
+        settings = yaml.safe_load(self.config.read_text())
+        settings["jobs"].update(retry_delay_seconds=1, max_retry_delay_seconds=2, max_attempts=30)
+        change(settings)
+        self.config.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+    def start_engine(self) -> None:
+        self.logs += 1
+        self.engine = EngineProcess(
+            self.config, self.network.ports.mllp, self.folder / f"engine-{self.logs}.log"
+        )
+        self.engine.start()
+
+    def order(self, control_id: str) -> int:
+        message = order_message(LOCAL, control_id, f"ACC-{control_id}", dt.datetime.now())
+        assert send(self.network.ports.mllp, message)[1] == f"MSA|AA|{control_id}"
+        return max(job.id for job in read_jobs(self.store))
+
+    def events(self, job_id: int) -> list[str]:
+        store = Store(self.store)
+        try:
+            return [text for _, text in store.events(job_id)]
+        finally:
+            store.close()
+
+    def log(self) -> str:
+        return "".join(
+            (self.folder / f"engine-{n}.log").read_text(errors="replace")
+            for n in range(1, self.logs + 1)
+        )
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        self.network.stop()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    instance = Site(tmp_path)
+    yield instance
+    instance.stop()
+
+
+def wait_for_state(store: Path, job_id: int, state: JobState, timeout: float = 90.0) -> JobRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = {job.id: job for job in read_jobs(store)}
+        if job_id in jobs and jobs[job_id].state == state:
+            return jobs[job_id]
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach {state} within {timeout}s")
+
+
+def spooled(spool: Path) -> list[Path]:
+    return sorted(spool.glob("job-*/*/*.dcm"))
+
+
+def test_compressed_study_decompressed_for_storescp(site: Site) -> None:
+    storescp = StoreSCP(site.folder / "storescp", ae_title="LOCAL_PACS")
+    site.network.sites["local_pacs"] = storescp  # type: ignore[assignment]
+    site.network.start()
+    site.load(COMPRESSED_MR)
+    site.configure(lambda s: s["nodes"]["local_pacs"].update(store_only=True))
+    site.start_engine()
+
+    job = wait_for_job(site.store, site.order("DEC1"))
+
+    assert job.state == JobState.DONE, job.summary
+    received = [dcmread(path) for path in storescp.files()]
+    assert len(received) == COMPRESSED_MR.instance_count
+    for instance in received:
+        original = instance_by_uid(site.source, instance.SOPInstanceUID)
+        assert not instance.file_meta.TransferSyntaxUID.is_compressed
+        assert instance.PatientID == LOCAL.id
+        assert instance.IssuerOfPatientID == "LOCAL"
+        assert (instance.pixel_array == original.pixel_array).all()
+    assert not spooled(site.spool)
+
+
+def test_get_with_role_selection(site: Site) -> None:
+    # The source does not know the engine's AE title, so a C-MOVE could not work.
+    site.source.modalities.clear()
+    site.network.start()
+    site.load(ct_study("t-ct-get", 12), COMPRESSED_MR)
+    site.configure(lambda s: s["nodes"]["hospital_a"].update(retrieve="get"))
+    site.start_engine()
+
+    job = wait_for_job(site.store, site.order("GET1"))
+
+    assert job.state == JobState.DONE, job.summary
+    assert site.destination.instance_count() == 12 + COMPRESSED_MR.instance_count
+    stored = dcmread(
+        io.BytesIO(site.destination.instance_file(site.destination.studies()[0]["InstanceIds"][0]))
+    )
+    assert stored.PatientID == LOCAL.id
+
+
+def test_get_refused_falls_back_to_move(site: Site) -> None:
+    engine_node = {
+        "AET": ENGINE_AE_TITLE,
+        "Host": "127.0.0.1",
+        "Port": site.network.ports.dicom,
+        "AllowGet": False,
+    }
+    site.source.extra_settings.update(
+        DicomAlwaysAllowGet=False, DicomModalities={"fdqr": engine_node}
+    )
+    site.network.start()
+    site.load(ct_study("t-ct-fallback", 10))
+    site.configure(lambda s: s["nodes"]["hospital_a"].update(retrieve="auto"))
+    site.start_engine()
+
+    job_id = site.order("GET2")
+    job = wait_for_job(site.store, job_id)
+
+    assert job.state == JobState.DONE, job.summary
+    assert site.destination.instance_count() == 10
+    assert any("retrieving with C-MOVE instead" in text for text in site.events(job_id))
+
+
+def test_unknown_move_destination_is_configuration_error(site: Site) -> None:
+    # dcmqrscp answers A801 for an AE title missing from its host table (Orthanc 1.10
+    # answers C000 instead), and this one knows no move destination at all.
+    source = QueryRetrieveSCP(site.folder / "dcmqrscp", "HOSP_A", {})
+    source.start()
+    try:
+        for ds in build_study(AT_A, ct_study("t-ct-a801", 2)):
+            source.upload(encode(ds))
+        node = NodeAddress("hospital_a", "HOSP_A", "127.0.0.1", source.dicom_port, 30)
+        client = NodeClient(node, ENGINE_AE_TITLE, AssociationTracker())
+        with pytest.raises(DimseError) as raised:
+            client.move(move_study(ct_study("t-ct-a801", 2).uid), ENGINE_AE_TITLE, 1)
+    finally:
+        source.stop()
+
+    assert raised.value.transient is False
+    assert f"does not know the move destination '{ENGINE_AE_TITLE}'" in str(raised.value)
+    assert "known destinations of node hospital_a" in str(raised.value)
+
+
+def three_patients(site: Site) -> list[tuple[PatientSpec, PatientSpec, StudySpec]]:
+    """Load one study each for three patients at the source; write their identity table."""
+    patients = []
+    for n in (101, 102, 103):
+        local = PatientSpec(f"L{n}", "LOCAL", "DOE^JOHN", "19700101", "M")
+        remote = PatientSpec(f"HA-{n}", "HOSP_A", "DOE^JOHN", "19700101", "M")
+        study = ct_study(f"t-ct-three-{n}", 8)
+        for ds in build_study(remote, study):
+            site.source.upload(encode(ds))
+        patients.append((local, remote, study))
+    references = [
+        {
+            "local": {"id": local.id, "issuer": "LOCAL"},
+            "remote": [{"id": remote.id, "issuer": "HOSP_A"}],
+        }
+        for local, remote, _ in patients
+    ]
+    (site.folder / "identity.yaml").write_text(yaml.safe_dump({"cross_references": references}))
+    return patients
+
+
+def order_for(site: Site, patient: PatientSpec) -> int:
+    control_id = f"ORD{patient.id}"
+    message = order_message(patient, control_id, f"ACC{patient.id}", dt.datetime.now())
+    assert send(site.network.ports.mllp, message)[1] == f"MSA|AA|{control_id}"
+    return max(job.id for job in read_jobs(site.store))
+
+
+def dcmqrscp_destination(site: Site, max_associations: int) -> QueryRetrieveSCP:
+    destination = QueryRetrieveSCP(
+        site.folder / "dcmqrscp", "LOCAL_PACS", {}, max_associations=max_associations
+    )
+    site.network.sites["local_pacs"] = destination  # type: ignore[assignment]
+    return destination
+
+
+def test_association_limit_shared_by_three_jobs(site: Site) -> None:
+    # dcmqrscp rejects a second association while one is open (and, in fork mode,
+    # for a moment after it ended), so the engine's one association is retried.
+    dcmqrscp_destination(site, max_associations=1)
+    site.network.start()
+    patients = three_patients(site)
+
+    def one_association(settings: dict[str, Any]) -> None:
+        settings["identity"]["table"] = str(site.folder / "identity.yaml")
+        settings["jobs"].update(concurrency=3, max_attempts=1)
+        settings["nodes"]["local_pacs"]["max_associations"] = 1
+        settings["transfer"] = {
+            "association_attempts": 10,
+            "association_retry_seconds": 0.2,
+            "destination_associations": 2,
+        }
+
+    site.configure(one_association)
+    site.start_engine()
+
+    ids = [order_for(site, local) for local, _, _ in patients]
+    jobs = [wait_for_job(site.store, job_id, timeout=180) for job_id in ids]
+
+    assert [job.state for job in jobs] == [JobState.DONE] * 3, [job.summary for job in jobs]
+    store = Store(site.store)
+    try:
+        stored = [s.stored for job_id in ids for s in store.studies(job_id) if s.selected]
+    finally:
+        store.close()
+    assert stored == [8, 8, 8]
+
+
+def test_transient_rejection_backs_off_and_retries(site: Site) -> None:
+    destination = dcmqrscp_destination(site, max_associations=1)
+    site.network.start()
+    [(local, _, _), *_] = three_patients(site)
+
+    def retries(settings: dict[str, Any]) -> None:
+        settings["identity"]["table"] = str(site.folder / "identity.yaml")
+        settings["transfer"] = {"association_attempts": 8, "association_retry_seconds": 0.5}
+
+    site.configure(retries)
+    site.start_engine()
+
+    # Another AE keeps the only association open for two seconds.
+    ae = AE(ae_title="OTHER")
+    held = ae.associate(
+        "127.0.0.1", destination.dicom_port, [build_context(Verification)], "LOCAL_PACS"
+    )
+    assert held.is_established
+    timer = threading.Timer(2.0, held.release)
+    timer.start()
+    try:
+        job_id = order_for(site, local)
+        job = wait_for_job(site.store, job_id, timeout=120)
+    finally:
+        timer.cancel()
+        if held.is_established:
+            held.release()
+
+    assert job.state == JobState.DONE, job.summary
+    assert job.attempts == 1
+    assert "association with local_pacs" in site.log()
+    assert "rejected" in site.log()
+
+
+def test_destination_down_spool_bounded_then_repaired(site: Site) -> None:
+    study = ct_study("t-ct-down", 60)
+    site.network.start()
+    site.load(study)
+    site.destination.stop()
+
+    def small_spool(settings: dict[str, Any]) -> None:
+        # CT_small instances are about 40 KB, so 1 MiB has room for about 26 of 60.
+        settings["spool"].update(max_bytes=1024 * 1024, full_wait_seconds=0.3)
+
+    site.configure(small_spool)
+    site.start_engine()
+    job_id = site.order("DOWN1")
+
+    waiting = wait_for_state(site.store, job_id, JobState.WAITING)
+    assert "not complete" in waiting.summary
+    waiting_files = spooled(site.spool)
+    assert 0 < len(waiting_files) < 60
+    assert sum(path.stat().st_size for path in waiting_files) <= 1024 * 1024 + 50_000
+    # Orthanc 1.10 ends a C-MOVE at the first refused sub-operation (status C000).
+    assert any("objects refused (spool full" in text for text in site.events(job_id))
+
+    site.destination.start()
+    job = wait_for_job(site.store, job_id, timeout=180)
+
+    assert job.state == JobState.DONE, job.summary
+    assert job.attempts >= 2
+    assert site.destination.instance_count() == 60
+    assert not spooled(site.spool)
+    events = site.events(job_id)
+    assert any("objects wait in the spool; storing them" in text for text in events)
+    [refetch] = [text for text in events if "; fetching " in text][:1]
+    present, missing = (
+        int(part.split()[-1])
+        for part in refetch.split(": destination has ")[1].split("; fetching ")
+    )
+    assert present + missing == 60
+    assert present == len(waiting_files)
+
+
+def test_missing_instances_fetched_again(site: Site) -> None:
+    study = ct_study("t-ct-repair", 30)
+    site.network.start()
+    site.load(study)
+    site.configure(lambda s: None)
+    site.start_engine()
+    assert wait_for_job(site.store, site.order("REP1")).state == JobState.DONE
+
+    # The destination loses ten instances; the next order must fetch only those.
+    [stored] = site.destination.studies()
+    for instance_id in stored["InstanceIds"][:10]:
+        site.destination._request("DELETE", f"/instances/{instance_id}")
+    assert site.destination.instance_count() == 20
+
+    job_id = site.order("REP2")
+    job = wait_for_job(site.store, job_id)
+
+    assert job.state == JobState.DONE, job.summary
+    assert site.destination.instance_count() == 30
+    assert any(": destination has 20; fetching 10" in text for text in site.events(job_id))
+    store = Store(site.store)
+    try:
+        [record] = [s for s in store.studies(job_id) if s.selected]
+    finally:
+        store.close()
+    assert record.received == 10

@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPOSITORY))
 
 from engine.jobs.store import Store  # noqa: E402
 from engine.testing.dcmtk import StoreSCP  # noqa: E402
+from engine.testing.dicomgen import PatientSpec  # noqa: E402
 from engine.testing.orthanc import OrthancServer, dcmtk_environment  # noqa: E402
 from engine.testing.scenario import order_message, prefetch_scenario  # noqa: E402
 from engine.testing.sites import EngineProcess, Network  # noqa: E402
@@ -65,7 +66,7 @@ class Study:
         return sum(path.stat().st_size for path in self.files)
 
 
-def generate_study(folder: Path, count: int, patient_id: str, issuer: str) -> Study:
+def generate_study(folder: Path, count: int, patient: PatientSpec) -> Study:
     """Write `count` CT slices of 512x512 16-bit pixels with random values."""
     template_path = get_testdata_file("CT_small.dcm")
     assert template_path is not None
@@ -79,7 +80,7 @@ def generate_study(folder: Path, count: int, patient_id: str, issuer: str) -> St
         ds = template.copy()
         ds.file_meta = FileMetaDataset(template.file_meta)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        _set_ids(ds, patient_id, issuer, study_uid, series_uid, date)
+        _set_ids(ds, patient, study_uid, series_uid, date)
         sop_uid = generate_uid()
         ds.SOPInstanceUID = sop_uid
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
@@ -94,11 +95,13 @@ def generate_study(folder: Path, count: int, patient_id: str, issuer: str) -> St
     return Study(folder, study_uid, files)
 
 
-def _set_ids(
-    ds: Dataset, patient_id: str, issuer: str, study_uid: str, series_uid: str, date: str
-) -> None:
-    ds.PatientID = patient_id
-    ds.IssuerOfPatientID = issuer
+def _set_ids(ds: Dataset, patient: PatientSpec, study_uid: str, series_uid: str, date: str) -> None:
+    # The remote patient's own demographics, which the engine checks before retrieving.
+    ds.PatientID = patient.id
+    ds.IssuerOfPatientID = patient.issuer
+    ds.PatientName = patient.name
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = patient.sex
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
@@ -295,7 +298,7 @@ def main() -> int:
     folder.mkdir(parents=True)
     scenario = prefetch_scenario(dt.date.today())
     remote = scenario.remote_patient_of("a-ct-chest-1y")
-    study = generate_study(folder / "study", args.instances, remote.id, remote.issuer)
+    study = generate_study(folder / "study", args.instances, remote)
     size = study.size_bytes
     print(f"study: {args.instances} CT instances, {size / MB:.1f} MB, {os.cpu_count()} CPUs")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -36,6 +37,9 @@ class ImmediateStore:
 
     def record_message(self, write: MessageWrite) -> defer.Deferred[Recorded]:
         return self.run(lambda store: _record_one(store, write))
+
+    def note(self, job_id: int, text: str, now: dt.datetime) -> None:
+        self.store.add_events([(job_id, text, now)])
 
 
 def _record_one(store: Store, write: MessageWrite) -> Recorded:

@@ -105,7 +105,17 @@ class AssociationTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: set[Association] = set()
+        self._negotiating: set[Association] = set()
         self.closed = False
+
+    def negotiating(self, association: Association) -> None:
+        """Track an association whose negotiation is starting (NoDelayAE.on_request)."""
+        with self._lock:
+            self._negotiating.add(association)
+
+    def negotiated(self, association: Association) -> None:
+        with self._lock:
+            self._negotiating.discard(association)
 
     def add(self, association: Association, deadline: float | None = None) -> None:
         """Track an association; past `deadline` (time.monotonic()) its DIMSE waits end."""
@@ -134,8 +144,13 @@ class AssociationTracker:
         with self._lock:
             self.closed = True
             associations = list(self._open)
+            negotiating = list(self._negotiating)
         for association in associations:
             association.abort(block=False)
+        for association in negotiating:
+            # The requesting thread waits for A-ASSOCIATE-AC on this queue; None reads
+            # as "no answer", so it gives up at once instead of at the ACSE timeout.
+            association.dul.to_user_queue.put(None)  # type: ignore[arg-type]
 
 
 def _make_interruptible(association: Association, stopping: Callable[[], bool]) -> None:
@@ -195,6 +210,7 @@ class NodeClient:
         self.max_pdu_bytes = max_pdu_bytes
         self.retry = retry or RetryPolicy()
         self._ae = NoDelayAE(ae_title=calling_ae_title)
+        self._ae.on_request = tracker.negotiating
         self._ae.acse_timeout = node.timeout_seconds
         self._ae.dimse_timeout = node.timeout_seconds
         self._ae.network_timeout = node.timeout_seconds
@@ -254,6 +270,8 @@ class NodeClient:
     ) -> Association:
         attempt = 1
         while True:
+            if self.tracker.closed:
+                raise DimseError("engine is stopping", transient=True)
             association = self._ae.associate(
                 self.node.host,
                 self.node.port,
@@ -263,6 +281,7 @@ class NodeClient:
                 ext_neg=list(ext_neg) or None,
                 evt_handlers=list(evt_handlers) or None,
             )
+            self.tracker.negotiated(association)
             if association.is_established:
                 return association
             if not association.is_rejected:

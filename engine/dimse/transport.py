@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE
@@ -59,11 +60,19 @@ class BoundedPDataQueue(queue.Queue[Any]):
 
 
 class NoDelayAE(AE):
-    """An AE whose requested associations use TCP_NODELAY and a bounded send queue."""
+    """An AE whose requested associations use TCP_NODELAY and a bounded send queue.
+
+    on_request, when set, sees each association before its A-ASSOCIATE-RQ is sent,
+    so a stopping engine can end a negotiation that waits on a peer.
+    """
+
+    on_request: Callable[[Association], None] | None = None
 
     def _create_socket(
         self, assoc: Association, address: AddressInformation, tls_args: Any
     ) -> AssociationSocket:
+        if self.on_request is not None:
+            self.on_request(assoc)
         association_socket = super()._create_socket(assoc, address, tls_args)
         if association_socket.socket is not None:
             set_no_delay(association_socket.socket)

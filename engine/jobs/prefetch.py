@@ -154,9 +154,10 @@ class Prefetch:
         return self.policies.get(source) or SourcePolicy()
 
     def note(self, job: JobRecord, text: str) -> defer.Deferred[None]:
+        """Log and record an event of a job; it is written with the next store work."""
         logger.info("job %d: %s", job.id, text)
-        now = self.now()
-        return self.db.run(lambda store: store.add_event(job.id, text, now))
+        self.db.note(job.id, text, self.now())
+        return defer.succeed(None)
 
     @defer.inlineCallbacks
     def run(self, job: JobRecord) -> Generator[defer.Deferred[Any], Any, Outcome]:

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import enum
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from engine.identity.schema import IDENTITY_SCHEMA
 from engine.model import Decision, Demographics, MessageOrigin, OrderFacts, PatientIdentifier
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # The result of storing one message: (message id, ACK to send, duplicate).
 Recorded = tuple[int, bytes, bool]
@@ -104,6 +106,15 @@ CREATE TABLE IF NOT EXISTS worklist_steps (
     PRIMARY KEY (node, step_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_patient ON jobs (patient_id, patient_issuer, rule);
+CREATE INDEX IF NOT EXISTS jobs_by_patient_time
+    ON jobs (patient_id, patient_issuer, rule, destination, created_at);
+-- The order numbers of each job ("placer:...", "filler:...", "accession:..."), so repeated
+-- orders and cancels find their jobs by index instead of reading every job of a patient.
+CREATE TABLE IF NOT EXISTS job_orders (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    key TEXT NOT NULL,
+    PRIMARY KEY (key, job_id)
+);
 CREATE TABLE IF NOT EXISTS job_cancellations (
     job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
     at TEXT NOT NULL,
@@ -203,14 +214,15 @@ class NewJob:
     schedule_note: str = ""
 
 
-def same_order(first: OrderFacts, second: OrderFacts) -> bool:
-    """Return True if two orders share a placer or filler order number or an accession number."""
+def order_keys(order: OrderFacts) -> list[str]:
+    """Return the keys that identify an order: its placer and filler order numbers and its
+    accession number. Two orders are the same order when they share one key."""
     pairs = (
-        (first.placer_order_number, second.placer_order_number),
-        (first.filler_order_number, second.filler_order_number),
-        (first.accession_number, second.accession_number),
+        ("placer", order.placer_order_number),
+        ("filler", order.filler_order_number),
+        ("accession", order.accession_number),
     )
-    return any(mine and mine == theirs for mine, theirs in pairs)
+    return [f"{kind}:{value}" for kind, value in pairs if value]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,8 +328,10 @@ class Store:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL makes every commit reach the disk (fsync) before it returns.
-        self._db.execute("PRAGMA synchronous=FULL")
+        # Job bookkeeping commits at NORMAL: it survives a crash of the engine, and
+        # after a power loss a job only repeats a step. Messages commit durably
+        # (FULL, fsync before the ACK), which also syncs every earlier commit.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
@@ -347,8 +361,11 @@ class Store:
             self._db.execute("RELEASE message")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """Run a block in one transaction; a nested block joins the outer one."""
+    def _transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """Run a block in one transaction; a nested block joins the outer one.
+
+        A durable transaction is on disk (fsync) when the block returns.
+        """
         if self._depth:
             self._depth += 1
             try:
@@ -356,6 +373,8 @@ class Store:
             finally:
                 self._depth -= 1
             return
+        if durable:
+            self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("BEGIN IMMEDIATE")
         self._depth = 1
         try:
@@ -367,6 +386,8 @@ class Store:
             self._db.execute("COMMIT")
         finally:
             self._depth = 0
+            if durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
 
     # Messages
 
@@ -390,7 +411,7 @@ class Store:
         stored message is a different one, ControlIdReused is raised instead,
         because acknowledging it would drop the new message unprocessed.
         """
-        with self._transaction() as db:
+        with self._transaction(durable=True) as db:
             row = db.execute(
                 "SELECT id, ack, content FROM messages WHERE sending_application = ? "
                 "AND sending_facility = ? AND control_id = ?",
@@ -432,7 +453,7 @@ class Store:
         place in the result. A failed commit raises and keeps none of them.
         """
         results: list[Recorded | Exception] = []
-        with self._transaction():
+        with self._transaction(durable=True):
             for write in writes:
                 try:
                     with self._savepoint():
@@ -592,6 +613,10 @@ class Store:
             ),
         )
         job_id = int(cursor.lastrowid or 0)
+        db.executemany(
+            "INSERT OR IGNORE INTO job_orders (job_id, key) VALUES (?,?)",
+            [(job_id, key) for key in order_keys(job.order)],
+        )
         text = f"queued by route {job.route}, rule {job.rule}"
         if job.schedule_note:
             text += f"; {job.schedule_note}"
@@ -610,31 +635,42 @@ class Store:
         """Decide whether a new job is queued or suppressed, and by which earlier job."""
         if not job.skip_repeated_orders and job.suppression_window is None:
             return JobState.QUEUED, "", None
-        rows = db.execute(
-            "SELECT id, created_at, order_facts FROM jobs WHERE patient_id = ?"
-            " AND patient_issuer = ? AND rule = ? AND destination = ?"
-            f" AND state NOT IN ({','.join('?' * len(_NOT_COVERING))}) ORDER BY id",
-            (job.patient.value, job.patient.issuer, job.rule, job.destination, *_NOT_COVERING),
-        ).fetchall()
-        if job.skip_repeated_orders:
-            for row in rows:
-                if same_order(OrderFacts.from_dict(json.loads(row["order_facts"])), job.order):
-                    return (
-                        JobState.SUPPRESSED,
-                        f"repeated order: job {row['id']} already covers this order",
-                        int(row["id"]),
-                    )
+        covering = f"j.state NOT IN ({','.join('?' * len(_NOT_COVERING))})"
+        same_patient = (
+            "j.patient_id = ? AND j.patient_issuer = ? AND j.rule = ? AND j.destination = ?"
+        )
+        patient = (job.patient.value, job.patient.issuer, job.rule, job.destination)
+        keys = order_keys(job.order)
+        if job.skip_repeated_orders and keys:
+            # CROSS JOIN keeps job_orders the outer loop: SQLite would otherwise scan every
+            # job of the patient through jobs_by_patient.
+            row = db.execute(
+                "SELECT j.id FROM job_orders o CROSS JOIN jobs j ON j.id = o.job_id"
+                f" WHERE o.key IN ({','.join('?' * len(keys))}) AND {same_patient}"
+                f" AND {covering} ORDER BY j.id LIMIT 1",
+                (*keys, *patient, *_NOT_COVERING),
+            ).fetchone()
+            if row is not None:
+                return (
+                    JobState.SUPPRESSED,
+                    f"repeated order: job {row['id']} already covers this order",
+                    int(row["id"]),
+                )
         if job.suppression_window is not None:
             since = now - job.suppression_window
-            for row in reversed(rows):
+            row = db.execute(
+                f"SELECT j.id, j.created_at FROM jobs j WHERE {same_patient} AND {covering}"
+                " AND j.created_at >= ? ORDER BY j.created_at DESC, j.id DESC LIMIT 1",
+                (*patient, *_NOT_COVERING, _iso(since)),
+            ).fetchone()
+            if row is not None:
                 created = _time(row["created_at"])
-                if created >= since:
-                    return (
-                        JobState.SUPPRESSED,
-                        f"job {row['id']} for the same patient and rule was created at"
-                        f" {_iso(created)}, within the suppression window",
-                        int(row["id"]),
-                    )
+                return (
+                    JobState.SUPPRESSED,
+                    f"job {row['id']} for the same patient and rule was created at"
+                    f" {_iso(created)}, within the suppression window",
+                    int(row["id"]),
+                )
         return JobState.QUEUED, "", None
 
     @staticmethod
@@ -655,16 +691,15 @@ class Store:
         suppressed is queued again, since nothing fetches its priors any more.
         """
         with self._transaction() as db:
-            rows = db.execute(
-                "SELECT id, state, order_facts FROM jobs"
-                " WHERE patient_id = ? AND patient_issuer = ? ORDER BY id",
-                (patient.value, patient.issuer),
+            keys = order_keys(order)
+            # An order without numbers cannot be matched to any job (SQLite reads IN () as false).
+            matching = db.execute(
+                "SELECT DISTINCT j.id, j.state FROM job_orders o CROSS JOIN jobs j"
+                " ON j.id = o.job_id"
+                f" WHERE o.key IN ({','.join('?' * len(keys))})"
+                " AND j.patient_id = ? AND j.patient_issuer = ? ORDER BY j.id",
+                (*keys, patient.value, patient.issuer),
             ).fetchall()
-            matching = [
-                row
-                for row in rows
-                if same_order(OrderFacts.from_dict(json.loads(row["order_facts"])), order)
-            ]
             cancelled: list[int] = []
             requested: list[int] = []
             revived: list[int] = []
@@ -759,13 +794,18 @@ class Store:
             return ids
 
     def claim_due(self, now: dt.datetime, limit: int) -> list[JobRecord]:
-        """Mark up to `limit` due jobs as running and return them, oldest first."""
+        """Mark up to `limit` due jobs as running and return them, longest due first."""
         with self._transaction() as db:
-            rows = db.execute(
-                "SELECT * FROM jobs WHERE state IN (?, ?, ?) AND not_before <= ?"
-                " ORDER BY id LIMIT ?",
-                (JobState.QUEUED, JobState.WAITING, JobState.DEFERRED, _iso(now), limit),
-            ).fetchall()
+            # One query per state reads jobs_by_state in order; a single IN query would
+            # sort every due job on each claim.
+            rows = []
+            for state in (JobState.QUEUED, JobState.WAITING, JobState.DEFERRED):
+                rows += db.execute(
+                    "SELECT * FROM jobs WHERE state = ? AND not_before <= ?"
+                    " ORDER BY not_before, id LIMIT ?",
+                    (state, _iso(now), limit),
+                ).fetchall()
+            rows = sorted(rows, key=lambda row: (row["not_before"], row["id"]))[:limit]
             for row in rows:
                 db.execute(
                     "UPDATE jobs SET state = ?, attempts = attempts + 1, updated_at = ?"
@@ -827,6 +867,14 @@ class Store:
                 (job_id, _iso(now), note),
             )
             return True
+
+    def add_events(self, events: Sequence[tuple[int, str, dt.datetime]]) -> None:
+        """Add events to the logs of jobs, all in one transaction."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
+                [(job_id, _iso(now), text) for job_id, text, now in events],
+            )
 
     def add_event(self, job_id: int, text: str, now: dt.datetime) -> None:
         with self._transaction() as db:
@@ -1001,6 +1049,8 @@ class AsyncStore:
     record_message batches the messages that arrive while the thread is busy
     into one transaction (group commit): each Deferred fires only after the
     commit of its batch, so an ACK sent from it is never ahead of the disk.
+    note collects job events and writes them with the next store work, in
+    order, in one transaction.
     """
 
     def __init__(self, reactor: IReactorFromThreads, store: Store) -> None:
@@ -1010,6 +1060,7 @@ class AsyncStore:
         self._lock = threading.Lock()
         self._pending: list[tuple[MessageWrite, defer.Deferred[Recorded]]] = []
         self._batch_queued = False
+        self._events: list[tuple[int, str, dt.datetime]] = []
 
     def start(self) -> None:
         self._pool.start()
@@ -1019,7 +1070,42 @@ class AsyncStore:
         self.store.close()
 
     def run(self, work: Callable[[Store], T]) -> defer.Deferred[T]:
-        return deferToThreadPool(self._reactor, self._pool, work, self.store)
+        events = self._take_events()
+        if not events:
+            return deferToThreadPool(self._reactor, self._pool, work, self.store)
+
+        def after_events(store: Store) -> T:
+            store.add_events(events)
+            return work(store)
+
+        return deferToThreadPool(self._reactor, self._pool, after_events, self.store)
+
+    def note(self, job_id: int, text: str, now: dt.datetime) -> None:
+        """Add an event to a job's log without waiting (call on the reactor thread).
+
+        The events are written before any store work requested later, and on
+        the next reactor turn at the latest, many of them in one transaction.
+        """
+        self._events.append((job_id, text, now))
+        if len(self._events) == 1:
+            self._reactor.callLater(0, self._flush_events)  # type: ignore[attr-defined]
+
+    def _take_events(self) -> list[tuple[int, str, dt.datetime]]:
+        events, self._events = self._events, []
+        return events
+
+    def _flush_events(self) -> None:
+        events = self._take_events()
+        if not events:
+            return
+        written = deferToThreadPool(
+            self._reactor, self._pool, lambda store: store.add_events(events), self.store
+        )
+        written.addErrback(
+            lambda failure: logger.error(
+                "writing %d job events failed: %s", len(events), failure.getErrorMessage()
+            )
+        )
 
     def record_message(self, write: MessageWrite) -> defer.Deferred[Recorded]:
         """Store one message in the next group commit; fire after that commit."""

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.jobs.store import JobState
+from engine.jobs.store import JobState, StudyState
 from engine.testing.scenario import order_message, prefetch_scenario
 from engine.testing.sites import EngineProcess, Network
-from tests.integration.conftest import read_jobs, send, wait_for_job
+from tests.integration.conftest import read_jobs, read_studies, send, wait_for_job
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +26,14 @@ def wait_for_state(store: Path, job_id: int, state: JobState, timeout: float = 6
     raise AssertionError(f"job {job_id} did not reach {state} within {timeout}s")
 
 
-def wait_for_spooled_objects(spool: Path, timeout: float = 30.0) -> None:
-    """Wait until a retrieve is under way: received objects are in the spool."""
+def wait_for_retrieve(store: Path, job_id: int, timeout: float = 30.0) -> None:
+    """Wait until the job retrieves a study."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(spool.glob("job-*/*/*.dcm")):
+        if any(study.state == StudyState.RETRIEVING for study in read_studies(store, job_id)):
             return
         time.sleep(0.01)
-    raise AssertionError(f"no object reached {spool} within {timeout}s")
+    raise AssertionError(f"job {job_id} started no retrieve within {timeout}s")
 
 
 def test_job_waits_for_destination_and_resumes_after_restart(tmp_path: Path) -> None:
@@ -94,11 +94,18 @@ def test_sigterm_during_retrieve_stops_cleanly_and_resumes(tmp_path: Path) -> No
         message = order_message(scenario.local_patient, "RST2", "ACC-RST-2", dt.datetime.now())
         assert send(network.ports.mllp, message)[1] == "MSA|AA|RST2"
         [job] = read_jobs(store)
-        wait_for_spooled_objects(tmp_path / "engine" / "spool")
+        wait_for_retrieve(store, job.id)
+        # Frozen sources leave the retrieve hanging mid-study, as a stuck PACS would.
+        sources = [network.sites["hospital_a"], network.sites["hospital_b"]]
+        for source in sources:
+            source.pause()
+        stopping = time.monotonic()
         assert engine.stop() == 0
+        assert time.monotonic() - stopping < 20
         interrupted = read_jobs(store)[0]
         assert not interrupted.state.finished
-        assert "not complete" in interrupted.summary
+        for source in sources:
+            source.resume()
 
         engine = EngineProcess(config, network.ports.mllp, tmp_path / "engine-2.log")
         engine.start()

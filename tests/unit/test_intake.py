@@ -69,7 +69,9 @@ def order(control_id: str = "MSG1", **options: object) -> bytes:
 
 
 def test_fake_store_matches_async_store() -> None:
-    assert inspect.signature(ImmediateStore.run) == inspect.signature(AsyncStore.run)
+    for name in ("run", "record_message", "note"):
+        fake = inspect.signature(getattr(ImmediateStore, name))
+        assert fake == inspect.signature(getattr(AsyncStore, name)), name
     assert inspect.signature(ImmediateStore.record_message) == inspect.signature(
         AsyncStore.record_message
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from engine.jobs.prefetch import Outcome
-from engine.jobs.store import JobRecord, JobState, NewJob, Store, StudyState
+from engine.jobs.store import AsyncStore, JobRecord, JobState, NewJob, Store, StudyState
 from engine.jobs.worker import Worker, retry_delay
 from engine.model import (
     Decision,
@@ -222,3 +224,58 @@ def test_worker_stop_leaves_running_job_for_restart(db: ImmediateStore, clock: t
     assert job is not None
     assert job.state == JobState.RUNNING
     assert clock.getDelayedCalls() == []
+
+
+def test_store_messages_commit_durably(store: Store) -> None:
+    seen: list[int] = []
+
+    def read_synchronous(target: Store, now: dt.datetime) -> str:
+        with target.transaction() as db:
+            seen.append(int(db.execute("PRAGMA synchronous").fetchone()[0]))
+        return "checked"
+
+    origin = MessageOrigin("RIS", "RAD", "ORM^O01", "C9")
+    store.record_message(origin, "peer", b"msg", b"ACK", "ok", [], NOW, [read_synchronous])
+    job_id = store.add_job(new_job(), NOW)
+    store.add_event(job_id, "bookkeeping", NOW)
+    with store.transaction() as db:
+        bookkeeping = int(db.execute("PRAGMA synchronous").fetchone()[0])
+    # SQLite's synchronous levels: 1 NORMAL, 2 FULL (fsync at every commit).
+    assert seen == [2]
+    assert bookkeeping == 1
+
+
+class InlinePool:
+    """A thread pool that runs each call at once on the calling thread."""
+
+    def callInThreadWithCallback(self, on_result: Any, function: Any, *args: Any) -> None:
+        try:
+            result = function(*args)
+        except Exception as error:
+            on_result(False, Failure(error))
+        else:
+            on_result(True, result)
+
+
+class InlineReactor(task.Clock):
+    def callFromThread(self, function: Any, *args: Any) -> None:
+        function(*args)
+
+
+def test_async_store_notes_written_before_later_work(store: Store) -> None:
+    reactor = InlineReactor()
+    db = AsyncStore(reactor, store)  # type: ignore[arg-type]
+    db._pool = InlinePool()  # type: ignore[assignment]
+    job_id = store.add_job(new_job(), NOW)
+
+    db.note(job_id, "first", NOW)
+    db.note(job_id, "second", NOW)
+    seen: list[list[str]] = []
+    db.run(lambda target: seen.append([text for _, text in target.events(job_id)]))
+    assert seen == [["queued by route ris, rule ct", "first", "second"]]
+
+    db.note(job_id, "third", NOW)
+    assert [text for _, text in store.events(job_id)][-1] == "second"
+    reactor.advance(0)
+    assert [text for _, text in store.events(job_id)][-1] == "third"
+    assert reactor.getDelayedCalls() == []

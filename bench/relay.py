@@ -290,6 +290,12 @@ def main() -> int:
         default=None,
         help="transfer.destination_associations for fdqr (default: conf/engine.yaml's)",
     )
+    parser.add_argument(
+        "--destination-max-pdu",
+        type=int,
+        default=0,
+        help="MaximumPduLength of the destination Orthanc in bytes (default: Orthanc's 16384)",
+    )
     parser.add_argument("--keep", action="store_true", help="leave the work folder in place")
     args = parser.parse_args()
 
@@ -302,7 +308,12 @@ def main() -> int:
     size = study.size_bytes
     print(f"study: {args.instances} CT instances, {size / MB:.1f} MB, {os.cpu_count()} CPUs")
 
-    network = Network(folder / "sites")
+    destination_settings = (
+        {"local_pacs": {"MaximumPduLength": args.destination_max_pdu}}
+        if args.destination_max_pdu
+        else None
+    )
+    network = Network(folder / "sites", site_settings=destination_settings)
     source, destination = network.sites["hospital_a"], network.sites["local_pacs"]
     source.modalities["local_pacs"] = (
         destination.ae_title,

@@ -28,12 +28,15 @@ import datetime as dt
 import hashlib
 import os
 import shutil
+from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import dcmwrite, write_data_element
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -45,6 +48,7 @@ from engine.coercion_text import (
     latin1_person_name,
     switch_to_utf8_for,
 )
+from engine.dicomfile import Head, scan_head
 from engine.model import Demographics, PatientIdentifier
 
 __all__ = ["UTF8_CHARSET", "CoercionProfile", "Header", "Stamp", "StampError", "UniversalEntity"]
@@ -61,6 +65,13 @@ MAX_UID_LENGTH = 64
 # Defined term of Reason for the Attribute Modification (0400,0565).
 COERCE = "COERCE"
 OTHER_PATIENT_IDS = 0x00101000
+SPECIFIC_CHARACTER_SET = 0x00080005
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
+PATIENT_ID = 0x00100020
+ISSUER_OF_PATIENT_ID = 0x00100021
+STUDY_INSTANCE_UID = 0x0020000D
+PATIENT_GROUP = 0x0010
 
 
 class StampError(Exception):
@@ -284,8 +295,25 @@ def _record_original(ds: Dataset, original: Dataset, stamp: Stamp) -> None:
     ds.OriginalAttributesSequence = items
 
 
+def header_of(head: Head) -> Header:
+    """Return the identifying attributes of a scanned file head."""
+    return Header(
+        study_instance_uid=head.text(STUDY_INSTANCE_UID),
+        sop_instance_uid=head.text(SOP_INSTANCE_UID),
+        sop_class_uid=head.text(SOP_CLASS_UID),
+        patient_id=head.text(PATIENT_ID),
+        issuer_of_patient_id=head.text(ISSUER_OF_PATIENT_ID),
+    )
+
+
 def read_header(path: Path) -> Header:
     """Read the identifying attributes of a DICOM file without reading pixel data."""
+    try:
+        head = scan_head(path)
+        if head is not None:
+            return header_of(head)
+    except OSError as error:
+        raise StampError(f"not a readable DICOM file: {error}") from error
     try:
         ds = dcmread(path, stop_before_pixels=True)
     except Exception as error:
@@ -299,16 +327,22 @@ def read_header(path: Path) -> Header:
     )
 
 
-def stamp_file(source: Path, target: Path, stamp: Stamp, fsync: bool = True) -> None:
+def stamp_file(
+    source: Path, target: Path, stamp: Stamp, fsync: bool = True, head: Head | None = None
+) -> None:
     """Write a stamped copy of `source` to `target`.
 
     The copy is written next to `target` and renamed into place, after an
     fsync when asked, so a crash never leaves a partial file under that name.
+    head is the scanned head of `source` when the caller already has it.
     """
     partial = target.with_name(target.name + ".partial")
     try:
+        head = head or scan_head(source)
         with open(source, "rb") as reader, open(partial, "wb") as writer:
-            _stamp_stream(reader, writer, stamp)
+            if head is None or not _splice(head, reader, writer, stamp):
+                reader.seek(0)
+                _stamp_stream(reader, writer, stamp)
             writer.flush()
             if fsync:
                 os.fsync(writer.fileno())
@@ -319,6 +353,58 @@ def stamp_file(source: Path, target: Path, stamp: Stamp, fsync: bool = True) -> 
     except Exception as error:
         partial.unlink(missing_ok=True)
         raise StampError(f"stamping failed: {error}") from error
+
+
+def _splice(head: Head, reader: BinaryIO, writer: BinaryIO, stamp: Stamp) -> bool:
+    """Stamp by re-encoding only the patient group (0010) and copying every other byte.
+
+    Returns False, having written nothing, when the stamp needs more than that
+    (a profile that changes accession numbers or UIDs, or a new character set).
+    """
+    profile = stamp.profile
+    if profile.character_set != "unicode" or profile.accession != "keep":
+        return False
+    if profile.study_uid != "keep":
+        return False
+
+    charset = head.span(SPECIFIC_CHARACTER_SET)
+    patient = [span for span in head.spans if span.group == PATIENT_GROUP]
+    encoded = b"".join(head.data[span.start : span.end] for span in [charset, *patient] if span)
+    small = read_dataset(BytesIO(encoded), head.implicit_vr, True)
+    charset_before = small.get("SpecificCharacterSet")
+    stamp_dataset(small, stamp)
+    if small.get("SpecificCharacterSet") != charset_before:
+        return False
+    others = [tag for tag in small.keys() if tag != SPECIFIC_CHARACTER_SET]  # noqa: SIM118
+    if any(tag >> 16 != PATIENT_GROUP for tag in others):
+        return False
+    group = _encode_patient_group(small, head.implicit_vr)
+
+    writer.write(head.data[: head.meta_end])
+    written = False
+    for span in head.spans:
+        if span.group >= PATIENT_GROUP and not written:
+            writer.write(group)
+            written = True
+        if span.group != PATIENT_GROUP:
+            writer.write(head.data[span.start : span.end])
+    if not written:
+        writer.write(group)
+    writer.write(head.data[head.rest :])
+    reader.seek(len(head.data))
+    shutil.copyfileobj(reader, writer, _COPY_CHUNK)
+    return True
+
+
+def _encode_patient_group(ds: Dataset, implicit_vr: bool) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = implicit_vr
+    encodings = ds._character_set
+    for tag in sorted(ds.keys()):
+        if tag >> 16 == PATIENT_GROUP:
+            write_data_element(buffer, ds[tag], encodings)
+    return buffer.getvalue()
 
 
 def _stamp_stream(reader: BinaryIO, writer: BinaryIO, stamp: Stamp) -> None:

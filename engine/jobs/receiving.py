@@ -17,7 +17,16 @@ from typing import Any, TypeVar
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread
 
-from engine.coercion import Header, Stamp, StampError, StampRejected, read_header, stamp_file
+from engine.coercion import (
+    Header,
+    Stamp,
+    StampError,
+    StampRejected,
+    header_of,
+    read_header,
+    stamp_file,
+)
+from engine.dicomfile import scan_head
 from engine.dimse.status import Status
 from engine.dimse.storescp import Arrival, Verdict
 from engine.jobs.spool import Spool, SpoolFull, file_size
@@ -119,8 +128,10 @@ class Receiver:
 
     def __call__(self, arrival: Arrival) -> Verdict:
         try:
-            header = read_header(arrival.path)
-        except StampError as error:
+            # One scan of the encoded head serves the checks and the stamping.
+            head = scan_head(arrival.path)
+            header = header_of(head) if head is not None else read_header(arrival.path)
+        except (StampError, OSError) as error:
             logger.warning("rejected object from %s: %s", arrival.calling_ae_title, error)
             return Verdict(Status.CANNOT_UNDERSTAND, "object cannot be read")
 
@@ -167,7 +178,7 @@ class Receiver:
         try:
             expectation.spool_dir.mkdir(parents=True, exist_ok=True)
             replaced = file_size(target)
-            stamp_file(arrival.path, target, expectation.stamp, fsync=self.fsync)
+            stamp_file(arrival.path, target, expectation.stamp, fsync=self.fsync, head=head)
         except StampRejected as error:
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
             logger.warning(

@@ -45,12 +45,25 @@ def shipped_settings(template: Path | None = None) -> dict[str, Any]:
 class Network:
     """Orthanc servers for every site, all knowing the engine's AE for C-MOVE."""
 
-    def __init__(self, folder: Path, ports: EnginePorts | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        ports: EnginePorts | None = None,
+        site_settings: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """site_settings adds Orthanc settings per site, e.g. a MaximumPduLength."""
         self.folder = folder
         self.ports = ports or EnginePorts()
         engine_node = {"fdqr": (ENGINE_AE_TITLE, "127.0.0.1", self.ports.dicom)}
+        extra = site_settings or {}
         self.sites = {
-            name: OrthancServer(name, ae_title, folder / name, modalities=engine_node)
+            name: OrthancServer(
+                name,
+                ae_title,
+                folder / name,
+                modalities=engine_node,
+                extra_settings=extra.get(name),
+            )
             for name, ae_title in SITE_AE_TITLES.items()
         }
 

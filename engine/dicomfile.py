@@ -1,0 +1,206 @@
+"""Reading the layout of an encoded DICOM file without decoding it.
+
+scan_head finds where each top-level element of the dataset starts and ends,
+up to the end of group 0020, in little endian files (explicit or implicit VR).
+It never converts values, so it costs a fraction of a pydicom read. Anything it
+cannot lay out (big endian, deflate, a truncated or odd encoding) returns None,
+and the caller falls back to pydicom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from pathlib import Path
+
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+PREAMBLE_BYTES = 128
+# Enough for the header of almost every object up to group 0020; a bigger one is read whole.
+HEAD_BYTES = 256 * 1024
+MAX_HEAD_BYTES = 4 * 1024 * 1024
+UNDEFINED_LENGTH = 0xFFFFFFFF
+ITEM = 0xFFFEE000
+ITEM_DELIMITER = 0xFFFEE00D
+SEQUENCE_DELIMITER = 0xFFFEE0DD
+# Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+LAST_SCANNED_GROUP = 0x0020
+
+_TAG = struct.Struct("<HH")
+_UINT16 = struct.Struct("<H")
+_UINT32 = struct.Struct("<I")
+
+
+class Truncated(Exception):
+    """The buffer ends inside an element."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """One top-level element: its tag and where its encoding starts and ends."""
+
+    tag: int
+    start: int
+    value_start: int
+    end: int
+
+    @property
+    def group(self) -> int:
+        return self.tag >> 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """The encoded head of a DICOM file and the layout of its first groups.
+
+    spans cover every top-level element from the start of the dataset up to
+    group 0020 included; `rest` is the file offset where the first element
+    after them starts (all of it is copied unchanged by a splice).
+    """
+
+    data: bytes
+    meta_end: int
+    transfer_syntax: UID
+    implicit_vr: bool
+    spans: tuple[Span, ...]
+    rest: int
+
+    def span(self, tag: int) -> Span | None:
+        for span in self.spans:
+            if span.tag == tag:
+                return span
+        return None
+
+    def text(self, tag: int) -> str:
+        """Return a short text value (UI, LO, CS ...) as ASCII, without padding."""
+        span = self.span(tag)
+        if span is None:
+            return ""
+        value = self.data[span.value_start : span.end]
+        return value.decode("ascii", errors="replace").rstrip("\x00 ").strip()
+
+
+def scan_head(path: Path) -> Head | None:
+    """Lay out the head of a little endian DICOM file; None when it cannot."""
+    with open(path, "rb") as reader:
+        data = reader.read(HEAD_BYTES)
+        whole_file = len(data) < HEAD_BYTES
+        while True:
+            try:
+                return _scan(data, whole_file)
+            except Truncated:
+                if whole_file or len(data) >= MAX_HEAD_BYTES:
+                    return None
+                more = reader.read(len(data))
+                whole_file = len(more) < len(data)
+                data += more
+            except (ValueError, struct.error):
+                return None
+
+
+def _scan(data: bytes, whole_file: bool) -> Head | None:
+    if data[PREAMBLE_BYTES : PREAMBLE_BYTES + 4] != b"DICM":
+        return None
+    meta_end, transfer_syntax = _read_meta(data, PREAMBLE_BYTES + 4)
+    if transfer_syntax == ImplicitVRLittleEndian:
+        implicit = True
+    elif transfer_syntax == ExplicitVRLittleEndian or transfer_syntax.is_encapsulated:
+        implicit = False
+    else:
+        # Big endian and deflated datasets are left to pydicom.
+        return None
+
+    spans: list[Span] = []
+    position = meta_end
+    while True:
+        if position == len(data) and whole_file:
+            break
+        if position + 8 > len(data):
+            raise Truncated
+        group, _ = _TAG.unpack_from(data, position)
+        if group > LAST_SCANNED_GROUP:
+            break
+        span = _element(data, position, implicit)
+        spans.append(span)
+        position = span.end
+    return Head(data, meta_end, UID(transfer_syntax), implicit, tuple(spans), position)
+
+
+def _read_meta(data: bytes, position: int) -> tuple[int, UID]:
+    """Return where the file meta information ends, and its Transfer Syntax UID."""
+    transfer_syntax = ""
+    while True:
+        if position + 8 > len(data):
+            raise Truncated
+        group, element = _TAG.unpack_from(data, position)
+        if group != 0x0002:
+            break
+        span = _element(data, position, implicit=False)
+        if element == 0x0010:
+            transfer_syntax = data[span.value_start : span.end].decode("ascii").rstrip("\x00 ")
+        position = span.end
+    if not transfer_syntax:
+        raise ValueError("no Transfer Syntax UID in the file meta information")
+    return position, UID(transfer_syntax)
+
+
+def _element(data: bytes, position: int, implicit: bool) -> Span:
+    """Return the span of the element starting at `position`."""
+    if position + 8 > len(data):
+        raise Truncated
+    group, element = _TAG.unpack_from(data, position)
+    tag = group << 16 | element
+    vr = b""
+    if implicit or group == 0xFFFE:
+        (length,) = _UINT32.unpack_from(data, position + 4)
+        value_start = position + 8
+    else:
+        vr = data[position + 4 : position + 6]
+        if vr in LONG_VRS:
+            if position + 12 > len(data):
+                raise Truncated
+            (length,) = _UINT32.unpack_from(data, position + 8)
+            value_start = position + 12
+        elif vr.isalpha() and vr.isupper():
+            (length,) = _UINT16.unpack_from(data, position + 6)
+            value_start = position + 8
+        else:
+            raise ValueError(f"invalid VR {vr!r} in ({group:04X},{element:04X})")
+
+    if length == UNDEFINED_LENGTH:
+        # A sequence, or UN that holds one: its items are encoded in implicit VR.
+        end = _skip_items(data, value_start, implicit or vr == b"UN")
+    else:
+        end = value_start + length
+        if end > len(data):
+            raise Truncated
+    return Span(tag, position, value_start, end)
+
+
+def _skip_items(data: bytes, position: int, implicit: bool) -> int:
+    """Return the end of an undefined length value: its items and the sequence delimiter."""
+    while True:
+        if position + 8 > len(data):
+            raise Truncated
+        group, element = _TAG.unpack_from(data, position)
+        tag = group << 16 | element
+        (length,) = _UINT32.unpack_from(data, position + 4)
+        if tag == SEQUENCE_DELIMITER:
+            return position + 8
+        if tag != ITEM:
+            raise ValueError(f"unexpected ({group:04X},{element:04X}) in a sequence")
+        position += 8
+        if length != UNDEFINED_LENGTH:
+            position += length
+            continue
+        while True:
+            if position + 8 > len(data):
+                raise Truncated
+            group, element = _TAG.unpack_from(data, position)
+            if group << 16 | element == ITEM_DELIMITER:
+                position += 8
+                break
+            position = _element(data, position, implicit).end

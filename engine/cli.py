@@ -10,11 +10,10 @@ from pathlib import Path
 
 import click
 
-from engine import config as config_module
-from engine.configfile import ConfigError
+from engine.clitools import format_table, load_or_exit, open_store
 from engine.hl7.cli import messages_group
 from engine.identity.cli import identity_group
-from engine.jobs.store import JobState, Store
+from engine.jobs.store import JobState
 from engine.rules.cli import rules_group
 from engine.worklist.cli import worklist_group
 
@@ -38,32 +37,6 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
-
-
-def load_or_exit(config_path: Path) -> config_module.Config:
-    """Load the configuration, or print every problem and exit with status 2."""
-    try:
-        return config_module.load(config_path)
-    except ConfigError as error:
-        click.echo(f"configuration invalid, {len(error.problems)} problem(s):", err=True)
-        for problem in error.problems:
-            click.echo(f"  {problem}", err=True)
-        raise SystemExit(2) from None
-
-
-def _open_store(config_path: Path) -> Store:
-    try:
-        settings = config_module.load_settings(config_path)
-    except ConfigError as error:
-        click.echo(str(error), err=True)
-        raise SystemExit(2) from None
-    path = config_module.resolve(config_path.resolve(), settings.store.path)
-    if not path.exists():
-        click.echo(
-            f"no store at {path}: the engine has not run with this configuration yet", err=True
-        )
-        raise SystemExit(1)
-    return Store(path)
 
 
 @click.group()
@@ -115,7 +88,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
-    store = _open_store(config_path)
+    store = open_store(config_path)
     jobs = store.list_jobs(limit, [JobState(state) for state in states])
     rows = [
         (
@@ -159,7 +132,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
 @click.pass_obj
 def jobs_show(config_path: Path, job_id: int) -> None:
     """Show one job: its studies with the rule's decisions, and its event log."""
-    store = _open_store(config_path)
+    store = open_store(config_path)
     job = store.get_job(job_id)
     if job is None:
         click.echo(f"job {job_id} not found", err=True)
@@ -219,15 +192,6 @@ def demo(keep: bool) -> None:
     from engine.demo import run_demo
 
     raise SystemExit(run_demo(keep=keep))
-
-
-def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
-        lines.append(indent + "  ".join(cells).rstrip())
-    return "\n".join(lines)
 
 
 main.add_command(identity_group)

@@ -18,7 +18,7 @@ import click
 import hl7.client
 from pydicom import dcmread
 
-from engine.cli import format_table
+from engine.clitools import format_table
 from engine.jobs.store import JobRecord, Store
 from engine.testing.scenario import Scenario, order_message, prefetch_scenario
 from engine.testing.sites import REPOSITORY, EngineProcess, Network

@@ -112,6 +112,9 @@ class AssociationTracker:
         """Track an association whose negotiation is starting (NoDelayAE.on_request)."""
         with self._lock:
             self._negotiating.add(association)
+            closed = self.closed
+        if closed:
+            _give_up_negotiation(association)
 
     def negotiated(self, association: Association) -> None:
         with self._lock:
@@ -128,7 +131,7 @@ class AssociationTracker:
         def stopping() -> bool:
             return self.closed or (deadline is not None and time.monotonic() > deadline)
 
-        _make_interruptible(association, stopping)
+        make_interruptible(association, stopping)
 
     def remove(self, association: Association) -> None:
         with self._lock:
@@ -148,42 +151,70 @@ class AssociationTracker:
         for association in associations:
             association.abort(block=False)
         for association in negotiating:
-            # The requesting thread waits for A-ASSOCIATE-AC on this queue; None reads
-            # as "no answer", so it gives up at once instead of at the ACSE timeout.
-            association.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+            _give_up_negotiation(association)
 
 
-def _make_interruptible(association: Association, stopping: Callable[[], bool]) -> None:
-    """Make a thread waiting for a DIMSE response notice an engine stop within a moment.
+def _give_up_negotiation(association: Association) -> None:
+    # The requesting thread waits for A-ASSOCIATE-AC on this queue; None reads as
+    # "no answer", so it aborts at once instead of at the ACSE timeout.
+    association.dul.to_user_queue.put(None)  # type: ignore[arg-type]
 
-    pynetdicom waits on its message queue for the whole DIMSE timeout, and a
-    sentinel put on the queue can be taken by the association's own thread.
-    This replaces the blocking read with one that checks `stopping` every
-    INTERRUPT_POLL_SECONDS; messages are still returned as soon as they arrive.
-    The DIMSE timeout counts from the start of each wait, so it restarts with
-    every response, pending ones included.
+
+def make_interruptible(association: Association, stopping: Callable[[], bool]) -> None:
+    """Make a thread waiting on a peer notice an engine stop within a moment.
+
+    pynetdicom waits on its queues for the whole DIMSE or ACSE timeout (a
+    DIMSE response, or A-RELEASE-RP after A-RELEASE-RQ), and a sentinel put on
+    a queue can be taken by the association's own thread. This replaces both
+    blocking reads with ones that check `stopping` every INTERRUPT_POLL_SECONDS;
+    messages are still returned as soon as they arrive. A timeout counts from
+    the start of each wait, so the DIMSE timeout restarts with every response,
+    pending ones included.
     """
     dimse = association.dimse
-    original = dimse.get_msg
+    dul = association.dul
+    read_message = dimse.get_msg
+    read_primitive = dul.receive_pdu
+
+    def next_message(seconds: float) -> Any:
+        try:
+            return dimse.msg_queue.get(block=True, timeout=seconds)
+        except queue.Empty:
+            return None
 
     def get_msg(block: bool = False) -> Any:
         if not block:
-            return original(block=False)
-        timeout = dimse.dimse_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not stopping():
-            wait = INTERRUPT_POLL_SECONDS
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    return None, None
-            try:
-                return dimse.msg_queue.get(block=True, timeout=wait)
-            except queue.Empty:
-                continue
-        return None, None
+            return read_message(block=False)
+        message = _read_in_slices(next_message, dimse.dimse_timeout, stopping)
+        return (None, None) if message is None else message
+
+    def receive_pdu(wait: bool = False, timeout: float | None = None) -> Any:
+        if not wait:
+            return read_primitive(wait=False)
+        # pynetdicom's own read, in slices: it alone triggers the ACSE events.
+        return _read_in_slices(
+            lambda seconds: read_primitive(wait=True, timeout=seconds), timeout, stopping
+        )
 
     dimse.get_msg = get_msg  # type: ignore[method-assign]
+    dul.receive_pdu = receive_pdu  # type: ignore[method-assign]
+
+
+def _read_in_slices(
+    read: Callable[[float], Any], timeout: float | None, stopping: Callable[[], bool]
+) -> Any:
+    """Call read(seconds) until it returns an item; None after `timeout` or once stopping."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not stopping():
+        seconds = INTERRUPT_POLL_SECONDS
+        if deadline is not None:
+            seconds = min(seconds, deadline - time.monotonic())
+            if seconds <= 0:
+                return None
+        item = read(seconds)
+        if item is not None:
+            return item
+    return None
 
 
 class NodeClient:
@@ -244,7 +275,8 @@ class NodeClient:
                 association.abort()
                 raise
             else:
-                if association.is_established:
+                # A stopping engine has already aborted it: a release would wait on the peer.
+                if association.is_established and not self.tracker.closed:
                     association.release()
             finally:
                 self.tracker.remove(association)
@@ -318,22 +350,27 @@ class NodeClient:
             status = association.send_c_echo()
             _check_final(self.node, "C-ECHO", status)
 
-    def find(self, query: Dataset) -> list[Dataset]:
-        """Run one Study Root C-FIND and return the matches."""
-        context = build_context(StudyRootQueryRetrieveInformationModelFind)
+    def find(
+        self,
+        query: Dataset,
+        model: str = StudyRootQueryRetrieveInformationModelFind,
+        operation: str = "C-FIND",
+    ) -> list[Dataset]:
+        """Run one C-FIND (Study Root unless another information model is given)
+        and return the matches."""
         matches: list[Dataset] = []
-        with self.associate([context]) as association:
-            responses = association.send_c_find(
-                query, StudyRootQueryRetrieveInformationModelFind, msg_id=self.next_message_id()
-            )
+        with self.associate([build_context(model)]) as association:
+            responses = association.send_c_find(query, model, msg_id=self.next_message_id())
             for status, identifier in responses:
-                code = _status_code(self.node, "C-FIND", status)
+                code = _status_code(self.node, operation, status)
                 if is_pending(code):
                     if identifier is not None:
                         matches.append(identifier)
                     continue
                 if code != Status.SUCCESS:
-                    raise DimseError(f"C-FIND at {self.node} failed with status {describe(code)}")
+                    raise DimseError(
+                        f"{operation} at {self.node} failed with status {describe(code)}"
+                    )
         return matches
 
     def move(

@@ -8,11 +8,9 @@ import logging
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pynetdicom import build_context
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
-from engine.dimse.scu import DimseError, NodeClient, _status_code
-from engine.dimse.status import Status, describe, is_pending
+from engine.dimse.scu import NodeClient
 from engine.model import Demographics
 
 logger = logging.getLogger(__name__)
@@ -87,22 +85,7 @@ def worklist_query(
 
 def find_worklist(client: NodeClient, query: Dataset) -> list[Dataset]:
     """Run one Modality Worklist C-FIND at a node and return the matches (blocking)."""
-    matches: list[Dataset] = []
-    with client.associate([build_context(ModalityWorklistInformationFind)]) as association:
-        responses = association.send_c_find(
-            query, ModalityWorklistInformationFind, msg_id=client.next_message_id()
-        )
-        for status, identifier in responses:
-            code = _status_code(client.node, "worklist C-FIND", status)
-            if is_pending(code):
-                if identifier is not None:
-                    matches.append(identifier)
-                continue
-            if code != Status.SUCCESS:
-                raise DimseError(
-                    f"worklist C-FIND at {client.node} failed with status {describe(code)}"
-                )
-    return matches
+    return client.find(query, ModalityWorklistInformationFind, "worklist C-FIND")
 
 
 def read_item(answer: Dataset) -> WorklistItem:

@@ -16,25 +16,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.association import Association
 
-from engine.dimse.scu import DimseError, NodeClient
+from engine.dimse.scu import DimseError, NodeClient, make_interruptible
 from engine.dimse.status import Status, describe, is_pending
 from engine.federation.levels import RESPONSE_ATTRIBUTES, UNIQUE_KEYS, Level, Model
 
 logger = logging.getLogger(__name__)
 
 UTF8 = "ISO_IR 192"
-WAKE_POLL_SECONDS = 0.2
 
 
 class QueryCancelled(Exception):
@@ -67,7 +63,7 @@ class SiteHandle:
             aborted = self.aborted
         if aborted:
             association.abort(block=False)
-        _wake_on(association, lambda: self.aborted or engine_stopping())
+        make_interruptible(association, lambda: self.aborted or engine_stopping())
 
     def sending(self, message_id: int, sop_class: str) -> None:
         with self._lock:
@@ -103,37 +99,6 @@ class SiteHandle:
             association = self._association
         if association is not None:
             association.abort(block=False)
-
-
-def _wake_on(association: Association, stop: Callable[[], bool]) -> None:
-    """Make a thread waiting for a DIMSE response return within a moment once `stop()` is true.
-
-    pynetdicom waits on its message queue for the whole DIMSE timeout, even
-    after an A-ABORT. The replacement reads the same queue in short waits and
-    returns no message once `stop()` is true, which pynetdicom reports as a
-    missing response.
-    """
-    dimse = association.dimse
-    original = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        if not block:
-            return original(block=False)
-        timeout = dimse.dimse_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not stop():
-            wait = WAKE_POLL_SECONDS
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    return None, None
-            try:
-                return dimse.msg_queue.get(block=True, timeout=wait)
-            except queue.Empty:
-                continue
-        return None, None
-
-    dimse.get_msg = get_msg  # type: ignore[method-assign]
 
 
 def split_by_level(model: Model, keys: Dataset, default: Level) -> dict[Level, list[DataElement]]:

@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 
 from engine import config as config_module
-from engine.configfile import ConfigError
+from engine.clitools import format_table, load_or_exit, load_settings_or_exit, open_store
 from engine.hl7.ack import split_acks
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Interpreter, ignore_reason
 from engine.hl7.message import CharsetDefaults, HL7Error, Message, parse
 from engine.jobs.planner import Planner
-from engine.jobs.store import JobRecord, MessageRecord, Store
+from engine.jobs.store import JobRecord, MessageRecord
 
 # Fields that carry names, birth dates, addresses, phone numbers or national
 # ids, by segment: `messages show` replaces them unless asked not to.
@@ -64,7 +64,7 @@ def messages_list(
     control_id: str | None,
 ) -> None:
     """List stored messages, most recent first, with their ACK and outcome."""
-    store = _open_store(config_path)
+    store = open_store(config_path)
     messages = store.list_messages(
         limit, message_type=message_type, sending_application=sender, control_id=control_id
     )
@@ -84,7 +84,6 @@ def messages_list(
                 message.outcome,
             )
         )
-    from engine.cli import format_table
 
     click.echo(format_table(rows))
 
@@ -99,8 +98,8 @@ def messages_list(
 )
 def messages_show(config_path: Path, message_id: int, unredacted: bool) -> None:
     """Show one message: header, outcome, ACK, jobs, replays and content."""
-    settings = _load_settings(config_path)
-    store = _open_store(config_path)
+    settings = load_settings_or_exit(config_path)
+    store = open_store(config_path)
     message = store.get_message(message_id)
     content = store.message_content(message_id)
     if message is None or content is None:
@@ -136,8 +135,8 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
     rules ask for, even if the message created jobs before. A running engine
     picks them up at its next poll.
     """
-    config = _load_config(config_path)
-    store = _open_store(config_path)
+    config = load_or_exit(config_path)
+    store = open_store(config_path)
     message = store.get_message(message_id)
     content = store.message_content(message_id)
     if message is None or content is None:
@@ -259,39 +258,3 @@ def _content_heading(unredacted: bool) -> str:
 
 def _local_time(value: dt.datetime) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _load_settings(config_path: Path) -> config_module.EngineSettings:
-    try:
-        return config_module.load_settings(config_path)
-    except ConfigError as error:
-        click.echo(str(error), err=True)
-        raise SystemExit(2) from None
-
-
-def _load_config(config_path: Path) -> config_module.Config:
-    try:
-        return config_module.load(config_path)
-    except ConfigError as error:
-        click.echo(f"configuration invalid, {len(error.problems)} problem(s):", err=True)
-        for problem in error.problems:
-            click.echo(f"  {problem}", err=True)
-        raise SystemExit(2) from None
-
-
-def _open_store(config_path: Path) -> Store:
-    settings = _load_settings(config_path)
-    if str(settings.store.path) == config_module.MEMORY_STORE:
-        click.echo(
-            f"the store of {config_path} is in memory (store.path {config_module.MEMORY_STORE}),"
-            " so only the running engine can read it",
-            err=True,
-        )
-        raise SystemExit(1)
-    path = config_module.resolve(config_path.resolve(), settings.store.path)
-    if not path.exists():
-        click.echo(
-            f"no store at {path}: the engine has not run with this configuration yet", err=True
-        )
-        raise SystemExit(1)
-    return Store(path)

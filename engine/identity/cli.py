@@ -12,9 +12,9 @@ from engine.jobs.store import JobState, Store
 
 
 def _open(config_path: Path) -> Store:
-    from engine.cli import _open_store
+    from engine.clitools import open_store
 
-    return _open_store(config_path)
+    return open_store(config_path)
 
 
 @click.group(name="identity")
@@ -38,7 +38,7 @@ def identity_group(ctx: click.Context, config_path: Path | None) -> None:
 @click.pass_obj
 def learned(config_path: Path, limit: int) -> None:
     """List cross-references learned from ADT messages, most recent first."""
-    from engine.cli import format_table
+    from engine.clitools import format_table
 
     store = _open(config_path)
     rows = [("LOCAL", "REMOTE", "LEARNED AT", "MESSAGE")]
@@ -52,7 +52,7 @@ def learned(config_path: Path, limit: int) -> None:
 @click.pass_obj
 def merges(config_path: Path, limit: int) -> None:
     """List ADT^A40 merges: each retired ID and the ID it lives on as."""
-    from engine.cli import format_table
+    from engine.clitools import format_table
 
     store = _open(config_path)
     rows = [("RETIRED", "SURVIVING", "MERGED AT", "MESSAGE")]

@@ -281,11 +281,8 @@ def hit_demographics(message: Message, pid: Any) -> dict[str, str]:
     }
 
 
-class PixSource:
-    """An IHE PIX Consumer: asks a PIX Manager for an identifier in another domain."""
-
-    cached = True
-    needs_demographics = False
+class _QuerySource:
+    """An identity source that sends HL7 queries over MLLP to one manager."""
 
     def __init__(
         self,
@@ -300,6 +297,13 @@ class PixSource:
         self.directory = directory
         self.reactor = reactor
         self.now = now
+
+
+class PixSource(_QuerySource):
+    """An IHE PIX Consumer: asks a PIX Manager for an identifier in another domain."""
+
+    cached = True
+    needs_demographics = False
 
     def lookup(
         self, identifier: PatientIdentifier, domain: str, demographics: Demographics | None
@@ -332,25 +336,11 @@ class PixSource:
         return Answer.found(found[0], "QAK-2 OK")
 
 
-class PdqSource:
+class PdqSource(_QuerySource):
     """An IHE Patient Demographics Consumer: finds a patient by exactly matching demographics."""
 
     cached = True
     needs_demographics = True
-
-    def __init__(
-        self,
-        name: str,
-        settings: SourceSettings,
-        directory: DomainDirectory,
-        reactor: Any,
-        now: Any,
-    ) -> None:
-        self.name = name
-        self.settings = settings
-        self.directory = directory
-        self.reactor = reactor
-        self.now = now
 
     def lookup(
         self, identifier: PatientIdentifier, domain: str, demographics: Demographics | None

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from engine.testing.ports import free_port, wait_for_port
+from engine.testing.ports import free_port, stop_process, wait_for_port
 
 ORTHANC_BINARY = "Orthanc"
 START_TIMEOUT_SECONDS = 30.0
@@ -140,12 +140,7 @@ class OrthancServer:
     def stop(self) -> None:
         if self._process is None:
             return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None
         self._log.close()
 

@@ -1,8 +1,9 @@
-"""Free loopback ports and waiting for a listener."""
+"""Free loopback ports, waiting for a listener, and stopping child processes."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 
@@ -26,3 +27,13 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
                     f"nothing is listening on {host}:{port} after {timeout}s"
                 ) from None
             time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """Terminate a child process, kill it if it does not end in time; return its status."""
+    process.terminate()
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()

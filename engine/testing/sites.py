@@ -126,7 +126,8 @@ class EngineProcess:
     def start(self, timeout: float = 30.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self._log = log
-        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        # faulthandler writes every thread's stack to the log on SIGABRT (see stop).
+        environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
         self._process = subprocess.Popen(
             [
                 sys.executable,
@@ -159,15 +160,23 @@ class EngineProcess:
                     raise RuntimeError(f"fdqr run did not listen within {timeout}s") from None
 
     def stop(self, timeout: float = 30.0) -> int:
-        """Send SIGTERM and wait; return the exit status."""
+        """Send SIGTERM and wait; return the exit status.
+
+        A process that does not end in time gets SIGABRT, which makes it write
+        its threads' stacks to the log, and then SIGKILL.
+        """
         if self._process is None:
             return 0
         self._process.send_signal(signal.SIGTERM)
         try:
             status = self._process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            status = self._process.wait()
+            self._process.send_signal(signal.SIGABRT)
+            try:
+                status = self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                status = self._process.wait()
         self._process = None
         self._log.close()
         return status

@@ -20,7 +20,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from engine.testing.dicomgen import PatientSpec, uid_for
 from engine.testing.orthanc import dcmtk_environment
-from engine.testing.ports import free_port, wait_for_port
+from engine.testing.ports import free_port, stop_process, wait_for_port
 
 WLMSCPFS_BINARY = "wlmscpfs"
 # Modality Worklist Information Model - FIND; wlmscpfs reads it from the file meta.
@@ -119,12 +119,7 @@ class WorklistServer:
     def stop(self) -> None:
         if self._process is None:
             return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None
         self._log.close()
 

@@ -37,7 +37,7 @@ def poll_command(config_path: Path, dry_run: bool) -> None:
     """
     from twisted.internet import task
 
-    from engine.cli import load_or_exit
+    from engine.clitools import load_or_exit
 
     config = load_or_exit(config_path)
     if not config.settings.worklist.sources:

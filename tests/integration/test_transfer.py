@@ -336,6 +336,77 @@ def test_transient_rejection_backs_off_and_retries(site: Site) -> None:
     assert "rejected" in site.log()
 
 
+def test_stop_ends_operations_with_frozen_peers(tmp_path: Path) -> None:
+    """An engine stop frees the threads of associations with peers that stopped
+    answering: one waiting for a response, one releasing, one being requested."""
+    # storescp serves one association at a time: a peer for each.
+    peers = [StoreSCP(tmp_path / name) for name in ("waiting", "releasing", "requesting")]
+    tracker = AssociationTracker()
+    clients = [
+        NodeClient(
+            NodeAddress(f"frozen-{n}", peer.ae_title, peer.host, peer.dicom_port, 60),
+            ENGINE_AE_TITLE,
+            tracker,
+        )
+        for n, peer in enumerate(peers)
+    ]
+    established = threading.Barrier(3)
+    leave = threading.Event()
+    outcomes: dict[str, str] = {}
+
+    def waiting_for_response() -> None:
+        with clients[0].associate([build_context(Verification)]) as association:
+            established.wait()
+            leave.wait()
+            status = association.send_c_echo()
+            outcomes["echo"] = "answered" if "Status" in status else "no answer"
+
+    def releasing() -> None:
+        with clients[1].associate([build_context(Verification)]):
+            established.wait()
+            leave.wait()
+        outcomes["release"] = "left"
+
+    def requesting() -> None:
+        try:
+            clients[2].echo()
+        except DimseError as error:
+            outcomes["request"] = str(error)
+
+    threads = [
+        threading.Thread(target=waiting_for_response),
+        threading.Thread(target=releasing),
+        threading.Thread(target=requesting),
+    ]
+    try:
+        for peer in peers:
+            peer.start()
+        peers[2].pause()
+        for thread in threads:
+            thread.start()
+        established.wait(timeout=30)
+        for peer in peers[:2]:
+            peer.pause()
+        leave.set()
+        time.sleep(0.5)
+        stopping = time.monotonic()
+        tracker.abort_all()
+        for thread in threads:
+            thread.join(timeout=40)
+        took = time.monotonic() - stopping
+    finally:
+        for peer in peers:
+            if peer.running:
+                peer.resume()
+            peer.stop()
+
+    assert not any(thread.is_alive() for thread in threads)
+    assert outcomes["echo"] == "no answer"
+    assert outcomes["release"] == "left"
+    assert "failed (refused, timed out or aborted)" in outcomes["request"]
+    assert took < 6
+
+
 def test_destination_down_spool_bounded_then_repaired(site: Site) -> None:
     study = ct_study("t-ct-down", 60)
     site.network.start()

@@ -28,8 +28,8 @@ from engine.dimse.scu import (
     AssociationTracker,
     NodeAddress,
     NodeClient,
-    _make_interruptible,
     _outcome,
+    make_interruptible,
 )
 from engine.dimse.status import Status
 from engine.dimse.transcode import TranscodeError, transcode
@@ -163,14 +163,26 @@ class FakeDimse:
         return None, None
 
 
+class FakeDul:
+    def __init__(self) -> None:
+        self.to_user_queue: queue.Queue[Any] = queue.Queue()
+
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
+        try:
+            return self.to_user_queue.get(block=wait, timeout=timeout)
+        except queue.Empty:
+            return None
+
+
 class FakeAssociation:
     def __init__(self, timeout: float) -> None:
         self.dimse = FakeDimse(timeout)
+        self.dul = FakeDul()
 
 
 def test_dimse_timeout_restarts_on_each_response() -> None:
     association = FakeAssociation(timeout=0.6)
-    _make_interruptible(association, lambda: False)  # type: ignore[arg-type]
+    make_interruptible(association, lambda: False)  # type: ignore[arg-type]
 
     def respond() -> None:
         for n in range(5):
@@ -186,11 +198,31 @@ def test_dimse_timeout_restarts_on_each_response() -> None:
 def test_dimse_wait_ends_when_stopping() -> None:
     association = FakeAssociation(timeout=60)
     stopping = threading.Event()
-    _make_interruptible(association, stopping.is_set)  # type: ignore[arg-type]
+    make_interruptible(association, stopping.is_set)  # type: ignore[arg-type]
     threading.Timer(0.2, stopping.set).start()
     started = time.monotonic()
     assert association.dimse.get_msg(block=True) == (None, None)
     assert time.monotonic() - started < 5
+
+
+def test_release_wait_ends_when_stopping() -> None:
+    association = FakeAssociation(timeout=60)
+    stopping = threading.Event()
+    make_interruptible(association, stopping.is_set)  # type: ignore[arg-type]
+    association.dul.to_user_queue.put("A-RELEASE-RP")
+    assert association.dul.receive_pdu(wait=True, timeout=60) == "A-RELEASE-RP"
+    threading.Timer(0.2, stopping.set).start()
+    started = time.monotonic()
+    assert association.dul.receive_pdu(wait=True, timeout=60) is None
+    assert time.monotonic() - started < 5
+
+
+def test_release_wait_keeps_its_timeout() -> None:
+    association = FakeAssociation(timeout=60)
+    make_interruptible(association, lambda: False)  # type: ignore[arg-type]
+    started = time.monotonic()
+    assert association.dul.receive_pdu(wait=True, timeout=0.5) is None
+    assert 0.4 < time.monotonic() - started < 5
 
 
 class CountingClient(NodeClient):
@@ -216,6 +248,7 @@ class FakeOpen:
     def __init__(self, client: CountingClient) -> None:
         self.client = client
         self.dimse = FakeDimse(1)
+        self.dul = FakeDul()
 
     def release(self) -> None:
         with self.client.lock:

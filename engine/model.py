@@ -133,12 +133,23 @@ class OrderCancelled:
 
 @dataclasses.dataclass(frozen=True)
 class OrderChanged:
-    """An order changed (ORC-1 XO), e.g. another procedure or schedule."""
+    """An order changed (ORC-1 XO), e.g. another procedure or schedule.
+
+    It carries the whole changed order, as OrderPlaced does.
+    """
 
     origin: MessageOrigin
     patient: PatientIdentifier
     demographics: Demographics
     order: OrderFacts
+    identifiers: tuple[PatientIdentifier, ...] = ()
+    message: Message | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def as_placed(self) -> OrderPlaced:
+        """The changed order as if it were placed now, to plan its jobs anew."""
+        return OrderPlaced(
+            self.origin, self.patient, self.demographics, self.order, self.identifiers, self.message
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,13 +31,11 @@ from engine.federation.locations import Location
 from engine.federation.matching import values_of
 from engine.federation.request import FindRequest, RetrieveRequest
 from engine.federation.sitefind import SiteHandle, SitePlan, run_site_find
-from engine.jobs.receiving import Expectation, ExpectationRegistry
+from engine.jobs.receiving import NO_JOB, Expectation, ExpectationRegistry
 from engine.model import Demographics, PatientIdentifier
 
 logger = logging.getLogger(__name__)
 
-# Federated retrieves have no job; their objects are logged under this job id.
-FEDERATION_JOB_ID = 0
 NOT_FOUND = "not found at any member site"
 
 
@@ -271,7 +269,7 @@ class FederatedRetrieve:
     ) -> Generator[defer.Deferred[Any], Any, Path]:
         client = self.retrieval.clients[location.site]
         expectation = Expectation(
-            job_id=FEDERATION_JOB_ID,
+            job_id=NO_JOB,
             source=location.site,
             source_ae_title=client.node.ae_title,
             study_instance_uid=item.study_instance_uid,

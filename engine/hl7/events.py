@@ -178,8 +178,9 @@ def _order_event(
         )
     patient = local_identifier(message, policy)
     order = order_facts(message)
-    if order_control == NEW_ORDER_CONTROL:
-        return OrderPlaced(
+    if order_control in (NEW_ORDER_CONTROL, CHANGE_ORDER_CONTROL):
+        kind = OrderPlaced if order_control == NEW_ORDER_CONTROL else OrderChanged
+        return kind(
             origin=origin,
             patient=patient,
             demographics=demographics(message),
@@ -189,8 +190,6 @@ def _order_event(
         )
     if order_control in CANCEL_ORDER_CONTROLS:
         return OrderCancelled(origin, patient, order, order_control)
-    if order_control == CHANGE_ORDER_CONTROL:
-        return OrderChanged(origin, patient, demographics(message), order)
     if order_control == STATUS_ORDER_CONTROL:
         return OrderStatusChanged(origin, patient, order, message.get("ORC", 5))
     return Unhandled(origin, f"order control '{order_control}' is not acted on")

@@ -13,6 +13,7 @@ from engine.model import (
     DemographicsUpdated,
     DomainEvent,
     OrderCancelled,
+    OrderChanged,
     OrderPlaced,
     PatientsMerged,
 )
@@ -65,11 +66,12 @@ class Planner:
             return self._plan_order(event)
         if isinstance(event, OrderCancelled):
             return self._plan_cancel(event)
+        if isinstance(event, OrderChanged):
+            return self._plan_change(event)
         if isinstance(event, DemographicsUpdated | PatientsMerged) and self.identity is not None:
             outcome, actions = self.identity(event)
             return Plan((), outcome, actions)
-        # NOTE: order changes and status reports are stored and acknowledged but
-        # do not change jobs yet.
+        # NOTE: status reports (ORC-1 SC) are stored and acknowledged but change no job.
         return Plan((), f"{type(event).__name__}: recorded, no action taken")
 
     def _plan_order(self, event: OrderPlaced) -> Plan:
@@ -107,3 +109,19 @@ class Planner:
             return store.cancel_order(event.patient, event.order, reason, now)
 
         return Plan((), f"OrderCancelled ({event.order_control})", [cancel])
+
+    def _plan_change(self, event: OrderChanged) -> Plan:
+        """Replace the order's unfinished jobs with the jobs the changed order calls for.
+
+        The old jobs are cancelled before the new ones are admitted, in the same
+        transaction, so a new job is not held back as a repeat of an old one.
+        A job of the order that is already running or finished stays, and a new
+        job of the same rule is then suppressed as a repeated order.
+        """
+        reason = f"order changed (ORC-1 XO) by message {event.origin.control_id}"
+
+        def replace(store: Store, now: dt.datetime) -> str:
+            return store.cancel_order(event.patient, event.order, reason, now, replaced=True)
+
+        plan = self._plan_order(event.as_placed())
+        return Plan(plan.jobs, f"OrderChanged (XO): {plan.outcome}", [replace])

@@ -37,9 +37,16 @@ T = TypeVar("T")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
+# The job id of a retrieval that no job asked for (a federated retrieve).
+NO_JOB = 0
+
+
 @dataclasses.dataclass(eq=False)
 class Expectation:
-    """A retrieval in progress: which study from which source, and how to stamp it."""
+    """A retrieval in progress: which study from which source, and how to stamp it.
+
+    job_id is NO_JOB for a retrieve of the federated Q/R SCP, which has no job.
+    """
 
     job_id: int
     source: str
@@ -55,6 +62,11 @@ class Expectation:
     # Called in the Storage SCP's thread with each object's spool path once it is
     # written, so the pipeline can forward it while the rest is still arriving.
     on_spooled: Callable[[Path], None] | None = None
+
+    @property
+    def owner(self) -> str:
+        """What the retrieval is for, as log lines name it."""
+        return "federated retrieve" if self.job_id == NO_JOB else f"job {self.job_id}"
 
 
 class ExpectationRegistry:
@@ -156,8 +168,8 @@ class Receiver:
         if problem:
             self._reactor.callFromThread(self.registry.record, expectation, False, problem)
             logger.warning(
-                "job %d: rejected object %s from %s: %s",
-                expectation.job_id,
+                "%s: rejected object %s from %s: %s",
+                expectation.owner,
                 header.sop_instance_uid,
                 expectation.source,
                 problem,
@@ -172,7 +184,7 @@ class Receiver:
         except SpoolFull as error:
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
             logger.warning(
-                "job %d: object %s refused: %s", expectation.job_id, header.sop_instance_uid, error
+                "%s: object %s refused: %s", expectation.owner, header.sop_instance_uid, error
             )
             return Verdict(Status.OUT_OF_RESOURCES, "spool full")
         try:
@@ -182,8 +194,8 @@ class Receiver:
         except StampRejected as error:
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
             logger.warning(
-                "job %d: object %s rejected by the destination's profile: %s",
-                expectation.job_id,
+                "%s: object %s rejected by the destination's profile: %s",
+                expectation.owner,
                 header.sop_instance_uid,
                 error,
             )
@@ -193,8 +205,8 @@ class Receiver:
                 self.spool.release(reserved)
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
             logger.error(
-                "job %d: object %s not stored in the spool: %s",
-                expectation.job_id,
+                "%s: object %s not stored in the spool: %s",
+                expectation.owner,
                 header.sop_instance_uid,
                 error,
             )

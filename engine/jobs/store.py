@@ -682,13 +682,23 @@ class Store:
     # Cancels and deferrals
 
     def cancel_order(
-        self, patient: PatientIdentifier, order: OrderFacts, reason: str, now: dt.datetime
+        self,
+        patient: PatientIdentifier,
+        order: OrderFacts,
+        reason: str,
+        now: dt.datetime,
+        *,
+        replaced: bool = False,
     ) -> str:
         """Cancel the unfinished jobs of an order; return a note for the message's outcome.
 
         Pending jobs are cancelled at once. A running job gets a cancel request
         that the pipeline checks before each retrieve. A job that a cancelled job
         suppressed is queued again, since nothing fetches its priors any more.
+
+        replaced is for a changed order (ORC-1 XO) whose new jobs follow in the
+        same transaction: its suppressed jobs are cancelled too, as they hold the
+        old order's facts, and a running job is left to finish.
         """
         with self._transaction() as db:
             keys = order_keys(order)
@@ -702,16 +712,19 @@ class Store:
             ).fetchall()
             cancelled: list[int] = []
             requested: list[int] = []
+            running: list[int] = []
             revived: list[int] = []
             for row in matching:
                 job_id, state = int(row["id"]), JobState(row["state"])
-                if state.pending:
+                if state.pending or (replaced and state == JobState.SUPPRESSED):
                     db.execute(
                         "UPDATE jobs SET state = ?, summary = ?, updated_at = ? WHERE id = ?",
                         (JobState.CANCELLED, reason, _iso(now), job_id),
                     )
                     self._event(db, job_id, now, f"cancelled: {reason}")
                     cancelled.append(job_id)
+                elif state == JobState.RUNNING and replaced:
+                    running.append(job_id)
                 elif state == JobState.RUNNING:
                     db.execute(
                         "INSERT OR IGNORE INTO job_cancellations (job_id, at, reason)"
@@ -730,6 +743,8 @@ class Store:
             parts.append(f"cancelled job(s) {_ids(cancelled)}")
         if requested:
             parts.append(f"cancel requested for running job(s) {_ids(requested)}")
+        if running:
+            parts.append(f"running job(s) {_ids(running)} continue")
         if revived:
             parts.append(f"requeued suppressed job(s) {_ids(revived)}")
         finished = _ids([int(row["id"]) for row in matching])

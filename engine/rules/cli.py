@@ -24,7 +24,7 @@ from engine.identity.build import build_resolver
 from engine.identity.resolver import IdentityResolver, TableResolver
 from engine.jobs.planner import Planner
 from engine.jobs.store import AsyncStore, Store
-from engine.model import OrderPlaced, PatientIdentifier, StudyCandidate
+from engine.model import OrderChanged, OrderPlaced, PatientIdentifier, StudyCandidate
 from engine.rules.candidates import load_candidates_file
 from engine.rules.evaluate import OrderEvaluation, evaluate_order
 from engine.rules.explain import IdentityLookup, explain, render_text
@@ -143,6 +143,12 @@ def explain_command(
     except HL7Error as error:
         click.echo(f"{order_file}: the engine rejects this message: {error.text}", err=True)
         raise SystemExit(2) from None
+    if isinstance(event, OrderChanged):
+        click.echo(
+            f"{order_file}: a changed order (ORC-1 XO): the engine cancels the order's"
+            " unfinished jobs and plans it anew, as follows"
+        )
+        event = event.as_placed()
     if not isinstance(event, OrderPlaced):
         plan = Planner(lambda: loaded.rule_set, now=lambda: now, zone=zone)(event)
         click.echo(f"{order_file}: {type(event).__name__}, not a new order: {plan.outcome}")

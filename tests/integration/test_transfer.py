@@ -336,7 +336,7 @@ def test_transient_rejection_backs_off_and_retries(site: Site) -> None:
     assert "rejected" in site.log()
 
 
-def test_stop_ends_operations_with_frozen_peers(tmp_path: Path) -> None:
+def test_stop_frees_frozen_peer_threads(tmp_path: Path) -> None:
     """An engine stop frees the threads of associations with peers that stopped
     answering: one waiting for a response, one releasing, one being requested."""
     # storescp serves one association at a time: a peer for each.

@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from engine.coercion import Stamp
 from engine.dimse.status import Status
 from engine.dimse.storescp import Arrival
-from engine.jobs.receiving import Expectation, ExpectationRegistry, Receiver
+from engine.jobs.receiving import NO_JOB, Expectation, ExpectationRegistry, Receiver
 from engine.model import Demographics, PatientIdentifier
 
 LOCAL = PatientIdentifier("L1", "LOCAL")
@@ -120,6 +120,20 @@ def test_receiver_rejects_other_patient(
     assert verdict.comment == "patient ID differs from the requested patient"
     assert wanted.rejected == 1
     assert not wanted.spool_dir.exists()
+
+
+@pytest.mark.parametrize(("job_id", "owner"), [(3, "job 3"), (NO_JOB, "federated retrieve")])
+def test_rejection_log_names_owner(
+    tmp_path: Path,
+    receiver_and_registry: tuple[Receiver, ExpectationRegistry],
+    caplog: pytest.LogCaptureFixture,
+    job_id: int,
+    owner: str,
+) -> None:
+    receiver, registry = receiver_and_registry
+    registry.expect(expectation(tmp_path, "1.2.3", job_id=job_id))
+    receiver(arrival(received_file(tmp_path, "HA-999")))
+    assert f"{owner}: rejected object" in caplog.text
 
 
 def test_receiver_rejects_other_issuer(

@@ -196,6 +196,13 @@ def test_explain_command_text_and_errors(layout: Path, tmp_path: Path) -> None:
     assert code == 0
     assert "OrderCancelled, not a new order: OrderCancelled (CA)" in output
 
+    change = tmp_path / "change.hl7"
+    change.write_bytes(order.read_bytes().replace(b"ORC|NW", b"ORC|XO"))
+    code, output = invoke("rules", "explain", str(change), "--at", AT, "--config", str(layout))
+    assert code == 0
+    assert "a changed order (ORC-1 XO)" in output
+    assert "Rule mammo-priors: applies" in output
+
     garbage = tmp_path / "garbage.hl7"
     garbage.write_bytes(b"not hl7")
     code, output = invoke("rules", "explain", str(garbage), "--config", str(layout))

@@ -6,6 +6,7 @@ import datetime as dt
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet import defer, task
@@ -297,6 +298,83 @@ def test_cancel_of_running_job_ends_it_cancelled(
     assert job.state == JobState.CANCELLED
     assert job.summary == "order cancelled (ORC-1 CA) by message M2; source down"
     worker.stop()
+
+
+def jobs_by_id(db: ImmediateStore) -> list[Any]:
+    return sorted(db.store.list_jobs(), key=lambda job: job.id)
+
+
+def test_changed_schedule_replaces_job(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    intake = make_intake(db, rule_set, clock)
+    send(intake, order("M1", "A1", NOW + dt.timedelta(hours=3)))
+    assert send(intake, order("M2", "A1", NOW + dt.timedelta(hours=8), order_control="XO")) == (
+        "MSA|AA|M2"
+    )
+    old, new = jobs_by_id(db)
+    assert old.state == JobState.CANCELLED
+    assert old.summary == "order changed (ORC-1 XO) by message M2"
+    assert new.state == JobState.QUEUED
+    assert new.not_before == NOW + dt.timedelta(hours=6)
+    assert db.store.list_messages()[0].outcome == (
+        f"OrderChanged (XO): route ris: 1 job(s) for rules ct; cancelled job(s) {old.id}"
+    )
+
+
+def test_changed_procedure_gets_new_rule(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    intake = make_intake(db, rule_set, clock)
+    send(intake, order("M1", "A1", NOW + dt.timedelta(hours=3)))
+    send(intake, order("M2", "A1", NOW + dt.timedelta(hours=3), "MR", order_control="XO"))
+    old, new = jobs_by_id(db)
+    assert (old.rule, old.state) == ("ct", JobState.CANCELLED)
+    assert (new.rule, new.state) == ("mr", JobState.QUEUED)
+
+
+def test_change_without_rule_cancels(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    intake = make_intake(db, rule_set, clock)
+    send(intake, order("M1", "A1", NOW + dt.timedelta(hours=3)))
+    send(intake, order("M2", "A1", NOW + dt.timedelta(hours=3), "US", order_control="XO"))
+    [job] = db.store.list_jobs()
+    assert job.state == JobState.CANCELLED
+
+
+def test_change_keeps_running_job(db: ImmediateStore, rule_set: RuleSet, clock: task.Clock) -> None:
+    intake = make_intake(db, rule_set, clock)
+    runner = ScriptedRunner()
+    worker = Worker(db, runner, clock, poll_seconds=5)  # type: ignore[arg-type]
+    worker.start()
+    send(intake, order("M1", "A1"))
+    clock.advance(0)
+    [running] = runner.calls
+    send(intake, order("M2", "A1", order_control="XO"))
+    old, new = jobs_by_id(db)
+    assert old.state == JobState.RUNNING
+    assert db.store.cancellation(old.id) is None
+    assert new.state == JobState.SUPPRESSED
+    assert new.summary == f"repeated order: job {running.id} already covers this order"
+    assert f"running job(s) {old.id} continue" in db.store.list_messages()[0].outcome
+    runner.pending[0].callback(Outcome(JobState.DONE, "ok"))
+    worker.stop()
+
+
+def test_change_cancels_old_repeats(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    intake = make_intake(db, rule_set, clock)
+    later = NOW + dt.timedelta(hours=3)
+    send(intake, order("M1", "A1", later, "MR"))
+    send(intake, order("M2", "A1", later, "MR"))
+    send(intake, order("M3", "A1", later + dt.timedelta(hours=1), "MR", order_control="XO"))
+    first, repeat, new = jobs_by_id(db)
+    # The repeat holds the old order's facts: it is cancelled, not requeued.
+    assert (first.state, repeat.state) == (JobState.CANCELLED, JobState.CANCELLED)
+    assert new.state == JobState.QUEUED
+    assert new.not_before == later + dt.timedelta(hours=1) - dt.timedelta(hours=2)
 
 
 def test_repeated_order_is_suppressed(

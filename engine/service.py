@@ -29,6 +29,7 @@ from engine.hl7.tls import wrap
 from engine.identity.adt import IdentityEvents
 from engine.identity.build import build_resolver
 from engine.identity.domains import DomainDirectory
+from engine.identity.records import known_demographics
 from engine.jobs.planner import Planner
 from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
@@ -108,6 +109,9 @@ class Engine:
                 self.tracker,
                 identity=lambda: self.resolver,
                 spool_root=config.spool_path / "federation",
+                demographics=lambda patient: self.db.run(
+                    lambda store: known_demographics(store, patient)
+                ),
             )
             # The Q/R SCP shares the Storage SCP's AE title and port.
             self.scp.add_service(qr_service.configure, qr_service.handlers)

@@ -82,9 +82,18 @@ class SiteMover(Protocol):
     ) -> defer.Deferred[MoveOutcome]: ...
 
 
+# Returns what the engine knows of a local patient's name, birth date and sex, or None.
+DemographicsLookup = Callable[[PatientIdentifier], defer.Deferred[Demographics | None]]
+
+
 @dataclasses.dataclass
 class Retrieval:
-    """What a federated retrieve needs besides the Federation."""
+    """What a federated retrieve needs besides the Federation.
+
+    demographics looks up the local patient's name, birth date and sex, which
+    replace the site's in every object. Where the engine knows none, the
+    site's values stay.
+    """
 
     federation: Federation
     registry: ExpectationRegistry
@@ -92,6 +101,7 @@ class Retrieval:
     count_instances: InstanceCounter
     move: SiteMover
     spool_root: Path
+    demographics: DemographicsLookup = lambda patient: defer.succeed(None)
 
 
 class FederatedRetrieve:
@@ -106,6 +116,7 @@ class FederatedRetrieve:
         self.spool_dir = retrieval.spool_root / f"retrieve-{next(self._ids)}"
         self.cancelled = False
         self._expectation: Expectation | None = None
+        self._demographics: dict[PatientIdentifier, Demographics] = {}
 
     @property
     def federation(self) -> Federation:
@@ -268,13 +279,14 @@ class FederatedRetrieve:
         self, item: WorkItem, location: Location
     ) -> Generator[defer.Deferred[Any], Any, Path]:
         client = self.retrieval.clients[location.site]
+        demographics = yield self._local_demographics(location.local)
         expectation = Expectation(
             job_id=NO_JOB,
             source=location.site,
             source_ae_title=client.node.ae_title,
             study_instance_uid=item.study_instance_uid,
             remote=location.remote,
-            stamp=Stamp(local=location.local, remote=location.remote, demographics=Demographics()),
+            stamp=Stamp(local=location.local, remote=location.remote, demographics=demographics),
             spool_dir=self.spool_dir / item.study_instance_uid,
             message_id=client.next_message_id(),
         )
@@ -302,6 +314,22 @@ class FederatedRetrieve:
         if self.cancelled:
             self.clean_up()
         return expectation.spool_dir
+
+    @defer.inlineCallbacks
+    def _local_demographics(
+        self, patient: PatientIdentifier
+    ) -> Generator[defer.Deferred[Any], Any, Demographics]:
+        if patient not in self._demographics:
+            known = yield self.retrieval.demographics(patient)
+            if known is None:
+                logger.warning(
+                    "federated retrieve %s: no local record of patient %s:"
+                    " objects keep the site's name, birth date and sex",
+                    self.request_id,
+                    patient,
+                )
+            self._demographics[patient] = known or Demographics()
+        return self._demographics[patient]
 
     def cancel(self) -> None:
         """Refuse further objects of the running pull; the site's C-MOVE then ends early."""

@@ -12,7 +12,7 @@ from engine.dimse.scu import AssociationTracker, NodeClient
 from engine.federation.fanout import Federation, MemberSite
 from engine.federation.locations import LocationMemory
 from engine.federation.qrscp import QRService
-from engine.federation.retrieve import Retrieval, site_runners
+from engine.federation.retrieve import DemographicsLookup, Retrieval, site_runners
 from engine.federation.settings import site_issuer
 from engine.identity.resolver import IdentityResolver
 from engine.jobs.receiving import ExpectationRegistry
@@ -27,6 +27,7 @@ def build_qr_service(
     tracker: AssociationTracker,
     identity: Callable[[], IdentityResolver],
     spool_root: Path,
+    demographics: DemographicsLookup,
 ) -> QRService:
     settings = config.settings
     federation_settings = settings.federation
@@ -59,6 +60,7 @@ def build_qr_service(
         count_instances=count_instances,
         move=move,
         spool_root=spool_root,
+        demographics=demographics,
     )
     return QRService(
         reactor,

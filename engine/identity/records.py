@@ -80,6 +80,11 @@ def latest_order_demographics(store: Store, patient: PatientIdentifier) -> Demog
     return Demographics.from_dict(json.loads(row["demographics"])) if row else None
 
 
+def known_demographics(store: Store, patient: PatientIdentifier) -> Demographics | None:
+    """Return the patient's local record (ADT), else the PID of their latest order, else None."""
+    return local_demographics(store, patient) or latest_order_demographics(store, patient)
+
+
 def _demographics(db: sqlite3.Connection, patient: PatientIdentifier) -> Demographics | None:
     row = db.execute(
         "SELECT demographics FROM identity_patients WHERE patient_id = ? AND issuer = ?",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
+from engine.testing.adt import demographics_message
 from engine.testing.dicomgen import uid_for
 from engine.testing.scenario import Scenario, prefetch_scenario
 from engine.testing.sites import EngineProcess, Network
+from tests.integration.conftest import send
 from tests.integration.dcmtk import StoreSCP, findscu, getscu, movescu, run_tool
 
 pytestmark = pytest.mark.integration
@@ -230,6 +233,28 @@ def test_move_delivers_stamped_study_with_counts(federated: Federated) -> None:
         assert instance.PatientID == "L12345"
         assert instance.IssuerOfPatientID == "LOCAL"
         assert others(instance) == [("HB-4455", "HOSP_B")]
+        # The engine has no local record of the patient yet: the site's name stays.
+        assert instance.PatientName == "DOE^JANE^MARIE"
+
+
+def test_move_stamps_local_demographics(federated: Federated) -> None:
+    local = dataclasses.replace(federated.scenario.local_patient, name="DOE-SMITH^JANE^M")
+    message = demographics_message(local, "FED-A08", dt.datetime.now())
+    assert send(federated.network.ports.mllp, message)[1] == "MSA|AA|FED-A08"
+    federated.destination.clear()
+    run = movescu(
+        federated.port,
+        "MOVESCU",
+        "STORESCP",
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid("a-cr-chest-6m")},
+    )
+    assert run.final.status == 0x0000, run.output[-3000:]
+    received = federated.destination.received()
+    assert len(received) == 2
+    for instance in received:
+        assert instance.PatientID == "L12345"
+        assert instance.PatientName == "DOE-SMITH^JANE^M"
+        assert instance.PatientBirthDate == local.birth_date
 
 
 def test_move_one_series_never_queried(federated: Federated) -> None:

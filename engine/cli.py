@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
-from engine.clitools import format_table, load_or_exit, open_store
+from engine.clitools import (
+    config_option,
+    format_table,
+    load_or_exit,
+    open_store,
+    subcommand_config_option,
+)
 from engine.hl7.cli import messages_group
 from engine.identity.cli import identity_group
 from engine.jobs.store import JobState
 from engine.rules.cli import rules_group
 from engine.worklist.cli import worklist_group
-
-DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    help="Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default.",
-)
 
 
 def setup_logging(level: str) -> None:
@@ -129,7 +124,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
 
 @jobs_group.command(name="show")
 @click.argument("job_id", type=int)
-@click.pass_obj
+@subcommand_config_option
 def jobs_show(config_path: Path, job_id: int) -> None:
     """Show one job: its studies with the rule's decisions, and its event log."""
     store = open_store(config_path)

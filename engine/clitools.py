@@ -3,14 +3,45 @@ printing tables."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
 from engine import config as config_module
 from engine.configfile import ConfigError
 from engine.jobs.store import Store
+
+DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
+_CONFIG_HELP = "Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default."
+_CONFIG_FILE = click.Path(path_type=Path, dir_okay=False)
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=_CONFIG_FILE,
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help=_CONFIG_HELP,
+)
+
+
+def _group_config(context: click.Context, parameter: Any, value: Path | None) -> Path:
+    return value if value is not None else (context.obj or DEFAULT_CONFIG)
+
+
+# For a subcommand of a group that takes --config too: given after the subcommand
+# it wins, otherwise the group's value (kept in the context object) applies.
+subcommand_config_option = click.option(
+    "--config",
+    "config_path",
+    type=_CONFIG_FILE,
+    default=None,
+    callback=_group_config,
+    help=f"{_CONFIG_HELP} Also accepted before the subcommand.",
+)
 
 
 def load_settings_or_exit(config_path: Path) -> config_module.EngineSettings:

@@ -82,7 +82,7 @@ class SiteMover(Protocol):
     ) -> defer.Deferred[MoveOutcome]: ...
 
 
-# Returns what the engine knows of a local patient's name, birth date and sex, or None.
+# Looks up the local patient's name, birth date and sex in the engine's records; None if absent.
 DemographicsLookup = Callable[[PatientIdentifier], defer.Deferred[Demographics | None]]
 
 
@@ -91,8 +91,7 @@ class Retrieval:
     """What a federated retrieve needs besides the Federation.
 
     demographics looks up the local patient's name, birth date and sex, which
-    replace the site's in every object. Where the engine knows none, the
-    site's values stay.
+    replace the site's in every object. Without a record the site's values stay.
     """
 
     federation: Federation

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 
 import click
 
 from engine import config as config_module
-from engine.clitools import format_table, load_or_exit, load_settings_or_exit, open_store
+from engine.clitools import (
+    config_option,
+    format_table,
+    load_or_exit,
+    load_settings_or_exit,
+    open_store,
+)
 from engine.hl7.ack import split_acks
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Interpreter, ignore_reason
-from engine.hl7.message import CharsetDefaults, HL7Error, Message, parse
+from engine.hl7.message import CharsetDefaults, Delimiters, HL7Error, Message, parse
 from engine.jobs.planner import Planner
 from engine.jobs.store import JobRecord, MessageRecord
 
@@ -28,6 +33,13 @@ REDACTED_FIELDS = {
     "IN2": (2,),
 }
 REDACTED = "***"
+# Patient identifier lists whose repetitions may be national or other personal ids.
+IDENTIFIER_LIST_FIELDS = {"PID": (2, 3, 4), "MRG": (1,)}
+# Identifier types (HL7 Table 0203) of ids a person carries outside the hospital:
+# social security, national unique, national health plan, passport, driver's
+# licence, health card, jurisdictional health, Medicare, Medicaid, birth
+# certificate. NNxxx (a country's national person id) is matched by its prefix.
+PERSONAL_ID_TYPES = frozenset({"SS", "NI", "NH", "PPN", "DL", "HC", "JHN", "MC", "MA", "BCT"})
 
 
 @click.group(name="messages")
@@ -35,23 +47,8 @@ def messages_group() -> None:
     """List, show and replay stored HL7 messages."""
 
 
-def _config_option() -> click.Option:
-    return click.Option(
-        ["--config", "config_path"],
-        type=click.Path(path_type=Path, dir_okay=False),
-        default=Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml")),
-        show_default=True,
-        help="Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default.",
-    )
-
-
-def _with_config(command: click.Command) -> click.Command:
-    command.params.append(_config_option())
-    return command
-
-
-@_with_config
 @messages_group.command(name="list")
+@config_option
 @click.option("--limit", default=50, show_default=True, help="Number of most recent messages.")
 @click.option("--type", "message_type", help="Only this message type, e.g. ORM^O01.")
 @click.option("--sender", help="Only this sending application (MSH-3).")
@@ -88,8 +85,8 @@ def messages_list(
     click.echo(format_table(rows))
 
 
-@_with_config
 @messages_group.command(name="show")
+@config_option
 @click.argument("message_id", type=int)
 @click.option(
     "--unredacted",
@@ -121,8 +118,8 @@ def messages_show(config_path: Path, message_id: int, unredacted: bool) -> None:
     click.echo(render(content, settings.mllp.charsets(), unredacted))
 
 
-@_with_config
 @messages_group.command(name="replay")
+@config_option
 @click.argument("message_id", type=int)
 @click.option("--dry-run", is_flag=True, help="Show what the replay would do; change nothing.")
 @click.option(
@@ -213,7 +210,22 @@ def _segment_text(message: Message, index: int, unredacted: bool) -> str:
         for number in REDACTED_FIELDS.get(segment.id, ()):
             if number < len(fields) and fields[number]:
                 fields[number] = REDACTED
+        for number in IDENTIFIER_LIST_FIELDS.get(segment.id, ()):
+            if number < len(fields) and fields[number]:
+                fields[number] = _redact_personal_ids(fields[number], message.delimiters)
     return message.delimiters.field.join(fields)
+
+
+def _redact_personal_ids(field: str, delimiters: Delimiters) -> str:
+    """Replace the ID of each CX repetition whose type (CX-5) is a personal id, e.g. NI."""
+    repetitions = field.split(delimiters.repetition)
+    for index, repetition in enumerate(repetitions):
+        components = repetition.split(delimiters.component)
+        kind = components[4] if len(components) > 4 else ""
+        if kind in PERSONAL_ID_TYPES or (kind.startswith("NN") and len(kind) == 5):
+            components[0] = REDACTED
+            repetitions[index] = delimiters.component.join(components)
+    return delimiters.repetition.join(repetitions)
 
 
 def ack_codes(ack: bytes) -> str:

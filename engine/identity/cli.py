@@ -7,40 +7,25 @@ from pathlib import Path
 
 import click
 
+from engine.clitools import config_option, format_table, open_store, subcommand_config_option
 from engine.identity import records
-from engine.jobs.store import JobState, Store
-
-
-def _open(config_path: Path) -> Store:
-    from engine.clitools import open_store
-
-    return open_store(config_path)
+from engine.jobs.store import JobState
 
 
 @click.group(name="identity")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default.",
-)
+@config_option
 @click.pass_context
-def identity_group(ctx: click.Context, config_path: Path | None) -> None:
+def identity_group(ctx: click.Context, config_path: Path) -> None:
     """Inspect identity records and release quarantined jobs."""
-    from engine.cli import DEFAULT_CONFIG
-
-    ctx.obj = config_path or DEFAULT_CONFIG
+    ctx.obj = config_path
 
 
 @identity_group.command(name="learned")
 @click.option("--limit", default=200, show_default=True, help="Number of most recent entries.")
-@click.pass_obj
+@subcommand_config_option
 def learned(config_path: Path, limit: int) -> None:
     """List cross-references learned from ADT messages, most recent first."""
-    from engine.clitools import format_table
-
-    store = _open(config_path)
+    store = open_store(config_path)
     rows = [("LOCAL", "REMOTE", "LEARNED AT", "MESSAGE")]
     for item in records.learned_references(store, limit):
         rows.append((str(item.local), str(item.remote), item.learned_at, item.message_control_id))
@@ -49,12 +34,10 @@ def learned(config_path: Path, limit: int) -> None:
 
 @identity_group.command(name="merges")
 @click.option("--limit", default=200, show_default=True, help="Number of most recent merges.")
-@click.pass_obj
+@subcommand_config_option
 def merges(config_path: Path, limit: int) -> None:
     """List ADT^A40 merges: each retired ID and the ID it lives on as."""
-    from engine.clitools import format_table
-
-    store = _open(config_path)
+    store = open_store(config_path)
     rows = [("RETIRED", "SURVIVING", "MERGED AT", "MESSAGE")]
     for item in records.merges(store, limit):
         rows.append(
@@ -71,10 +54,10 @@ def merges(config_path: Path, limit: int) -> None:
     help="Accept the remote patients of the held studies as the job's patient, so the"
     " demographics check passes for them; without it the check runs again.",
 )
-@click.pass_obj
+@subcommand_config_option
 def release(config_path: Path, job_id: int, accept: bool) -> None:
     """Queue a quarantined job for a new attempt (the running engine picks it up)."""
-    store = _open(config_path)
+    store = open_store(config_path)
     job = store.get_job(job_id)
     if job is None:
         click.echo(f"job {job_id} not found", err=True)

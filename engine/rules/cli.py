@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
 from engine import config as config_module
+from engine.clitools import config_option
 from engine.configfile import ConfigError, Problem
 from engine.dimse.queries import candidate_queries, read_study_answers
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
@@ -32,14 +32,6 @@ from engine.rules.ruletests import case_files, load_cases, run_case
 from engine.rules.select import plan_query
 
 T = TypeVar("T")
-_config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml")),
-    show_default=True,
-    help="Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default.",
-)
 
 
 @click.group(name="rules")
@@ -75,7 +67,7 @@ def _policy(config: config_module.Config) -> IdentifierPolicy:
 
 
 @rules_group.command(name="check")
-@_config_option
+@config_option
 def check(config_path: Path) -> None:
     """Validate routes/, rules/, the anatomy table and the rule test cases; report every
     problem at once with file, line, path, value and a hint."""
@@ -118,7 +110,7 @@ def check(config_path: Path) -> None:
     type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"]),
     help="Evaluate as at this local time (lookback, lead time, quiet hours); default: now.",
 )
-@_config_option
+@config_option
 def explain_command(
     order_file: Path,
     candidates_file: Path | None,
@@ -291,7 +283,7 @@ def _live(
 @click.argument("case_paths", nargs=-1, type=click.Path(path_type=Path, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the explanation of failed cases.")
-@_config_option
+@config_option
 def test_command(
     case_paths: tuple[Path, ...], as_json: bool, verbose: bool, config_path: Path
 ) -> None:

@@ -108,7 +108,8 @@ def load_cases(paths: list[Path]) -> list[LoadedCase]:
     loaded: list[LoadedCase] = []
     for path in paths:
         try:
-            document = load_document(path, f"{path.parent.name}/{path.name}")
+            # Named from the rules folder, e.g. rules/tests/worked-examples.yaml.
+            document = load_document(path, "/".join(path.parts[-3:]))
             parsed = validate(document, _CaseFile)
         except ConfigError as error:
             problems += error.problems

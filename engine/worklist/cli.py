@@ -7,16 +7,8 @@ from typing import Any
 
 import click
 
+from engine.clitools import config_option, load_or_exit
 from engine.config import Config
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("conf/engine.yaml"),
-    show_default=True,
-    help="Engine configuration file.",
-)
 
 
 @click.group(name="worklist")
@@ -36,8 +28,6 @@ def poll_command(config_path: Path, dry_run: bool) -> None:
     running engine picks their jobs up.
     """
     from twisted.internet import task
-
-    from engine.clitools import load_or_exit
 
     config = load_or_exit(config_path)
     if not config.settings.worklist.sources:

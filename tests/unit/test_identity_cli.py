@@ -77,3 +77,14 @@ def test_learned_and_merges_listed(tmp_path: Path) -> None:
     assert "L1^^^LOCAL  HB-1^^^HOSP_B" in learned.output
     merged = runner.invoke(main, ["identity", "--config", str(config), "merges"])
     assert "L0^^^LOCAL  L1^^^LOCAL" in merged.output
+
+
+def test_config_after_subcommand(tmp_path: Path) -> None:
+    config, job_id = quarantined_job(tmp_path)
+    runner = CliRunner()
+    learned = runner.invoke(main, ["identity", "learned", "--config", str(config)])
+    assert learned.exit_code == 0, learned.output
+    assert "L1^^^LOCAL  HB-1^^^HOSP_B" in learned.output
+    shown = runner.invoke(main, ["jobs", "show", str(job_id), "--config", str(config)])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.startswith(f"job {job_id}: quarantined")

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from engine import config
 from engine.cli import main
-from engine.hl7.cli import interpreter_for
+from engine.hl7.cli import interpreter_for, render
 from engine.hl7.intake import Intake
+from engine.hl7.message import CharsetDefaults
 from engine.jobs.store import JobRecord, JobState, Store
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
@@ -99,7 +100,25 @@ def test_show_redacts_names_and_birth_dates(layout: Path) -> None:
     assert "  job 1: queued (rule ct-priors)" in output
     assert "DOE" not in output
     assert "19650312" not in output
-    assert "PID|1||L12345^^^LOCAL^MR~998877^^^NATIONAL^NI||***||***|F" in output
+    assert "PID|1||L12345^^^LOCAL^MR~***^^^NATIONAL^NI||***||***|F" in output
+    assert "998877" not in output
+
+
+@pytest.mark.parametrize(
+    ("pid3", "shown"),
+    [
+        ("L1^^^LOCAL^MR~123-45-6789^^^SSA^SS", "L1^^^LOCAL^MR~***^^^SSA^SS"),
+        ("L1^^^LOCAL^MR~AB123^^^FRA^NNFRA", "L1^^^LOCAL^MR~***^^^FRA^NNFRA"),
+        ("L1^^^LOCAL^MR~HA-7^^^HOSP_A^PI", "L1^^^LOCAL^MR~HA-7^^^HOSP_A^PI"),
+        ("L1^^^LOCAL", "L1^^^LOCAL"),
+    ],
+)
+def test_render_redacts_personal_ids(pid3: str, shown: str) -> None:
+    content = (
+        f"MSH|^~\\&|RIS|RAD|FDQR|LOCAL|20260314||ADT^A08|C1|P|2.5\rPID|1||{pid3}||DOE^JANE\r"
+    ).encode()
+    rendered = render(content, CharsetDefaults(), unredacted=False)
+    assert f"PID|1||{shown}||***" in rendered
 
 
 def test_show_unredacted_on_request(layout: Path) -> None:

@@ -7,16 +7,15 @@ uncompressed-only destination some viewers and archives are.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 from engine.testing.orthanc import dcmtk_environment
-from engine.testing.ports import free_port, stop_process, wait_for_port
+from engine.testing.ports import PausableProcess, free_port, stop_process, wait_for_port
 
 
-class DcmtkProcess:
+class DcmtkProcess(PausableProcess):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.host = "127.0.0.1"
@@ -42,19 +41,6 @@ class DcmtkProcess:
         stop_process(self._process)
         self._process = None
         self._log.close()  # type: ignore[attr-defined]
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def pause(self) -> None:
-        """Stop the process with SIGSTOP: it neither reads, answers nor closes connections."""
-        assert self._process is not None
-        self._process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGCONT)
 
 
 class StoreSCP(DcmtkProcess):

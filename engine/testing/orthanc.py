@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -17,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from engine.testing.ports import free_port, stop_process, wait_for_port
+from engine.testing.ports import PausableProcess, free_port, stop_process, wait_for_port
 
 ORTHANC_BINARY = "Orthanc"
 START_TIMEOUT_SECONDS = 30.0
@@ -37,7 +36,7 @@ def dcmtk_environment() -> dict[str, str]:
     return dict(os.environ, TCP_NODELAY="1")
 
 
-class OrthancServer:
+class OrthancServer(PausableProcess):
     """One Orthanc process: a DICOM AE on loopback, and its REST API for loading and checking."""
 
     def __init__(
@@ -147,19 +146,6 @@ class OrthancServer:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def pause(self) -> None:
-        """Stop the process with SIGSTOP: connections are accepted but never answered."""
-        assert self._process is not None
-        self._process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGCONT)
 
     # REST API
 

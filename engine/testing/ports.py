@@ -1,7 +1,8 @@
-"""Free loopback ports, waiting for a listener, and stopping child processes."""
+"""Free loopback ports, waiting for a listener, and pausing and stopping child processes."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -37,3 +38,22 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait()
+
+
+class PausableProcess:
+    """A test peer whose child process can be frozen, as a stuck PACS is."""
+
+    _process: subprocess.Popen[bytes] | None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def pause(self) -> None:
+        """Stop the process with SIGSTOP: it neither reads, answers nor closes connections."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)

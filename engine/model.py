@@ -146,7 +146,7 @@ class OrderChanged:
     message: Message | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_placed(self) -> OrderPlaced:
-        """The changed order as if it were placed now, to plan its jobs anew."""
+        """Return the changed order as a placed one, so its jobs are planned anew."""
         return OrderPlaced(
             self.origin, self.patient, self.demographics, self.order, self.identifiers, self.message
         )

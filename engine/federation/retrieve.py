@@ -88,7 +88,7 @@ DemographicsLookup = Callable[[PatientIdentifier], defer.Deferred[Demographics |
 
 @dataclasses.dataclass
 class Retrieval:
-    """What a federated retrieve needs besides the Federation.
+    """The parts a federated retrieve uses besides the Federation.
 
     demographics looks up the local patient's name, birth date and sex, which
     replace the site's in every object. Without a record the site's values stay.

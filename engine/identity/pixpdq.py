@@ -300,7 +300,7 @@ class _QuerySource:
 
 
 class PixSource(_QuerySource):
-    """An IHE PIX Consumer: asks a PIX Manager for an identifier in another domain."""
+    """An IHE PIX Consumer: queries a PIX Manager for an identifier in another domain."""
 
     cached = True
     needs_demographics = False

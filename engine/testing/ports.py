@@ -50,7 +50,7 @@ class PausableProcess:
         return self._process is not None and self._process.poll() is None
 
     def pause(self) -> None:
-        """Stop the process with SIGSTOP: it neither reads, answers nor closes connections."""
+        """Stop the process with SIGSTOP: it stops reading, responding and closing connections."""
         assert self._process is not None
         self._process.send_signal(signal.SIGSTOP)
 

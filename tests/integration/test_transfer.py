@@ -337,8 +337,8 @@ def test_transient_rejection_backs_off_and_retries(site: Site) -> None:
 
 
 def test_stop_frees_frozen_peer_threads(tmp_path: Path) -> None:
-    """An engine stop frees the threads of associations with peers that stopped
-    answering: one waiting for a response, one releasing, one being requested."""
+    """An engine stop frees the threads of associations with frozen peers:
+    one waiting for a response, one releasing, one being requested."""
     # storescp serves one association at a time: a peer for each.
     peers = [StoreSCP(tmp_path / name) for name in ("waiting", "releasing", "requesting")]
     tracker = AssociationTracker()

@@ -85,6 +85,6 @@ def test_config_after_subcommand(tmp_path: Path) -> None:
     learned = runner.invoke(main, ["identity", "learned", "--config", str(config)])
     assert learned.exit_code == 0, learned.output
     assert "L1^^^LOCAL  HB-1^^^HOSP_B" in learned.output
-    shown = runner.invoke(main, ["jobs", "show", str(job_id), "--config", str(config)])
-    assert shown.exit_code == 0, shown.output
-    assert shown.output.startswith(f"job {job_id}: quarantined")
+    job = runner.invoke(main, ["jobs", "show", str(job_id), "--config", str(config)])
+    assert job.exit_code == 0, job.output
+    assert job.output.startswith(f"job {job_id}: quarantined")

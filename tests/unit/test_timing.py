@@ -371,7 +371,7 @@ def test_change_cancels_old_repeats(
     send(intake, order("M2", "A1", later, "MR"))
     send(intake, order("M3", "A1", later + dt.timedelta(hours=1), "MR", order_control="XO"))
     first, repeat, new = jobs_by_id(db)
-    # The repeat holds the old order's facts: it is cancelled, not requeued.
+    # The repeat carries the old order's facts, so it is cancelled, not requeued.
     assert (first.state, repeat.state) == (JobState.CANCELLED, JobState.CANCELLED)
     assert new.state == JobState.QUEUED
     assert new.not_before == later + dt.timedelta(hours=1) - dt.timedelta(hours=2)

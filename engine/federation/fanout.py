@@ -31,7 +31,7 @@ from engine.federation.merging import Merger, Origin, build_row, localize
 from engine.federation.request import FindRequest
 from engine.federation.sitefind import QueryCancelled, SiteHandle, SitePlan
 from engine.identity.resolver import IdentityResolver, Resolution
-from engine.model import PatientIdentifier
+from engine.model import Demographics, PatientIdentifier
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ class MemberSite:
     relational: bool
 
 
+# Looks up the local patient's name, birth date and sex in the engine's records; None if absent.
+DemographicsLookup = Callable[[PatientIdentifier], defer.Deferred[Demographics | None]]
+
+
+def no_records(patient: PatientIdentifier) -> defer.Deferred[Demographics | None]:
+    return defer.succeed(None)
+
+
 class SiteRunner(Protocol):
     """Run a site's plan in the site's thread pool; `emit` is called there for every match."""
 
@@ -56,7 +64,12 @@ class SiteRunner(Protocol):
 
 @dataclasses.dataclass
 class Federation:
-    """The dependencies of every federated operation, built once by the engine."""
+    """The dependencies of every federated operation, built once by the engine.
+
+    demographics looks up the local patient's record. Its name, birth date
+    and sex replace the site's in the C-FIND responses to a query by patient
+    ID and in every retrieved object. Without a record the site's values stay.
+    """
 
     reactor: Any
     sites: dict[str, MemberSite]
@@ -66,6 +79,7 @@ class Federation:
     local_issuer: str
     ae_title: str
     max_answers: int
+    demographics: DemographicsLookup = no_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +153,8 @@ class FederatedFind:
         self._timers: dict[str, IDelayedCall] = {}
         self._lookups = 0
         self._local_of: dict[PatientIdentifier, PatientIdentifier | None] = {}
+        # The local record of the patient the caller named, when the engine has one.
+        self._records: dict[PatientIdentifier, Demographics] = {}
         self._starting = True
 
     @property
@@ -156,6 +172,10 @@ class FederatedFind:
             if local is None:
                 for name in self.federation.sites:
                     self.summary.skipped[name] = f"patient {self.request.patient} is not known"
+            else:
+                record = yield self.federation.demographics(local)
+                if record is not None:
+                    self._records[local] = record
         if self.request.patient is None or local is not None:
             for site in self.federation.sites.values():
                 self._running[site.name] = None
@@ -364,7 +384,7 @@ class FederatedFind:
         logger.info("federated query %s: %s: ignored %s", self.query_id, site.name, reason)
 
     def _accept(self, origin: Origin, answer: Dataset) -> None:
-        localize(answer, origin)
+        localize(answer, origin, self._records.get(origin.local))
         if not matches(self.request.identifier, answer):
             self.summary.ignored += 1
             return

@@ -20,7 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
 
 from engine.federation.levels import UNIQUE_KEYS, Level
-from engine.model import PatientIdentifier
+from engine.model import Demographics, PatientIdentifier
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +76,25 @@ def build_row(
     return row, replaced
 
 
-def localize(answer: Dataset, origin: Origin) -> None:
-    """Set the local identity on a site's match in place, before it is matched against the query."""
+def localize(answer: Dataset, origin: Origin, record: Demographics | None = None) -> None:
+    """Set the local identity on a site's match in place, before it is matched against the query.
+
+    The name, birth date and sex of the local record, when there is one,
+    replace the site's, so the caller's keys are matched against the local
+    values and the row carries them.
+    """
     answer.PatientID = origin.local.value
     answer.IssuerOfPatientID = origin.local.issuer
     answer.OtherPatientIDsSequence = _other_ids(origin)
+    if record is None:
+        return
+    for keyword, value in (
+        ("PatientName", record.name),
+        ("PatientBirthDate", record.birth_date),
+        ("PatientSex", record.sex),
+    ):
+        if value:
+            setattr(answer, keyword, value)
 
 
 def _other_ids(origin: Origin) -> Sequence:

@@ -82,17 +82,9 @@ class SiteMover(Protocol):
     ) -> defer.Deferred[MoveOutcome]: ...
 
 
-# Looks up the local patient's name, birth date and sex in the engine's records; None if absent.
-DemographicsLookup = Callable[[PatientIdentifier], defer.Deferred[Demographics | None]]
-
-
 @dataclasses.dataclass
 class Retrieval:
-    """The parts a federated retrieve uses besides the Federation.
-
-    demographics looks up the local patient's name, birth date and sex, which
-    replace the site's in every object. Without a record the site's values stay.
-    """
+    """The parts a federated retrieve uses besides the Federation."""
 
     federation: Federation
     registry: ExpectationRegistry
@@ -100,7 +92,6 @@ class Retrieval:
     count_instances: InstanceCounter
     move: SiteMover
     spool_root: Path
-    demographics: DemographicsLookup = lambda patient: defer.succeed(None)
 
 
 class FederatedRetrieve:
@@ -319,7 +310,7 @@ class FederatedRetrieve:
         self, patient: PatientIdentifier
     ) -> Generator[defer.Deferred[Any], Any, Demographics]:
         if patient not in self._demographics:
-            known = yield self.retrieval.demographics(patient)
+            known = yield self.federation.demographics(patient)
             if known is None:
                 logger.warning(
                     "federated retrieve %s: no local record of patient %s:"

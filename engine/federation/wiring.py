@@ -9,10 +9,10 @@ from typing import Any
 from engine.config import Config
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeClient
-from engine.federation.fanout import Federation, MemberSite
+from engine.federation.fanout import DemographicsLookup, Federation, MemberSite
 from engine.federation.locations import LocationMemory
 from engine.federation.qrscp import QRService
-from engine.federation.retrieve import DemographicsLookup, Retrieval, site_runners
+from engine.federation.retrieve import Retrieval, site_runners
 from engine.federation.settings import site_issuer
 from engine.identity.resolver import IdentityResolver
 from engine.jobs.receiving import ExpectationRegistry
@@ -52,6 +52,7 @@ def build_qr_service(
         local_issuer=settings.local_patient.issuer,
         ae_title=settings.dicom.ae_title,
         max_answers=federation_settings.max_answers,
+        demographics=demographics,
     )
     retrieval = Retrieval(
         federation=federation,
@@ -60,7 +61,6 @@ def build_qr_service(
         count_instances=count_instances,
         move=move,
         spool_root=spool_root,
-        demographics=demographics,
     )
     return QRService(
         reactor,

@@ -237,10 +237,19 @@ def test_move_delivers_stamped_study_with_counts(federated: Federated) -> None:
         assert instance.PatientName == "DOE^JANE^MARIE"
 
 
-def test_move_stamps_local_demographics(federated: Federated) -> None:
+def test_local_record_in_answers_and_objects(federated: Federated, tmp_path: Path) -> None:
     local = dataclasses.replace(federated.scenario.local_patient, name="DOE-SMITH^JANE^M")
     message = demographics_message(local, "FED-A08", dt.datetime.now())
     assert send(federated.network.ports.mllp, message)[1] == "MSA|AA|FED-A08"
+
+    _, rows = findscu(
+        federated.port, "FINDSCU", "STUDY", {**STUDY_KEYS, "PatientName": None}, tmp_path
+    )
+    assert sorted(str(row.StudyInstanceUID) for row in rows) == sorted(
+        study_uid(key) for key in LOCAL_STUDIES
+    )
+    assert {str(row.PatientName) for row in rows} == {"DOE-SMITH^JANE^M"}
+
     federated.destination.clear()
     run = movescu(
         federated.port,

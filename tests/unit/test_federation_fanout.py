@@ -25,7 +25,7 @@ from engine.federation.request import read_find
 from engine.federation.sitefind import SiteHandle, SitePlan
 from engine.identity.resolver import TableResolver
 from engine.identity.table import CrossReferenceTable
-from engine.model import PatientIdentifier
+from engine.model import Demographics, PatientIdentifier
 
 LOCAL = PatientIdentifier("L1", "LOCAL")
 AT_A = PatientIdentifier("HA-1", "HOSP_A")
@@ -187,6 +187,41 @@ def test_fanout_ignores_other_patient_and_issuer(
     site.answer(PatientID="HA-1", IssuerOfPatientID="HOSP_B", StudyInstanceUID="1.2")
     site.answer(PatientID="HA-1", StudyInstanceUID="1.3", StudyDescription="CT")
     assert [row.StudyInstanceUID for row in rows(events)] == ["1.3"]
+
+
+def test_fanout_answers_carry_local_record(
+    setup: tuple[FakeReactor, Network, Federation],
+) -> None:
+    _, network, federation = setup
+    record = Demographics("DOE-SMITH^JANE", "19650312", "F")
+    looked_up: list[PatientIdentifier] = []
+
+    def lookup(patient: PatientIdentifier) -> defer.Deferred[Demographics | None]:
+        looked_up.append(patient)
+        return defer.succeed(record)
+
+    local_records = dataclasses.replace(federation, demographics=lookup)
+    # The caller's name key is matched against the local name, not the site's.
+    _, events = start(local_records, PatientID="L1", PatientName="DOE-SMITH*", PatientSex="")
+    network.sites["hospital_a"].answer(
+        PatientID="HA-1", PatientName="DOE^J", PatientSex="F", StudyInstanceUID="1.1"
+    )
+    [row] = rows(events)
+    assert looked_up == [LOCAL]
+    assert row.PatientName == "DOE-SMITH^JANE"
+    assert row.PatientSex == "F"
+
+
+def test_fanout_without_record_keeps_site_name(
+    setup: tuple[FakeReactor, Network, Federation],
+) -> None:
+    _, network, federation = setup
+    _, events = start(federation, PatientID="L1", PatientName="")
+    network.sites["hospital_a"].answer(
+        PatientID="HA-1", PatientName="DOE^J", StudyInstanceUID="1.1"
+    )
+    [row] = rows(events)
+    assert row.PatientName == "DOE^J"
 
 
 def test_fanout_refilters_answers(setup: tuple[FakeReactor, Network, Federation]) -> None:

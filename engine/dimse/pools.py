@@ -6,6 +6,7 @@ A pool's size is the node's maximum number of concurrent associations.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,7 +31,25 @@ class NodePools:
         for pool in self._pools.values():
             pool.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> list[str]:
+        """Stop every pool; return the names of threads still busy after `timeout` seconds.
+
+        A thread blocked in a call that never returns would otherwise hold the
+        stop, and the process, forever. Those threads are left running.
+        """
+        stopper = threading.Thread(target=self._stop_pools, name="fdqr-node-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if not stopper.is_alive():
+            return []
+        return [
+            thread.name
+            for pool in self._pools.values()
+            for thread in list(pool.threads)
+            if thread.is_alive()
+        ]
+
+    def _stop_pools(self) -> None:
         for pool in self._pools.values():
             pool.stop()
 

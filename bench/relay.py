@@ -296,6 +296,11 @@ def main() -> int:
         default=0,
         help="MaximumPduLength of the destination Orthanc in bytes (default: Orthanc's 16384)",
     )
+    parser.add_argument(
+        "--source-max-pdu",
+        type=int,
+        help="MaximumPduLength of the source Orthanc in bytes (default: Orthanc's 16384)",
+    )
     parser.add_argument("--keep", action="store_true", help="leave the work folder in place")
     args = parser.parse_args()
 
@@ -308,12 +313,12 @@ def main() -> int:
     size = study.size_bytes
     print(f"study: {args.instances} CT instances, {size / MB:.1f} MB, {os.cpu_count()} CPUs")
 
-    destination_settings = (
-        {"local_pacs": {"MaximumPduLength": args.destination_max_pdu}}
-        if args.destination_max_pdu
-        else None
-    )
-    network = Network(folder / "sites", site_settings=destination_settings)
+    site_settings: dict[str, dict[str, object]] = {}
+    if args.destination_max_pdu:
+        site_settings["local_pacs"] = {"MaximumPduLength": args.destination_max_pdu}
+    if args.source_max_pdu:
+        site_settings["hospital_a"] = {"MaximumPduLength": args.source_max_pdu}
+    network = Network(folder / "sites", site_settings=site_settings or None)
     source, destination = network.sites["hospital_a"], network.sites["local_pacs"]
     source.modalities["local_pacs"] = (
         destination.ae_title,

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -200,6 +201,39 @@ def make_interruptible(association: Association, stopping: Callable[[], bool]) -
     dul.receive_pdu = receive_pdu  # type: ignore[method-assign]
 
 
+class _RequestWatch:
+    """Event handlers that tell how an association request ended without a response.
+
+    Some nodes at their association limit close the connection, at once or
+    after reading the request, or abort, instead of rejecting. That is told
+    apart from a refused connection (never opened) and an ACSE timeout (open
+    for the whole timeout, nothing received).
+    """
+
+    def __init__(self, acse_timeout: float) -> None:
+        self._acse_timeout = acse_timeout
+        self._opened_at: float | None = None
+        self._aborted = False
+
+    @property
+    def handlers(self) -> list[tuple[Any, Callable[[Any], None]]]:
+        return [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_ACSE_RECV, self._received)]
+
+    def _opened(self, event: Any) -> None:
+        self._opened_at = time.monotonic()
+
+    def _received(self, event: Any) -> None:
+        if isinstance(event.primitive, (A_ABORT, A_P_ABORT)):
+            self._aborted = True
+
+    @property
+    def ended_by_peer(self) -> bool:
+        if self._aborted:
+            return True
+        opened = self._opened_at
+        return opened is not None and time.monotonic() - opened < self._acse_timeout
+
+
 def _read_in_slices(
     read: Callable[[float], Any], timeout: float | None, stopping: Callable[[], bool]
 ) -> Any:
@@ -304,6 +338,7 @@ class NodeClient:
         while True:
             if self.tracker.closed:
                 raise DimseError("engine is stopping", transient=True)
+            watch = _RequestWatch(self.node.timeout_seconds)
             association = self._ae.associate(
                 self.node.host,
                 self.node.port,
@@ -311,23 +346,28 @@ class NodeClient:
                 ae_title=self.node.ae_title,
                 max_pdu=self.max_pdu_bytes,
                 ext_neg=list(ext_neg) or None,
-                evt_handlers=list(evt_handlers) or None,
+                evt_handlers=[*evt_handlers, *watch.handlers],
             )
             self.tracker.negotiated(association)
             if association.is_established:
                 return association
-            if not association.is_rejected:
+            if association.is_rejected:
+                result, reason = _rejection(association)
+                if result != REJECTED_TRANSIENT:
+                    raise DimseError(
+                        f"association with {self.node} rejected permanently ({reason}): check"
+                        f" that the node knows the AE title '{self._ae.ae_title}'",
+                        transient=False,
+                    )
+            elif self.tracker.closed:
+                raise DimseError("engine is stopping", transient=True)
+            elif watch.ended_by_peer:
+                reason = "closed by the node before it responded"
+            else:
                 raise DimseError(
                     f"association with {self.node} failed (refused, timed out or aborted)"
                 )
 
-            result, reason = _rejection(association)
-            if result != REJECTED_TRANSIENT:
-                raise DimseError(
-                    f"association with {self.node} rejected permanently ({reason}): check that "
-                    f"the node knows the AE title '{self._ae.ae_title}'",
-                    transient=False,
-                )
             delay = self.retry.delay(attempt)
             past_deadline = deadline is not None and time.monotonic() + delay > deadline
             if attempt >= self.retry.attempts or past_deadline or self.tracker.closed:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,11 +16,17 @@ from typing import Any
 import pytest
 import yaml
 from pydicom import dcmread
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification
 
 from engine.dimse.queries import move_study
-from engine.dimse.scu import AssociationTracker, DimseError, NodeAddress, NodeClient
+from engine.dimse.scu import (
+    AssociationTracker,
+    DimseError,
+    NodeAddress,
+    NodeClient,
+    RetryPolicy,
+)
 from engine.jobs.store import JobRecord, JobState, Store
 from engine.testing.dcmtk import QueryRetrieveSCP, StoreSCP
 from engine.testing.dicomgen import (
@@ -29,6 +37,7 @@ from engine.testing.dicomgen import (
     encode,
     years_before,
 )
+from engine.testing.ports import free_port
 from engine.testing.scenario import Placement, Scenario, order_message, prefetch_scenario
 from engine.testing.sites import ENGINE_AE_TITLE, EngineProcess, Network
 from tests.integration.conftest import instance_by_uid, read_jobs, send, wait_for_job
@@ -102,7 +111,10 @@ class Site:
     def start_engine(self) -> None:
         self.logs += 1
         self.engine = EngineProcess(
-            self.config, self.network.ports.mllp, self.folder / f"engine-{self.logs}.log"
+            self.config,
+            self.network.ports.mllp,
+            self.folder / f"engine-{self.logs}.log",
+            log_level=os.environ.get("FDQR_TEST_LOG", "INFO"),
         )
         self.engine.start()
 
@@ -403,8 +415,63 @@ def test_stop_frees_frozen_peer_threads(tmp_path: Path) -> None:
     assert not any(thread.is_alive() for thread in threads)
     assert outcomes["echo"] == "no answer"
     assert outcomes["release"] == "left"
-    assert "failed (refused, timed out or aborted)" in outcomes["request"]
+    assert outcomes["request"] == "engine is stopping"
     assert took < 6
+
+
+def test_request_aborted_by_peer_is_retried() -> None:
+    """A node that aborts a request instead of rejecting it (as some do at their
+    association limit) is asked again; a refused connection is not."""
+    peer = AE(ae_title="BUSY")
+    peer.add_supported_context(Verification)
+    requests: list[int] = []
+
+    def abort_first(event: Any) -> None:
+        requests.append(1)
+        if len(requests) == 1:
+            event.assoc.abort()
+
+    server = peer.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_REQUESTED, abort_first)]
+    )
+    retry = RetryPolicy(attempts=3, first_delay_seconds=0.05)
+    try:
+        node = NodeAddress("busy", "BUSY", "127.0.0.1", server.server_address[1], 10)
+        NodeClient(node, ENGINE_AE_TITLE, AssociationTracker(), retry=retry).echo()
+    finally:
+        server.shutdown()
+    assert len(requests) == 2
+
+    refused = NodeAddress("down", "DOWN", "127.0.0.1", free_port(), 10)
+    started = time.monotonic()
+    with pytest.raises(DimseError, match="failed \\(refused, timed out or aborted\\)"):
+        NodeClient(refused, ENGINE_AE_TITLE, AssociationTracker(), retry=retry).echo()
+    assert time.monotonic() - started < 5
+
+
+def test_request_closed_at_once_is_retried() -> None:
+    """A node that closes each connection as soon as it accepts it is asked again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+
+    def close_each() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            connection.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    retry = RetryPolicy(attempts=3, first_delay_seconds=0.05)
+    node = NodeAddress("closing", "CLOSING", "127.0.0.1", listener.getsockname()[1], 10)
+    try:
+        with pytest.raises(DimseError, match="closed by the node before it responded\\) 3 times"):
+            NodeClient(node, ENGINE_AE_TITLE, AssociationTracker(), retry=retry).echo()
+    finally:
+        listener.close()
+    assert len(accepted) == 3
 
 
 def test_destination_down_spool_bounded_then_repaired(site: Site) -> None:

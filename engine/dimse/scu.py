@@ -205,9 +205,9 @@ class _RequestWatch:
     """Event handlers that tell how an association request ended without a response.
 
     Some nodes at their association limit close the connection, at once or
-    after reading the request, or abort, instead of rejecting. That is told
-    apart from a refused connection (never opened) and an ACSE timeout (open
-    for the whole timeout, nothing received).
+    after reading the request, or abort, instead of rejecting. This
+    distinguishes that from a refused connection (never opened) and an ACSE
+    timeout (open for the whole timeout, nothing received).
     """
 
     def __init__(self, acse_timeout: float) -> None:

@@ -421,7 +421,7 @@ def test_stop_frees_frozen_peer_threads(tmp_path: Path) -> None:
 
 def test_request_aborted_by_peer_is_retried() -> None:
     """A node that aborts a request instead of rejecting it (as some do at their
-    association limit) is asked again; a refused connection is not."""
+    association limit) gets the request again. A refused connection is not retried."""
     peer = AE(ae_title="BUSY")
     peer.add_supported_context(Verification)
     requests: list[int] = []
@@ -442,15 +442,15 @@ def test_request_aborted_by_peer_is_retried() -> None:
         server.shutdown()
     assert len(requests) == 2
 
-    refused = NodeAddress("down", "DOWN", "127.0.0.1", free_port(), 10)
+    down = NodeAddress("down", "DOWN", "127.0.0.1", free_port(), 10)
     started = time.monotonic()
     with pytest.raises(DimseError, match="failed \\(refused, timed out or aborted\\)"):
-        NodeClient(refused, ENGINE_AE_TITLE, AssociationTracker(), retry=retry).echo()
+        NodeClient(down, ENGINE_AE_TITLE, AssociationTracker(), retry=retry).echo()
     assert time.monotonic() - started < 5
 
 
 def test_request_closed_at_once_is_retried() -> None:
-    """A node that closes each connection as soon as it accepts it is asked again."""
+    """A node that closes each connection as soon as it accepts it gets the request again."""
     listener = socket.create_server(("127.0.0.1", 0))
     accepted: list[int] = []
 

@@ -87,6 +87,14 @@ def make_intake(db: ImmediateStore, rule_set: RuleSet, clock: task.Clock) -> Int
     return Intake(db, planner, POLICY, now=lambda: now_of(clock))  # type: ignore[arg-type]
 
 
+def start_worker(db: ImmediateStore, clock: task.Clock) -> tuple[ScriptedRunner, Worker]:
+    """Start a worker whose job attempts the test answers through the runner."""
+    runner = ScriptedRunner()
+    worker = Worker(db, runner, clock, poll_seconds=5)  # type: ignore[arg-type]
+    worker.start()
+    return runner, worker
+
+
 def send(intake: Intake, message: bytes) -> str:
     """Return the MSA segment of the one ACK sent for a message."""
     fired: list[Sequence[bytes]] = []
@@ -238,9 +246,7 @@ def test_cancel_before_lead_time_never_runs(
     db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
 ) -> None:
     intake = make_intake(db, rule_set, clock)
-    runner = ScriptedRunner()
-    worker = Worker(db, runner, clock, poll_seconds=5)  # type: ignore[arg-type]
-    worker.start()
+    runner, worker = start_worker(db, clock)
     send(intake, order("M1", "A1", NOW + dt.timedelta(hours=3)))
     clock.advance(1800)
     assert send(intake, order("M2", "A1", order_control="CA")) == "MSA|AA|M2"
@@ -263,9 +269,7 @@ def test_cancel_without_job_is_noted(
 
 def test_job_runs_at_lead_time(db: ImmediateStore, rule_set: RuleSet, clock: task.Clock) -> None:
     intake = make_intake(db, rule_set, clock)
-    runner = ScriptedRunner()
-    worker = Worker(db, runner, clock, poll_seconds=5)  # type: ignore[arg-type]
-    worker.start()
+    runner, worker = start_worker(db, clock)
     send(intake, order("M1", "A1", NOW + dt.timedelta(hours=3)))
     clock.pump([5] * 700)
     assert runner.calls == []
@@ -280,9 +284,7 @@ def test_cancel_of_running_job_ends_it_cancelled(
     db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
 ) -> None:
     intake = make_intake(db, rule_set, clock)
-    runner = ScriptedRunner()
-    worker = Worker(db, runner, clock, poll_seconds=5)  # type: ignore[arg-type]
-    worker.start()
+    runner, worker = start_worker(db, clock)
     send(intake, order("M1", "A1"))
     clock.advance(0)
     assert len(runner.calls) == 1
@@ -345,9 +347,7 @@ def test_change_without_rule_cancels(
 
 def test_change_keeps_running_job(db: ImmediateStore, rule_set: RuleSet, clock: task.Clock) -> None:
     intake = make_intake(db, rule_set, clock)
-    runner = ScriptedRunner()
-    worker = Worker(db, runner, clock, poll_seconds=5)  # type: ignore[arg-type]
-    worker.start()
+    runner, worker = start_worker(db, clock)
     send(intake, order("M1", "A1"))
     clock.advance(0)
     [running] = runner.calls
@@ -509,9 +509,7 @@ def test_cancel_after_fetch_is_noted(
     db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
 ) -> None:
     intake = make_intake(db, rule_set, clock)
-    runner = ScriptedRunner()
-    worker = Worker(db, runner, clock, poll_seconds=5)  # type: ignore[arg-type]
-    worker.start()
+    runner, worker = start_worker(db, clock)
     send(intake, order("M1", "A1", application="NOW"))
     clock.advance(0)
     send(intake, order("M2", "A1", order_control="CA", application="NOW"))

@@ -9,7 +9,13 @@ that does not compress), loads it into a source Orthanc, and measures:
       verified result, as the job's event log records them;
   (b) orthanc_move: the source's own C-MOVE straight to the same destination;
   (c) dcmtk: DCMTK storescu -> storescp with TCP_NODELAY=1, maximum PDU 128 KB;
-  (d) pynetdicom: a plain pynetdicom SCU sending the same files to that storescp.
+  (d) pynetdicom: a plain pynetdicom SCU sending the same files to that storescp;
+  (e) source_send: the source's C-MOVE to that storescp (how fast the source sends);
+  (f) destination_store: storescu storing the files into the destination Orthanc
+      (how fast the destination stores).
+
+No relay between these two Orthanc servers can be faster than the slower of
+(e) and (f).
 
 It prints MB/s for each (file bytes / seconds), fdqr's peak resident memory
 (VmHWM of the `fdqr run` process), and ends with one JSON line.
@@ -129,9 +135,13 @@ def clear(scp: StoreSCP) -> None:
 
 def time_dcmtk(study: Study, scp: StoreSCP) -> float:
     clear(scp)
+    return time_storescu(study, "STORESCP", scp.dicom_port)
+
+
+def time_storescu(study: Study, ae_title: str, port: int) -> float:
     started = time.perf_counter()
     subprocess.run(
-        ["storescu", "--max-pdu", "131072", "-aec", "STORESCP", "127.0.0.1", str(scp.dicom_port)]
+        ["storescu", "--max-pdu", "131072", "-aec", ae_title, "127.0.0.1", str(port)]
         + [str(path) for path in study.files],
         env=dcmtk_environment(),
         check=True,
@@ -165,6 +175,34 @@ def time_pynetdicom(study: Study, scp: StoreSCP) -> float:
 
 def time_orthanc_move(study: Study, source: OrthancServer, destination: OrthancServer) -> float:
     clear_destination(destination)
+    elapsed = time_move(study, source, destination.ae_title)
+    count = destination.instance_count()
+    assert count == len(study.files), f"destination holds {count} of {len(study.files)}"
+    return elapsed
+
+
+# (e) and (f): what the source sends and the destination stores at most
+
+
+def time_source_send(study: Study, source: OrthancServer, scp: StoreSCP) -> float:
+    """Time the source's C-MOVE into storescp, which only writes each object to a file."""
+    clear(scp)
+    elapsed = time_move(study, source, "STORESCP")
+    count = len(scp.files())
+    assert count == len(study.files), f"storescp received {count} of {len(study.files)}"
+    return elapsed
+
+
+def time_destination_store(study: Study, destination: OrthancServer) -> float:
+    """Time DCMTK storescu storing the study into the destination Orthanc."""
+    clear_destination(destination)
+    elapsed = time_storescu(study, destination.ae_title, destination.dicom_port)
+    count = destination.instance_count()
+    assert count == len(study.files), f"destination holds {count} of {len(study.files)}"
+    return elapsed
+
+
+def time_move(study: Study, source: OrthancServer, destination_ae_title: str) -> float:
     ae = AE(ae_title="BENCH")
     ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = 600
     context = build_context(StudyRootQueryRetrieveInformationModelMove)
@@ -178,14 +216,12 @@ def time_orthanc_move(study: Study, source: OrthancServer, destination: OrthancS
     assert association.is_established, "source refused the association"
     final = None
     for status, _ in association.send_c_move(
-        identifier, destination.ae_title, StudyRootQueryRetrieveInformationModelMove
+        identifier, destination_ae_title, StudyRootQueryRetrieveInformationModelMove
     ):
         final = status
     association.release()
     elapsed = time.perf_counter() - started
     assert final is not None and final.Status == 0, f"C-MOVE failed: {final}"
-    count = destination.instance_count()
-    assert count == len(study.files), f"destination holds {count} of {len(study.files)}"
     return elapsed
 
 
@@ -326,6 +362,7 @@ def main() -> int:
         destination.dicom_port,
     )
     scp = StoreSCP(folder / "storescp", max_pdu=131072)
+    source.modalities["storescp"] = ("STORESCP", "127.0.0.1", scp.dicom_port)
     overrides: dict[str, object] = {"spool": {"fsync": True}}
     if args.destination_associations:
         overrides["transfer"] = {"destination_associations": args.destination_associations}
@@ -341,6 +378,10 @@ def main() -> int:
         show("(d) pynetdicom SCU -> storescp", size, pynet)
         move = median_of(args.repeats, lambda: time_orthanc_move(study, source, destination))
         show("(b) Orthanc C-MOVE source -> destination", size, move)
+        sending = median_of(args.repeats, lambda: time_source_send(study, source, scp))
+        show("(e) Orthanc C-MOVE source -> storescp", size, sending)
+        storing = median_of(args.repeats, lambda: time_destination_store(study, destination))
+        show("(f) storescu -> destination Orthanc", size, storing)
         runs = [
             time_fdqr(network, folder, study, f"BENCH{index}", overrides)
             for index in range(args.repeats)
@@ -364,6 +405,8 @@ def main() -> int:
         "pynetdicom_mb_s": round(rate(size, pynet), 1),
         "ratio_vs_dcmtk": round(dcmtk / fdqr, 3),
         "ratio_vs_orthanc": round(move / fdqr, 3),
+        "source_send_mb_s": round(rate(size, sending), 1),
+        "destination_store_mb_s": round(rate(size, storing), 1),
         "peak_rss_mb": round(peak, 1),
     }
     print(json.dumps(result))

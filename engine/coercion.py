@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import os
 import shutil
@@ -306,16 +307,18 @@ def header_of(head: Head) -> Header:
     )
 
 
-def read_header(path: Path) -> Header:
-    """Read the identifying attributes of a DICOM file without reading pixel data."""
+def read_header(source: Path | bytes) -> Header:
+    """Read the identifying attributes of a DICOM file (or one in memory) without pixel data."""
     try:
-        head = scan_head(path)
+        head = scan_head(source)
         if head is not None:
             return header_of(head)
     except OSError as error:
         raise StampError(f"not a readable DICOM file: {error}") from error
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = dcmread(
+            BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True
+        )
     except Exception as error:
         raise StampError(f"not a readable DICOM file: {error}") from error
     return Header(
@@ -328,9 +331,13 @@ def read_header(path: Path) -> Header:
 
 
 def stamp_file(
-    source: Path, target: Path, stamp: Stamp, fsync: bool = True, head: Head | None = None
+    source: Path | bytes,
+    target: Path,
+    stamp: Stamp,
+    fsync: bool = True,
+    head: Head | None = None,
 ) -> None:
-    """Write a stamped copy of `source` to `target`.
+    """Write a stamped copy of `source` (a file, or a whole file in memory) to `target`.
 
     The copy is written next to `target` and renamed into place, after an
     fsync when asked, so a crash never leaves a partial file under that name.
@@ -339,7 +346,8 @@ def stamp_file(
     partial = target.with_name(target.name + ".partial")
     try:
         head = head or scan_head(source)
-        with open(source, "rb") as reader, open(partial, "wb") as writer:
+        opened = BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        with opened as reader, open(partial, "wb") as writer:
             if head is None or not _splice(head, reader, writer, stamp):
                 reader.seek(0)
                 _stamp_stream(reader, writer, stamp)
@@ -370,15 +378,9 @@ def _splice(head: Head, reader: BinaryIO, writer: BinaryIO, stamp: Stamp) -> boo
     charset = head.span(SPECIFIC_CHARACTER_SET)
     patient = [span for span in head.spans if span.group == PATIENT_GROUP]
     encoded = b"".join(head.data[span.start : span.end] for span in [charset, *patient] if span)
-    small = read_dataset(BytesIO(encoded), head.implicit_vr, True)
-    charset_before = small.get("SpecificCharacterSet")
-    stamp_dataset(small, stamp)
-    if small.get("SpecificCharacterSet") != charset_before:
+    group = _stamped_patient_group(encoded, head.implicit_vr, stamp)
+    if group is None:
         return False
-    others = [tag for tag in small.keys() if tag != SPECIFIC_CHARACTER_SET]  # noqa: SIM118
-    if any(tag >> 16 != PATIENT_GROUP for tag in others):
-        return False
-    group = _encode_patient_group(small, head.implicit_vr)
 
     writer.write(head.data[: head.meta_end])
     written = False
@@ -390,10 +392,51 @@ def _splice(head: Head, reader: BinaryIO, writer: BinaryIO, stamp: Stamp) -> boo
             writer.write(head.data[span.start : span.end])
     if not written:
         writer.write(group)
-    writer.write(head.data[head.rest :])
-    reader.seek(len(head.data))
-    shutil.copyfileobj(reader, writer, _COPY_CHUNK)
+    # For a file in memory, head.data is all of it and nothing is left to copy.
+    writer.write(memoryview(head.data)[head.rest :])
+    _copy_rest(reader, writer, len(head.data))
     return True
+
+
+@functools.lru_cache(maxsize=64)
+def _stamped_patient_group(encoded: bytes, implicit_vr: bool, stamp: Stamp) -> bytes | None:
+    """Stamp an encoded patient group (with the character set before it) and encode it again.
+
+    Return None when the stamp changes more than that group. The objects of
+    a study carry the same patient group byte for byte, so the cache decodes
+    it once per study. A StampRejected is raised again for each object.
+    """
+    small = read_dataset(BytesIO(encoded), implicit_vr, True)
+    charset_before = small.get("SpecificCharacterSet")
+    stamp_dataset(small, stamp)
+    if small.get("SpecificCharacterSet") != charset_before:
+        return None
+    others = [tag for tag in small.keys() if tag != SPECIFIC_CHARACTER_SET]  # noqa: SIM118
+    if any(tag >> 16 != PATIENT_GROUP for tag in others):
+        return None
+    return _encode_patient_group(small, implicit_vr)
+
+
+def _copy_rest(reader: BinaryIO, writer: BinaryIO, offset: int) -> None:
+    """Copy the reader's bytes from `offset` on to the end of the writer.
+
+    The kernel copies them (copy_file_range) where it can, and the GIL is
+    released for the whole copy; otherwise they pass through a buffer.
+    """
+    writer.flush()
+    try:
+        source, target = reader.fileno(), writer.fileno()
+        while True:
+            copied = os.copy_file_range(source, target, _COPY_CHUNK, offset)
+            if copied == 0:
+                return
+            offset += copied
+    except OSError:
+        # Not supported here (an old kernel, some file systems, a file in memory):
+        # copy what is left.
+        reader.seek(offset)
+        writer.seek(0, os.SEEK_END)
+        shutil.copyfileobj(reader, writer, _COPY_CHUNK)
 
 
 def _encode_patient_group(ds: Dataset, implicit_vr: bool) -> bytes:

@@ -16,9 +16,12 @@ from pathlib import Path
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 PREAMBLE_BYTES = 128
-# Enough for the header of almost every object up to group 0020; a bigger one is read whole.
-HEAD_BYTES = 256 * 1024
+# Enough for the head of most objects up to group 0020; a bigger head is read in
+# doubling steps up to MAX_HEAD_BYTES.
+HEAD_BYTES = 16 * 1024
 MAX_HEAD_BYTES = 4 * 1024 * 1024
+# Enough for the file meta information of almost every file.
+META_BYTES = 4096
 UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM = 0xFFFEE000
 ITEM_DELIMITER = 0xFFFEE00D
@@ -83,9 +86,17 @@ class Head:
         return value.decode("ascii", errors="replace").rstrip("\x00 ").strip()
 
 
-def scan_head(path: Path) -> Head | None:
-    """Lay out the head of a little endian DICOM file; None when it cannot."""
-    with open(path, "rb") as reader:
+def scan_head(source: Path | bytes) -> Head | None:
+    """Lay out the head of a little endian DICOM file, or of a whole one in memory.
+
+    Return None when it cannot. For a file in memory, Head.data is all of it.
+    """
+    if isinstance(source, bytes):
+        try:
+            return _scan(source, whole_file=True)
+        except (Truncated, ValueError, struct.error):
+            return None
+    with open(source, "rb") as reader:
         data = reader.read(HEAD_BYTES)
         whole_file = len(data) < HEAD_BYTES
         while True:
@@ -99,6 +110,39 @@ def scan_head(path: Path) -> Head | None:
                 data += more
             except (ValueError, struct.error):
                 return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FileMeta:
+    """The file meta information of a DICOM file, and where its dataset starts."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: UID
+    dataset_start: int
+
+
+def read_file_meta(path: Path) -> FileMeta | None:
+    """Read the file meta information without pydicom; None when it cannot be laid out."""
+    with open(path, "rb") as reader:
+        data = reader.read(META_BYTES)
+        if data[PREAMBLE_BYTES : PREAMBLE_BYTES + 4] != b"DICM":
+            return None
+        while True:
+            try:
+                end, values = _meta_values(data, PREAMBLE_BYTES + 4)
+                break
+            except Truncated:
+                more = reader.read(len(data))
+                if not more or len(data) >= MAX_HEAD_BYTES:
+                    return None
+                data += more
+            except (ValueError, struct.error):
+                return None
+    sop_class, instance, syntax = (values.get(element, "") for element in (2, 3, 0x10))
+    if not (sop_class and instance and syntax):
+        return None
+    return FileMeta(sop_class, instance, UID(syntax), end)
 
 
 def _scan(data: bytes, whole_file: bool) -> Head | None:
@@ -131,7 +175,19 @@ def _scan(data: bytes, whole_file: bool) -> Head | None:
 
 def _read_meta(data: bytes, position: int) -> tuple[int, UID]:
     """Return where the file meta information ends, and its Transfer Syntax UID."""
-    transfer_syntax = ""
+    end, values = _meta_values(data, position)
+    transfer_syntax = values.get(0x0010, "")
+    if not transfer_syntax:
+        raise ValueError("no Transfer Syntax UID in the file meta information")
+    return end, UID(transfer_syntax)
+
+
+def _meta_values(data: bytes, position: int) -> tuple[int, dict[int, str]]:
+    """Return where group 0002 ends, and its SOP class, instance and transfer syntax UIDs.
+
+    The UIDs are keyed by element number: 0002, 0003 and 0010.
+    """
+    values: dict[int, str] = {}
     while True:
         if position + 8 > len(data):
             raise Truncated
@@ -139,12 +195,10 @@ def _read_meta(data: bytes, position: int) -> tuple[int, UID]:
         if group != 0x0002:
             break
         span = _element(data, position, implicit=False)
-        if element == 0x0010:
-            transfer_syntax = data[span.value_start : span.end].decode("ascii").rstrip("\x00 ")
+        if element in (0x0002, 0x0003, 0x0010):
+            values[element] = data[span.value_start : span.end].decode("ascii").rstrip("\x00 ")
         position = span.end
-    if not transfer_syntax:
-        raise ValueError("no Transfer Syntax UID in the file meta information")
-    return position, UID(transfer_syntax)
+    return position, values
 
 
 def _element(data: bytes, position: int, implicit: bool) -> Span:

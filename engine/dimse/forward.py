@@ -21,6 +21,7 @@ from types import TracebackType
 from pydicom.filereader import read_file_meta_info
 from pynetdicom.association import Association
 
+from engine.dicomfile import read_file_meta
 from engine.dimse.contexts import (
     MAX_CONTEXTS,
     UNCOMPRESSED,
@@ -30,6 +31,7 @@ from engine.dimse.contexts import (
 )
 from engine.dimse.scu import INTERRUPT_POLL_SECONDS, DimseError, NodeClient, _status_code
 from engine.dimse.status import describe, is_success_or_warning
+from engine.dimse.storesend import accepted_context_id, send_c_store
 from engine.dimse.transcode import TranscodeError, transcode
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,17 @@ class StoreSession:
             converted.unlink(missing_ok=True)
 
     def _store(self, association: Association, path: Path) -> str:
-        status = association.send_c_store(path, msg_id=self.client.next_message_id())
+        message_id = self.client.next_message_id()
+        meta = read_file_meta(path)
+        context_id = 0
+        if meta is not None:
+            context_id = accepted_context_id(
+                association, meta.sop_class_uid, str(meta.transfer_syntax)
+            )
+        if meta is not None and context_id:
+            status = send_c_store(association, path, meta, context_id, message_id)
+        else:
+            status = association.send_c_store(path, msg_id=message_id)
         code = _status_code(self.client.node, "C-STORE", status)
         if is_success_or_warning(code):
             return ""

@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
 from pynetdicom.sop_class import Verification
 
+from engine.dimse import storeassoc
+from engine.dimse import upperlayer as ul
 from engine.dimse.status import Status
 from engine.dimse.transport import NoDelayAE, NoDelayServer, start_server
 
@@ -26,12 +38,35 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Arrival:
-    """One received object, in a temporary DICOM file, and who sent it."""
+    """One received object and who sent it.
 
-    path: Path
+    The object is a DICOM file: in memory (data) when it was small enough,
+    otherwise in a temporary file (path) that is removed after the handler.
+    """
+
+    path: Path | None
     calling_ae_title: str
     move_originator_ae_title: str
     move_originator_message_id: int | None
+    data: bytes | None = None
+
+    @property
+    def source(self) -> Path | bytes:
+        """The object, as the functions of engine/coercion.py take it."""
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return self.path
+
+    @property
+    def size(self) -> int:
+        """The object's size in bytes; 0 when its file cannot be read."""
+        if self.data is not None:
+            return len(self.data)
+        try:
+            return os.stat(self.path).st_size if self.path is not None else 0
+        except OSError:
+            return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +91,11 @@ def configure_pynetdicom() -> None:
 
 
 class StorageSCP:
-    """A pynetdicom server accepting every storage SOP class in any transfer syntax."""
+    """A server accepting every storage SOP class in any transfer syntax.
+
+    Storage associations are served by engine/dimse/storeassoc.py, and every
+    other association (the services added with add_service) by pynetdicom.
+    """
 
     def __init__(
         self,
@@ -81,6 +120,17 @@ class StorageSCP:
         self._ae.add_supported_context(Verification)
         self._server: NoDelayServer | None = None
         self._extra_handlers: list[tuple[Any, Callable[..., Any]]] = []
+        self._storage_settings = storeassoc.Settings(
+            ae_title=ae_title,
+            max_pdu_length=max_pdu_bytes,
+            implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
+            implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION,
+            network_timeout=float(self._ae.network_timeout or 60),
+        )
+        self._associations: set[storeassoc.StorageAssociation] = set()
+        self._lock = threading.Lock()
+        # Storage associations served by storeassoc rather than pynetdicom.
+        self.storage_associations = 0
 
     def add_service(
         self, configure: Callable[[NoDelayAE], None], handlers: list[tuple[Any, Callable[..., Any]]]
@@ -97,6 +147,7 @@ class StorageSCP:
         self._server = start_server(
             self._ae,
             (self.host, self.port),
+            divert=self._divert,
             evt_handlers=[(evt.EVT_C_STORE, self._on_c_store), *self._extra_handlers],
         )
         logger.info("Storage SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
@@ -105,25 +156,84 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            with self._lock:
+                associations = list(self._associations)
+            for association in associations:
+                association.abort()
             logger.info("Storage SCP %s stopped", self.ae_title)
+
+    @property
+    def open_storage_associations(self) -> int:
+        with self._lock:
+            return len(self._associations)
 
     @property
     def listening_port(self) -> int:
         assert self._server is not None
         return int(self._server.server_address[1])
 
+    def _divert(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+        """Serve a storage association here; return False to leave the connection to pynetdicom.
+
+        Requests that pynetdicom would reject (a wrong called AE title or
+        application context) go to pynetdicom, so its rejections stay the same.
+        """
+        request = storeassoc.peek_request(sock, float(self._ae.acse_timeout or 30))
+        if (
+            request is None
+            or not storeassoc.serves_only_storage(request)
+            or request.called_ae_title != self.ae_title
+            or request.application_context != ul.APPLICATION_CONTEXT
+        ):
+            return False
+        association = storeassoc.StorageAssociation(
+            sock, address, request, self._storage_settings, self._store
+        )
+        with self._lock:
+            server = self._server
+            active = len(self._associations)
+            if server is not None:
+                active += len(server.active_associations)
+            admitted = server is not None and active < self._ae.maximum_associations
+            if admitted:
+                self._associations.add(association)
+                self.storage_associations += 1
+        if not admitted:
+            association.reject(
+                ul.REJECTED_TRANSIENT, ul.SOURCE_PRESENTATION, ul.REASON_LOCAL_LIMIT_EXCEEDED
+            )
+            return True
+        try:
+            association.serve()
+        finally:
+            with self._lock:
+                self._associations.discard(association)
+        return True
+
+    def _store(self, request: storeassoc.StoreRequest) -> tuple[int, str]:
+        arrival = Arrival(
+            path=request.path,
+            calling_ae_title=request.calling_ae_title,
+            move_originator_ae_title=request.move_originator_ae_title,
+            move_originator_message_id=request.move_originator_message_id,
+            data=request.data,
+        )
+        verdict = self._handle(arrival, request.sop_instance_uid)
+        return verdict.status, verdict.comment
+
     def _on_c_store(self, event: Any) -> Dataset:
         arrival = arrival_from_event(event)
+        verdict = self._handle(arrival, str(event.request.AffectedSOPInstanceUID))
+        return status_dataset(verdict)
+
+    def _handle(self, arrival: Arrival, sop_instance_uid: str) -> Verdict:
         try:
-            verdict = self.handler(arrival)
+            return self.handler(arrival)
         except Exception as error:
             logger.exception(
-                "handling object %s from %s failed",
-                event.request.AffectedSOPInstanceUID,
-                arrival.calling_ae_title,
+                "handling object %s from %s failed", sop_instance_uid, arrival.calling_ae_title
             )
-            verdict = Verdict(Status.PROCESSING_FAILURE, f"internal error: {type(error).__name__}")
-        return status_dataset(verdict)
+            return Verdict(Status.PROCESSING_FAILURE, f"internal error: {type(error).__name__}")
 
 
 def arrival_from_event(event: Any) -> Arrival:

@@ -82,18 +82,41 @@ class NoDelayAE(AE):
 
 
 class NoDelayServer(ThreadedAssociationServer):
-    """An association server whose accepted connections use TCP_NODELAY."""
+    """An association server whose accepted connections use TCP_NODELAY.
+
+    divert, when set, sees each connection first in the connection's own
+    thread; when it returns True it has served the connection, otherwise
+    pynetdicom serves it.
+    """
+
+    divert: Callable[[socket.socket, tuple[str, int]], bool] | None = None
+    # A connection's thread may serve a whole association (see divert), and
+    # must not keep a stopping process alive.
+    daemon_threads = True
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = super().get_request()
         set_no_delay(client_socket)
         return client_socket, address
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        divert = self.divert
+        is_socket = isinstance(request, socket.socket)
+        if divert is not None and is_socket and divert(request, client_address):
+            return
+        super().finish_request(request, client_address)
 
-def start_server(ae: AE, address: tuple[str, int], **kwargs: Any) -> NoDelayServer:
+
+def start_server(
+    ae: AE,
+    address: tuple[str, int],
+    divert: Callable[[socket.socket, tuple[str, int]], bool] | None = None,
+    **kwargs: Any,
+) -> NoDelayServer:
     """Start a non-blocking association server, as AE.start_server(block=False) does."""
     server = ae.make_server(address, server_class=NoDelayServer, **kwargs)
     assert isinstance(server, NoDelayServer)
+    server.divert = divert
     thread = threading.Thread(
         target=server.serve_forever, name=f"fdqr-scp-{address[1]}", daemon=True
     )

@@ -141,8 +141,8 @@ class Receiver:
     def __call__(self, arrival: Arrival) -> Verdict:
         try:
             # One scan of the encoded head serves the checks and the stamping.
-            head = scan_head(arrival.path)
-            header = header_of(head) if head is not None else read_header(arrival.path)
+            head = scan_head(arrival.source)
+            header = header_of(head) if head is not None else read_header(arrival.source)
         except (StampError, OSError) as error:
             logger.warning("rejected object from %s: %s", arrival.calling_ae_title, error)
             return Verdict(Status.CANNOT_UNDERSTAND, "object cannot be read")
@@ -177,7 +177,7 @@ class Receiver:
             return Verdict(Status.REFUSED_NOT_AUTHORIZED, problem)
 
         target = expectation.spool_dir / f"{header.sop_instance_uid}.dcm"
-        reserved = file_size(arrival.path)
+        reserved = arrival.size
         try:
             if self.spool is not None:
                 self.spool.reserve(reserved)
@@ -190,7 +190,7 @@ class Receiver:
         try:
             expectation.spool_dir.mkdir(parents=True, exist_ok=True)
             replaced = file_size(target)
-            stamp_file(arrival.path, target, expectation.stamp, fsync=self.fsync, head=head)
+            stamp_file(arrival.source, target, expectation.stamp, fsync=self.fsync, head=head)
         except StampRejected as error:
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
             logger.warning(

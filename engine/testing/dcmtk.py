@@ -46,10 +46,18 @@ class DcmtkProcess(PausableProcess):
 class StoreSCP(DcmtkProcess):
     """DCMTK storescp writing each received object into `folder/received`."""
 
-    def __init__(self, folder: Path, ae_title: str = "STORESCP", max_pdu: int = 16384) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        ae_title: str = "STORESCP",
+        max_pdu: int = 16384,
+        bit_preserving: bool = False,
+    ) -> None:
         super().__init__(folder)
         self.ae_title = ae_title
         self.max_pdu = max_pdu
+        # Write each dataset exactly as received, and accept every transfer syntax.
+        self.bit_preserving = bit_preserving
 
     @property
     def received(self) -> Path:
@@ -65,6 +73,7 @@ class StoreSCP(DcmtkProcess):
             str(self.max_pdu),
             "--output-directory",
             str(self.received),
+            *(["--bit-preserving", "--accept-all"] if self.bit_preserving else []),
             str(self.dicom_port),
         ]
 

@@ -9,7 +9,15 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from engine.coercion import Stamp, StampError, read_header, stamp_dataset, stamp_file
+from engine.coercion import (
+    CoercionProfile,
+    Stamp,
+    StampError,
+    StampRejected,
+    read_header,
+    stamp_dataset,
+    stamp_file,
+)
 from engine.model import Demographics, PatientIdentifier
 
 STAMP = Stamp(
@@ -154,3 +162,37 @@ def test_read_header() -> None:
     assert header.study_instance_uid == ds.StudyInstanceUID
     assert header.sop_instance_uid == ds.SOPInstanceUID
     assert header.patient_id == ds.PatientID
+
+
+def test_same_patient_group_stamped_per_stamp(tmp_path: Path) -> None:
+    """The stamped patient group is cached per study, so the stamp must be part of the key."""
+    other = Stamp(
+        local=PatientIdentifier("L999", "LOCAL"),
+        remote=PatientIdentifier("HA-1", "HOSP_A"),
+        demographics=Demographics("ROE^RICHARD", "19700101", "M"),
+    )
+    first, second, third = tmp_path / "1.dcm", tmp_path / "2.dcm", tmp_path / "3.dcm"
+
+    stamp_file(sample("CT_small.dcm"), first, STAMP)
+    stamp_file(sample("CT_small.dcm"), second, other)
+    stamp_file(sample("CT_small.dcm"), third, STAMP)
+
+    assert dcmread(first).PatientID == "L12345"
+    assert dcmread(second).PatientID == "L999"
+    assert dcmread(second).PatientName == "ROE^RICHARD"
+    assert third.read_bytes() == first.read_bytes()
+
+
+def test_rejection_repeated_for_each_object(tmp_path: Path) -> None:
+    profile = CoercionProfile(character_set="latin1", non_latin1="reject")
+    rejected = Stamp(
+        local=PatientIdentifier("L1", "LOCAL"),
+        remote=PatientIdentifier("HA-1", "HOSP_A"),
+        demographics=Demographics("ŁUKASZ^ŻÓŁW"),
+        profile=profile,
+    )
+
+    for index in range(2):
+        with pytest.raises(StampRejected):
+            stamp_file(sample("CT_small.dcm"), tmp_path / f"{index}.dcm", rejected)
+        assert not (tmp_path / f"{index}.dcm").exists()

@@ -25,7 +25,7 @@ from engine.coercion import (
     read_header,
     stamp_file,
 )
-from engine.dicomfile import scan_head
+from engine.dicomfile import read_file_meta, scan_head
 from engine.model import Demographics, PatientIdentifier
 
 STAMP = Stamp(
@@ -241,3 +241,29 @@ def test_splice_equals_full_rewrite(
         return
     assert_same_dataset(splice, full)
     assert splice.endswith(source[source.index(b"\xe0\x7f\x10\x00") :])
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm"])
+def test_file_meta_read_like_pydicom(name: str) -> None:
+    path = get_testdata_file(name)
+    assert path is not None
+    ds = dcmread(path, stop_before_pixels=True)
+
+    meta = read_file_meta(Path(path))
+
+    assert meta is not None
+    assert meta.sop_class_uid == ds.file_meta.MediaStorageSOPClassUID
+    assert meta.sop_instance_uid == ds.file_meta.MediaStorageSOPInstanceUID
+    assert meta.transfer_syntax == ds.file_meta.TransferSyntaxUID
+    # Preamble, "DICM", the group length element (12 bytes), then the group it counts.
+    assert meta.dataset_start == 132 + 12 + ds.file_meta.FileMetaInformationGroupLength
+
+
+def test_file_meta_of_non_dicom_is_none(tmp_path: Path) -> None:
+    text = tmp_path / "note.txt"
+    text.write_bytes(b"not a DICOM file" * 20)
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00UI\x40\x00" + b"1.2")
+
+    assert read_file_meta(text) is None
+    assert read_file_meta(truncated) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,24 @@ def test_receiver_spools_stamped_object(
     stamped = dcmread(spooled)
     assert stamped.PatientID == "L1"
     assert stamped.IssuerOfPatientID == "LOCAL"
+    assert wanted.received == 1
+
+
+def test_receiver_spools_object_in_memory(
+    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
+) -> None:
+    receiver, registry = receiver_and_registry
+    wanted = expectation(tmp_path, "1.2.3")
+    registry.expect(wanted)
+    data = received_file(tmp_path, "HA-1", "HOSP_A").read_bytes()
+
+    verdict = receiver(Arrival(None, "HOSP_A", "FDQR", 7, data=data))
+
+    assert verdict.status == Status.SUCCESS
+    [spooled] = list(wanted.spool_dir.glob("*.dcm"))
+    stamped = dcmread(spooled)
+    assert stamped.PatientID == "L1"
+    assert stamped.PixelData == dcmread(io.BytesIO(data)).PixelData
     assert wanted.received == 1
 
 

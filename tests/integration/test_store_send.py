@@ -1,0 +1,120 @@
+"""C-STORE requests written by engine/dimse/storesend.py, against real Storage SCPs on loopback."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from engine.dicomfile import read_file_meta
+from engine.dimse.forward import StoreSession
+from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
+from engine.dimse.status import Status
+from engine.testing.dcmtk import StoreSCP
+from engine.testing.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def copies(folder: Path, name: str, count: int, branch: int = 1) -> list[Path]:
+    """Write `count` copies of a pydicom test file with distinct SOP Instance UIDs."""
+    source = get_testdata_file(name)
+    assert source is not None
+    ds = dcmread(source)
+    paths = []
+    for index in range(count):
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.7.{branch}.{index}"
+        path = folder / f"{name}-{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def dataset_bytes(path: Path) -> bytes:
+    meta = read_file_meta(path)
+    assert meta is not None
+    return path.read_bytes()[meta.dataset_start :]
+
+
+def client_for(ae_title: str, port: int) -> NodeClient:
+    node = NodeAddress("destination", ae_title, "127.0.0.1", port, timeout_seconds=10)
+    return NodeClient(node, "FDQR", AssociationTracker())
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+    # A small maximum PDU makes each object many P-DATA-TF PDUs.
+    scp = StoreSCP(tmp_path / "storescp", max_pdu=4096, bit_preserving=True)
+    scp.start()
+    yield scp
+    scp.stop()
+
+
+def test_objects_arrive_byte_for_byte(tmp_path: Path, storescp: StoreSCP) -> None:
+    files = copies(tmp_path, "CT_small.dcm", 3) + copies(tmp_path, "MR_small_RLE.dcm", 2, branch=2)
+
+    with StoreSession(client_for(storescp.ae_title, storescp.dicom_port)) as session:
+        problems = [session.send(path) for path in files]
+
+    assert problems == [""] * 5
+    received = {dcmread(path).SOPInstanceUID: path for path in storescp.files()}
+    assert len(received) == 5
+    for path in files:
+        sent = dcmread(path)
+        arrived = received[sent.SOPInstanceUID]
+        assert dataset_bytes(arrived) == dataset_bytes(path)
+        assert dcmread(arrived).file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+
+
+class RejectingSCP:
+    """A pynetdicom Storage SCP that answers every C-STORE with one status."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        self.status = status
+        self.comment = comment
+        self.port = free_port()
+        self.instances: list[str] = []
+        self._ae = AE(ae_title="REJECTER")
+        self._ae.supported_contexts = AllStoragePresentationContexts
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def _on_store(self, event: Any) -> Dataset:
+        with self._lock:
+            self.instances.append(str(event.request.AffectedSOPInstanceUID))
+        status = Dataset()
+        status.Status = self.status
+        status.ErrorComment = self.comment
+        return status
+
+    def start(self) -> None:
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def test_failure_status_reported(tmp_path: Path) -> None:
+    files = copies(tmp_path, "CT_small.dcm", 2)
+    scp = RejectingSCP(Status.OUT_OF_RESOURCES, "disk full")
+    scp.start()
+    try:
+        with StoreSession(client_for("REJECTER", scp.port)) as session:
+            problems = [session.send(path) for path in files]
+    finally:
+        scp.stop()
+
+    assert scp.instances == [dcmread(path).SOPInstanceUID for path in files]
+    assert all(problem.startswith("C-STORE status 0xA700") for problem in problems), problems
+    assert all(problem.endswith(": disk full") for problem in problems)

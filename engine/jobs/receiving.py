@@ -192,6 +192,8 @@ class Receiver:
             replaced = file_size(target)
             stamp_file(arrival.source, target, expectation.stamp, fsync=self.fsync, head=head)
         except StampRejected as error:
+            if self.spool is not None:
+                self.spool.release(reserved)
             self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
             logger.warning(
                 "%s: object %s rejected by the destination's profile: %s",

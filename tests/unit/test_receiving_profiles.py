@@ -7,6 +7,7 @@ from pathlib import Path
 from engine.coercion import CoercionProfile, Stamp
 from engine.dimse.status import Status
 from engine.jobs.receiving import ExpectationRegistry, Receiver
+from engine.jobs.spool import Spool
 from engine.model import Demographics
 from tests.unit.test_receiving import (
     LOCAL,
@@ -34,3 +35,18 @@ def test_receiver_rejects_object_profile_forbids(tmp_path: Path) -> None:
         "destination accepts only Latin-1: patient name has characters outside Latin-1"
     ]
     assert list(wanted.spool_dir.iterdir()) == []
+
+
+def test_profile_rejection_frees_spool_space(tmp_path: Path) -> None:
+    registry = ExpectationRegistry("FDQR")
+    spool = Spool(tmp_path / "spool", max_bytes=10_000_000, full_wait_seconds=0)
+    receiver = Receiver(InlineReactor(), registry, fsync=False, spool=spool)  # type: ignore[arg-type]
+    profile = CoercionProfile(character_set="latin1", non_latin1="reject")
+    wanted = expectation(tmp_path, "1.2.3")
+    wanted.stamp = Stamp(LOCAL, REMOTE, Demographics("ŁUKASZ^ŻÓŁW", "19650312", "M"), profile)
+    registry.expect(wanted)
+
+    verdict = receiver(arrival(received_file(tmp_path, "HA-1", "HOSP_A")))
+
+    assert verdict.status == Status.PROCESSING_FAILURE
+    assert spool.used_bytes == 0

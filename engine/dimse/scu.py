@@ -471,7 +471,14 @@ class NodeClient:
         def handle_store(event: Any) -> Dataset:
             nonlocal stores
             stores += 1
-            return status_dataset(on_store(arrival_from_event(event)))
+            arrival = arrival_from_event(event)
+            try:
+                return status_dataset(on_store(arrival))
+            finally:
+                # pynetdicom 3.0 removes the received file after a C-STORE on
+                # an association it accepted, but not on one it requested.
+                if arrival.path is not None:
+                    arrival.path.unlink(missing_ok=True)
 
         with self.associate(
             contexts,

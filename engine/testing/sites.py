@@ -121,13 +121,22 @@ class EngineProcess:
         self.mllp_port = mllp_port
         self.log_path = log_path
         self.log_level = log_level
+        # The engine's temporary files (received objects too large for memory),
+        # kept apart so that a test can check that none is left behind.
+        self.temp_dir = log_path.parent / f"{log_path.stem}-tmp"
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self._log = log
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
         # faulthandler writes every thread's stack to the log on SIGABRT (see stop).
-        environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+        environment = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            PYTHONFAULTHANDLER="1",
+            TMPDIR=str(self.temp_dir),
+        )
         self._process = subprocess.Popen(
             [
                 sys.executable,

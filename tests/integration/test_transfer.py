@@ -201,6 +201,9 @@ def test_get_with_role_selection(site: Site) -> None:
         io.BytesIO(site.destination.instance_file(site.destination.studies()[0]["InstanceIds"][0]))
     )
     assert stored.PatientID == LOCAL.id
+    # The files pynetdicom received the objects into are removed.
+    assert site.engine is not None
+    assert list(site.engine.temp_dir.iterdir()) == []
 
 
 def test_get_refused_falls_back_to_move(site: Site) -> None:

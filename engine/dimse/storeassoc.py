@@ -42,8 +42,14 @@ STORAGE_SOP_CLASSES = frozenset(
     str(context.abstract_syntax) for context in AllStoragePresentationContexts
 )
 SERVED_SOP_CLASSES = STORAGE_SOP_CLASSES | {str(Verification)}
-TRANSFER_SYNTAXES = frozenset(str(uid) for uid in ALL_TRANSFER_SYNTAXES)
+TRANSFER_SYNTAX_ORDER = tuple(str(uid) for uid in ALL_TRANSFER_SYNTAXES)
 
+# The elements a C-STORE-RQ must carry (PS3.7 table 9.3-1).
+STORE_REQUIRED_ELEMENTS = {
+    "Affected SOP Class UID": ul.AFFECTED_SOP_CLASS_UID,
+    "Message ID": ul.MESSAGE_ID,
+    "Affected SOP Instance UID": ul.AFFECTED_SOP_INSTANCE_UID,
+}
 # Status 0211: unrecognized operation (PS3.7 section C.4).
 UNRECOGNIZED_OPERATION = 0x0211
 # Objects up to this size are received into memory, larger ones into a temporary
@@ -90,18 +96,29 @@ def serves_only_storage(request: ul.AssociateRequest) -> bool:
 
 
 def negotiate(request: ul.AssociateRequest) -> list[ul.ContextResult]:
-    """Accept each served context with the first of its transfer syntaxes that pynetdicom lists."""
+    """Accept each served context with a transfer syntax chosen as pynetdicom 3.0 chooses it.
+
+    That is the first of pynetdicom's ALL_TRANSFER_SYNTAXES (uncompressed
+    ones first) that the requestor proposes, whatever the requestor's order.
+    A rejected context repeats the first proposed syntax, as pynetdicom does.
+    """
     results = []
     for context in request.contexts:
+        proposed = context.transfer_syntaxes
+        first = proposed[0] if proposed else ""
         if context.abstract_syntax not in SERVED_SOP_CLASSES:
             results.append(
-                ul.ContextResult(context.context_id, ul.CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, "")
+                ul.ContextResult(
+                    context.context_id, ul.CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, first
+                )
             )
             continue
-        chosen = next((ts for ts in context.transfer_syntaxes if ts in TRANSFER_SYNTAXES), None)
+        chosen = next((ts for ts in TRANSFER_SYNTAX_ORDER if ts in proposed), None)
         if chosen is None:
             results.append(
-                ul.ContextResult(context.context_id, ul.CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED, "")
+                ul.ContextResult(
+                    context.context_id, ul.CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED, first
+                )
             )
         else:
             results.append(ul.ContextResult(context.context_id, ul.CONTEXT_ACCEPTED, chosen))
@@ -206,10 +223,18 @@ class StorageAssociation:
             self.sock.close()
 
     def abort(self) -> None:
-        """End the association from another thread (the engine stops)."""
+        """End the association from another thread (the engine stops).
+
+        The A-ABORT is sent only when it fits in the socket buffer at once and
+        no PDU is being sent, so a peer that does not read never holds the stop.
+        """
         self._aborted.set()
-        with contextlib.suppress(OSError):
-            self.sock.sendall(ul.encode_abort(ul.ABORT_SOURCE_PROVIDER))
+        if self.pdus.lock.acquire(blocking=False):
+            try:
+                with contextlib.suppress(OSError):
+                    self.sock.send(ul.encode_abort(ul.ABORT_SOURCE_USER), socket.MSG_DONTWAIT)
+            finally:
+                self.pdus.lock.release()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -233,6 +258,9 @@ class StorageAssociation:
         except (ConnectionError, OSError) as error:
             if not self._aborted.is_set():
                 logger.warning("association from %s ended: %s", self.peer, error)
+        except Exception:
+            logger.exception("aborting association from %s: internal error", self.peer)
+            self._send_abort(ul.ABORT_REASON_NOT_SPECIFIED)
         finally:
             self._discard_data()
             self.sock.close()
@@ -298,6 +326,14 @@ class StorageAssociation:
         command = ul.decode_command(bytes(self._command))
         self._command.clear()
         field = command.command_field
+        if field == ul.C_STORE_RQ:
+            missing = [
+                name
+                for name, element in STORE_REQUIRED_ELEMENTS.items()
+                if not command.has(element)
+            ]
+            if missing:
+                raise ul.ProtocolError(f"C-STORE-RQ without {', '.join(missing)}")
         if field == ul.C_STORE_RQ and command.has_data_set:
             self._data_file = _DataFile.create(
                 context_id, command, self.accepted[context_id].transfer_syntax
@@ -328,7 +364,17 @@ class StorageAssociation:
                 self._buffer = bytearray(size)
             view = memoryview(self._buffer)[:size]
             self.pdus.read_exact(view)
-            data_file.write(view)
+            try:
+                data_file.write(view)
+            except OSError as error:
+                # The rest of the object is read and dropped, and the failure is the response.
+                logger.error(
+                    "object %s from %s not received: %s",
+                    data_file.command.text(ul.AFFECTED_SOP_INSTANCE_UID),
+                    self.peer,
+                    error,
+                )
+                data_file.fail()
             remaining -= size
         if not last:
             return
@@ -338,6 +384,11 @@ class StorageAssociation:
         if data_file.discarded:
             self._respond(
                 context_id, command, field, UNRECOGNIZED_OPERATION, "operation not supported"
+            )
+            return
+        if data_file.failed:
+            self._respond(
+                context_id, command, field, Status.OUT_OF_RESOURCES, "object could not be received"
             )
             return
         data_file.close()
@@ -401,6 +452,8 @@ class _DataFile:
         self._memory: bytearray | None = None if discarded else bytearray()
         self._fd: int | None = None
         self.path: Path | None = None
+        # Writing it failed (a full disk); the rest is read and dropped.
+        self.failed = False
 
     @classmethod
     def create(cls, context_id: int, command: ul.Command, transfer_syntax: str) -> _DataFile:
@@ -445,6 +498,11 @@ class _DataFile:
         self._fd, self.path = fd, Path(name)
         memory, self._memory = memoryview(self._memory), None
         self.write(memory)
+
+    def fail(self) -> None:
+        self.failed = True
+        self.close()
+        self.remove()
 
     def close(self) -> None:
         if self._fd is not None:

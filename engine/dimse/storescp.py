@@ -194,6 +194,8 @@ class StorageSCP:
             active = len(self._associations)
             if server is not None:
                 active += len(server.active_associations)
+            # NOTE: pynetdicom's own limit counts only its associations, so Q/R
+            # associations may still be accepted while storage ones use the limit.
             admitted = server is not None and active < self._ae.maximum_associations
             if admitted:
                 self._associations.add(association)

@@ -9,11 +9,14 @@ takes 33 PDUs. Here each PDU is one read from the file and one socket write.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+from contextlib import AbstractContextManager
 from io import BufferedReader
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
@@ -29,6 +32,8 @@ PRIORITY_MEDIUM = 0x0000
 DATA_SET_PRESENT = 0x0000
 # The PDU size when the peer sets no maximum (a maximum length of 0).
 UNLIMITED_PDU_BYTES = 1 << 20
+# The data put in one PDU is capped at 1 MB whatever the peer accepts, so memory stays bounded.
+MAX_PDU_DATA_BYTES = 1 << 20
 
 
 class SendFailed(DimseError):
@@ -57,11 +62,15 @@ def send_c_store(
     """
     pause_reactor(association)
     try:
-        _write_request(association, path, meta, context_id, message_id)
-    except OSError as error:
-        association.abort()
-        raise SendFailed(f"sending object {meta.sop_instance_uid} failed: {error}") from error
-    _, response = association.dimse.get_msg(block=True)
+        try:
+            _write_request(association, path, meta, context_id, message_id)
+        except OSError as error:
+            association.abort()
+            raise SendFailed(f"sending object {meta.sop_instance_uid} failed: {error}") from error
+        _, response = association.dimse.get_msg(block=True)
+    finally:
+        # Once resumed, the thread sends the A-RELEASE-RP a peer requests, and handles its A-ABORT.
+        association._reactor_checkpoint.set()
 
     if response is None:
         association._handle_no_response()
@@ -74,12 +83,9 @@ def send_c_store(
 
 
 def pause_reactor(association: Association) -> None:
-    """Stop the association's own thread, so that it does not take responses off the DIMSE queue.
+    """Stop the association's own thread, so that it does not take the response off the queue.
 
-    The thread stays paused, and stops polling, until pynetdicom resumes it:
-    its release(), abort() and send_c_store() all do. pynetdicom's own
-    send_c_store pauses it the same way for each request, which costs up to
-    one polling interval (1 ms) per object.
+    pynetdicom's own send_c_store pauses it the same way for each request.
     """
     association._reactor_checkpoint.clear()
     while not association._is_paused and association.is_alive():
@@ -91,9 +97,13 @@ def _write_request(
 ) -> None:
     transport = association.dul.socket
     sock: socket.socket | None = transport.socket if transport is not None else None
-    if sock is None or not association.is_established:
+    if transport is None or sock is None or not association.is_established:
         raise OSError("the association has ended")
     max_length = association.acceptor.maximum_length or UNLIMITED_PDU_BYTES
+    if max_length <= ul.PDV_HEADER.size:
+        raise OSError(f"the peer's maximum PDU length of {max_length} bytes holds no data")
+    # Held for each whole PDU, so that an A-ABORT the DUL thread sends goes between PDUs.
+    lock = getattr(transport, "write_lock", None) or contextlib.nullcontext()
 
     command = ul.encode_command(
         [
@@ -109,8 +119,9 @@ def _write_request(
     # A destination that stops reading must not hold this thread for ever.
     sock.settimeout(association.dimse_timeout)
     try:
-        sock.sendall(ul.encode_command_pdus(context_id, command, max_length))
-        _write_data_set(association, sock, path, meta.dataset_start, context_id, max_length)
+        with lock:
+            sock.sendall(ul.encode_command_pdus(context_id, command, max_length))
+        _write_data_set(association, sock, lock, path, meta.dataset_start, context_id, max_length)
     finally:
         sock.settimeout(previous_timeout)
 
@@ -118,6 +129,7 @@ def _write_request(
 def _write_data_set(
     association: Association,
     sock: socket.socket,
+    lock: AbstractContextManager[Any],
     path: Path,
     start: int,
     context_id: int,
@@ -125,12 +137,13 @@ def _write_data_set(
 ) -> None:
     """Send the file from `start` on as data set fragments, one PDV per PDU."""
     headers = ul.PDU_HEADER_LENGTH + ul.PDV_HEADER.size
-    room = max_length - ul.PDV_HEADER.size
-    buffer = bytearray(headers + room)
-    view = memoryview(buffer)
     with open(path, "rb") as reader:
         remaining = os.fstat(reader.fileno()).st_size - start
         reader.seek(start)
+        # PS3.8 bounds a PDU's length from above only, so smaller PDUs are valid.
+        room = min(max_length - ul.PDV_HEADER.size, MAX_PDU_DATA_BYTES, max(remaining, 1))
+        buffer = bytearray(headers + room)
+        view = memoryview(buffer)
         while True:
             size = min(room, remaining)
             _read_exact(reader, view[headers : headers + size])
@@ -139,7 +152,8 @@ def _write_data_set(
             ul.pack_data_headers(buffer, context_id, size, control)
             if not association.is_established:
                 raise OSError("the association ended while sending")
-            sock.sendall(view[: headers + size])
+            with lock:
+                sock.sendall(view[: headers + size])
             if remaining == 0:
                 return
 

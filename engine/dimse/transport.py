@@ -76,6 +76,17 @@ class NoDelayAE(AE):
         association_socket = super()._create_socket(assoc, address, tls_args)
         if association_socket.socket is not None:
             set_no_delay(association_socket.socket)
+        # storesend.py writes PDUs to this socket from another thread, so the DUL
+        # thread's own writes (an A-ABORT) take the same lock for each PDU.
+        lock = threading.Lock()
+        send = association_socket.send
+
+        def send_whole_pdu(data: bytes) -> None:
+            with lock:
+                send(data)
+
+        association_socket.write_lock = lock  # type: ignore[attr-defined]
+        association_socket.send = send_whole_pdu  # type: ignore[method-assign, assignment]
         # The DUL thread has not started yet, so nothing is in the old queue.
         assoc.dul.to_provider_queue = BoundedPDataQueue(assoc.dul)
         return association_socket
@@ -84,8 +95,8 @@ class NoDelayAE(AE):
 class NoDelayServer(ThreadedAssociationServer):
     """An association server whose accepted connections use TCP_NODELAY.
 
-    divert, when set, sees each connection first in the connection's own
-    thread; when it returns True it has served the connection, otherwise
+    divert, when set, gets each connection first, in the connection's own
+    thread. When it returns True it has served the connection, otherwise
     pynetdicom serves it.
     """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 
 # PDU types (PS3.8 table 9-11).
@@ -40,6 +41,7 @@ REASON_CALLED_AE_TITLE_NOT_RECOGNIZED = 7
 REASON_LOCAL_LIMIT_EXCEEDED = 2
 
 # A-ABORT source and reason (PS3.8 table 9-26).
+ABORT_SOURCE_USER = 0
 ABORT_SOURCE_PROVIDER = 2
 ABORT_REASON_NOT_SPECIFIED = 0
 ABORT_REASON_UNRECOGNIZED_PDU = 1
@@ -286,6 +288,10 @@ class Command:
         number: int = struct.unpack("<H", value)[0]
         return number
 
+    def has(self, element: int) -> bool:
+        """Return whether the element is present with a value."""
+        return bool(self._elements.get(element))
+
     def text(self, element: int) -> str:
         return _text(self._elements.get(element, b""))
 
@@ -339,6 +345,8 @@ class PDUSocket:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._header = bytearray(PDU_HEADER_LENGTH)
+        # Held while a PDU is written, so that another thread's A-ABORT goes between PDUs.
+        self.lock = threading.Lock()
 
     def read_exact(self, view: memoryview) -> None:
         """Fill `view` from the socket; raise ConnectionError when the peer closes first."""
@@ -358,4 +366,5 @@ class PDUSocket:
         return bytes(buffer)
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        with self.lock:
+            self.sock.sendall(data)

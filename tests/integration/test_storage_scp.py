@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     CTImageStorage,
@@ -447,3 +449,69 @@ def test_stop_aborts_open_association(recorder: Recorder, incoming: Path) -> Non
 
 def struct_pdu(pdu_type: int, body: bytes) -> bytes:
     return bytes([pdu_type, 0]) + len(body).to_bytes(4, "big") + body
+
+
+def read_response(sock: socket.socket) -> ul.Command:
+    pdus = ul.PDUSocket(sock)
+    pdu_type, length = pdus.read_header()
+    body = pdus.read_bytes(length)
+    assert pdu_type == ul.P_DATA_TF
+    return ul.decode_command(body[6:])
+
+
+@pytest.mark.parametrize("message_id", [32, 0x2000, 0xFFFF])
+def test_message_ids_of_padding_bytes_accepted(
+    scp: StorageSCP, recorder: Recorder, message_id: int
+) -> None:
+    """Message IDs whose bytes are spaces or NULs are values, not padding."""
+    sock = open_raw(scp)
+    sock.sendall(ul.encode_command_pdus(1, store_command(message_id), 0))
+    sock.sendall(data_pdu(dataset_bytes(ct_file()), last=True))
+    response = read_response(sock)
+    sock.close()
+
+    assert response.number(ul.MESSAGE_ID_BEING_RESPONDED_TO) == message_id
+    assert response.number(ul.STATUS) == Status.SUCCESS
+    assert len(recorder.arrivals) == 1
+
+
+def test_store_without_instance_uid_aborted(scp: StorageSCP, recorder: Recorder) -> None:
+    sock = open_raw(scp)
+    command = ul.encode_command(
+        [
+            (ul.AFFECTED_SOP_CLASS_UID, CTImageStorage),
+            (ul.COMMAND_FIELD, ul.C_STORE_RQ),
+            (ul.MESSAGE_ID, 1),
+            (ul.COMMAND_DATA_SET_TYPE, 0),
+        ]
+    )
+    sock.sendall(ul.encode_command_pdus(1, command, 0))
+    received = read_until_closed(sock)
+    sock.close()
+
+    assert received[:1] == bytes([ul.ABORT])
+    assert recorder.arrivals == []
+
+
+def test_disk_failure_answered_out_of_resources(
+    scp: StorageSCP, recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storeassoc, "MEMORY_OBJECT_BYTES", 4096)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    small = Dataset()
+    small.SOPClassUID = CTImageStorage
+    small.SOPInstanceUID = "1.2.3.88"
+    small.PatientID = "HA-1"
+    small.file_meta = FileMetaDataset()
+    small.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    association = client().associate("127.0.0.1", scp.port, ae_title=AE_TITLE)
+    large_status = association.send_c_store(dcmread(ct_file()))
+    small_status = association.send_c_store(small)
+    association.release()
+
+    assert large_status.Status == Status.OUT_OF_RESOURCES
+    assert large_status.ErrorComment == "object could not be received"
+    # The association goes on: an object small enough for memory is stored.
+    assert small_status.Status == Status.SUCCESS
+    assert [arrival.data is not None for arrival in recorder.arrivals] == [True]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,25 +75,43 @@ def test_objects_arrive_byte_for_byte(tmp_path: Path, storescp: StoreSCP) -> Non
         assert dcmread(arrived).file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
 
 
-class RejectingSCP:
-    """A pynetdicom Storage SCP that answers every C-STORE with one status."""
+class PynetdicomSCP:
+    """A pynetdicom Storage SCP that returns one status for every C-STORE.
 
-    def __init__(self, status: int, comment: str) -> None:
+    after_store, when set, runs on the association after each object, from
+    another thread a moment after the response.
+    """
+
+    def __init__(
+        self,
+        status: int = Status.SUCCESS,
+        comment: str = "",
+        max_pdu: int = 16382,
+        after_store: str = "",
+    ) -> None:
         self.status = status
         self.comment = comment
+        self.after_store = after_store
         self.port = free_port()
         self.instances: list[str] = []
-        self._ae = AE(ae_title="REJECTER")
+        self.datasets: list[bytes] = []
+        self._ae = AE(ae_title="PYNETDICOM")
         self._ae.supported_contexts = AllStoragePresentationContexts
+        self._ae.maximum_pdu_size = max_pdu
         self._server: Any = None
         self._lock = threading.Lock()
 
     def _on_store(self, event: Any) -> Dataset:
         with self._lock:
             self.instances.append(str(event.request.AffectedSOPInstanceUID))
+            self.datasets.append(bytes(event.request.DataSet.getvalue()))
+        if self.after_store:
+            action = getattr(event.assoc, self.after_store)
+            threading.Timer(0.2, action).start()
         status = Dataset()
         status.Status = self.status
-        status.ErrorComment = self.comment
+        if self.comment:
+            status.ErrorComment = self.comment
         return status
 
     def start(self) -> None:
@@ -107,10 +127,10 @@ class RejectingSCP:
 
 def test_failure_status_reported(tmp_path: Path) -> None:
     files = copies(tmp_path, "CT_small.dcm", 2)
-    scp = RejectingSCP(Status.OUT_OF_RESOURCES, "disk full")
+    scp = PynetdicomSCP(Status.OUT_OF_RESOURCES, "disk full")
     scp.start()
     try:
-        with StoreSession(client_for("REJECTER", scp.port)) as session:
+        with StoreSession(client_for("PYNETDICOM", scp.port)) as session:
             problems = [session.send(path) for path in files]
     finally:
         scp.stop()
@@ -118,3 +138,46 @@ def test_failure_status_reported(tmp_path: Path) -> None:
     assert scp.instances == [dcmread(path).SOPInstanceUID for path in files]
     assert all(problem.startswith("C-STORE status 0xA700") for problem in problems), problems
     assert all(problem.endswith(": disk full") for problem in problems)
+
+
+@pytest.mark.parametrize("max_pdu", [0, 0x7FFFFFFF])
+def test_large_peer_pdu_bounded(tmp_path: Path, max_pdu: int) -> None:
+    """A destination without a maximum PDU length, or a huge one, costs no large buffer."""
+    files = copies(tmp_path, "CT_small.dcm", 2)
+    scp = PynetdicomSCP(max_pdu=max_pdu)
+    scp.start()
+    tracemalloc.start()
+    try:
+        with StoreSession(client_for("PYNETDICOM", scp.port)) as session:
+            problems = [session.send(path) for path in files]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        scp.stop()
+
+    assert problems == ["", ""]
+    assert scp.datasets == [dataset_bytes(path) for path in files]
+    # pynetdicom's SCP thread keeps each whole object in memory (39 KB here).
+    assert peak < 8_000_000
+
+
+@pytest.mark.parametrize("ending", ["release", "abort"])
+def test_association_ended_by_peer_reopened(tmp_path: Path, ending: str) -> None:
+    files = copies(tmp_path, "CT_small.dcm", 2)
+    scp = PynetdicomSCP(after_store=ending)
+    scp.start()
+    try:
+        with StoreSession(client_for("PYNETDICOM", scp.port)) as session:
+            first = session.send(files[0])
+            time.sleep(1.0)
+            started = time.monotonic()
+            second = session.send(files[1])
+            seconds = time.monotonic() - started
+    finally:
+        scp.stop()
+
+    assert first == ""
+    assert second == ""
+    # Well within the DIMSE timeout (10 s) that a dead association would cost.
+    assert seconds < 3
+    assert scp.instances == [dcmread(path).SOPInstanceUID for path in files]

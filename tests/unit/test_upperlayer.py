@@ -171,3 +171,28 @@ def test_data_headers_packed() -> None:
 
     assert ul.pdu_header(bytes(buffer[:6])) == (ul.P_DATA_TF, 10)
     assert ul.PDV_HEADER.unpack_from(buffer, 6) == (6, 3, ul.LAST_FRAGMENT)
+
+
+def test_transfer_syntax_chosen_like_pynetdicom() -> None:
+    jpeg_baseline = "1.2.840.10008.1.2.4.50"
+    request = ul.parse_associate_request(
+        request_bytes(
+            [
+                (CTImageStorage, [jpeg_baseline, EXPLICIT, IMPLICIT]),
+                (CTImageStorage, [jpeg_baseline]),
+                (CTImageStorage, [PRIVATE_SYNTAX]),
+                (FIND, [EXPLICIT]),
+            ]
+        )[6:]
+    )
+
+    results = {result.context_id: result for result in negotiate(request)}
+
+    # pynetdicom takes the first of its own list (Implicit VR Little Endian first).
+    assert results[1].transfer_syntax == IMPLICIT
+    assert results[3].transfer_syntax == jpeg_baseline
+    assert results[5].result == ul.CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
+    # A rejected context repeats the first proposed syntax.
+    assert results[5].transfer_syntax == PRIVATE_SYNTAX
+    assert results[7].result == ul.CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED
+    assert results[7].transfer_syntax == EXPLICIT

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from engine.coercion import CoercionProfile, Stamp
 from engine.dimse.status import Status
-from engine.jobs.receiving import ExpectationRegistry, Receiver
+from engine.jobs.receiving import Expectation, ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
 from engine.model import Demographics
 from tests.unit.test_receiving import (
@@ -19,13 +19,21 @@ from tests.unit.test_receiving import (
 )
 
 
-def test_receiver_rejects_object_profile_forbids(tmp_path: Path) -> None:
+def latin1_only_retrieval(
+    tmp_path: Path, spool: Spool | None = None
+) -> tuple[Receiver, Expectation]:
+    """A receiver whose one retrieval stamps a name its Latin-1-only profile rejects."""
     registry = ExpectationRegistry("FDQR")
-    receiver = Receiver(InlineReactor(), registry, fsync=False)  # type: ignore[arg-type]
+    receiver = Receiver(InlineReactor(), registry, fsync=False, spool=spool)  # type: ignore[arg-type]
     profile = CoercionProfile(character_set="latin1", non_latin1="reject")
     wanted = expectation(tmp_path, "1.2.3")
     wanted.stamp = Stamp(LOCAL, REMOTE, Demographics("ŁUKASZ^ŻÓŁW", "19650312", "M"), profile)
     registry.expect(wanted)
+    return receiver, wanted
+
+
+def test_receiver_rejects_object_profile_forbids(tmp_path: Path) -> None:
+    receiver, wanted = latin1_only_retrieval(tmp_path)
 
     verdict = receiver(arrival(received_file(tmp_path, "HA-1", "HOSP_A")))
     assert verdict.status == Status.PROCESSING_FAILURE
@@ -38,13 +46,8 @@ def test_receiver_rejects_object_profile_forbids(tmp_path: Path) -> None:
 
 
 def test_profile_rejection_frees_spool_space(tmp_path: Path) -> None:
-    registry = ExpectationRegistry("FDQR")
     spool = Spool(tmp_path / "spool", max_bytes=10_000_000, full_wait_seconds=0)
-    receiver = Receiver(InlineReactor(), registry, fsync=False, spool=spool)  # type: ignore[arg-type]
-    profile = CoercionProfile(character_set="latin1", non_latin1="reject")
-    wanted = expectation(tmp_path, "1.2.3")
-    wanted.stamp = Stamp(LOCAL, REMOTE, Demographics("ŁUKASZ^ŻÓŁW", "19650312", "M"), profile)
-    registry.expect(wanted)
+    receiver, _ = latin1_only_retrieval(tmp_path, spool)
 
     verdict = receiver(arrival(received_file(tmp_path, "HA-1", "HOSP_A")))
 

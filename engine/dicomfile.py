@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -35,6 +37,7 @@ LAST_SCANNED_GROUP = 0x0020
 _TAG = struct.Struct("<HH")
 _UINT16 = struct.Struct("<H")
 _UINT32 = struct.Struct("<I")
+T = TypeVar("T")
 
 
 class Truncated(Exception):
@@ -96,20 +99,7 @@ def scan_head(source: Path | bytes) -> Head | None:
             return _scan(source, whole_file=True)
         except (Truncated, ValueError, struct.error):
             return None
-    with open(source, "rb") as reader:
-        data = reader.read(HEAD_BYTES)
-        whole_file = len(data) < HEAD_BYTES
-        while True:
-            try:
-                return _scan(data, whole_file)
-            except Truncated:
-                if whole_file or len(data) >= MAX_HEAD_BYTES:
-                    return None
-                more = reader.read(len(data))
-                whole_file = len(more) < len(data)
-                data += more
-            except (ValueError, struct.error):
-                return None
+    return _parse_start(source, HEAD_BYTES, _scan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,21 +114,37 @@ class FileMeta:
 
 def read_file_meta(path: Path) -> FileMeta | None:
     """Read the file meta information without pydicom; None when it cannot be laid out."""
+    return _parse_start(path, META_BYTES, lambda data, _: _file_meta(data))
+
+
+def _parse_start(
+    path: Path, first_bytes: int, parse: Callable[[bytes, bool], T | None]
+) -> T | None:
+    """Return parse(data, whole_file) of the file's first bytes; None when it cannot.
+
+    While parse raises Truncated, twice as many bytes are read, up to
+    MAX_HEAD_BYTES. whole_file tells parse that data ends where the file does.
+    """
     with open(path, "rb") as reader:
-        data = reader.read(META_BYTES)
-        if data[PREAMBLE_BYTES : PREAMBLE_BYTES + 4] != b"DICM":
-            return None
+        data = reader.read(first_bytes)
+        whole_file = len(data) < first_bytes
         while True:
             try:
-                end, values = _meta_values(data, PREAMBLE_BYTES + 4)
-                break
+                return parse(data, whole_file)
             except Truncated:
-                more = reader.read(len(data))
-                if not more or len(data) >= MAX_HEAD_BYTES:
+                if whole_file or len(data) >= MAX_HEAD_BYTES:
                     return None
+                more = reader.read(len(data))
+                whole_file = len(more) < len(data)
                 data += more
             except (ValueError, struct.error):
                 return None
+
+
+def _file_meta(data: bytes) -> FileMeta | None:
+    if data[PREAMBLE_BYTES : PREAMBLE_BYTES + 4] != b"DICM":
+        return None
+    end, values = _meta_values(data, PREAMBLE_BYTES + 4)
     sop_class, instance, syntax = (values.get(element, "") for element in (2, 3, 0x10))
     if not (sop_class and instance and syntax):
         return None

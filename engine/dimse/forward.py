@@ -21,7 +21,7 @@ from types import TracebackType
 from pydicom.filereader import read_file_meta_info
 from pynetdicom.association import Association
 
-from engine.dicomfile import read_file_meta
+from engine.dicomfile import FileMeta, read_file_meta
 from engine.dimse.contexts import (
     MAX_CONTEXTS,
     UNCOMPRESSED,
@@ -75,22 +75,30 @@ class StoreSession:
         Raises DimseError when no association with the node can be opened.
         """
         try:
-            meta = read_file_meta_info(path)
-            key = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+            meta = read_file_meta(path)
+            if meta is not None:
+                key = (meta.sop_class_uid, str(meta.transfer_syntax))
+            else:
+                # A file meta that engine/dicomfile.py cannot lay out: pydicom reads it.
+                pydicom_meta = read_file_meta_info(path)
+                key = (
+                    str(pydicom_meta.MediaStorageSOPClassUID),
+                    str(pydicom_meta.TransferSyntaxUID),
+                )
         except Exception as error:
             return f"unreadable file: {error}"
         try:
-            return self._send(path, key)
+            return self._send(path, key, meta)
         except DimseError as error:
             # An association the node closed while idle is opened again once.
             self.close(error)
             logger.info("C-STORE to %s interrupted (%s); reconnecting", self.client.node, error)
-            return self._send(path, key)
+            return self._send(path, key, meta)
 
-    def _send(self, path: Path, key: StorageKey) -> str:
+    def _send(self, path: Path, key: StorageKey, meta: FileMeta | None) -> str:
         association = self._association_for(key)
         if key in self._accepted:
-            return self._store(association, path)
+            return self._store(association, path, meta)
 
         sop_class, syntax = key
         fallback = next((s for s in UNCOMPRESSED if (sop_class, s) in self._accepted), None)
@@ -102,7 +110,7 @@ class StoreSession:
         converted = path.with_name(path.name + TRANSCODED_SUFFIX)
         try:
             transcode(path, converted, fallback)
-            return self._store(association, converted)
+            return self._store(association, converted, read_file_meta(converted))
         except TranscodeError as error:
             kind = "decompress" if is_compressed(syntax) else "convert"
             return (
@@ -111,9 +119,9 @@ class StoreSession:
         finally:
             converted.unlink(missing_ok=True)
 
-    def _store(self, association: Association, path: Path) -> str:
+    def _store(self, association: Association, path: Path, meta: FileMeta | None) -> str:
+        """C-STORE one file, written straight to the socket when its file meta was laid out."""
         message_id = self.client.next_message_id()
-        meta = read_file_meta(path)
         context_id = 0
         if meta is not None:
             context_id = accepted_context_id(

@@ -5,10 +5,10 @@ classes only, and sends every object of the study over it. pynetdicom spends
 a state machine step, a queue hand-over and a polling wake-up on each PDU,
 which made the engine's retrieve about half as fast as Orthanc's own C-MOVE.
 Here one thread reads each PDU header, then copies the data of each PDV
-straight into the object's temporary file.
+straight into the object, in memory or in a temporary file.
 
 The Storage SCP's server looks at each A-ASSOCIATE-RQ before pynetdicom reads
-it (see StorageSCP.divert). An association whose contexts are all storage or
+it (see StorageSCP._divert). An association whose contexts are all storage or
 Verification is served here, and any other one (the federated Q/R SCP's
 C-FIND, C-MOVE and C-GET) by pynetdicom as before.
 """
@@ -80,7 +80,6 @@ class StoreRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    ae_title: str
     max_pdu_length: int
     implementation_class_uid: str
     implementation_version_name: str
@@ -105,23 +104,18 @@ def negotiate(request: ul.AssociateRequest) -> list[ul.ContextResult]:
     results = []
     for context in request.contexts:
         proposed = context.transfer_syntaxes
-        first = proposed[0] if proposed else ""
-        if context.abstract_syntax not in SERVED_SOP_CLASSES:
-            results.append(
-                ul.ContextResult(
-                    context.context_id, ul.CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED, first
-                )
-            )
-            continue
+        served = context.abstract_syntax in SERVED_SOP_CLASSES
         chosen = next((ts for ts in TRANSFER_SYNTAX_ORDER if ts in proposed), None)
-        if chosen is None:
-            results.append(
-                ul.ContextResult(
-                    context.context_id, ul.CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED, first
-                )
-            )
-        else:
+        if served and chosen is not None:
             results.append(ul.ContextResult(context.context_id, ul.CONTEXT_ACCEPTED, chosen))
+            continue
+        if served:
+            result = ul.CONTEXT_TRANSFER_SYNTAXES_NOT_SUPPORTED
+        else:
+            result = ul.CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED
+        results.append(
+            ul.ContextResult(context.context_id, result, proposed[0] if proposed else "")
+        )
     return results
 
 
@@ -195,8 +189,7 @@ class StorageAssociation:
 
     def accept(self) -> None:
         """Consume the peeked request and send the A-ASSOCIATE-AC."""
-        _, length = self.pdus.read_header()
-        self.pdus.read_bytes(length)
+        self._consume_request()
         results = negotiate(self.request)
         self.accepted = {r.context_id: r for r in results if r.result == ul.CONTEXT_ACCEPTED}
         self.pdus.send(
@@ -214,19 +207,23 @@ class StorageAssociation:
         logger.warning("rejected association from %s: reason %d", self.peer, reason)
         try:
             self.sock.settimeout(self.settings.network_timeout)
-            _, length = self.pdus.read_header()
-            self.pdus.read_bytes(length)
+            self._consume_request()
             self.pdus.send(ul.encode_associate_reject(result, source, reason))
         except OSError as error:
             logger.warning("rejecting association from %s failed: %s", self.peer, error)
         finally:
             self.sock.close()
 
+    def _consume_request(self) -> None:
+        """Read the A-ASSOCIATE-RQ that peek_request left on the socket."""
+        _, length = self.pdus.read_header()
+        self.pdus.read_bytes(length)
+
     def abort(self) -> None:
         """End the association from another thread (the engine stops).
 
         The A-ABORT is sent only when it fits in the socket buffer at once and
-        no PDU is being sent, so a peer that does not read never holds the stop.
+        no PDU is being sent, so a peer that does not read cannot delay the stop.
         """
         self._aborted.set()
         if self.pdus.lock.acquire(blocking=False):
@@ -356,6 +353,13 @@ class StorageAssociation:
             raise ul.ProtocolError(
                 f"data set on context {context_id}, its command on {data_file.context_id}"
             )
+        self._read_data(data_file, length)
+        if last:
+            self._data_file = None
+            self._complete(context_id, data_file)
+
+    def _read_data(self, data_file: _DataFile, length: int) -> None:
+        """Copy `length` bytes of data set into the object being received."""
         # Read in pieces, so that memory stays bounded whatever PDU length the peer uses.
         remaining = length
         while remaining:
@@ -376,9 +380,9 @@ class StorageAssociation:
                 )
                 data_file.fail()
             remaining -= size
-        if not last:
-            return
-        self._data_file = None
+
+    def _complete(self, context_id: int, data_file: _DataFile) -> None:
+        """Store the object whose last fragment has arrived, and send the C-STORE-RSP."""
         command = data_file.command
         field = command.command_field or 0
         if data_file.discarded:
@@ -432,7 +436,6 @@ class StorageAssociation:
 
     def _discard_data(self) -> None:
         if self._data_file is not None:
-            self._data_file.close()
             self._data_file.remove()
             self._data_file = None
 
@@ -501,7 +504,6 @@ class _DataFile:
 
     def fail(self) -> None:
         self.failed = True
-        self.close()
         self.remove()
 
     def close(self) -> None:
@@ -510,6 +512,8 @@ class _DataFile:
             self._fd = None
 
     def remove(self) -> None:
+        """Drop what was received, in memory or on disk; later writes are dropped too."""
         self._memory = None
+        self.close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)

@@ -121,7 +121,6 @@ class StorageSCP:
         self._server: NoDelayServer | None = None
         self._extra_handlers: list[tuple[Any, Callable[..., Any]]] = []
         self._storage_settings = storeassoc.Settings(
-            ae_title=ae_title,
             max_pdu_length=max_pdu_bytes,
             implementation_class_uid=PYNETDICOM_IMPLEMENTATION_UID,
             implementation_version_name=PYNETDICOM_IMPLEMENTATION_VERSION,

@@ -101,7 +101,9 @@ def _write_request(
         raise OSError("the association has ended")
     max_length = association.acceptor.maximum_length or UNLIMITED_PDU_BYTES
     if max_length <= ul.PDV_HEADER.size:
-        raise OSError(f"the peer's maximum PDU length of {max_length} bytes holds no data")
+        raise OSError(
+            f"the peer's maximum PDU length of {max_length} bytes leaves no room for data"
+        )
     # Held for each whole PDU, so that an A-ABORT the DUL thread sends goes between PDUs.
     lock = getattr(transport, "write_lock", None) or contextlib.nullcontext()
 

@@ -182,7 +182,7 @@ def encode_associate_accept(
     implementation_class_uid: str,
     implementation_version_name: str,
 ) -> bytes:
-    """Encode the A-ASSOCIATE-AC answering `request` with one result per proposed context.
+    """Encode the A-ASSOCIATE-AC for `request`, with one result per proposed context.
 
     The called and calling AE titles are sent back as the request gave them;
     PS3.8 says the acceptor must not test them on receipt.
@@ -236,7 +236,7 @@ def encode_command_pdus(context_id: int, command: bytes, max_pdu_length: int) ->
 
 
 def pack_data_headers(buffer: bytearray, context_id: int, size: int, control: int) -> None:
-    """Write the PDU and PDV headers of a P-DATA-TF whose one PDV holds `size` bytes.
+    """Write the PDU and PDV headers of a P-DATA-TF with one PDV of `size` data bytes.
 
     The 12 header bytes go at the start of `buffer`, and the data follows them.
     """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,36 +94,28 @@ def receiver_and_registry() -> tuple[Receiver, ExpectationRegistry]:
     return Receiver(InlineReactor(), registry, fsync=False), registry  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
 def test_receiver_spools_stamped_object(
-    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
+    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry], in_memory: bool
 ) -> None:
+    """The object arrives in a file, or whole in memory (the engine's storage associations)."""
     receiver, registry = receiver_and_registry
     wanted = expectation(tmp_path, "1.2.3")
     registry.expect(wanted)
-    verdict = receiver(arrival(received_file(tmp_path, "HA-1", "HOSP_A")))
+    path = received_file(tmp_path, "HA-1", "HOSP_A")
+    if in_memory:
+        received = Arrival(None, "HOSP_A", "FDQR", 7, data=path.read_bytes())
+    else:
+        received = arrival(path)
+
+    verdict = receiver(received)
+
     assert verdict.status == Status.SUCCESS
     [spooled] = list(wanted.spool_dir.glob("*.dcm"))
     stamped = dcmread(spooled)
     assert stamped.PatientID == "L1"
     assert stamped.IssuerOfPatientID == "LOCAL"
-    assert wanted.received == 1
-
-
-def test_receiver_spools_object_in_memory(
-    tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
-) -> None:
-    receiver, registry = receiver_and_registry
-    wanted = expectation(tmp_path, "1.2.3")
-    registry.expect(wanted)
-    data = received_file(tmp_path, "HA-1", "HOSP_A").read_bytes()
-
-    verdict = receiver(Arrival(None, "HOSP_A", "FDQR", 7, data=data))
-
-    assert verdict.status == Status.SUCCESS
-    [spooled] = list(wanted.spool_dir.glob("*.dcm"))
-    stamped = dcmread(spooled)
-    assert stamped.PatientID == "L1"
-    assert stamped.PixelData == dcmread(io.BytesIO(data)).PixelData
+    assert stamped.PixelData == dcmread(path).PixelData
     assert wanted.received == 1
 
 

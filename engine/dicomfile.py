@@ -123,7 +123,7 @@ def _parse_start(
     """Return parse(data, whole_file) of the file's first bytes; None when it cannot.
 
     While parse raises Truncated, twice as many bytes are read, up to
-    MAX_HEAD_BYTES. whole_file tells parse that data ends where the file does.
+    MAX_HEAD_BYTES. whole_file is True when data ends where the file does.
     """
     with open(path, "rb") as reader:
         data = reader.read(first_bytes)

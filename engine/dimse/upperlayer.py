@@ -184,8 +184,8 @@ def encode_associate_accept(
 ) -> bytes:
     """Encode the A-ASSOCIATE-AC for `request`, with one result per proposed context.
 
-    The called and calling AE titles are sent back as the request gave them;
-    PS3.8 says the acceptor must not test them on receipt.
+    The called and calling AE titles are sent back as the request gave them,
+    as PS3.8 section 9.3.3 requires. The requestor does not test them.
     """
     items = [_item(0x10, APPLICATION_CONTEXT.encode())]
     for result in results:

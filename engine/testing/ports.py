@@ -5,14 +5,26 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
 import time
+
+# Ports free_port has returned in this process. The kernel may hand the same
+# ephemeral port to two probes in a row, and a test that picks its ports before
+# starting anything would then give one port to two listeners.
+_returned_ports: set[int] = set()
+_returned_lock = threading.Lock()
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that was free a moment ago and not returned before."""
+    with _returned_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = int(probe.getsockname()[1])
+            if port not in _returned_ports:
+                _returned_ports.add(port)
+                return port
 
 
 def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:

@@ -55,7 +55,7 @@ from engine.testing.dcmtk import StoreSCP  # noqa: E402
 from engine.testing.dicomgen import PatientSpec  # noqa: E402
 from engine.testing.orthanc import OrthancServer, dcmtk_environment  # noqa: E402
 from engine.testing.scenario import order_message, prefetch_scenario  # noqa: E402
-from engine.testing.sites import EngineProcess, Network  # noqa: E402
+from engine.testing.sites import EngineProcess, Network, wait_for_newest_job  # noqa: E402
 
 MB = 1_000_000
 JOB_TIMEOUT_SECONDS = 1800.0
@@ -260,7 +260,8 @@ def time_fdqr(
         started = time.perf_counter()
         with hl7.client.MLLPClient("127.0.0.1", network.ports.mllp) as client:
             client.send_message(message)
-        job_id, summary = wait_for_job(store_path)
+        job = wait_for_newest_job(store_path, JOB_TIMEOUT_SECONDS, 0.05)
+        job_id, summary = job.id, f"{job.state}: {job.summary}"
         job_seconds = time.perf_counter() - started
         peak_rss_mb = peak_rss(engine)
     finally:
@@ -270,21 +271,6 @@ def time_fdqr(
     assert count == len(study.files), f"fdqr stored {count} of {len(study.files)}: {summary}"
     window = transfer_window(store_path, job_id, study.uid)
     return FdqrRun(window, job_seconds, peak_rss_mb, summary)
-
-
-def wait_for_job(store_path: Path) -> tuple[int, str]:
-    deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if store_path.exists():
-            store = Store(store_path)
-            try:
-                jobs = store.list_jobs(1)
-            finally:
-                store.close()
-            if jobs and jobs[0].state.finished:
-                return jobs[0].id, f"{jobs[0].state}: {jobs[0].summary}"
-        time.sleep(0.05)
-    raise TimeoutError(f"the fdqr job did not finish within {JOB_TIMEOUT_SECONDS}s")
 
 
 def transfer_window(store_path: Path, job_id: int, study_uid: str) -> float:

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from engine.clitools import format_table
 from engine.jobs.store import JobRecord, Store
 from engine.testing.scenario import Scenario, order_message, prefetch_scenario
-from engine.testing.sites import REPOSITORY, EngineProcess, Network
+from engine.testing.sites import REPOSITORY, EngineProcess, Network, wait_for_newest_job
 
 JOB_TIMEOUT_SECONDS = 120.0
 
@@ -49,7 +49,7 @@ def run_demo(keep: bool = False) -> int:
         control_id = f"DEMO{dt.datetime.now():%H%M%S}"
         ack = _send_order(network, scenario, control_id)
         click.echo(f"ACK: {ack}")
-        job = _wait_for_job(folder / "engine" / "fdqr.sqlite")
+        job = wait_for_newest_job(folder / "engine" / "fdqr.sqlite", JOB_TIMEOUT_SECONDS, 0.25)
         click.echo(
             f"\nJob {job.id}: {job.state} after {time.monotonic() - started:.1f} s: {job.summary}"
         )
@@ -109,21 +109,6 @@ def _send_order(network: Network, scenario: Scenario, control_id: str) -> str:
     msa = next((segment for segment in segments if segment.startswith(b"MSA")), b"")
     fields = [*msa.decode(errors="replace").split("|"), "?", "?"]
     return f"MSA-1 {fields[1]}, MSA-2 {fields[2]}"
-
-
-def _wait_for_job(store_path: Path) -> JobRecord:
-    deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if store_path.exists():
-            store = Store(store_path)
-            try:
-                jobs = store.list_jobs(1)
-            finally:
-                store.close()
-            if jobs and jobs[0].state.finished:
-                return jobs[0]
-        time.sleep(0.25)
-    raise TimeoutError(f"the job did not finish within {JOB_TIMEOUT_SECONDS:.0f} s")
 
 
 def _print_decisions(store_path: Path, job: JobRecord) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from engine.jobs.store import JobRecord, Store
 from engine.testing.dicomgen import build_study, encode
 from engine.testing.orthanc import OrthancServer
 from engine.testing.ports import free_port, wait_for_port
@@ -206,3 +207,22 @@ class EngineProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def wait_for_newest_job(store_path: Path, timeout: float, poll_seconds: float) -> JobRecord:
+    """Wait until the newest job in the store at store_path has finished, and return it.
+
+    Raises TimeoutError when it has not finished within `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store_path.exists():
+            store = Store(store_path)
+            try:
+                jobs = store.list_jobs(1)
+            finally:
+                store.close()
+            if jobs and jobs[0].state.finished:
+                return jobs[0]
+        time.sleep(poll_seconds)
+    raise TimeoutError(f"the job did not finish within {timeout:.0f} s")

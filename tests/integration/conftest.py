@@ -32,6 +32,21 @@ def read_jobs(store_path: Path) -> list[JobRecord]:
         store.close()
 
 
+def read_events(store_path: Path, job_id: int) -> list[str]:
+    """Return the texts of a job's events, oldest first."""
+    store = Store(store_path)
+    try:
+        return [text for _, text in store.events(job_id)]
+    finally:
+        store.close()
+
+
+def place_order(port: int, store_path: Path, message: bytes, control_id: str) -> int:
+    """Send an order, check that it is accepted, and return the newest job's id."""
+    assert send(port, message)[1] == f"MSA|AA|{control_id}"
+    return max(job.id for job in read_jobs(store_path))
+
+
 def read_studies(store_path: Path, job_id: int) -> list[StudyRecord]:
     store = Store(store_path)
     try:

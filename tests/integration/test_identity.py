@@ -15,13 +15,20 @@ import pytest
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.jobs.store import JobState, Store
+from engine.jobs.store import JobState
 from engine.testing.adt import merge_message
 from engine.testing.dicomgen import PatientSpec, SeriesSpec, StudySpec, years_before
 from engine.testing.ports import free_port, wait_for_port
 from engine.testing.scenario import Placement, Scenario, order_message
 from engine.testing.sites import REPOSITORY, EngineProcess, Network
-from tests.integration.conftest import instances_of_study, read_jobs, send, wait_for_job
+from tests.integration.conftest import (
+    instances_of_study,
+    place_order,
+    read_events,
+    read_jobs,
+    send,
+    wait_for_job,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -87,15 +94,10 @@ class Site:
 
     def order(self, control_id: str, patient: PatientSpec = LOCAL) -> int:
         message = order_message(patient, control_id, f"ACC-{control_id}", dt.datetime.now())
-        assert send(self.network.ports.mllp, message)[1] == f"MSA|AA|{control_id}"
-        return max(job.id for job in read_jobs(self.store))
+        return place_order(self.network.ports.mllp, self.store, message, control_id)
 
     def events(self, job_id: int) -> list[str]:
-        store = Store(self.store)
-        try:
-            return [text for _, text in store.events(job_id)]
-        finally:
-            store.close()
+        return read_events(self.store, job_id)
 
     @property
     def local_pacs(self) -> Any:

@@ -40,7 +40,13 @@ from engine.testing.dicomgen import (
 from engine.testing.ports import free_port
 from engine.testing.scenario import Placement, Scenario, order_message, prefetch_scenario
 from engine.testing.sites import ENGINE_AE_TITLE, EngineProcess, Network
-from tests.integration.conftest import instance_by_uid, read_jobs, send, wait_for_job
+from tests.integration.conftest import (
+    instance_by_uid,
+    place_order,
+    read_events,
+    read_jobs,
+    wait_for_job,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -120,15 +126,10 @@ class Site:
 
     def order(self, control_id: str) -> int:
         message = order_message(LOCAL, control_id, f"ACC-{control_id}", dt.datetime.now())
-        assert send(self.network.ports.mllp, message)[1] == f"MSA|AA|{control_id}"
-        return max(job.id for job in read_jobs(self.store))
+        return place_order(self.network.ports.mllp, self.store, message, control_id)
 
     def events(self, job_id: int) -> list[str]:
-        store = Store(self.store)
-        try:
-            return [text for _, text in store.events(job_id)]
-        finally:
-            store.close()
+        return read_events(self.store, job_id)
 
     def log(self) -> str:
         return "".join(
@@ -273,8 +274,7 @@ def three_patients(site: Site) -> list[tuple[PatientSpec, PatientSpec, StudySpec
 def order_for(site: Site, patient: PatientSpec) -> int:
     control_id = f"ORD{patient.id}"
     message = order_message(patient, control_id, f"ACC{patient.id}", dt.datetime.now())
-    assert send(site.network.ports.mllp, message)[1] == f"MSA|AA|{control_id}"
-    return max(job.id for job in read_jobs(site.store))
+    return place_order(site.network.ports.mllp, site.store, message, control_id)
 
 
 def dcmqrscp_destination(site: Site, max_associations: int) -> QueryRetrieveSCP:

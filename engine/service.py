@@ -94,9 +94,7 @@ class Engine:
         self.spool = Spool(
             config.spool_path, settings.spool.max_bytes, settings.spool.full_wait_seconds
         )
-        self.receiver = Receiver(
-            reactor, self.registry, fsync=settings.spool.fsync, spool=self.spool
-        )
+        self.receiver = Receiver(self.registry, fsync=settings.spool.fsync, spool=self.spool)
         self.scp = StorageSCP(
             settings.dicom.ae_title,
             settings.dicom.host,

@@ -1,8 +1,8 @@
 """Matching received objects to the retrievals that asked for them, and spooling them stamped.
 
-The registry lives on the reactor thread. The Receiver runs in the Storage
-SCP's association threads and reaches the registry only through
-blockingCallFromThread and callFromThread.
+The reactor adds and removes retrievals in the registry. The Receiver runs in
+the Storage SCP's association threads, where it matches and counts objects.
+A lock guards the registry, so an object needs no round trip to the reactor.
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import blockingCallFromThread
 
 from engine.coercion import (
     Header,
@@ -33,7 +30,6 @@ from engine.jobs.spool import Spool, SpoolFull, file_size
 from engine.model import PatientIdentifier
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -70,19 +66,25 @@ class Expectation:
 
 
 class ExpectationRegistry:
-    """The retrievals in progress, looked up by study, move request and sender."""
+    """The retrievals in progress, looked up by study, move request and sender.
+
+    Safe to use from any thread.
+    """
 
     def __init__(self, our_ae_title: str) -> None:
         self.our_ae_title = our_ae_title
         self._active: list[Expectation] = []
+        self._lock = threading.Lock()
         self.unmatched = 0
 
     def expect(self, expectation: Expectation) -> None:
-        self._active.append(expectation)
+        with self._lock:
+            self._active.append(expectation)
 
     def forget(self, expectation: Expectation) -> None:
-        if expectation in self._active:
-            self._active.remove(expectation)
+        with self._lock:
+            if expectation in self._active:
+                self._active.remove(expectation)
 
     def match(
         self,
@@ -96,7 +98,8 @@ class ExpectationRegistry:
         The Move Originator fields narrow the choice when the source sets them,
         but some PACS leave them out, so the study is what must match.
         """
-        found = [e for e in self._active if e.study_instance_uid == study_instance_uid]
+        with self._lock:
+            found = [e for e in self._active if e.study_instance_uid == study_instance_uid]
         if originator_message_id and originator_ae_title == self.our_ae_title:
             by_request = [e for e in found if e.message_id == originator_message_id]
             found = by_request or found
@@ -108,15 +111,17 @@ class ExpectationRegistry:
         return found[0]
 
     def record(self, expectation: Expectation, accepted: bool, reason: str = "") -> None:
-        if accepted:
-            expectation.received += 1
-            return
-        expectation.rejected += 1
-        if len(expectation.rejections) < 20:
-            expectation.rejections.append(reason)
+        with self._lock:
+            if accepted:
+                expectation.received += 1
+                return
+            expectation.rejected += 1
+            if len(expectation.rejections) < 20:
+                expectation.rejections.append(reason)
 
     def record_unmatched(self) -> None:
-        self.unmatched += 1
+        with self._lock:
+            self.unmatched += 1
 
 
 class Receiver:
@@ -124,19 +129,13 @@ class Receiver:
 
     def __init__(
         self,
-        reactor: IReactorFromThreads,
         registry: ExpectationRegistry,
         fsync: bool = True,
         spool: Spool | None = None,
     ) -> None:
-        self._reactor = reactor
         self.registry = registry
         self.fsync = fsync
         self.spool = spool
-
-    def _on_reactor(self, function: Callable[..., T], *args: Any) -> T:
-        result: T = blockingCallFromThread(self._reactor, function, *args)
-        return result
 
     def __call__(self, arrival: Arrival) -> Verdict:
         try:
@@ -147,15 +146,14 @@ class Receiver:
             logger.warning("rejected object from %s: %s", arrival.calling_ae_title, error)
             return Verdict(Status.CANNOT_UNDERSTAND, "object cannot be read")
 
-        expectation = self._on_reactor(
-            self.registry.match,
+        expectation = self.registry.match(
             header.study_instance_uid,
             arrival.calling_ae_title,
             arrival.move_originator_ae_title,
             arrival.move_originator_message_id,
         )
         if expectation is None:
-            self._reactor.callFromThread(self.registry.record_unmatched)
+            self.registry.record_unmatched()
             logger.warning(
                 "rejected object %s of study %s from %s: no retrieval in progress matches it",
                 header.sop_instance_uid,
@@ -166,7 +164,7 @@ class Receiver:
 
         problem = _check_object(header, expectation)
         if problem:
-            self._reactor.callFromThread(self.registry.record, expectation, False, problem)
+            self.registry.record(expectation, False, problem)
             logger.warning(
                 "%s: rejected object %s from %s: %s",
                 expectation.owner,
@@ -182,7 +180,7 @@ class Receiver:
             if self.spool is not None:
                 self.spool.reserve(reserved)
         except SpoolFull as error:
-            self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
+            self.registry.record(expectation, False, str(error))
             logger.warning(
                 "%s: object %s refused: %s", expectation.owner, header.sop_instance_uid, error
             )
@@ -194,7 +192,7 @@ class Receiver:
         except StampRejected as error:
             if self.spool is not None:
                 self.spool.release(reserved)
-            self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
+            self.registry.record(expectation, False, str(error))
             logger.warning(
                 "%s: object %s rejected by the destination's profile: %s",
                 expectation.owner,
@@ -205,7 +203,7 @@ class Receiver:
         except (StampError, OSError) as error:
             if self.spool is not None:
                 self.spool.release(reserved)
-            self._reactor.callFromThread(self.registry.record, expectation, False, str(error))
+            self.registry.record(expectation, False, str(error))
             logger.error(
                 "%s: object %s not stored in the spool: %s",
                 expectation.owner,
@@ -217,7 +215,7 @@ class Receiver:
             # A second copy of the same instance replaced the first one in place.
             self.spool.adjust(reserved + replaced, file_size(target))
 
-        self._reactor.callFromThread(self.registry.record, expectation, True)
+        self.registry.record(expectation, True)
         if expectation.on_spooled is not None:
             expectation.on_spooled(target)
         return Verdict(Status.SUCCESS)

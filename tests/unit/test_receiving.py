@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -18,13 +16,6 @@ from engine.model import Demographics, PatientIdentifier
 
 LOCAL = PatientIdentifier("L1", "LOCAL")
 REMOTE = PatientIdentifier("HA-1", "HOSP_A")
-
-
-class InlineReactor:
-    """Runs calls from threads at once, so the Receiver can be tested on one thread."""
-
-    def callFromThread(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        function(*args, **kwargs)
 
 
 def expectation(
@@ -91,7 +82,7 @@ def test_registry_refuses_ambiguous_patients(tmp_path: Path) -> None:
 @pytest.fixture
 def receiver_and_registry() -> tuple[Receiver, ExpectationRegistry]:
     registry = ExpectationRegistry("FDQR")
-    return Receiver(InlineReactor(), registry, fsync=False), registry  # type: ignore[arg-type]
+    return Receiver(registry, fsync=False), registry
 
 
 @pytest.mark.parametrize("in_memory", [False, True])

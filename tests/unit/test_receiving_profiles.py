@@ -12,7 +12,6 @@ from engine.model import Demographics
 from tests.unit.test_receiving import (
     LOCAL,
     REMOTE,
-    InlineReactor,
     arrival,
     expectation,
     received_file,
@@ -24,7 +23,7 @@ def latin1_only_retrieval(
 ) -> tuple[Receiver, Expectation]:
     """A receiver whose one retrieval stamps a name its Latin-1-only profile rejects."""
     registry = ExpectationRegistry("FDQR")
-    receiver = Receiver(InlineReactor(), registry, fsync=False, spool=spool)  # type: ignore[arg-type]
+    receiver = Receiver(registry, fsync=False, spool=spool)
     profile = CoercionProfile(character_set="latin1", non_latin1="reject")
     wanted = expectation(tmp_path, "1.2.3")
     wanted.stamp = Stamp(LOCAL, REMOTE, Demographics("ŁUKASZ^ŻÓŁW", "19650312", "M"), profile)

@@ -150,7 +150,7 @@ def test_replay_creates_jobs_for_stored_duplicate_key(layout: Path) -> None:
     status, output = run(layout, "replay", "1")
     assert status == 0, output
     assert "message 1 replayed (replay 1): route ris-orders: 1 job(s) for rules ct-priors" in output
-    assert "created jobs 2" in output
+    assert "created job 2: queued" in output
     jobs = read_jobs(layout)
     assert [job.message_id for job in jobs] == [1, 1]
     status, output = run(layout, "show", "1")
@@ -166,6 +166,7 @@ def test_replay_with_force_and_dry_run(layout: Path) -> None:
     assert len(read_jobs(layout)) == 1
     status, output = run(layout, "replay", "1", "--force")
     assert status == 0, output
+    assert "created job 2: queued" in output
     assert len(read_jobs(layout)) == 2
 
 

@@ -46,6 +46,8 @@ from engine.rules.select import StudyQuery, plan_query, select_priors
 from engine.rules.timing import LocalZone
 
 logger = logging.getLogger(__name__)
+# Study results an operator should look at: logged as warnings.
+_UNSUCCESSFUL_STUDY = frozenset({StudyState.FAILED, StudyState.INCOMPLETE})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +155,9 @@ class Prefetch:
     def policy(self, source: str) -> SourcePolicy:
         return self.policies.get(source) or SourcePolicy()
 
-    def note(self, job: JobRecord, text: str) -> defer.Deferred[None]:
+    def note(self, job: JobRecord, text: str, level: int = logging.INFO) -> defer.Deferred[None]:
         """Log and record an event of a job; it is written with the next store work."""
-        logger.info("job %d: %s", job.id, text)
+        logger.log(level, "job %d: %s", job.id, text)
         self.db.note(job.id, text, self.now())
         return defer.succeed(None)
 
@@ -339,7 +341,11 @@ class Prefetch:
             key = (candidate.source, candidate.patient)
             reason = "held: " + ", ".join(reasons[key]) if key in reasons else "held with its job"
             yield self.db.run(_hold_study(job.id, candidate, reason))
-        yield self.note(job, f"demographics check ({self.check.strictness}) failed: {text}")
+        yield self.note(
+            job,
+            f"demographics check ({self.check.strictness}) failed: {text}",
+            logging.WARNING,
+        )
         return Outcome(
             JobState.QUARANTINED,
             f"quarantined, nothing retrieved: {text} (see fdqr identity release)",
@@ -360,7 +366,9 @@ class Prefetch:
         for (source, remote), (success, result) in zip(lookups, answers, strict=True):
             if not success:
                 failed.append(source.name)
-                yield self.note(job, f"source {source.name}: query failed: {_reason(result)}")
+                yield self.note(
+                    job, f"source {source.name}: query failed: {_reason(result)}", logging.WARNING
+                )
                 continue
             datasets, queries = result
             filtered = read_study_answers(source.name, remote, datasets)
@@ -421,6 +429,7 @@ class Prefetch:
             job,
             f"study {uid} from {candidate.source}: {result.state}"
             + (f" ({result.problem})" if result.problem else ""),
+            logging.WARNING if result.state in _UNSUCCESSFUL_STUDY else logging.INFO,
         )
         return result
 

@@ -16,6 +16,8 @@ from engine.jobs.prefetch import Outcome
 from engine.jobs.store import AsyncStore, JobRecord, JobState, Store
 
 logger = logging.getLogger(__name__)
+# Final states an operator should look at: logged as warnings.
+UNSUCCESSFUL = frozenset({JobState.PARTIAL, JobState.FAILED, JobState.QUARANTINED})
 
 JobRunner = Callable[[JobRecord], defer.Deferred[Outcome]]
 
@@ -150,13 +152,14 @@ class Worker:
         if outcome.retry and job.attempts < self.max_attempts and not stopping:
             delay = retry_delay(job.attempts, self.retry_base_seconds, self.retry_max_seconds)
             when = now + dt.timedelta(seconds=delay)
-            logger.info("job %d: %s; retry in %.0fs", job.id, outcome.summary, delay)
+            logger.warning("job %d: %s; retry in %.0fs", job.id, outcome.summary, delay)
             store.retry_job(job.id, when, outcome.summary, now)
         elif (outcome.retry or outcome.defer_until is not None) and stopping:
             logger.info("job %d: %s; resumes at next start", job.id, outcome.summary)
             store.retry_job(job.id, now, outcome.summary, now)
         else:
-            logger.info("job %d: %s: %s", job.id, outcome.state, outcome.summary)
+            level = logging.WARNING if outcome.state in UNSUCCESSFUL else logging.INFO
+            logger.log(level, "job %d: %s: %s", job.id, outcome.state, outcome.summary)
             store.finish_job(job.id, outcome.state, outcome.summary, now)
 
     def stop(self) -> defer.Deferred[Any]:

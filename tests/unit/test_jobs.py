@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
 import pytest
@@ -180,6 +181,27 @@ def test_worker_retries_with_backoff_then_gives_up(db: ImmediateStore, clock: ta
     assert job.attempts == 3
     clock.advance(3600)
     assert len(runner.calls) == 3
+    stop(worker, clock)
+
+
+def test_worker_logs_failures_as_warnings(
+    db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    done_id = db.store.add_job(new_job(), NOW)
+    failed_id = db.store.add_job(new_job(rule="mr"), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock, max_attempts=2)
+    worker.start()
+    clock.advance(0)
+    with caplog.at_level(logging.INFO, logger="engine.jobs.worker"):
+        runner.pending[0].callback(Outcome(JobState.DONE, "1 studies stored"))
+        runner.pending[1].callback(Outcome(JobState.FAILED, "source down", retry=True))
+        clock.advance(30)
+        runner.pending[2].callback(Outcome(JobState.FAILED, "source down", retry=True))
+    levels = {record.getMessage(): record.levelno for record in caplog.records}
+    assert levels[f"job {done_id}: done: 1 studies stored"] == logging.INFO
+    assert levels[f"job {failed_id}: source down; retry in 30s"] == logging.WARNING
+    assert levels[f"job {failed_id}: failed: source down"] == logging.WARNING
     stop(worker, clock)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from twisted.internet import defer
 
+from engine.dimse.scu import DimseError
 from engine.identity.resolver import TableResolver
 from engine.identity.table import CrossReferenceTable
 from engine.jobs.policy import SourcePolicy
@@ -156,6 +158,27 @@ def test_one_query_per_modality_then_local_filter(
         "source a: 3 studies found (StudyDate=20210314-20260314, ModalitiesInStudy=CT;"
         " StudyDate=20210314-20260314, ModalitiesInStudy=MR)" in events
     )
+
+
+class UnreachableClient(FakeClient):
+    def find(self, query: Dataset) -> list[Dataset]:
+        raise DimseError("association with HOSP_A rejected")
+
+
+def test_failed_query_logged_as_warning(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = UnreachableClient([])
+    pipeline, fetched = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    job = claimed_job(db)
+    with caplog.at_level(logging.INFO, logger="engine.jobs.prefetch"):
+        run(pipeline, job)
+    assert fetched == []
+    [record] = [r for r in caplog.records if "query failed" in r.getMessage()]
+    assert record.getMessage() == (
+        f"job {job.id}: source a: query failed: association with HOSP_A rejected"
+    )
+    assert record.levelno == logging.WARNING
 
 
 def test_local_matching_sends_one_query(

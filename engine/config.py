@@ -18,7 +18,7 @@ from twisted.internet.ssl import CertificateOptions
 
 from engine.coercion import CoercionProfile
 from engine.coercion_config import CoercionSettings, build_profiles, check_coercion
-from engine.configfile import ConfigError, Document, Problem, load_document, validate
+from engine.configfile import ConfigError, Document, PathKey, Problem, load_document, validate
 from engine.federation.settings import FederationSettings, check_federation
 from engine.hl7.message import CharsetDefaults, codec_for_charset
 from engine.hl7.tls import TLSConfigError, server_options
@@ -326,16 +326,18 @@ def load(path: Path) -> Config:
     """Load conf/engine.yaml and everything it names. Raises ConfigError listing every problem."""
     document = load_document(path)
     settings = validate(document, EngineSettings)
-    problems: list[Problem] = []
+    problems = _missing_paths(document, path, settings)
+    missing = {problem.path for problem in problems}
 
     rule_set = RuleSet.empty()
-    try:
-        rule_set = load_rules(path, settings)
-    except ConfigError as error:
-        problems += error.problems
+    if not missing & {"routes", "rules", "anatomy"}:
+        try:
+            rule_set = load_rules(path, settings)
+        except ConfigError as error:
+            problems += error.problems
 
     table = CrossReferenceTable.empty()
-    if settings.identity.table is not None:
+    if settings.identity.table is not None and "identity.table" not in missing:
         try:
             table = load_table(resolve(path, settings.identity.table))
         except ConfigError as error:
@@ -367,6 +369,31 @@ def load(path: Path) -> Config:
             settings.coercion, settings.identity, settings.dicom.ae_title
         ),
     )
+
+
+def _missing_paths(document: Document, path: Path, settings: EngineSettings) -> list[Problem]:
+    """Return a problem for each file or folder that engine.yaml names and that does not exist."""
+    named: list[tuple[PathKey, Path | None, str]] = [
+        (("routes",), settings.routes, "folder"),
+        (("rules",), settings.rules, "folder"),
+        (("anatomy",), settings.anatomy, "file"),
+        (("identity", "table"), settings.identity.table, "file"),
+    ]
+    problems = []
+    for key, value, kind in named:
+        if value is None:
+            continue
+        target = resolve(path, value)
+        exists = target.is_dir() if kind == "folder" else target.is_file()
+        if not exists:
+            problems.append(
+                document.problem(
+                    key,
+                    f"{kind} {target} not found, from the value '{value}'",
+                    f"a relative path is resolved from the folder of {path.name}",
+                )
+            )
+    return problems
 
 
 def load_rules(path: Path, settings: EngineSettings) -> RuleSet:

@@ -106,9 +106,19 @@ def test_missing_folder_and_table(layout: Path) -> None:
     edit(layout, {"rules": "../no_rules", "identity.table": "missing.yaml"})
     with pytest.raises(ConfigError) as raised:
         config.load(layout)
-    text = str(raised.value)
-    assert "no_rules: folder not found" in text
-    assert "missing.yaml: cannot be read" in text
+    problems = {problem.path: problem for problem in raised.value.problems}
+    assert sorted(problems) == ["identity.table", "rules"]
+    rules = problems["rules"]
+    assert rules.file.endswith("engine.yaml")
+    assert rules.line is not None
+    assert rules.message == (
+        f"folder {layout.parent.parent / 'no_rules'} not found, from the value '../no_rules'"
+    )
+    assert rules.hint == "a relative path is resolved from the folder of engine.yaml"
+    table = problems["identity.table"]
+    assert table.message == (
+        f"file {layout.parent / 'missing.yaml'} not found, from the value 'missing.yaml'"
+    )
 
 
 def test_identity_table_lookup(layout: Path) -> None:

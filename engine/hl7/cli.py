@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -130,9 +129,9 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
     """Process a stored message again with the current routes and rules.
 
     A replay is never taken for a duplicate: it creates the jobs the current
-    rules ask for, even if the message created jobs before. Being an explicit
-    request, those jobs are not suppressed as repeated orders or by a rule's
-    suppression window. A running engine picks them up at its next poll.
+    rules ask for, even if the message created jobs before. The message's own
+    earlier jobs do not suppress them; a job of another message for the same
+    order still does. A running engine picks them up at its next poll.
     """
     config = load_or_exit(config_path)
     store = open_store(config_path)
@@ -169,11 +168,7 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         for job in plan.jobs:
             click.echo(f"  would create a job: route {job.route}, rule {job.rule}, {job.patient}")
         return
-    new_jobs = [
-        dataclasses.replace(new_job, skip_repeated_orders=False, suppression_window=None)
-        for new_job in plan.jobs
-    ]
-    replay = store.record_replay(message_id, plan.outcome, new_jobs, now, plan.actions)
+    replay = store.record_replay(message_id, plan.outcome, plan.jobs, now, plan.actions)
     click.echo(f"message {message_id} replayed (replay {replay.id}): {replay.outcome}")
     if not replay.job_ids:
         click.echo("  created no jobs")

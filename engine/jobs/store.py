@@ -530,7 +530,9 @@ class Store:
         """Apply a new plan for a stored message: its actions and jobs, in one transaction.
 
         The duplicate check of record_message does not apply: a replay is an
-        explicit request to process the message again.
+        explicit request to process the message again. For the same reason the
+        message's own earlier jobs do not make a new job a repeated order or put
+        it within a suppression window; jobs of other messages still do.
         """
         with self._transaction() as db:
             if self.get_message(message_id) is None:
@@ -538,7 +540,7 @@ class Store:
             notes = [action(self, now) for action in actions]
             if notes:
                 outcome = "; ".join([outcome, *notes])
-            job_ids = [self._insert_job(db, message_id, job, now) for job in jobs]
+            job_ids = [self._insert_job(db, message_id, job, now, replay=True) for job in jobs]
             for job_id in job_ids:
                 db.execute(
                     "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
@@ -590,9 +592,16 @@ class Store:
             return self._insert_job(db, message_id, job, now)
 
     def _insert_job(
-        self, db: sqlite3.Connection, message_id: int | None, job: NewJob, now: dt.datetime
+        self,
+        db: sqlite3.Connection,
+        message_id: int | None,
+        job: NewJob,
+        now: dt.datetime,
+        *,
+        replay: bool = False,
     ) -> int:
-        state, reason, suppressed_by = self._admission(db, job, now)
+        own_message = message_id if replay else None
+        state, reason, suppressed_by = self._admission(db, job, now, own_message)
         cursor = db.execute(
             "INSERT INTO jobs (message_id, created_at, updated_at, state, not_before, route, rule,"
             " destination, sources, patient_id, patient_issuer, demographics, order_facts, summary)"
@@ -632,16 +641,31 @@ class Store:
         return job_id
 
     def _admission(
-        self, db: sqlite3.Connection, job: NewJob, now: dt.datetime
+        self,
+        db: sqlite3.Connection,
+        job: NewJob,
+        now: dt.datetime,
+        ignored_message: int | None = None,
     ) -> tuple[JobState, str, int | None]:
-        """Decide whether a new job is queued or suppressed, and by which earlier job."""
+        """Decide whether a new job is queued or suppressed, and by which earlier job.
+
+        Jobs of ignored_message (the message a replay processes again) do not count.
+        """
         if not job.skip_repeated_orders and job.suppression_window is None:
             return JobState.QUEUED, "", None
         covering = f"j.state NOT IN ({','.join('?' * len(_NOT_COVERING))})"
         same_patient = (
             "j.patient_id = ? AND j.patient_issuer = ? AND j.rule = ? AND j.destination = ?"
         )
-        patient = (job.patient.value, job.patient.issuer, job.rule, job.destination)
+        patient: tuple[object, ...] = (
+            job.patient.value,
+            job.patient.issuer,
+            job.rule,
+            job.destination,
+        )
+        if ignored_message is not None:
+            same_patient += " AND j.message_id IS NOT ?"
+            patient = (*patient, ignored_message)
         keys = order_keys(job.order)
         if job.skip_repeated_orders and keys:
             # CROSS JOIN keeps job_orders the outer loop: SQLite would otherwise scan every

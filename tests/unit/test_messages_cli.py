@@ -158,6 +158,15 @@ def test_replay_creates_jobs_for_stored_duplicate_key(layout: Path) -> None:
     assert "(jobs 2)" in output
 
 
+def test_replay_suppressed_by_other_messages_job(layout: Path) -> None:
+    receive(layout, order("ORD1"))
+    receive(layout, order("ORD2"))
+    assert [job.state for job in read_jobs(layout)] == [JobState.QUEUED, JobState.SUPPRESSED]
+    status, output = run(layout, "replay", "2")
+    assert status == 0, output
+    assert "created job 3: suppressed (repeated order: job 1 already covers this order)" in output
+
+
 def test_replay_with_force_and_dry_run(layout: Path) -> None:
     receive(layout, order())
     status, output = run(layout, "replay", "1", "--dry-run")

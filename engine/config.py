@@ -330,11 +330,19 @@ def load(path: Path) -> Config:
     missing = {problem.path for problem in problems}
 
     rule_set = RuleSet.empty()
-    if not missing & {"routes", "rules", "anatomy"}:
-        try:
-            rule_set = load_rules(path, settings)
-        except ConfigError as error:
-            problems += error.problems
+    # The rules are still checked when a path is missing, so every problem shows at once.
+    rules_settings = settings
+    if "anatomy" in missing:
+        rules_settings = settings.model_copy(update={"anatomy": None})
+    reported = {str(resolve(path, getattr(settings, key))) for key in missing & {"routes", "rules"}}
+    try:
+        rule_set = load_rules(path, rules_settings)
+    except ConfigError as error:
+        problems += [
+            problem
+            for problem in error.problems
+            if not (problem.file in reported and problem.message == "folder not found")
+        ]
 
     table = CrossReferenceTable.empty()
     if settings.identity.table is not None and "identity.table" not in missing:

@@ -40,12 +40,12 @@ def load_rule_set(
         if not folder.is_dir():
             loader.problems.append(Problem(str(folder), "", "folder not found"))
 
-    problems_before = len(loader.problems)
     for document, parsed in _load_all(rules_folder, RulesFile, loader.problems):
         assert isinstance(parsed, RulesFile)
         loader.add_rules_file(document, parsed)
-    # Unknown-rule errors would only repeat an error in a rules file that did not load.
-    rules_loaded = len(loader.problems) == problems_before
+    # Unknown-rule errors would only repeat an error in a rules file that did not load,
+    # or a missing folder.
+    rules_loaded = not loader.problems
     for document, parsed in _load_all(routes_folder, RoutesFile, loader.problems):
         assert isinstance(parsed, RoutesFile)
         loader.add_routes_file(document, parsed, rules_loaded)

@@ -121,6 +121,25 @@ def test_missing_folder_and_table(layout: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"), [("anatomy", "missing.yaml"), ("routes", "../no_routes")]
+)
+def test_missing_path_still_checks_rules(layout: Path, setting: str, value: str) -> None:
+    edit(layout, {setting: value})
+    (layout.parent.parent / "rules" / "broken.yaml").write_text("rules: [\n")
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    problems = raised.value.problems
+    assert [problem.path for problem in problems if problem.file.endswith("engine.yaml")] == [
+        setting
+    ]
+    assert any(
+        problem.file.endswith("broken.yaml") and "invalid YAML" in problem.message
+        for problem in problems
+    )
+    assert not any(problem.message == "folder not found" for problem in problems)
+
+
 def test_identity_table_lookup(layout: Path) -> None:
     table = load_table(layout.parent / "identity.yaml")
     local = PatientIdentifier("L12345", "LOCAL")

@@ -251,7 +251,9 @@ class Prefetch:
         for name in job.sources:
             source = self.sources.get(name)
             if source is None:
-                yield self.note(job, f"source {name} skipped: node is no longer configured")
+                yield self.note(
+                    job, f"source {name} skipped: node is no longer configured", logging.WARNING
+                )
                 continue
             resolution = yield resolver.resolve(job.patient, source.issuer)
             for line in resolution.trail:
@@ -263,6 +265,8 @@ class Prefetch:
                     job,
                     f"source {name} skipped: no identifier for {job.patient} "
                     f"in domain {source.issuer} ({resolution.source}: {resolution.detail}){retry}",
+                    # A lookup that failed is a problem; a patient unknown there is not.
+                    logging.WARNING if resolution.transient else logging.INFO,
                 )
                 if resolution.transient:
                     failed.append(name)
@@ -454,7 +458,7 @@ class Prefetch:
             modified_at=self.now(),
         )
         report: StudyReport = yield self.transfer.fetch(
-            job, candidate, stamp, lambda text: self.note(job, text)
+            job, candidate, stamp, lambda text, level=logging.INFO: self.note(job, text, level)
         )
         if report.failed_instances:
             yield self.db.run(

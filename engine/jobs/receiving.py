@@ -68,7 +68,7 @@ class Expectation:
 class ExpectationRegistry:
     """The retrievals in progress, looked up by study, move request and sender.
 
-    Safe to use from any thread.
+    Its methods may be called from any thread.
     """
 
     def __init__(self, our_ae_title: str) -> None:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer, threads
 
@@ -87,7 +87,10 @@ class StudyReport:
         return "; ".join(dict.fromkeys(self.problems))
 
 
-Note = Callable[[str], defer.Deferred[None]]
+class Note(Protocol):
+    """Records an event of the job and logs it, at INFO unless a level is given."""
+
+    def __call__(self, text: str, level: int = logging.INFO) -> defer.Deferred[None]: ...
 
 
 class StudyTransfer:
@@ -148,7 +151,10 @@ class StudyTransfer:
             if not error.transient:
                 raise
             # The objects wait in the spool until the destination is back.
-            yield note(f"study {uid}: destination not reachable ({error}); retrieving anyway")
+            yield note(
+                f"study {uid}: destination not reachable ({error}); retrieving anyway",
+                logging.WARNING,
+            )
             present = None
         expected = candidate.instance_count
         if present and expected is not None and present >= expected and not leftovers:
@@ -310,7 +316,8 @@ class StudyTransfer:
             more = len(report.failed_instances) - UIDS_IN_EVENT
             yield note(
                 f"study {uid}: {source.name} failed to send {len(report.failed_instances)} "
-                f"instances: {shown}" + (f" and {more} more" if more > 0 else "")
+                f"instances: {shown}" + (f" and {more} more" if more > 0 else ""),
+                logging.WARNING,
             )
         if forwarder.outcome.error is not None:
             self._destination_down(report, forwarder.outcome, job, uid)

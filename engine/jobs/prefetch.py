@@ -265,7 +265,7 @@ class Prefetch:
                     job,
                     f"source {name} skipped: no identifier for {job.patient} "
                     f"in domain {source.issuer} ({resolution.source}: {resolution.detail}){retry}",
-                    # A lookup that failed is a problem; a patient unknown there is not.
+                    # A failed lookup is a problem, but a patient unknown at that site is not.
                     logging.WARNING if resolution.transient else logging.INFO,
                 )
                 if resolution.transient:

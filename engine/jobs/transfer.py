@@ -88,7 +88,7 @@ class StudyReport:
 
 
 class Note(Protocol):
-    """Records an event of the job and logs it, at INFO unless a level is given."""
+    """A callable that records an event of the job and logs it, at INFO unless given a level."""
 
     def __call__(self, text: str, level: int = logging.INFO) -> defer.Deferred[None]: ...
 

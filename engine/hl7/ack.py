@@ -93,6 +93,9 @@ class AckHeader:
         if start == -1 or len(data) < start + 8:
             return cls(delimiters=Delimiters())
         line = data[start:].replace(b"\n", b"\r").split(b"\r")[0]
+        if len(line) < 8:
+            # A bare "MSH" segment, or one too short to hold its delimiters.
+            return cls(delimiters=Delimiters())
         separator = chr(line[3])
         text = line.decode("latin-1")
         fields = text.split(separator)
@@ -144,6 +147,8 @@ class AckHeader:
                     ErrorCode.TABLE_VALUE_NOT_FOUND,
                     ("MSH", 1, number),
                     AckCode.APPLICATION_REJECT,
+                    log_text=f"MSH-{number} is not an acknowledgement condition"
+                    f" (a value of {len(value)} characters)",
                 )
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 from engine.hl7.codes import AckCode, ErrorCode
@@ -84,13 +85,31 @@ def check_control_id(message: Message) -> None:
 
 
 def check_supported(message: Message) -> None:
+    if not message.get("MSH", 9, 1):
+        raise HL7Error(
+            "MSH-9 (message type) is missing",
+            ErrorCode.REQUIRED_FIELD_MISSING,
+            ("MSH", 1, 9),
+            AckCode.APPLICATION_ERROR,
+        )
     if message.message_type not in SUPPORTED_TYPES:
         raise HL7Error(
             f"unsupported message type '{message.message_type}'",
             ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
             ("MSH", 1, 9),
             AckCode.APPLICATION_REJECT,
+            log_text=f"unsupported message type {_loggable_type(message.message_type)}",
         )
+
+
+# A message type as HL7 spells one (ORU^R01, ADT^A08^ADT_A01): safe to write to the log.
+_MESSAGE_TYPE = re.compile(r"[A-Z0-9]{3}(\^[A-Z0-9]{3}(\^[A-Z0-9]{3}_[A-Z0-9]{3})?)?")
+
+
+def _loggable_type(value: str) -> str:
+    if _MESSAGE_TYPE.fullmatch(value):
+        return f"'{value}'"
+    return f"(a value of {len(value)} characters)"
 
 
 def check_header(message: Message) -> None:

@@ -110,13 +110,15 @@ class Intake:
         try:
             message = self.interpreter.parse(content)
         except HL7Error as error:
-            logger.warning("rejected unparsable message from %s: %s", peer, error.text)
+            logger.warning("rejected unparsable message from %s: %s", peer, error.log_text)
             return defer.succeed(self._error_acks(AckHeader.from_raw(content), error))
 
         header = AckHeader.from_message(message)
         invalid_mode = header.invalid_ack_type()
         if invalid_mode is not None:
-            logger.warning("rejected message %s from %s: %s", header.control_id, peer, invalid_mode)
+            logger.warning(
+                "rejected message %s from %s: %s", header.control_id, peer, invalid_mode.log_text
+            )
             return defer.succeed(self._error_acks(header.original_mode(), invalid_mode))
         if is_acknowledgement(message):
             # An ACK (e.g. the sender's commit acknowledgement of our application
@@ -136,7 +138,7 @@ class Intake:
                 "rejected message %s from %s: %s",
                 message.control_id or "(no MSH-10)",
                 peer,
-                error.text,
+                error.log_text,
             )
             return defer.succeed(self._error_acks(header, error))
 

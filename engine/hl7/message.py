@@ -63,12 +63,16 @@ class HL7Error(Exception):
         code: ErrorCode = ErrorCode.SEGMENT_SEQUENCE_ERROR,
         location: tuple[str, int, int] = ("MSH", 1, 0),
         ack: AckCode = AckCode.APPLICATION_REJECT,
+        log_text: str | None = None,
     ) -> None:
         super().__init__(text)
         self.text = text
         self.code = code
         self.location = location
         self.ack = ack
+        # The text for the log, without field values the sender put where they do not
+        # belong (a malformed message may carry a patient's name in any field).
+        self.log_text = text if log_text is None else log_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +303,8 @@ def parse(data: bytes, default_charset: str | CharsetDefaults = "utf-8") -> Mess
                 ErrorCode.DATA_TYPE_ERROR,
                 ("MSH", 1, 18),
                 AckCode.APPLICATION_ERROR,
+                log_text=f"segment {number} cannot be decoded as {codec}: invalid byte at"
+                f" offset {error.start}",
             ) from None
         fields = text.split(delimiters.field)
         if not re.fullmatch(r"[A-Z][A-Z0-9]{2}", fields[0]):
@@ -359,6 +365,7 @@ def _codec_for(charset_name: str, default_charset: str, repetition: str) -> str:
             ErrorCode.TABLE_VALUE_NOT_FOUND,
             ("MSH", 1, 18),
             AckCode.APPLICATION_ERROR,
+            log_text=f"unsupported character set in MSH-18 (a value of {len(first)} characters)",
         )
     return codec
 

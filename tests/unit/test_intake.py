@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import inspect
+import logging
 from collections.abc import Sequence
 
 import pytest
@@ -108,6 +109,48 @@ def test_unparsable_message_gets_ar(db: ImmediateStore) -> None:
     assert segments[1] == "MSA|AR|"
     assert segments[2].startswith("ERR||MSH^1^0|100^Segment sequence error^HL70357|E")
     assert db.store.list_messages() == []
+
+
+@pytest.mark.parametrize("content", [b"MSH\rPID|1", b"MSH\nEVN|A01", b"MSH|^~\rPID|1"])
+def test_bare_msh_segment_gets_ar(db: ImmediateStore, content: bytes) -> None:
+    intake, _ = make_intake(db)
+    segments = answer(intake.handle_message(content, "peer"))
+    assert segments[1] == "MSA|AR|"
+    assert "|100^Segment sequence error^HL70357|" in segments[2]
+    assert db.store.list_messages() == []
+
+
+def test_missing_message_type_gets_ae_101(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = order().replace(b"|ORM^O01|", b"||")
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|AE|MSG1"
+    assert "|MSH^1^9|101^Required field missing^HL70357|" in segments[2]
+    assert db.store.list_messages() == []
+
+
+def misplaced(field: int, value: bytes) -> bytes:
+    """An order whose MSH field `field` holds `value`, as when fields slide in a bad message."""
+    segments = order().split(b"\r")
+    fields = segments[0].split(b"|")
+    fields += [b""] * (field - len(fields))
+    fields[field - 1] = value
+    segments[0] = b"|".join(fields)
+    return b"\r".join(segments)
+
+
+@pytest.mark.parametrize(("field", "code"), [(9, "200"), (15, "103"), (18, "103")])
+def test_rejection_log_leaves_out_misplaced_values(
+    db: ImmediateStore, caplog: pytest.LogCaptureFixture, field: int, code: str
+) -> None:
+    intake, _ = make_intake(db)
+    with caplog.at_level(logging.INFO, logger="engine.hl7.intake"):
+        segments = answer(intake.handle_message(misplaced(field, b"DOE^JANE"), "peer"))
+    assert f"|{code}^" in segments[2]
+    assert "DOE" in segments[2]
+    [record] = caplog.records
+    assert "DOE" not in record.getMessage()
+    assert f"MSH-{field}" in record.getMessage() or "message type" in record.getMessage()
 
 
 def test_missing_control_id_gets_ae_101(db: ImmediateStore) -> None:

@@ -14,7 +14,6 @@ from engine.clitools import (
     format_table,
     load_or_exit,
     open_store,
-    subcommand_config_option,
 )
 from engine.hl7.cli import messages_group
 from engine.identity.cli import identity_group
@@ -35,7 +34,8 @@ def setup_logging(level: str) -> None:
 
 
 @click.group()
-def main() -> None:
+@config_option
+def main(config_path: Path) -> None:
     """fdqr: federated DICOM Query/Retrieve and prior-study prefetch engine."""
 
 
@@ -57,7 +57,8 @@ def run(config_path: Path, log_level: str) -> None:
 
 
 @main.group(name="config")
-def config_group() -> None:
+@config_option
+def config_group(config_path: Path) -> None:
     """Check the configuration."""
 
 
@@ -124,7 +125,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
 
 @jobs_group.command(name="show")
 @click.argument("job_id", type=int)
-@subcommand_config_option
+@config_option
 def jobs_show(config_path: Path, job_id: int) -> None:
     """Show one job: its studies with the rule's decisions, and its event log."""
     store = open_store(config_path)

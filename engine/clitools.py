@@ -18,29 +18,27 @@ DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
 _CONFIG_HELP = "Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default."
 _CONFIG_FILE = click.Path(path_type=Path, dir_okay=False)
 
+
+def _resolve_config(context: click.Context, parameter: Any, value: Path | None) -> Path:
+    """Return the --config given here, else the one given before the subcommand, else the default.
+
+    The value is kept in the context object, which the subcommands' contexts inherit.
+    """
+    if value is None:
+        value = context.obj if isinstance(context.obj, Path) else DEFAULT_CONFIG
+    context.obj = value
+    return value
+
+
+# On fdqr itself, on each group and on each command: `fdqr --config F jobs show 1`,
+# `fdqr jobs --config F show 1` and `fdqr jobs show 1 --config F` are the same.
 config_option = click.option(
     "--config",
     "config_path",
     type=_CONFIG_FILE,
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    help=_CONFIG_HELP,
-)
-
-
-def _group_config(context: click.Context, parameter: Any, value: Path | None) -> Path:
-    return value if value is not None else (context.obj or DEFAULT_CONFIG)
-
-
-# For a subcommand of a group that takes --config too: given after the subcommand
-# it wins, otherwise the group's value (kept in the context object) applies.
-subcommand_config_option = click.option(
-    "--config",
-    "config_path",
-    type=_CONFIG_FILE,
     default=None,
-    callback=_group_config,
-    help=f"{_CONFIG_HELP} Also accepted before the subcommand.",
+    callback=_resolve_config,
+    help=f"{_CONFIG_HELP} Accepted before or after the subcommand.",
 )
 
 

@@ -43,7 +43,8 @@ PERSONAL_ID_TYPES = frozenset({"SS", "NI", "NH", "PPN", "DL", "HC", "JHN", "MC",
 
 
 @click.group(name="messages")
-def messages_group() -> None:
+@config_option
+def messages_group(config_path: Path) -> None:
     """List, show and replay stored HL7 messages."""
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.clitools import config_option, format_table, open_store, subcommand_config_option
+from engine.clitools import config_option, format_table, open_store
 from engine.identity import records
 from engine.jobs.store import JobState
 
@@ -22,7 +22,7 @@ def identity_group(ctx: click.Context, config_path: Path) -> None:
 
 @identity_group.command(name="learned")
 @click.option("--limit", default=200, show_default=True, help="Number of most recent entries.")
-@subcommand_config_option
+@config_option
 def learned(config_path: Path, limit: int) -> None:
     """List cross-references learned from ADT messages, most recent first."""
     store = open_store(config_path)
@@ -34,7 +34,7 @@ def learned(config_path: Path, limit: int) -> None:
 
 @identity_group.command(name="merges")
 @click.option("--limit", default=200, show_default=True, help="Number of most recent merges.")
-@subcommand_config_option
+@config_option
 def merges(config_path: Path, limit: int) -> None:
     """List ADT^A40 merges: each retired ID and the ID it lives on as."""
     store = open_store(config_path)
@@ -54,7 +54,7 @@ def merges(config_path: Path, limit: int) -> None:
     help="Accept the remote patients of the held studies as the job's patient, so the"
     " demographics check passes for them; without it the check runs again.",
 )
-@subcommand_config_option
+@config_option
 def release(config_path: Path, job_id: int, accept: bool) -> None:
     """Queue a quarantined job for a new attempt (the running engine picks it up)."""
     store = open_store(config_path)

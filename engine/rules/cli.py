@@ -35,7 +35,8 @@ T = TypeVar("T")
 
 
 @click.group(name="rules")
-def rules_group() -> None:
+@config_option
+def rules_group(config_path: Path) -> None:
     """Check, explain and test routes and rules."""
 
 

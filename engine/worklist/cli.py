@@ -12,7 +12,8 @@ from engine.config import Config
 
 
 @click.group(name="worklist")
-def worklist_group() -> None:
+@config_option
+def worklist_group(config_path: Path) -> None:
     """Modality Worklist polling."""
 
 

@@ -135,6 +135,19 @@ def test_show_unknown_message(layout: Path) -> None:
     assert "message 7 not found" in output
 
 
+def test_config_accepted_before_subcommand(layout: Path) -> None:
+    receive(layout, order())
+    expected = run(layout, "list")
+    assert expected[0] == 0, expected[1]
+    for args in (
+        ["--config", str(layout), "messages", "list"],
+        ["messages", "--config", str(layout), "list"],
+        ["--config", "elsewhere.yaml", "messages", "list", "--config", str(layout)],
+    ):
+        outcome = CliRunner().invoke(main, args)
+        assert (outcome.exit_code, outcome.output) == expected, args
+
+
 def test_replay_refuses_while_jobs_unfinished(layout: Path) -> None:
     receive(layout, order())
     status, output = run(layout, "replay", "1")

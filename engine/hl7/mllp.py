@@ -14,8 +14,14 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+)
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +155,13 @@ class MessageHandler(TypingProtocol):
         """Return the rejections to send for an oversize message; none if MSH is unreadable."""
 
 
+@implementer(IHalfCloseableProtocol)
 class MLLPProtocol(protocol.Protocol):
-    """One MLLP connection: frames in, acknowledgements out, one message at a time."""
+    """One MLLP connection: frames in, acknowledgements out, one message at a time.
+
+    A sender that closes its side after its last frame still gets every ACK:
+    the connection closes once they are written.
+    """
 
     def __init__(
         self,
@@ -171,6 +182,8 @@ class MLLPProtocol(protocol.Protocol):
         self._busy = False
         self._paused = False
         self._closing = False
+        # The sender closed its side of the connection (a TCP half-close).
+        self._input_ended = False
 
     def connectionMade(self) -> None:
         self._wire = self.transport
@@ -190,6 +203,19 @@ class MLLPProtocol(protocol.Protocol):
             )
         else:
             logger.info("MLLP connection from %s closed", self.peer)
+
+    def readConnectionLost(self) -> None:
+        self._input_ended = True
+        self._close_when_answered()
+
+    def writeConnectionLost(self) -> None:
+        self._closing = True
+        self._wire.loseConnection()
+
+    def _close_when_answered(self) -> None:
+        if self._input_ended and not self._busy and not self._queue and not self._closing:
+            self._closing = True
+            self._wire.loseConnection()
 
     def _reset_idle_timer(self) -> None:
         if self.idle_timeout is None or self._closing:
@@ -237,6 +263,7 @@ class MLLPProtocol(protocol.Protocol):
             if self._paused and not self._queue:
                 self._paused = False
                 self._wire.resumeProducing()
+            self._close_when_answered()
             return
         event = self._queue.popleft()
         if isinstance(event, OversizeFrame):

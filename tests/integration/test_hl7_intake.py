@@ -200,6 +200,16 @@ def test_oversize_message_rejected_and_closed(engine: RunningEngine) -> None:
     assert engine.process.running
 
 
+def test_half_closed_sender_still_gets_its_acks(engine: RunningEngine) -> None:
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
+        connection.sendall(frame_of(order("HALF-1")) + frame_of(order("HALF-2")))
+        connection.shutdown(socket.SHUT_WR)
+        assert msa(read_frame(connection)) == "MSA|AA|HALF-1"
+        assert msa(read_frame(connection)) == "MSA|AA|HALF-2"
+        assert connection.recv(100) == b""
+    assert engine.jobs_of("HALF-2") == 1
+
+
 def test_duplicate_answered_with_stored_ack(engine: RunningEngine) -> None:
     with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
         first = exchange(connection, frame_of(order("DUP-1")))

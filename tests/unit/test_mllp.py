@@ -137,6 +137,25 @@ def test_protocol_answers_in_order() -> None:
     assert transport.connected
 
 
+def test_protocol_answers_before_closing_after_half_close() -> None:
+    handler = RecordingHandler()
+    protocol, transport = connect(handler)
+    protocol.dataReceived(frame(b"MSH|1") + frame(b"MSH|2"))
+    protocol.readConnectionLost()
+    assert not transport.disconnecting
+    handler.pending[0].callback([b"ACK1"])
+    assert not transport.disconnecting
+    handler.pending[1].callback([b"ACK2"])
+    assert transport.value() == frame(b"ACK1") + frame(b"ACK2")
+    assert transport.disconnecting
+
+
+def test_protocol_half_close_when_idle_closes() -> None:
+    protocol, transport = connect(RecordingHandler())
+    protocol.readConnectionLost()
+    assert transport.disconnecting
+
+
 def test_protocol_oversize_answers_ar_and_closes() -> None:
     handler = RecordingHandler()
     protocol, transport = connect(handler, max_message_bytes=100)

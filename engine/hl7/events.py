@@ -232,15 +232,20 @@ def _merge_event(
 def _schedule_event(
     message: Message, origin: MessageOrigin, policy: IdentifierPolicy
 ) -> OrderPlaced:
-    """Read a booked appointment (SIU^S12) as an order: SCH for ids, AIS for the procedure."""
-    start = parse_timestamp(message.get("AIS", 4)) or parse_timestamp(message.get("SCH", 11, 4))
+    """Read a booked appointment (SIU^S12) as an order: SCH for ids, AIS for the procedure.
+
+    The appointment's start (AIS-4, else SCH-11.4) is the order's scheduled time,
+    and the message time (MSH-7) its order time.
+    """
+    start = parse_timestamp(message.get("AIS", 4)) or parse_timestamp(message.get("SCH", 11, 4, 1))
     order = OrderFacts(
         placer_order_number=message.get("SCH", 26) or message.get("SCH", 1),
         filler_order_number=message.get("SCH", 27) or message.get("SCH", 2),
         procedure_code=message.get("AIS", 3, 1),
         procedure_text=message.get("AIS", 3, 2),
         procedure_coding_system=message.get("AIS", 3, 3),
-        order_time=start or parse_timestamp(message.get("MSH", 7)),
+        order_time=parse_timestamp(message.get("MSH", 7)),
+        scheduled_time=start,
     )
     return OrderPlaced(
         origin=origin,
@@ -248,6 +253,7 @@ def _schedule_event(
         demographics=demographics(message),
         order=order,
         identifiers=qualified_identifiers(message, policy),
+        message=message,
     )
 
 

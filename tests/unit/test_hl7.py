@@ -370,7 +370,9 @@ def test_event_schedule_is_order() -> None:
     assert event.order.placer_order_number == "PLC-9"
     assert event.order.filler_order_number == "FIL-9"
     assert event.order.procedure_code == "CTHEAD"
-    assert event.order.order_time == dt.datetime(2026, 3, 20, 8, 30)
+    assert event.order.scheduled_time == dt.datetime(2026, 3, 20, 8, 30)
+    assert event.order.order_time == dt.datetime(2026, 3, 14)
+    assert event.message is not None
 
 
 def test_parse_sender_charset_default() -> None:

@@ -60,6 +60,9 @@ rules:
   - name: mr
     when: {ordered_modality: MR}
     select: {modalities: MR, lookback: 5y, max_studies: 2}
+  - name: appointment
+    when: {message_type: SIU^S12}
+    select: {modalities: CT, lookback: 5y, max_studies: 2}
 """
 
 
@@ -231,6 +234,23 @@ def test_lead_time_sets_not_before(
     assert db.store.events(job.id)[0][1].startswith(
         "queued by route ris, rule ct; fetch at 2026-03-14T13:30:00+00:00: 2h before"
     )
+
+
+def test_appointment_start_sets_not_before(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    intake = make_intake(db, rule_set, clock)
+    start = NOW + dt.timedelta(hours=6)
+    message = (
+        f"MSH|^~\\&|RIS|RAD|FDQR|LOCAL|{NOW:%Y%m%d%H%M%S}||SIU^S12|S1|P|2.5\r"
+        f"SCH|APT-1|FAPT-1|||||||||^^30^{start:%Y%m%d%H%M%S%z}\r"
+        "PID|1||L1^^^LOCAL^MR||DOE^JANE||19650312|F\r"
+    ).encode()
+    assert send(intake, message) == "MSA|AA|S1"
+    [job] = db.store.list_jobs()
+    assert job.rule == "appointment"
+    assert job.order.scheduled_time == start
+    assert job.not_before == NOW + dt.timedelta(hours=4)
 
 
 def test_route_without_lead_time_fetches_now(

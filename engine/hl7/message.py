@@ -232,7 +232,10 @@ class Message:
 
     @property
     def control_id(self) -> str:
-        return self.get("MSH", 10)
+        """Return MSH-10 whole: it is an ST field, so a component separator in it is data."""
+        msh = self.segment("MSH")
+        value = self.unescape(msh.raw_field(10)) if msh is not None else ""
+        return "" if value == '""' else value
 
 
 def split_segments(data: bytes, field_separator: bytes) -> list[bytes]:

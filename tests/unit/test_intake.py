@@ -153,6 +153,18 @@ def test_rejection_log_leaves_out_misplaced_values(
     assert f"MSH-{field}" in record.getMessage() or "message type" in record.getMessage()
 
 
+def test_control_ids_differing_after_a_separator_are_two_messages(
+    db: ImmediateStore,
+) -> None:
+    intake, _ = make_intake(db)
+    first = answer(intake.handle_message(order(control_id="CTL^X"), "peer"))
+    second = answer(intake.handle_message(order(control_id="CTL^Y"), "peer"))
+    assert first[1] == "MSA|AA|CTL^X"
+    assert second[1] == "MSA|AA|CTL^Y"
+    stored = sorted(message.origin.control_id for message in db.store.list_messages())
+    assert stored == ["CTL^X", "CTL^Y"]
+
+
 def test_missing_control_id_gets_ae_101(db: ImmediateStore) -> None:
     intake, _ = make_intake(db)
     segments = answer(intake.handle_message(order(control_id=""), "peer"))

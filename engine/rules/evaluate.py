@@ -45,4 +45,7 @@ def evaluate_order(
     if routing.route is not None:
         timing = routing.route.spec.timing
         fetch = fetch_time(now, facts.order.scheduled_time, timing.lead_time)
+        if facts.invalid_time_field and timing.lead_time is not None:
+            reason = f"{fetch.reason} ({facts.invalid_time_field} is not a valid timestamp)"
+            fetch = dataclasses.replace(fetch, reason=reason)
     return OrderEvaluation(facts, routing, fetch)

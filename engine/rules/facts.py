@@ -72,11 +72,14 @@ class Facts:
         order: OrderFacts,
         origin: MessageOrigin,
         message: Message | None,
+        invalid_time_field: str = "",
     ) -> None:
         self._facts = {fact.name: fact for fact in facts}
         self.order = order
         self.origin = origin
         self._message = message
+        # The first scheduled time field (e.g. "TQ1-7") with a value that is not a timestamp.
+        self.invalid_time_field = invalid_time_field
 
     @property
     def message(self) -> Message | None:
@@ -143,6 +146,7 @@ def extract_facts(event: OrderPlaced, rule_set: RuleSet, zone: LocalZone) -> Fac
     builder.add("body_part", body_parts, body_source)
 
     scheduled, scheduled_source = _scheduled_time(order, message, zone, origin)
+    invalid_time_field = _invalid_time_field(message) if scheduled is None else ""
     if scheduled is not None:
         builder.add("scheduled_time", scheduled.isoformat(), scheduled_source)
     order_time = zone.aware(order.order_time) if order.order_time else None
@@ -156,7 +160,7 @@ def extract_facts(event: OrderPlaced, rule_set: RuleSet, zone: LocalZone) -> Fac
         scheduled_time=scheduled,
         order_time=order_time,
     )
-    return Facts(builder.facts, enriched, origin, message)
+    return Facts(builder.facts, enriched, origin, message, invalid_time_field)
 
 
 class _Builder:
@@ -208,6 +212,17 @@ def _body_parts(
     if found:
         return anatomy.outermost(found), f"procedure text (OBR-4.2) '{order.procedure_text}'"
     return (), ""
+
+
+def _invalid_time_field(message: Message | None) -> str:
+    """Return the first scheduled time field that has a value but no valid timestamp."""
+    if message is None:
+        return ""
+    for label, segment, field, component, subcomponent in SCHEDULED_TIME_FIELDS:
+        value = message.get(segment, field, component, subcomponent)
+        if value and parse_timestamp(value) is None:
+            return label
+    return ""
 
 
 def _scheduled_time(

@@ -253,6 +253,20 @@ def test_appointment_start_sets_not_before(
     assert job.not_before == NOW + dt.timedelta(hours=4)
 
 
+def test_invalid_scheduled_time_fetches_now_and_says_why(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    intake = make_intake(db, rule_set, clock)
+    message = order("M1", "A1") + b"TQ1|1||||||tomorrow\r"
+    assert send(intake, message) == "MSA|AA|M1"
+    [job] = db.store.list_jobs()
+    assert job.not_before == NOW
+    assert db.store.events(job.id)[0][1] == (
+        "queued by route ris, rule ct; fetch now: the order has no scheduled time"
+        " (TQ1-7 is not a valid timestamp)"
+    )
+
+
 def test_route_without_lead_time_fetches_now(
     db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
 ) -> None:

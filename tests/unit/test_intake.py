@@ -130,7 +130,7 @@ def test_missing_message_type_gets_ae_101(db: ImmediateStore) -> None:
 
 
 def misplaced(field: int, value: bytes) -> bytes:
-    """An order whose MSH field `field` holds `value`, as when fields slide in a bad message."""
+    """Return an order whose MSH field `field` contains `value`, as in a malformed message."""
     segments = order().split(b"\r")
     fields = segments[0].split(b"|")
     fields += [b""] * (field - len(fields))
@@ -153,7 +153,7 @@ def test_rejection_log_leaves_out_misplaced_values(
     assert f"MSH-{field}" in record.getMessage() or "message type" in record.getMessage()
 
 
-def test_control_ids_differing_after_a_separator_are_two_messages(
+def test_control_id_read_whole(
     db: ImmediateStore,
 ) -> None:
     intake, _ = make_intake(db)

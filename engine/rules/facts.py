@@ -145,8 +145,7 @@ def extract_facts(event: OrderPlaced, rule_set: RuleSet, zone: LocalZone) -> Fac
     body_parts, body_source = _body_parts(order, procedure, mapped, rule_set, origin)
     builder.add("body_part", body_parts, body_source)
 
-    scheduled, scheduled_source = _scheduled_time(order, message, zone, origin)
-    invalid_time_field = _invalid_time_field(message) if scheduled is None else ""
+    scheduled, scheduled_source, invalid_time_field = _scheduled_time(order, message, zone, origin)
     if scheduled is not None:
         builder.add("scheduled_time", scheduled.isoformat(), scheduled_source)
     order_time = zone.aware(order.order_time) if order.order_time else None
@@ -214,26 +213,20 @@ def _body_parts(
     return (), ""
 
 
-def _invalid_time_field(message: Message | None) -> str:
-    """Return the first scheduled time field that has a value but no valid timestamp."""
-    if message is None:
-        return ""
-    for label, segment, field, component, subcomponent in SCHEDULED_TIME_FIELDS:
-        value = message.get(segment, field, component, subcomponent)
-        if value and parse_timestamp(value) is None:
-            return label
-    return ""
-
-
 def _scheduled_time(
     order: OrderFacts, message: Message | None, zone: LocalZone, origin: MessageOrigin
-) -> tuple[Any, str]:
+) -> tuple[Any, str, str]:
+    """Return the scheduled time and its source, or None, "" and the first invalid field."""
     if order.scheduled_time is not None:
-        return zone.aware(order.scheduled_time), origin.message_type
+        return zone.aware(order.scheduled_time), origin.message_type, ""
     if message is None:
-        return None, ""
+        return None, "", ""
+    invalid_field = ""
     for label, segment, field, component, subcomponent in SCHEDULED_TIME_FIELDS:
-        value = parse_timestamp(message.get(segment, field, component, subcomponent))
+        text = message.get(segment, field, component, subcomponent)
+        value = parse_timestamp(text)
         if value is not None:
-            return zone.aware(value), label
-    return None, ""
+            return zone.aware(value), label, ""
+        if text and not invalid_field:
+            invalid_field = label
+    return None, "", invalid_field

@@ -120,15 +120,6 @@ def test_bare_msh_segment_gets_ar(db: ImmediateStore, content: bytes) -> None:
     assert db.store.list_messages() == []
 
 
-def test_missing_message_type_gets_ae_101(db: ImmediateStore) -> None:
-    intake, _ = make_intake(db)
-    text = order().replace(b"|ORM^O01|", b"||")
-    segments = answer(intake.handle_message(text, "peer"))
-    assert segments[1] == "MSA|AE|MSG1"
-    assert "|MSH^1^9|101^Required field missing^HL70357|" in segments[2]
-    assert db.store.list_messages() == []
-
-
 def misplaced(field: int, value: bytes) -> bytes:
     """Return an order whose MSH field `field` contains `value`, as in a malformed message."""
     segments = order().split(b"\r")
@@ -153,9 +144,7 @@ def test_rejection_log_leaves_out_misplaced_values(
     assert f"MSH-{field}" in record.getMessage() or "message type" in record.getMessage()
 
 
-def test_control_id_read_whole(
-    db: ImmediateStore,
-) -> None:
+def test_control_id_read_whole(db: ImmediateStore) -> None:
     intake, _ = make_intake(db)
     first = answer(intake.handle_message(order(control_id="CTL^X"), "peer"))
     second = answer(intake.handle_message(order(control_id="CTL^Y"), "peer"))
@@ -165,11 +154,21 @@ def test_control_id_read_whole(
     assert stored == ["CTL^X", "CTL^Y"]
 
 
-def test_missing_control_id_gets_ae_101(db: ImmediateStore) -> None:
+@pytest.mark.parametrize(
+    ("text", "msa", "location"),
+    [
+        (order(control_id=""), "MSA|AE|", "MSH^1^10"),
+        (order().replace(b"|ORM^O01|", b"||"), "MSA|AE|MSG1", "MSH^1^9"),
+    ],
+)
+def test_missing_required_field_gets_ae_101(
+    db: ImmediateStore, text: bytes, msa: str, location: str
+) -> None:
     intake, _ = make_intake(db)
-    segments = answer(intake.handle_message(order(control_id=""), "peer"))
-    assert segments[1] == "MSA|AE|"
-    assert "|MSH^1^10|101^Required field missing^HL70357|" in segments[2]
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == msa
+    assert f"|{location}|101^Required field missing^HL70357|" in segments[2]
+    assert db.store.list_messages() == []
     assert db.store.list_jobs() == []
 
 

@@ -532,7 +532,7 @@ class Store:
         The duplicate check of record_message does not apply: a replay is an
         explicit request to process the message again. For the same reason the
         message's own earlier jobs do not make a new job a repeated order or put
-        it within a suppression window; jobs of other messages still do.
+        it within a suppression window. Jobs of other messages still do.
         """
         with self._transaction() as db:
             if self.get_message(message_id) is None:

@@ -47,7 +47,7 @@ class Demographics:
         return "Demographics(<redacted>)"
 
     def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
+        return {"name": self.name, "birth_date": self.birth_date, "sex": self.sex}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Demographics:
@@ -78,11 +78,21 @@ class OrderFacts:
     body_parts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["order_time"] = self.order_time.isoformat() if self.order_time else None
-        data["scheduled_time"] = self.scheduled_time.isoformat() if self.scheduled_time else None
-        data["body_parts"] = list(self.body_parts)
-        return data
+        # Written field by field: dataclasses.asdict deep-copies every value, and a
+        # job is written for most orders.
+        return {
+            "placer_order_number": self.placer_order_number,
+            "filler_order_number": self.filler_order_number,
+            "accession_number": self.accession_number,
+            "study_instance_uid": self.study_instance_uid,
+            "ordered_modality": self.ordered_modality,
+            "procedure_code": self.procedure_code,
+            "procedure_coding_system": self.procedure_coding_system,
+            "procedure_text": self.procedure_text,
+            "order_time": self.order_time.isoformat() if self.order_time else None,
+            "scheduled_time": self.scheduled_time.isoformat() if self.scheduled_time else None,
+            "body_parts": list(self.body_parts),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OrderFacts:

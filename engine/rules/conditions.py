@@ -22,8 +22,9 @@ without an HL7 message behind it (a worklist order), whatever its operator.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from engine.configfile import Document, PathKey, Problem
@@ -47,13 +48,27 @@ class FactSource(Protocol):
     def values(self, name: str) -> tuple[str, ...]: ...
 
 
-@dataclasses.dataclass(frozen=True)
 class Trace:
-    """The result of evaluating a condition, with the reason, for explain."""
+    """The result of evaluating a condition, with the reason, for explain.
 
-    text: str
-    matched: bool
-    children: tuple[Trace, ...] = ()
+    The reason is put into words only when it is read: the engine evaluates
+    every route and rule for each order it receives, and reads only whether
+    they matched.
+    """
+
+    def __init__(
+        self,
+        text: str | Callable[[], str],
+        matched: bool,
+        children: tuple[Trace, ...] = (),
+    ) -> None:
+        self._text = text
+        self.matched = matched
+        self.children = children
+
+    @functools.cached_property
+    def text(self) -> str:
+        return self._text if isinstance(self._text, str) else self._text()
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"condition": self.text, "matched": self.matched}
@@ -126,17 +141,22 @@ class Test:
     ignore_case: bool = False
 
     def check(self, subject: str, found: Sequence[str]) -> Trace:
-        shown = ", ".join(f"'{value}'" for value in found) or "empty"
         if self.operator == "present":
             holds = bool(found) == self.present
+        else:
+            holds = any(self._matches(value) for value in found)
+        return Trace(lambda: self._describe(subject, found, holds), holds)
+
+    def _describe(self, subject: str, found: Sequence[str], holds: bool) -> str:
+        shown = ", ".join(f"'{value}'" for value in found) or "empty"
+        if self.operator == "present":
             state = f"present ({shown})" if found else "empty"
             wanted = "present" if self.present else "empty"
-            return Trace(f"{subject} is {state}, expected {wanted}", holds)
+            return f"{subject} is {state}, expected {wanted}"
         if not found:
-            return Trace(f"{subject} is empty, expected {self._expectation()}", False)
-        holds = any(self._matches(value) for value in found)
+            return f"{subject} is empty, expected {self._expectation()}"
         verb = "matches" if holds else "does not match"
-        return Trace(f"{subject} {shown} {verb} {self._expectation()}", holds)
+        return f"{subject} {shown} {verb} {self._expectation()}"
 
     def _expectation(self) -> str:
         case = " (ignoring case)" if self.ignore_case else ""
@@ -152,8 +172,12 @@ class Test:
             assert self.pattern is not None
             return self.pattern.search(value) is not None
         if self.ignore_case:
-            return value.casefold() in {wanted.casefold() for wanted in self.values}
+            return value.casefold() in self._folded_values
         return value in self.values
+
+    @functools.cached_property
+    def _folded_values(self) -> frozenset[str]:
+        return frozenset(wanted.casefold() for wanted in self.values)
 
 
 @dataclasses.dataclass(frozen=True)

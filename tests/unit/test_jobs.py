@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from typing import Any
@@ -50,6 +51,27 @@ def test_store_round_trips_job(store: Store) -> None:
     assert job.demographics.name == "DOE^JANE"
     assert job.order.order_time == NOW
     assert store.events(job_id)[0][1] == "queued by route ris, rule ct"
+
+
+def test_order_facts_round_trip() -> None:
+    # to_dict names each field, so a field missing there fails the last check.
+    order = OrderFacts(
+        placer_order_number="P1",
+        filler_order_number="F1",
+        accession_number="ACC1",
+        study_instance_uid="1.2.3",
+        ordered_modality="CT",
+        procedure_code="CTCHEST",
+        procedure_coding_system="LOCAL",
+        procedure_text="CT chest",
+        order_time=NOW,
+        scheduled_time=NOW + dt.timedelta(hours=2),
+        body_parts=("CHEST", "ABDOMEN"),
+    )
+    demographics = Demographics("DOE^JANE", "19650312", "F")
+    assert OrderFacts.from_dict(order.to_dict()) == order
+    assert Demographics.from_dict(demographics.to_dict()) == demographics
+    assert set(order.to_dict()) == {field.name for field in dataclasses.fields(OrderFacts)}
 
 
 def test_store_duplicate_message_keeps_first(store: Store) -> None:

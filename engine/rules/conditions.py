@@ -51,9 +51,9 @@ class FactSource(Protocol):
 class Trace:
     """The result of evaluating a condition, with the reason, for explain.
 
-    The reason is put into words only when it is read: the engine evaluates
-    every route and rule for each order it receives, and reads only whether
-    they matched.
+    The reason is put into words only when it is read, because the engine
+    evaluates every route and rule for each order it receives and reads only
+    whether they matched.
     """
 
     def __init__(

@@ -131,6 +131,8 @@ def to_events(message: Message, policy: IdentifierPolicy) -> list[DomainEvent | 
     """
     origin = origin_of(message)
     kind = message.message_type
+    if kind in ORDER_TYPES or kind in DEMOGRAPHIC_TYPES:
+        _check_one_patient(message)
     if kind in ORDER_TYPES:
         return [
             _order_event(part, origin, policy, number)
@@ -153,6 +155,24 @@ def to_events(message: Message, policy: IdentifierPolicy) -> list[DomainEvent | 
     if kind == SCHEDULE_TYPE:
         return [_schedule_event(message, origin, policy)]
     return [Unhandled(origin, f"{kind} does not start prefetch")]
+
+
+def _check_one_patient(message: Message) -> None:
+    """Reject an order or ADT message with more than one PID segment.
+
+    Their HL7 structures allow one patient, and the patient is read from the
+    first PID, so an order that follows a second PID would go to the wrong
+    patient.
+    """
+    count = sum(1 for _ in message.segments_of("PID"))
+    if count > 1:
+        raise HL7Error(
+            f"{message.message_type} contains {count} PID segments, but a message of this"
+            " type concerns one patient; send one message per patient",
+            ErrorCode.SEGMENT_SEQUENCE_ERROR,
+            ("PID", 2, 0),
+            AckCode.APPLICATION_ERROR,
+        )
 
 
 def to_event(message: Message, policy: IdentifierPolicy) -> DomainEvent | Unhandled:
@@ -237,6 +257,8 @@ def _schedule_event(
     The appointment's start (AIS-4, else SCH-11.4) is the order's scheduled time,
     and the message time (MSH-7) its order time.
     """
+    # NOTE: an appointment for several patients (one PID each) starts prefetch
+    # for the first patient only.
     start = parse_timestamp(message.get("AIS", 4)) or parse_timestamp(message.get("SCH", 11, 4, 1))
     order = OrderFacts(
         placer_order_number=message.get("SCH", 26) or message.get("SCH", 1),

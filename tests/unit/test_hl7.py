@@ -337,6 +337,18 @@ def test_events_invalid_second_group_rejects_message() -> None:
     assert raised.value.location == ("ORC", 2, 1)
 
 
+def test_events_second_patient_rejects_message() -> None:
+    # Without the check, PLC-2 was filed under the first PID's patient (L1).
+    second = b"PID|2||L2^^^LOCAL^MR\rORC|NW|PLC-2|FIL-2\rOBR|1|PLC-2|FIL-2\r"
+    adt = ADT.format(trigger="A08") + "PID|2||L2^^^LOCAL^MR\r"
+    for message in (order() + second, adt.encode()):
+        with pytest.raises(HL7Error) as raised:
+            to_events(parse(message), POLICY)
+        assert raised.value.code == ErrorCode.SEGMENT_SEQUENCE_ERROR
+        assert raised.value.location == ("PID", 2, 0)
+        assert raised.value.ack == AckCode.APPLICATION_ERROR
+
+
 def test_event_merge_pairs() -> None:
     text = (
         ADT.format(trigger="A40")

@@ -416,6 +416,16 @@ def test_order_with_two_orders_creates_two_jobs(db: ImmediateStore) -> None:
     assert len(db.store.list_messages()) == 1
 
 
+def test_order_for_two_patients_gets_ae(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    second = b"PID|2||L2^^^LOCAL^MR\rORC|NW|PLC-2|FIL-2\rOBR|1|PLC-2|FIL-2\r"
+    segments = answer(intake.handle_message(order() + second, "peer"))
+    assert segments[1] == "MSA|AE|MSG1"
+    assert "|PID^2^0|100^Segment sequence error^HL70357|" in segments[2]
+    assert db.store.list_messages() == []
+    assert db.store.list_jobs() == []
+
+
 def test_merge_into_itself_gets_ae(db: ImmediateStore) -> None:
     intake, _ = make_intake(db)
     text = (

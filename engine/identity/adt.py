@@ -1,19 +1,23 @@
 """Planning the identity effects of ADT messages, applied with the message in one transaction.
 
 ADT^A01, A04 and A08 (DemographicsUpdated) update the local patient record and
-teach the engine every other qualified identifier of PID-3; ADT^A40
+teach the engine every other qualified identifier of PID-3, except in a domain
+where PID-3 has more than one; ADT^A40
 (PatientsMerged) records that the MRG-1 ID now lives on as the PID-3 one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 
 from engine.identity import records
 from engine.identity.domains import DomainDirectory
 from engine.jobs.store import Action, Store
 from engine.model import DemographicsUpdated, PatientIdentifier, PatientsMerged
+
+logger = logging.getLogger(__name__)
 
 
 class IdentityEvents:
@@ -37,9 +41,29 @@ class IdentityEvents:
             return records.save_demographics(store, patient, demographics, now, control_id)
 
         actions: list[Action] = [update]
+        outcome = f"{event.origin.message_type} for {patient}"
+        by_domain: dict[str, list[PatientIdentifier]] = {}
         for remote in self._remote_identifiers(event.identifiers, patient):
-            actions.append(_learn(patient, remote, control_id))
-        return f"{event.origin.message_type} for {patient}", actions
+            by_domain.setdefault(remote.issuer, []).append(remote)
+        for domain, remotes in by_domain.items():
+            if len(remotes) == 1:
+                actions.append(_learn(patient, remotes[0], control_id))
+                continue
+            # Either identifier could belong to another patient, so neither is learned
+            # and an earlier one stays, as when a PIX response is ambiguous.
+            listed = ", ".join(remote.value for remote in remotes)
+            logger.warning(
+                "message %s: PID-3 of %s has %d identifiers in domain %s (%s); none is learned",
+                control_id,
+                patient,
+                len(remotes),
+                domain,
+                listed,
+            )
+            outcome += (
+                f"; PID-3 has {len(remotes)} identifiers in {domain} ({listed}): none learned"
+            )
+        return outcome, actions
 
     def _remote_identifiers(
         self, identifiers: Sequence[PatientIdentifier], patient: PatientIdentifier

@@ -59,6 +59,21 @@ def test_a04_records_demographics_and_learns(db: ImmediateStore) -> None:
     assert "DOE" not in stored.outcome
 
 
+def test_two_identifiers_in_domain_learn_none(db: ImmediateStore) -> None:
+    target = intake(db)
+    send(target, demographics_message(PATIENT, "ADT1", WHEN, "A04", ["HA-0^^^HOSP_A"]))
+    both = ["HA-1^^^HOSP_A", "HA-2^^^HOSP_A", "HB-1^^^&1.2.3.3&ISO"]
+    assert send(target, demographics_message(PATIENT, "ADT2", WHEN, "A08", both))[1] == (
+        "MSA|AA|ADT2"
+    )
+    # Either could be another patient's, so the identifier learned before stays.
+    assert records.learned_remote(db.store, L1, "HOSP_A") == PatientIdentifier("HA-0", "HOSP_A")
+    assert records.learned_local(db.store, PatientIdentifier("HA-2", "HOSP_A")) is None
+    assert records.learned_remote(db.store, L1, "HOSP_B") == PatientIdentifier("HB-1", "HOSP_B")
+    stored = db.store.list_messages(1)[0]
+    assert "PID-3 has 2 identifiers in HOSP_A (HA-1, HA-2): none learned" in stored.outcome
+
+
 def test_a08_updates_demographics(db: ImmediateStore) -> None:
     target = intake(db)
     send(target, demographics_message(PATIENT, "ADT1", WHEN, "A04"))

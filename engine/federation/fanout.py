@@ -30,7 +30,9 @@ from engine.federation.matching import matches, values_of
 from engine.federation.merging import Merger, Origin, build_row, localize
 from engine.federation.request import FindRequest
 from engine.federation.sitefind import QueryCancelled, SiteHandle, SitePlan
+from engine.identity.check import differences
 from engine.identity.resolver import IdentityResolver, Resolution
+from engine.identity.settings import CheckSettings
 from engine.model import Demographics, PatientIdentifier
 
 logger = logging.getLogger(__name__)
@@ -67,8 +69,10 @@ class Federation:
     """The dependencies of every federated operation, built once by the engine.
 
     demographics looks up the local patient's record. Its name, birth date
-    and sex replace the site's in the C-FIND responses to a query by patient
-    ID and in every retrieved object. Without a record the site's values stay.
+    and sex replace the site's in the C-FIND responses and in every retrieved
+    object. Before that, check compares the site's values with the record,
+    as prefetch does, and a match whose patient differs is dropped. Without a
+    record the site's values stay and nothing is compared.
     """
 
     reactor: Any
@@ -80,6 +84,7 @@ class Federation:
     ae_title: str
     max_answers: int
     demographics: DemographicsLookup = no_records
+    check: CheckSettings = dataclasses.field(default_factory=CheckSettings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +158,8 @@ class FederatedFind:
         self._timers: dict[str, IDelayedCall] = {}
         self._lookups = 0
         self._local_of: dict[PatientIdentifier, PatientIdentifier | None] = {}
-        # The local record of the patient the caller named, when the engine has one.
-        self._records: dict[PatientIdentifier, Demographics] = {}
+        # The local record of each local patient met so far; None when the engine has none.
+        self._records: dict[PatientIdentifier, Demographics | None] = {}
         self._starting = True
 
     @property
@@ -173,9 +178,7 @@ class FederatedFind:
                 for name in self.federation.sites:
                     self.summary.skipped[name] = f"patient {self.request.patient} is not known"
             else:
-                record = yield self.federation.demographics(local)
-                if record is not None:
-                    self._records[local] = record
+                self._records[local] = yield self.federation.demographics(local)
         if self.request.patient is None or local is not None:
             for site in self.federation.sites.values():
                 self._running[site.name] = None
@@ -247,6 +250,10 @@ class FederatedFind:
                 delattr(keys, keyword)
         # The site's objects may carry no issuer: the issuer is checked here, not there.
         keys.IssuerOfPatientID = ""
+        if self.federation.check.strictness != "off":
+            for keyword in _CHECKED_KEYWORDS:
+                if keyword not in keys:
+                    setattr(keys, keyword, "")
 
         if local is not None:
             resolution = yield self.resolver.resolve(local, site.issuer)
@@ -362,17 +369,26 @@ class FederatedFind:
 
         return self.resolver.local_for(remote).addCallback(remember)
 
+    @defer.inlineCallbacks
     def _accept_mapped(
         self, local: PatientIdentifier | None, query: _SiteQuery, answer: Dataset
-    ) -> None:
-        self._lookups -= 1
-        if local is None:
-            self._ignore(query.site, "no local patient for the site's patient ID")
-        elif not (self.cancelled or self.finished):
-            patient_id = str(answer.get("PatientID", "")).strip()
-            remote = PatientIdentifier(patient_id, query.site.issuer)
-            self._accept(Origin(query.site.name, remote, local), answer)
-        self._finish_if_done()
+    ) -> Generator[defer.Deferred[Any], Any, None]:
+        try:
+            if local is None:
+                self._ignore(query.site, "no local patient for the site's patient ID")
+                return
+            if local not in self._records:
+                self._records[local] = yield self.federation.demographics(local)
+            if not (self.cancelled or self.finished):
+                patient_id = str(answer.get("PatientID", "")).strip()
+                remote = PatientIdentifier(patient_id, query.site.issuer)
+                self._accept(Origin(query.site.name, remote, local), answer)
+        except Exception as error:
+            # Without the local record the match cannot be checked, so it is not sent.
+            self._ignore(query.site, f"local record lookup failed: {error}")
+        finally:
+            self._lookups -= 1
+            self._finish_if_done()
 
     def _lookup_failed(self, failure: Any, query: _SiteQuery) -> None:
         self._lookups -= 1
@@ -384,7 +400,21 @@ class FederatedFind:
         logger.info("federated query %s: %s: ignored %s", self.query_id, site.name, reason)
 
     def _accept(self, origin: Origin, answer: Dataset) -> None:
-        localize(answer, origin, self._records.get(origin.local))
+        record = self._records.get(origin.local)
+        if record is not None:
+            found = differences(record, _site_demographics(answer), self.federation.check)
+            if found:
+                self.summary.ignored += 1
+                logger.warning(
+                    "federated query %s: %s: dropped a match of %s for local patient %s: %s",
+                    self.query_id,
+                    origin.site,
+                    origin.remote,
+                    origin.local,
+                    ", ".join(found),
+                )
+                return
+        localize(answer, origin, record)
         if not matches(self.request.identifier, answer):
             self.summary.ignored += 1
             return
@@ -431,3 +461,15 @@ class FederatedFind:
             ", ".join(self.summary.failed) or "none",
         )
         self.sink(Done(self.summary))
+
+
+# The attributes identity.check compares, asked from every site so that it can.
+_CHECKED_KEYWORDS = ("PatientName", "PatientBirthDate", "PatientSex")
+
+
+def _site_demographics(answer: Dataset) -> Demographics:
+    return Demographics(
+        name=str(answer.get("PatientName", "") or ""),
+        birth_date=str(answer.get("PatientBirthDate", "") or ""),
+        sex=str(answer.get("PatientSex", "") or ""),
+    )

@@ -53,6 +53,7 @@ def build_qr_service(
         ae_title=settings.dicom.ae_title,
         max_answers=federation_settings.max_answers,
         demographics=demographics,
+        check=settings.identity.check,
     )
     retrieval = Retrieval(
         federation=federation,

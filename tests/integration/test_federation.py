@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from engine.testing.adt import demographics_message
-from engine.testing.dicomgen import uid_for
+from engine.testing.dicomgen import PatientSpec, uid_for
 from engine.testing.scenario import Scenario, prefetch_scenario
 from engine.testing.sites import EngineProcess, Network
 from tests.integration.conftest import send
@@ -238,7 +238,8 @@ def test_move_delivers_stamped_study_with_counts(federated: Federated) -> None:
 
 
 def test_local_record_in_answers_and_objects(federated: Federated, tmp_path: Path) -> None:
-    local = dataclasses.replace(federated.scenario.local_patient, name="DOE-SMITH^JANE^M")
+    # identity.check (normalised) finds this equal to the sites' DOE^JANE^MARIE.
+    local = dataclasses.replace(federated.scenario.local_patient, name="Doe^Jane^M")
     message = demographics_message(local, "FED-A08", dt.datetime.now())
     assert send(federated.network.ports.mllp, message)[1] == "MSA|AA|FED-A08"
 
@@ -248,7 +249,7 @@ def test_local_record_in_answers_and_objects(federated: Federated, tmp_path: Pat
     assert sorted(str(row.StudyInstanceUID) for row in rows) == sorted(
         study_uid(key) for key in LOCAL_STUDIES
     )
-    assert {str(row.PatientName) for row in rows} == {"DOE-SMITH^JANE^M"}
+    assert {str(row.PatientName) for row in rows} == {"Doe^Jane^M"}
 
     federated.destination.clear()
     run = movescu(
@@ -262,7 +263,7 @@ def test_local_record_in_answers_and_objects(federated: Federated, tmp_path: Pat
     assert len(received) == 2
     for instance in received:
         assert instance.PatientID == "L12345"
-        assert instance.PatientName == "DOE-SMITH^JANE^M"
+        assert instance.PatientName == "Doe^Jane^M"
         assert instance.PatientBirthDate == local.birth_date
 
 
@@ -388,3 +389,21 @@ def test_echo_answered(federated: Federated) -> None:
     command = ["echoscu", "-v", "-aet", "FINDSCU", "-aec", "FDQR", "127.0.0.1", str(federated.port)]
     run = run_tool(command)
     assert "Received Echo Response (Success)" in run.output, run.output[-2000:]
+
+
+def test_find_drops_studies_of_another_patient(federated: Federated, tmp_path: Path) -> None:
+    # An ADT gives patient L67890 the hospital B ID of L12345. Hospital B then returns
+    # L12345's studies, whose name, birth date and sex give them away.
+    other = PatientSpec("L67890", "LOCAL", "ROE^RICHARD", "19580101", "M")
+    message = demographics_message(other, "FED-ROE", dt.datetime.now(), "A08", ["HB-4455^^^HOSP_B"])
+    assert send(federated.network.ports.mllp, message)[1] == "MSA|AA|FED-ROE"
+
+    run, rows = findscu(
+        federated.port, "FINDSCU", "STUDY", {**STUDY_KEYS, "PatientID": "L67890"}, tmp_path
+    )
+    assert run.final.status == 0x0000
+    uids = {str(row.StudyInstanceUID) for row in rows}
+    assert not uids & {study_uid(key) for key in LOCAL_STUDIES}
+    assert all(("HB-4455", "HOSP_B") not in others(row) for row in rows)
+    log = federated.engine.log_text()
+    assert "hospital_b: dropped a match of HB-4455^^^HOSP_B for local patient L67890^^^LOCAL" in log

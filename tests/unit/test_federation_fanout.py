@@ -203,13 +203,49 @@ def test_fanout_answers_carry_local_record(
     local_records = dataclasses.replace(federation, demographics=lookup)
     # The caller's name key is matched against the local name, not the site's.
     _, events = start(local_records, PatientID="L1", PatientName="DOE-SMITH*", PatientSex="")
+    # identity.check (normalised) finds the same name, but the caller's key does not match it.
     network.sites["hospital_a"].answer(
-        PatientID="HA-1", PatientName="DOE^J", PatientSex="F", StudyInstanceUID="1.1"
+        PatientID="HA-1", PatientName="Doe-Smith^Jane^M", PatientSex="F", StudyInstanceUID="1.1"
     )
     [row] = rows(events)
     assert looked_up == [LOCAL]
     assert row.PatientName == "DOE-SMITH^JANE"
     assert row.PatientSex == "F"
+
+
+def test_fanout_drops_other_patients_match(
+    setup: tuple[FakeReactor, Network, Federation], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A site ID learned for the wrong local patient: the site's demographics give it away.
+    _, network, federation = setup
+    record = Demographics("ROE^RICHARD", "19580101", "M")
+    checked = dataclasses.replace(federation, demographics=lambda patient: defer.succeed(record))
+    checked.sites["hospital_a"] = member("hospital_a", "HOSP_A", queries_without_patient_id=True)
+    for keys in ({"PatientID": "L1"}, {"AccessionNumber": "ACC1"}):
+        _, events = start(checked, **keys)
+        site = network.sites["hospital_a"]
+        assert site.plan is not None
+        assert site.plan.keys.PatientBirthDate == ""
+        site.answer(
+            PatientID="HA-1",
+            PatientName="DOE^JANE",
+            PatientBirthDate="19650312",
+            PatientSex="F",
+            StudyInstanceUID="1.1",
+            AccessionNumber="ACC1",
+        )
+        site.answer(
+            PatientID="HA-1",
+            PatientName="ROE^RICHARD",
+            PatientBirthDate="19580101",
+            PatientSex="M",
+            StudyInstanceUID="1.2",
+            AccessionNumber="ACC1",
+        )
+        assert [row.StudyInstanceUID for row in rows(events)] == ["1.2"]
+        assert [location.site for location in checked.locations.locations("1.1")] == []
+    assert "dropped a match of HA-1^^^HOSP_A for local patient L1^^^LOCAL" in caplog.text
+    assert "DOE" not in caplog.text
 
 
 def test_fanout_without_record_keeps_site_name(

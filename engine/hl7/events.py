@@ -239,6 +239,15 @@ def _merge_event(
 ) -> PatientsMerged:
     surviving = local_identifier(message, policy)
     retired = local_identifier(message, policy, "MRG", 1, number)
+    if sum(1 for _ in message.segments_of("MRG")) > 1:
+        # Each retired identifier comes in its own PID and MRG pair.
+        raise HL7Error(
+            f"the PID of merge {number} is followed by more than one MRG segment; send"
+            " the PID again before each MRG",
+            ErrorCode.SEGMENT_SEQUENCE_ERROR,
+            ("MRG", number + 1, 0),
+            AckCode.APPLICATION_ERROR,
+        )
     if retired == surviving:
         raise HL7Error(
             f"MRG-1 merges patient identifier {retired.value} into itself",

@@ -359,6 +359,15 @@ def test_event_merge_pairs() -> None:
     assert [(e.surviving.value, e.retired.value) for e in events] == [("L1", "L0"), ("L5", "L4")]  # type: ignore[union-attr]
 
 
+def test_event_merge_second_mrg_rejected() -> None:
+    # Without the check, the second MRG (L4) was dropped and the message got AA.
+    text = ADT.format(trigger="A40") + "MRG|L0^^^LOCAL^MR\rMRG|L4^^^LOCAL^MR\r"
+    with pytest.raises(HL7Error) as raised:
+        to_events(parse(text.encode()), POLICY)
+    assert raised.value.code == ErrorCode.SEGMENT_SEQUENCE_ERROR
+    assert raised.value.location == ("MRG", 2, 0)
+
+
 def test_event_merge_into_itself_rejected() -> None:
     text = ADT.format(trigger="A40") + "MRG|L1^^^LOCAL^MR\r"
     with pytest.raises(HL7Error) as raised:

@@ -70,6 +70,16 @@ class SourceNode:
     retrieve: str = "move"  # "move", "get" or "auto"
 
 
+class StudyConflict(Exception):
+    """The destination stores the study's UID under another patient ID."""
+
+    def __init__(self, uid: str, holders: list[str], local: str) -> None:
+        super().__init__(
+            f"destination stores study UID {uid} under patient ID {', '.join(holders)}, not"
+            f" {local}; nothing was stored, correct the study at the destination first"
+        )
+
+
 @dataclasses.dataclass
 class StudyReport:
     """What happened to one study during one attempt."""
@@ -146,7 +156,10 @@ class StudyTransfer:
             return _unverified(report)
 
         try:
-            present: int | None = yield self._destination_count(job, uid_there)
+            present: int | None = yield self._destination_count(job, uid_there, stamp)
+        except StudyConflict as conflict:
+            conflicted: StudyReport = yield self._conflict(uid, conflict, report, note)
+            return conflicted
         except DimseError as error:
             if not error.transient:
                 raise
@@ -202,7 +215,11 @@ class StudyTransfer:
         uid = candidate.study_instance_uid
         uid_there = stamp.profile.study_uid_for(uid, candidate.patient.issuer)
         for repair in range(self.settings.repair_passes + 1):
-            present = yield self._destination_count(job, uid_there)
+            try:
+                present = yield self._destination_count(job, uid_there, stamp)
+            except StudyConflict as conflict:
+                yield self._conflict(uid, conflict, report, note)
+                return
             if candidate.instance_count is not None and present == candidate.instance_count:
                 missing: list[InstanceRef] = []
             else:
@@ -230,12 +247,34 @@ class StudyTransfer:
 
     @defer.inlineCallbacks
     def _destination_count(
-        self, job: JobRecord, uid: str
+        self, job: JobRecord, uid: str, stamp: Stamp
     ) -> Generator[defer.Deferred[Any], Any, int | None]:
+        """Return how many instances of the study the destination holds, None if unknown.
+
+        Raises StudyConflict when the destination stores the study UID under another
+        patient ID. Its count is then not this patient's, and a copy stored next to
+        it would split one study between two patients.
+        """
         destination = self.clients[job.destination]
-        answers = yield self.pools.run(job.destination, destination.find, sop_classes_of_study(uid))
+        query = sop_classes_of_study(uid)
+        query.PatientID = ""
+        answers = yield self.pools.run(job.destination, destination.find, query)
+        holders = {str(answer.get("PatientID", "") or "").strip() for answer in answers}
+        others = sorted(holder for holder in holders if holder and holder != stamp.local.value)
+        if others:
+            raise StudyConflict(uid, others, stamp.local.value)
         count: int | None = read_instance_count(answers)
         return count
+
+    @defer.inlineCallbacks
+    def _conflict(
+        self, uid: str, conflict: StudyConflict, report: StudyReport, note: Note
+    ) -> Generator[defer.Deferred[Any], Any, StudyReport]:
+        report.state = StudyState.FAILED
+        report.transient = False
+        report.problems.append(str(conflict))
+        yield note(f"study {uid}: {conflict}", logging.WARNING)
+        return report
 
     @defer.inlineCallbacks
     def _missing(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom.pdu_primitives import A_ABORT, P_DATA
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+from twisted.internet import defer
 
+from engine.coercion import Stamp
 from engine.dimse.contexts import (
     COMMON_SYNTAXES,
     MAX_CONTEXTS,
@@ -34,8 +38,19 @@ from engine.dimse.scu import (
 from engine.dimse.status import Status
 from engine.dimse.transcode import TranscodeError, transcode
 from engine.dimse.transport import BoundedPDataQueue
+from engine.jobs.receiving import ExpectationRegistry
 from engine.jobs.spool import Spool, SpoolFull
-from engine.jobs.transfer import StudyReport, _add_outcome, _repair_identifiers
+from engine.jobs.store import Store, StudyState
+from engine.jobs.transfer import (
+    StudyReport,
+    StudyTransfer,
+    TransferSettings,
+    _add_outcome,
+    _repair_identifiers,
+)
+from engine.model import Demographics, PatientIdentifier, StudyCandidate
+from tests.conftest import NOW
+from tests.unit.test_jobs import new_job
 
 GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"
 
@@ -326,3 +341,57 @@ def test_transcode_refuses_compressed_target(tmp_path: Path) -> None:
     assert source is not None
     with pytest.raises(TranscodeError, match="compressed transfer syntax"):
         transcode(Path(source), tmp_path / "out.dcm", JPEG2000Lossless)
+
+
+class AnsweringPools:
+    """Node pools that return the same C-FIND responses to every query, at once."""
+
+    def __init__(self, answers: list[Dataset]) -> None:
+        self.answers = answers
+        self.queries: list[Dataset] = []
+
+    def run(self, node: str, function: Any, query: Dataset) -> defer.Deferred[list[Dataset]]:
+        self.queries.append(query)
+        return defer.succeed(self.answers)
+
+
+def test_study_held_under_other_patient_fails(tmp_path: Path) -> None:
+    # Counted as present before, yet the destination's 10 instances belong to L99999.
+    response = Dataset()
+    response.StudyInstanceUID = "1.2.3"
+    response.PatientID = "L99999"
+    response.NumberOfStudyRelatedInstances = "10"
+    pools = AnsweringPools([response])
+    transfer = StudyTransfer(
+        pools=pools,  # type: ignore[arg-type]
+        clients={"local": SimpleNamespace(find=None)},  # type: ignore[dict-item]
+        sources={},
+        registry=ExpectationRegistry("FDQR"),
+        receiver=None,
+        spool=Spool(tmp_path, 1 << 30),
+        engine_ae_title="FDQR",
+        settings=TransferSettings(),
+    )
+    store = Store(":memory:")
+    job = store.get_job(store.add_job(new_job(), NOW))
+    assert job is not None
+    local = PatientIdentifier("L1", "LOCAL")
+    remote = PatientIdentifier("HA-1", "HOSP_A")
+    candidate = StudyCandidate("hospital_a", "1.2.3", remote, instance_count=30)
+    notes: list[tuple[str, int]] = []
+
+    def note(text: str, level: int = logging.INFO) -> defer.Deferred[None]:
+        notes.append((text, level))
+        return defer.succeed(None)
+
+    reports: list[StudyReport] = []
+    transfer.fetch(job, candidate, Stamp(local, remote, Demographics()), note).addCallback(
+        reports.append
+    )
+    [report] = reports
+    assert report.state == StudyState.FAILED
+    assert "under patient ID L99999, not L1" in report.problem
+    assert not report.transient
+    assert pools.queries[0].PatientID == ""
+    assert notes[-1][1] == logging.WARNING
+    assert len(pools.queries) == 1

@@ -64,6 +64,10 @@ class OrderFacts:
 
     placer_order_number: str = ""
     filler_order_number: str = ""
+    # The namespace IDs of the order numbers (EI component 2: the placer and filler
+    # applications). Order numbers are unique only within their namespace.
+    placer_namespace: str = ""
+    filler_namespace: str = ""
     accession_number: str = ""
     study_instance_uid: str = ""
     ordered_modality: str = ""
@@ -83,6 +87,8 @@ class OrderFacts:
         return {
             "placer_order_number": self.placer_order_number,
             "filler_order_number": self.filler_order_number,
+            "placer_namespace": self.placer_namespace,
+            "filler_namespace": self.filler_namespace,
             "accession_number": self.accession_number,
             "study_instance_uid": self.study_instance_uid,
             "ordered_modality": self.ordered_modality,

@@ -269,9 +269,13 @@ def _schedule_event(
     # NOTE: an appointment for several patients (one PID each) starts prefetch
     # for the first patient only.
     start = parse_timestamp(message.get("AIS", 4)) or parse_timestamp(message.get("SCH", 11, 4, 1))
+    placer = ("SCH", 26) if message.get("SCH", 26) else ("SCH", 1)
+    filler = ("SCH", 27) if message.get("SCH", 27) else ("SCH", 2)
     order = OrderFacts(
-        placer_order_number=message.get("SCH", 26) or message.get("SCH", 1),
-        filler_order_number=message.get("SCH", 27) or message.get("SCH", 2),
+        placer_order_number=message.get(*placer),
+        filler_order_number=message.get(*filler),
+        placer_namespace=message.get(*placer, 2),
+        filler_namespace=message.get(*filler, 2),
         procedure_code=message.get("AIS", 3, 1),
         procedure_text=message.get("AIS", 3, 2),
         procedure_coding_system=message.get("AIS", 3, 3),
@@ -397,9 +401,13 @@ def order_facts(message: Message) -> OrderFacts:
     study_uid = message.get("ZDS", 1) or message.get("IPC", 3)
     modality = message.get("OBR", 24) or message.get("IPC", 5)
     order_time = parse_timestamp(message.get("ORC", 9)) or parse_timestamp(message.get("MSH", 7))
+    placer = ("ORC", 2) if message.get("ORC", 2) else ("OBR", 2)
+    filler = ("ORC", 3) if message.get("ORC", 3) else ("OBR", 3)
     return OrderFacts(
-        placer_order_number=message.get("ORC", 2) or message.get("OBR", 2),
-        filler_order_number=message.get("ORC", 3) or message.get("OBR", 3),
+        placer_order_number=message.get(*placer),
+        filler_order_number=message.get(*filler),
+        placer_namespace=message.get(*placer, 2),
+        filler_namespace=message.get(*filler, 2),
         accession_number=accession,
         study_instance_uid=study_uid,
         ordered_modality=modality.upper(),

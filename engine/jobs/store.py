@@ -206,10 +206,10 @@ class NewJob:
     demographics: Demographics
     order: OrderFacts
     not_before: dt.datetime
-    # With skip_repeated_orders, a job is stored as suppressed when its order
-    # (placer or filler order number, or accession number) already has a job for
-    # the same patient, rule and destination. With suppression_window, so is a job
-    # created within that span of such a job. Failed and cancelled jobs do not count.
+    # With skip_repeated_orders, a job is stored as suppressed when its order (see
+    # same_order) already has a job for the same patient, rule and destination. With
+    # suppression_window, so is a job created within that span of such a job. Failed
+    # and cancelled jobs do not count.
     skip_repeated_orders: bool = False
     suppression_window: dt.timedelta | None = None
     # Why the job starts when it does, kept in its event log.
@@ -217,14 +217,47 @@ class NewJob:
 
 
 def order_keys(order: OrderFacts) -> list[str]:
-    """Return the keys that identify an order: its placer and filler order numbers and its
-    accession number. Two orders are the same order when they share one key."""
+    """Return the keys that find the jobs that may be of the same order.
+
+    They are its placer and filler order numbers and its accession number,
+    without namespaces. same_order then decides.
+    """
     pairs = (
         ("placer", order.placer_order_number),
         ("filler", order.filler_order_number),
         ("accession", order.accession_number),
     )
     return [f"{kind}:{value}" for kind, value in pairs if value]
+
+
+def same_order(first: OrderFacts, second: OrderFacts) -> bool:
+    """Return whether two orders are one: they share an order number or accession number.
+
+    Order numbers count as shared when their namespaces (the placer or filler
+    application) are equal or one is empty, so 1001^RIS and 1001^CARDIO are two
+    orders. A job stored before namespaces were kept has none.
+    """
+
+    def shared(number: str, namespace: str, other_number: str, other_namespace: str) -> bool:
+        if not number or number != other_number:
+            return False
+        return not namespace or not other_namespace or namespace == other_namespace
+
+    return (
+        shared(
+            first.placer_order_number,
+            first.placer_namespace,
+            second.placer_order_number,
+            second.placer_namespace,
+        )
+        or shared(
+            first.filler_order_number,
+            first.filler_namespace,
+            second.filler_order_number,
+            second.filler_namespace,
+        )
+        or bool(first.accession_number and first.accession_number == second.accession_number)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +348,10 @@ def _iso(value: dt.datetime) -> str:
 
 def _time(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
+
+
+def _same_order_row(row: sqlite3.Row, order: OrderFacts) -> bool:
+    return same_order(OrderFacts.from_dict(json.loads(row["order_facts"])), order)
 
 
 def _ids(ids: Sequence[int]) -> str:
@@ -689,12 +726,13 @@ class Store:
         if job.skip_repeated_orders and keys:
             # CROSS JOIN keeps job_orders the outer loop: SQLite would otherwise scan every
             # job of the patient through jobs_by_patient_time.
-            row = db.execute(
-                "SELECT j.id FROM job_orders o CROSS JOIN jobs j ON j.id = o.job_id"
-                f" WHERE o.key IN ({','.join('?' * len(keys))}) AND {same_patient}"
-                f" AND {covering} ORDER BY j.id LIMIT 1",
+            rows = db.execute(
+                "SELECT DISTINCT j.id, j.order_facts FROM job_orders o CROSS JOIN jobs j"
+                f" ON j.id = o.job_id WHERE o.key IN ({','.join('?' * len(keys))})"
+                f" AND {same_patient} AND {covering} ORDER BY j.id",
                 (*keys, *patient, *_NOT_COVERING),
-            ).fetchone()
+            ).fetchall()
+            row = next((row for row in rows if _same_order_row(row, job.order)), None)
             if row is not None:
                 return (
                     JobState.SUPPRESSED,
@@ -748,13 +786,14 @@ class Store:
         with self._transaction() as db:
             keys = order_keys(order)
             # An order without numbers cannot be matched to any job (SQLite reads IN () as false).
-            matching = db.execute(
-                "SELECT DISTINCT j.id, j.state FROM job_orders o CROSS JOIN jobs j"
+            candidates = db.execute(
+                "SELECT DISTINCT j.id, j.state, j.order_facts FROM job_orders o CROSS JOIN jobs j"
                 " ON j.id = o.job_id"
                 f" WHERE o.key IN ({','.join('?' * len(keys))})"
                 " AND j.patient_id = ? AND j.patient_issuer = ? ORDER BY j.id",
                 (*keys, patient.value, patient.issuer),
             ).fetchall()
+            matching = [row for row in candidates if _same_order_row(row, order)]
             cancelled: list[int] = []
             requested: list[int] = []
             running: list[int] = []

@@ -349,6 +349,15 @@ def test_events_second_patient_rejects_message() -> None:
         assert raised.value.ack == AckCode.APPLICATION_ERROR
 
 
+def test_event_order_number_namespaces() -> None:
+    second = b"ORC|NW|PLC-2^CARDIO||\rOBR|1|PLC-2^CARDIO|FIL-2^PACS|MRBRAIN^MR Brain^LOCAL\r"
+    events = to_events(parse(order() + second), POLICY)
+    orders = [event.order for event in events]  # type: ignore[union-attr]
+    assert [(o.placer_order_number, o.placer_namespace) for o in orders][1] == ("PLC-2", "CARDIO")
+    # An empty ORC-3 is read from OBR-3, namespace included.
+    assert (orders[1].filler_order_number, orders[1].filler_namespace) == ("FIL-2", "PACS")
+
+
 def test_event_merge_pairs() -> None:
     text = (
         ADT.format(trigger="A40")

@@ -58,6 +58,8 @@ def test_order_facts_round_trip() -> None:
     order = OrderFacts(
         placer_order_number="P1",
         filler_order_number="F1",
+        placer_namespace="RIS",
+        filler_namespace="PACS",
         accession_number="ACC1",
         study_instance_uid="1.2.3",
         ordered_modality="CT",
@@ -72,6 +74,31 @@ def test_order_facts_round_trip() -> None:
     assert OrderFacts.from_dict(order.to_dict()) == order
     assert Demographics.from_dict(demographics.to_dict()) == demographics
     assert set(order.to_dict()) == {field.name for field in dataclasses.fields(OrderFacts)}
+
+
+def order_job(placer: str, namespace: str, accession: str) -> NewJob:
+    order = OrderFacts(
+        placer_order_number=placer, placer_namespace=namespace, accession_number=accession
+    )
+    return dataclasses.replace(new_job(), order=order, skip_repeated_orders=True)
+
+
+def test_order_numbers_differ_by_namespace(store: Store) -> None:
+    # 1001^RIS and 1001^CARDIO are two orders, so neither suppresses or cancels the other.
+    first = store.add_job(order_job("1001", "RIS", "ACC-1"), NOW)
+    other = store.add_job(order_job("1001", "CARDIO", "ACC-2"), NOW)
+    repeated = store.add_job(order_job("1001", "RIS", "ACC-3"), NOW)
+    states = {job.id: job.state for job in store.list_jobs()}
+    assert states[other] == JobState.QUEUED
+    assert states[repeated] == JobState.SUPPRESSED
+
+    cardio = OrderFacts(placer_order_number="1001", placer_namespace="CARDIO")
+    assert store.cancel_order(PATIENT, cardio, "cancelled", NOW) == "cancelled job(s) " + str(other)
+    assert store.get_job(first).state == JobState.QUEUED  # type: ignore[union-attr]
+    # Without a namespace the number matches either order.
+    bare = OrderFacts(placer_order_number="1001")
+    assert store.cancel_order(PATIENT, bare, "cancelled", NOW).startswith("cancelled job(s)")
+    assert store.get_job(first).state == JobState.CANCELLED  # type: ignore[union-attr]
 
 
 def test_store_duplicate_message_keeps_first(store: Store) -> None:

@@ -167,7 +167,9 @@ class Engine:
         self.planner = Planner(
             self.rules.current,
             now=self.now,
-            identity=IdentityEvents(local.issuer, DomainDirectory(settings.identity.domains)),
+            identity=IdentityEvents(
+                local.issuer, DomainDirectory(settings.identity.domains), config.identity_table
+            ),
             zone=settings.zone,
         )
         self.intake = Intake(

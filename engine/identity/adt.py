@@ -2,7 +2,8 @@
 
 ADT^A01, A04 and A08 (DemographicsUpdated) update the local patient record and
 teach the engine every other qualified identifier of PID-3, except in a domain
-where PID-3 has more than one; ADT^A40
+where PID-3 has more than one and except one the cross-reference table gives
+to another patient; ADT^A40
 (PatientsMerged) records that the MRG-1 ID now lives on as the PID-3 one.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 from engine.identity import records
 from engine.identity.domains import DomainDirectory
+from engine.identity.table import CrossReferenceTable
 from engine.jobs.store import Action, Store
 from engine.model import DemographicsUpdated, PatientIdentifier, PatientsMerged
 
@@ -23,9 +25,15 @@ logger = logging.getLogger(__name__)
 class IdentityEvents:
     """Turns DemographicsUpdated and PatientsMerged into an outcome and store actions."""
 
-    def __init__(self, local_issuer: str, directory: DomainDirectory) -> None:
+    def __init__(
+        self,
+        local_issuer: str,
+        directory: DomainDirectory,
+        table: CrossReferenceTable | None = None,
+    ) -> None:
         self.local_issuer = local_issuer
         self.directory = directory
+        self.table = table or CrossReferenceTable.empty()
 
     def __call__(self, event: DemographicsUpdated | PatientsMerged) -> tuple[str, Sequence[Action]]:
         if isinstance(event, PatientsMerged):
@@ -46,6 +54,19 @@ class IdentityEvents:
         for remote in self._remote_identifiers(event.identifiers, patient):
             by_domain.setdefault(remote.issuer, []).append(remote)
         for domain, remotes in by_domain.items():
+            owner = self.table.local_for(remotes[0], self.local_issuer)
+            if len(remotes) == 1 and owner not in (None, patient):
+                # The cross-reference table, kept by the hospital, gives it to another patient.
+                logger.warning(
+                    "message %s: PID-3 of %s lists %s, which the identity table gives to %s;"
+                    " not learned",
+                    control_id,
+                    patient,
+                    remotes[0],
+                    owner,
+                )
+                outcome += f"; {remotes[0]} belongs to {owner} in the identity table: not learned"
+                continue
             if len(remotes) == 1:
                 actions.append(_learn(patient, remotes[0], control_id))
                 continue

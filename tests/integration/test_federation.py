@@ -11,7 +11,14 @@ import pytest
 from pydicom.dataset import Dataset
 
 from engine.testing.adt import demographics_message
-from engine.testing.dicomgen import PatientSpec, uid_for
+from engine.testing.dicomgen import (
+    PatientSpec,
+    SeriesSpec,
+    StudySpec,
+    build_study,
+    encode,
+    uid_for,
+)
 from engine.testing.scenario import Scenario, prefetch_scenario
 from engine.testing.sites import EngineProcess, Network
 from tests.integration.conftest import send
@@ -392,18 +399,38 @@ def test_echo_answered(federated: Federated) -> None:
 
 
 def test_find_drops_studies_of_another_patient(federated: Federated, tmp_path: Path) -> None:
-    # An ADT gives patient L67890 the hospital B ID of L12345. Hospital B then returns
-    # L12345's studies, whose name, birth date and sex give them away.
+    # An ADT gives patient L67890 the hospital B ID HB-7777, which belongs to another
+    # person there. Hospital B then returns that person's study, whose name, birth date
+    # and sex give it away.
+    stranger = PatientSpec("HB-7777", "HOSP_B", "DOE^JOHN", "19700101", "M")
+    series = (SeriesSpec("CT_small.dcm", 2, "CT"),)
+    spec = StudySpec("b-stranger-ct", dt.date(2025, 1, 2), "CT STRANGER", "ACC-STR", series)
+    for dataset in build_study(stranger, spec):
+        federated.network.sites["hospital_b"].upload(encode(dataset))
     other = PatientSpec("L67890", "LOCAL", "ROE^RICHARD", "19580101", "M")
-    message = demographics_message(other, "FED-ROE", dt.datetime.now(), "A08", ["HB-4455^^^HOSP_B"])
+    message = demographics_message(other, "FED-ROE", dt.datetime.now(), "A08", ["HB-7777^^^HOSP_B"])
     assert send(federated.network.ports.mllp, message)[1] == "MSA|AA|FED-ROE"
 
     run, rows = findscu(
         federated.port, "FINDSCU", "STUDY", {**STUDY_KEYS, "PatientID": "L67890"}, tmp_path
     )
     assert run.final.status == 0x0000
-    uids = {str(row.StudyInstanceUID) for row in rows}
-    assert not uids & {study_uid(key) for key in LOCAL_STUDIES}
-    assert all(("HB-4455", "HOSP_B") not in others(row) for row in rows)
+    assert spec.uid not in {str(row.StudyInstanceUID) for row in rows}
     log = federated.engine.log_text()
-    assert "hospital_b: dropped a match of HB-4455^^^HOSP_B for local patient L67890^^^LOCAL" in log
+    assert "hospital_b: dropped a match of HB-7777^^^HOSP_B for local patient L67890^^^LOCAL" in log
+
+
+def test_adt_learns_no_identifier_of_table_patient(federated: Federated, tmp_path: Path) -> None:
+    # The identity table gives HB-4455 to L12345, so an ADT of L67890 listing it learns nothing.
+    other = PatientSpec("L67890", "LOCAL", "ROE^RICHARD", "19580101", "M")
+    message = demographics_message(
+        other, "FED-ROE2", dt.datetime.now(), "A08", ["HB-4455^^^HOSP_B"]
+    )
+    assert send(federated.network.ports.mllp, message)[1] == "MSA|AA|FED-ROE2"
+    _, rows = findscu(
+        federated.port, "FINDSCU", "STUDY", {**STUDY_KEYS, "PatientID": "L67890"}, tmp_path
+    )
+    assert not {str(row.StudyInstanceUID) for row in rows} & {
+        study_uid(key) for key in LOCAL_STUDIES
+    }
+    assert "which the identity table gives to L12345^^^LOCAL" in federated.engine.log_text()

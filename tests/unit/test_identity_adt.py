@@ -14,6 +14,7 @@ from engine.identity import records
 from engine.identity.adt import IdentityEvents
 from engine.identity.domains import DomainDirectory
 from engine.identity.settings import DomainSettings
+from engine.identity.table import CrossReferenceTable
 from engine.jobs.planner import Planner
 from engine.model import Demographics, PatientIdentifier
 from engine.rules.model import RuleSet
@@ -27,9 +28,10 @@ WHEN = dt.datetime(2026, 3, 14, 9, 0)
 L1 = PatientIdentifier("L1", "LOCAL")
 
 
-def intake(db: ImmediateStore) -> Intake:
+def intake(db: ImmediateStore, table: CrossReferenceTable | None = None) -> Intake:
     directory = DomainDirectory({"HOSP_B": DomainSettings(universal_id="1.2.3.3")})
-    planner = Planner(RuleSet.empty, now=lambda: NOW, identity=IdentityEvents("LOCAL", directory))
+    identity = IdentityEvents("LOCAL", directory, table)
+    planner = Planner(RuleSet.empty, now=lambda: NOW, identity=identity)
     policy = IdentifierPolicy(issuer="LOCAL", authorities=frozenset({"LOCAL"}))
     return Intake(db, planner, policy, now=lambda: NOW)  # type: ignore[arg-type]
 
@@ -72,6 +74,20 @@ def test_two_identifiers_in_domain_learn_none(db: ImmediateStore) -> None:
     assert records.learned_remote(db.store, L1, "HOSP_B") == PatientIdentifier("HB-1", "HOSP_B")
     stored = db.store.list_messages(1)[0]
     assert "PID-3 has 2 identifiers in HOSP_A (HA-1, HA-2): none learned" in stored.outcome
+
+
+def test_identifier_of_table_patient_not_learned(db: ImmediateStore) -> None:
+    # The table gives HB-1 to L2, so an ADT of L1 that lists it must not move it to L1.
+    at_b = PatientIdentifier("HB-1", "HOSP_B")
+    table = CrossReferenceTable({PatientIdentifier("L2", "LOCAL"): {"HOSP_B": at_b}})
+    message = demographics_message(PATIENT, "ADT1", WHEN, "A08", ["HB-1^^^HOSP_B", "HA-1^^^HOSP_A"])
+    assert send(intake(db, table), message)[1] == "MSA|AA|ADT1"
+    assert records.learned_local(db.store, at_b) is None
+    assert records.learned_remote(db.store, L1, "HOSP_A") == PatientIdentifier("HA-1", "HOSP_A")
+    stored = db.store.list_messages(1)[0]
+    assert "HB-1^^^HOSP_B belongs to L2^^^LOCAL in the identity table: not learned" in (
+        stored.outcome
+    )
 
 
 def test_a08_updates_demographics(db: ImmediateStore) -> None:

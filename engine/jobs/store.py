@@ -694,6 +694,8 @@ class Store:
                 (job_id, suppressed_by),
             )
             self._event(db, job_id, now, f"{state}: {reason}")
+            # The intake's line for the message counts this job as created.
+            logger.info("job %d (rule %s) created as %s: %s", job_id, job.rule, state, reason)
         return job_id
 
     def _admission(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -412,8 +413,9 @@ def test_change_cancels_old_repeats(
 
 
 def test_repeated_order_is_suppressed(
-    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     intake = make_intake(db, rule_set, clock)
     send(intake, order("M1", "A1", modality="MR"))
     # Same accession, new control id: the RIS sent the order again.
@@ -422,6 +424,9 @@ def test_repeated_order_is_suppressed(
     assert first.state == JobState.QUEUED
     assert second.state == JobState.SUPPRESSED
     assert second.summary == f"repeated order: job {first.id} already covers this order"
+    assert f"job {second.id} (rule {second.rule}) created as suppressed: repeated order" in (
+        caplog.text
+    )
     # A different order of the same rule without a suppression window gets a job.
     send(intake, order("M3", "A3", modality="MR"))
     assert db.store.list_jobs()[0].state == JobState.QUEUED

@@ -349,6 +349,12 @@ class StudyTransfer:
         if expectation.rejected:
             reasons = "; ".join(sorted(set(expectation.rejections)))
             report.problems.append(f"{expectation.rejected} objects refused ({reasons})")
+            # The job's event log keeps it, also when the study is complete in the end.
+            yield note(
+                f"study {uid}: refused {expectation.rejected} object(s) from {source.name}"
+                f" ({reasons})",
+                logging.WARNING,
+            )
         self._add_forwarded(report, forwarder.outcome)
         if report.failed_instances:
             shown = ", ".join(report.failed_instances[:UIDS_IN_EVENT])

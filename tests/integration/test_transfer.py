@@ -543,3 +543,37 @@ def test_missing_instances_fetched_again(site: Site) -> None:
     finally:
         store.close()
     assert record.received == 10
+
+
+def test_objects_of_another_patient_refused(site: Site) -> None:
+    # The source keeps two objects of another patient under the study's UID, and its
+    # C-MOVE of the study sends them too.
+    stranger = PatientSpec("HA-STRANGER", AT_A.issuer, "ROE^RICHARD", "19580101", "M")
+    study = StudySpec(
+        "t-ct-mixed",
+        years_before(TODAY, 1),
+        "CT CHEST",
+        "ACC-MIXED",
+        (
+            SeriesSpec("CT_small.dcm", 3, "CT", "AXIAL", "CHEST"),
+            SeriesSpec("CT_small.dcm", 2, "CT", "OTHER PATIENT", "CHEST"),
+        ),
+    )
+    site.network.start()
+    for patient, series_number in ((AT_A, 1), (stranger, 2)):
+        for ds in build_study(patient, study):
+            if ds.SeriesNumber == series_number:
+                site.source.upload(encode(ds))
+    site.configure(lambda s: None)
+    site.start_engine()
+
+    job_id = site.order("MIX1")
+    job = wait_for_job(site.store, job_id)
+
+    assert job.state == JobState.DONE, job.summary
+    assert site.destination.instance_count() == 3
+    events = site.events(job_id)
+    # Orthanc 1.10 ends a C-MOVE at the first refused sub-operation, so one is refused.
+    assert any("object(s) from hospital_a (patient ID differs" in text for text in events), (
+        "\n".join(events)
+    )

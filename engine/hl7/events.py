@@ -131,7 +131,7 @@ def to_events(message: Message, policy: IdentifierPolicy) -> list[DomainEvent | 
     """
     origin = origin_of(message)
     kind = message.message_type
-    if kind in ORDER_TYPES or kind in DEMOGRAPHIC_TYPES:
+    if kind in ORDER_TYPES or kind in DEMOGRAPHIC_TYPES or kind == SCHEDULE_TYPE:
         _check_one_patient(message)
     if kind in ORDER_TYPES:
         return [
@@ -158,11 +158,12 @@ def to_events(message: Message, policy: IdentifierPolicy) -> list[DomainEvent | 
 
 
 def _check_one_patient(message: Message) -> None:
-    """Reject an order or ADT message with more than one PID segment.
+    """Reject an order, appointment or ADT message with more than one PID segment.
 
-    Their HL7 structures allow one patient, and the patient is read from the
-    first PID, so an order that follows a second PID would go to the wrong
-    patient.
+    The patient is read from the first PID, so an order that follows a second
+    PID would go to the wrong patient. ORM, OMI and ADT^A01/A04/A08 allow one
+    patient. SIU^S12 allows several (a group appointment), which the engine
+    does not split, so the sender gets an error instead of one patient being dropped.
     """
     count = sum(1 for _ in message.segments_of("PID"))
     if count > 1:
@@ -266,8 +267,6 @@ def _schedule_event(
     The appointment's start (AIS-4, else SCH-11.4) is the order's scheduled time,
     and the message time (MSH-7) its order time.
     """
-    # NOTE: an appointment for several patients (one PID each) starts prefetch
-    # for the first patient only.
     start = parse_timestamp(message.get("AIS", 4)) or parse_timestamp(message.get("SCH", 11, 4, 1))
     placer = ("SCH", 26) if message.get("SCH", 26) else ("SCH", 1)
     filler = ("SCH", 27) if message.get("SCH", 27) else ("SCH", 2)
@@ -308,7 +307,9 @@ def local_identifier(
     location = (segment, sequence, field)
     name = f"{segment}-{field}"
     repetitions = [
-        rep for rep in message.repetitions(segment, field) if rep and rep[0] not in ("", HL7_NULL)
+        [rep[0].strip(), *rep[1:]]
+        for rep in message.repetitions(segment, field)
+        if rep and rep[0].strip() not in ("", HL7_NULL)
     ]
     if not repetitions:
         raise HL7Error(
@@ -335,12 +336,12 @@ def local_identifier(
                 AckCode.APPLICATION_ERROR,
             )
         if values:
-            return PatientIdentifier(values[0], policy.issuer)
+            return PatientIdentifier(_checked_id(values[0], name, location), policy.issuer)
 
     only = repetitions[0]
     unqualified = len(repetitions) == 1 and not _authority_names(message, only)
     if policy.unqualified_ids_are_local and unqualified:
-        return PatientIdentifier(only[0], policy.issuer)
+        return PatientIdentifier(_checked_id(only[0], name, location), policy.issuer)
 
     raise HL7Error(
         f"{name} has no identifier with a local assigning authority "
@@ -349,6 +350,34 @@ def local_identifier(
         location,
         AckCode.APPLICATION_ERROR,
     )
+
+
+# The most characters of a DICOM LO value, such as PatientID (PS3.5 table 6.2-1).
+_MAX_ID_LENGTH = 64
+
+
+def _id_problem(value: str) -> str | None:
+    """Return why a value cannot be one DICOM PatientID, or None when it can."""
+    if len(value) > _MAX_ID_LENGTH:
+        return f"is longer than {_MAX_ID_LENGTH} characters"
+    if "\\" in value:
+        return "contains a backslash, which DICOM reads as a second value"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        return "contains a control character"
+    return None
+
+
+def _checked_id(value: str, name: str, location: tuple[str, int, int]) -> str:
+    problem = _id_problem(value)
+    if problem is not None:
+        # The value is left out: it may hold anything, a name included.
+        raise HL7Error(
+            f"the local patient identifier in {name} {problem}",
+            ErrorCode.DATA_TYPE_ERROR,
+            location,
+            AckCode.APPLICATION_ERROR,
+        )
+    return value
 
 
 def qualified_identifiers(
@@ -363,7 +392,11 @@ def qualified_identifiers(
     local = set(policy.authorities)
     for components in message.repetitions("PID", 3):
         names = _authority_names(message, components)
-        if not components or components[0] in ("", HL7_NULL) or not names:
+        if not components or not names:
+            continue
+        # An identifier that cannot be a DICOM PatientID could not be queried or stamped.
+        value = components[0].strip()
+        if value in ("", HL7_NULL) or _id_problem(value) is not None:
             continue
         if names & local:
             issuer = policy.issuer
@@ -373,7 +406,7 @@ def qualified_identifiers(
                 for part in components[3].split(message.delimiters.subcomponent)
             ]
             issuer = authority[0] or (authority[1] if len(authority) > 1 else "")
-        identifier = PatientIdentifier(components[0], issuer)
+        identifier = PatientIdentifier(value, issuer)
         if identifier not in found:
             found.append(identifier)
     return tuple(found)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydicom.multival import MultiValue
 from twisted.internet import defer, threads
 
 from engine.coercion import Stamp, stamp_file
@@ -76,7 +77,7 @@ class StudyConflict(Exception):
     def __init__(self, uid: str, holders: list[str], local: str) -> None:
         super().__init__(
             f"destination stores study UID {uid} under patient ID {', '.join(holders)}, not"
-            f" {local}; nothing was stored, correct the study at the destination first"
+            f" {local}; correct the study at the destination"
         )
 
 
@@ -259,7 +260,7 @@ class StudyTransfer:
         query = sop_classes_of_study(uid)
         query.PatientID = ""
         answers = yield self.pools.run(job.destination, destination.find, query)
-        holders = {str(answer.get("PatientID", "") or "").strip() for answer in answers}
+        holders = {_text(answer.get("PatientID", "")) for answer in answers}
         others = sorted(holder for holder in holders if holder and holder != stamp.local.value)
         if others:
             raise StudyConflict(uid, others, stamp.local.value)
@@ -273,7 +274,8 @@ class StudyTransfer:
         report.state = StudyState.FAILED
         report.transient = False
         report.problems.append(str(conflict))
-        yield note(f"study {uid}: {conflict}", logging.WARNING)
+        stored = f"{report.stored} instances stored" if report.stored else "nothing retrieved"
+        yield note(f"study {uid}: {conflict} ({stored})", logging.WARNING)
         return report
 
     @defer.inlineCallbacks
@@ -495,3 +497,10 @@ def _repair_identifiers(uid: str, missing: list[InstanceRef]) -> list[Any]:
         for start in range(0, len(sop_uids), REPAIR_BATCH):
             identifiers.append(move_instances(uid, series, sop_uids[start : start + REPAIR_BATCH]))
     return identifiers
+
+
+def _text(value: Any) -> str:
+    """Return an attribute value as DICOM writes it: values joined by backslashes."""
+    if isinstance(value, MultiValue):
+        return "\\".join(str(item) for item in value).strip()
+    return str(value or "").strip()

@@ -179,6 +179,32 @@ def test_event_without_local_identifier_is_error() -> None:
     assert raised.value.ack == AckCode.APPLICATION_ERROR
 
 
+@pytest.mark.parametrize(
+    ("identifier", "problem"),
+    [
+        ("L1\\E\\L2", "contains a backslash"),
+        ("L1\\X07\\", "contains a control character"),
+        ("L" * 65, "is longer than 64 characters"),
+    ],
+)
+def test_event_local_id_not_one_dicom_value(identifier: str, problem: str) -> None:
+    # L1\L2 was taken whole and stamped as a PatientID with two values, L1 and L2.
+    text = order().replace(b"L1^^^LOCAL^MR", f"{identifier}^^^LOCAL^MR".encode())
+    with pytest.raises(HL7Error) as raised:
+        to_events(parse(text), POLICY)
+    assert raised.value.code == ErrorCode.DATA_TYPE_ERROR
+    assert raised.value.location == ("PID", 1, 3)
+    assert raised.value.text.startswith(f"the local patient identifier in PID-3 {problem}")
+
+
+def test_event_identifier_spaces_trimmed() -> None:
+    text = order().replace(b"L1^^^LOCAL^MR", b" L1 ^^^LOCAL^MR~ HA-1 ^^^HOSP_A^MR")
+    event = to_event(parse(text), POLICY)
+    assert isinstance(event, OrderPlaced)
+    assert event.patient == PatientIdentifier("L1", "LOCAL")
+    assert PatientIdentifier("HA-1", "HOSP_A") in event.identifiers
+
+
 def test_event_unqualified_identifier_when_allowed() -> None:
     text = order().replace(b"L1^^^LOCAL^MR~998877^^^NATIONAL^NI", b"L1")
     lenient = IdentifierPolicy("LOCAL", ("LOCAL",), unqualified_ids_are_local=True)
@@ -341,7 +367,13 @@ def test_events_second_patient_rejects_message() -> None:
     # Without the check, PLC-2 was filed under the first PID's patient (L1).
     second = b"PID|2||L2^^^LOCAL^MR\rORC|NW|PLC-2|FIL-2\rOBR|1|PLC-2|FIL-2\r"
     adt = ADT.format(trigger="A08") + "PID|2||L2^^^LOCAL^MR\r"
-    for message in (order() + second, adt.encode()):
+    # SIU^S12 allows a group appointment, which the engine does not split.
+    siu = (
+        "MSH|^~\\&|RIS|RAD|FDQR|LOCAL|20260314||SIU^S12|S1|P|2.5\r"
+        "SCH|APT-1|FAPT-1\rPID|1||L1^^^LOCAL^MR\rPID|2||L2^^^LOCAL^MR\r"
+        "RGS|1\rAIS|1||CTHEAD^CT Head^LOCAL|20260320083000\r"
+    )
+    for message in (order() + second, adt.encode(), siu.encode()):
         with pytest.raises(HL7Error) as raised:
             to_events(parse(message), POLICY)
         assert raised.value.code == ErrorCode.SEGMENT_SEQUENCE_ERROR

@@ -355,11 +355,17 @@ class AnsweringPools:
         return defer.succeed(self.answers)
 
 
-def test_study_held_under_other_patient_fails(tmp_path: Path) -> None:
-    # Counted as present before, yet the destination's 10 instances belong to L99999.
+@pytest.mark.parametrize(
+    ("held_by", "shown"), [("L99999", "L99999"), (["L1", "L99999"], "L1\\L99999")]
+)
+def test_study_held_under_other_patient_fails(
+    tmp_path: Path, held_by: str | list[str], shown: str
+) -> None:
+    # Counted as present before, yet the destination's 10 instances belong to another
+    # patient ID (or to a PatientID of two values, which is not L1 either).
     response = Dataset()
     response.StudyInstanceUID = "1.2.3"
-    response.PatientID = "L99999"
+    response.PatientID = held_by
     response.NumberOfStudyRelatedInstances = "10"
     pools = AnsweringPools([response])
     transfer = StudyTransfer(
@@ -390,7 +396,7 @@ def test_study_held_under_other_patient_fails(tmp_path: Path) -> None:
     )
     [report] = reports
     assert report.state == StudyState.FAILED
-    assert "under patient ID L99999, not L1" in report.problem
+    assert f"under patient ID {shown}, not L1" in report.problem
     assert not report.transient
     assert pools.queries[0].PatientID == ""
     assert notes[-1][1] == logging.WARNING

@@ -225,6 +225,8 @@ class Prefetch:
             results.append(result)
 
         outcome = self._summarize(results, failed_sources)
+        if any(result.stored for result in results):
+            yield self._warn_if_merged(job)
         if postponed:
             return Outcome(
                 JobState.DEFERRED,
@@ -282,8 +284,8 @@ class Prefetch:
         """Return the job with the patient's active ID after merges, and the demographics
         of the local record (ADT) over those of the order."""
         patient = job.patient
-        # NOTE: the merge state is read once per attempt, so a merge that arrives while
-        # this attempt retrieves is applied to its objects only at the next attempt.
+        # NOTE: the merge state is read once per attempt, so objects that arrive after a
+        # merge still carry the retired ID. _warn_if_merged records it when the attempt ends.
         if isinstance(resolver, ChainResolver):
             active, path = yield resolver.active_patient(job.patient)
             if path:
@@ -300,6 +302,22 @@ class Prefetch:
             )
             yield self.note(job, f"demographics from the local record of {patient}")
         return dataclasses.replace(job, patient=patient, demographics=demographics)
+
+    @defer.inlineCallbacks
+    def _warn_if_merged(self, job: JobRecord) -> Generator[defer.Deferred[Any], Any, None]:
+        """Record when the job's patient was merged while this attempt stored studies."""
+        resolver = self.identity()
+        if not isinstance(resolver, ChainResolver):
+            return
+        active, path = yield resolver.active_patient(job.patient)
+        if path:
+            yield self.note(
+                job,
+                f"patient {job.patient} was merged into {active} while this attempt ran; the"
+                f" studies it stored carry {job.patient}, so the destination must apply that"
+                " merge to them",
+                logging.WARNING,
+            )
 
     def _check_destination_charset(self, job: JobRecord) -> Outcome | None:
         profile = self.coercion(job.destination)

@@ -14,7 +14,10 @@ from pydicom.dataset import Dataset
 from twisted.internet import defer
 
 from engine.dimse.scu import DimseError
+from engine.identity import records
+from engine.identity.build import build_resolver
 from engine.identity.resolver import TableResolver
+from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable
 from engine.jobs.policy import SourcePolicy
 from engine.jobs.prefetch import Prefetch, Source, StudyResult
@@ -227,3 +230,29 @@ def test_cancel_requested_stops_before_retrieve(
     assert outcome.summary == "order cancelled (ORC-1 CA) by message X"
     assert fetched == []
     assert client.queries == []
+
+
+def test_merge_during_attempt_is_recorded(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    # Objects that arrive after the merge still carry L1, so the job records a warning.
+    client = FakeClient(STUDIES[:1])
+    pipeline, _ = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    table = CrossReferenceTable({LOCAL: {"HOSP_A": REMOTE}})
+    resolver = build_resolver(IdentitySettings(), table, "LOCAL", db, None, lambda: NOW)  # type: ignore[arg-type]
+    pipeline.identity = lambda: resolver
+    fetch = pipeline._fetch_study
+    surviving = PatientIdentifier("L9", "LOCAL")
+
+    def fetch_then_merge(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        records.merge(db.store, surviving, LOCAL, NOW, "ADT-M1")
+        return fetch(job, candidate)
+
+    pipeline._fetch_study = fetch_then_merge  # type: ignore[method-assign]
+    outcome = run(pipeline, claimed_job(db))
+    assert outcome.state == JobState.DONE
+    events = [text for _, text in db.store.events(1)]
+    assert (
+        "patient L1^^^LOCAL was merged into L9^^^LOCAL while this attempt ran; the studies it"
+        " stored carry L1^^^LOCAL, so the destination must apply that merge to them" in events
+    ), events

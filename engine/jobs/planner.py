@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from engine.hl7.events import Unhandled
+from engine.identity import records
 from engine.jobs.store import Action, NewJob, Store
 from engine.model import (
     DemographicsUpdated,
@@ -15,6 +16,7 @@ from engine.model import (
     OrderCancelled,
     OrderChanged,
     OrderPlaced,
+    PatientIdentifier,
     PatientsMerged,
 )
 from engine.rules.evaluate import evaluate_order
@@ -106,7 +108,7 @@ class Planner:
         )
 
         def cancel(store: Store, now: dt.datetime) -> str:
-            return store.cancel_order(event.patient, event.order, reason, now)
+            return store.cancel_order(_merged_ids(store, event.patient), event.order, reason, now)
 
         return Plan((), f"OrderCancelled ({event.order_control})", [cancel])
 
@@ -121,7 +123,18 @@ class Planner:
         reason = f"order changed (ORC-1 XO) by message {event.origin.control_id}"
 
         def replace(store: Store, now: dt.datetime) -> str:
-            return store.cancel_order(event.patient, event.order, reason, now, replaced=True)
+            patients = _merged_ids(store, event.patient)
+            return store.cancel_order(patients, event.order, reason, now, replaced=True)
 
         plan = self._plan_order(event.as_placed())
         return Plan(plan.jobs, f"OrderChanged (XO): {plan.outcome}", [replace])
+
+
+def _merged_ids(store: Store, patient: PatientIdentifier) -> list[PatientIdentifier]:
+    """Return the IDs a patient's orders may be filed under.
+
+    They are the active ID after merges and every ID merged into it, so that a
+    cancel finds an order placed before a merge.
+    """
+    active, _ = records.active_patient(store, patient)
+    return [active, *records.retired_into(store, active)]

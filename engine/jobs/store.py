@@ -768,7 +768,7 @@ class Store:
 
     def cancel_order(
         self,
-        patient: PatientIdentifier,
+        patient: PatientIdentifier | Sequence[PatientIdentifier],
         order: OrderFacts,
         reason: str,
         now: dt.datetime,
@@ -776,6 +776,9 @@ class Store:
         replaced: bool = False,
     ) -> str:
         """Cancel the unfinished jobs of an order; return a note for the message's outcome.
+
+        patient is the ID the jobs were filed under, or several IDs of one patient
+        (its IDs before and after merges).
 
         Pending jobs are cancelled at once. A running job gets a cancel request
         that the pipeline checks before each retrieve. A job that a cancelled job
@@ -785,6 +788,7 @@ class Store:
         same transaction: its suppressed jobs are cancelled too, as they hold the
         old order's facts, and a running job is left to finish.
         """
+        patients = [patient] if isinstance(patient, PatientIdentifier) else list(patient)
         with self._transaction() as db:
             keys = order_keys(order)
             # An order without numbers cannot be matched to any job (SQLite reads IN () as false).
@@ -792,8 +796,9 @@ class Store:
                 "SELECT DISTINCT j.id, j.state, j.order_facts FROM job_orders o CROSS JOIN jobs j"
                 " ON j.id = o.job_id"
                 f" WHERE o.key IN ({','.join('?' * len(keys))})"
-                " AND j.patient_id = ? AND j.patient_issuer = ? ORDER BY j.id",
-                (*keys, patient.value, patient.issuer),
+                " AND (j.patient_id, j.patient_issuer) IN"
+                f" (VALUES {','.join(['(?,?)'] * len(patients))}) ORDER BY j.id",
+                (*keys, *(value for p in patients for value in (p.value, p.issuer))),
             ).fetchall()
             matching = [row for row in candidates if _same_order_row(row, order)]
             cancelled: list[int] = []

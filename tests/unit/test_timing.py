@@ -14,6 +14,7 @@ from twisted.internet import defer, task
 
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake
+from engine.identity import records
 from engine.jobs.planner import Planner
 from engine.jobs.policy import RetrieveSlots, SourcePolicy
 from engine.jobs.prefetch import Outcome
@@ -445,6 +446,24 @@ def test_suppression_window_per_patient_and_rule(
     clock.advance(3600 + 1)
     send(intake, order("M3", "A3"))
     assert db.store.list_jobs()[0].state == JobState.QUEUED
+
+
+def test_cancel_after_merge_finds_order(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    # An order under L1, then a merge of L1 into L9. A cancel under either ID finds the job.
+    intake = make_intake(db, rule_set, clock)
+    survivor = PatientIdentifier("L9", "LOCAL")
+    for control, cancel_id in (("C1", "L9"), ("C2", "L1")):
+        send(intake, order(f"N{control}", f"A{control}"))
+        [job] = [job for job in db.store.list_jobs() if job.order.accession_number == f"A{control}"]
+        if cancel_id == "L9":
+            records.merge(db.store, survivor, PatientIdentifier("L1", "LOCAL"), NOW, "M1")
+        cancel = order(control, f"A{control}", order_control="CA").replace(
+            b"L1^^^LOCAL", f"{cancel_id}^^^LOCAL".encode()
+        )
+        assert send(intake, cancel) == f"MSA|AA|{control}"
+        assert db.store.get_job(job.id).state == JobState.CANCELLED  # type: ignore[union-attr]
 
 
 def test_cancelled_job_requeues_the_one_it_suppressed(

@@ -352,7 +352,7 @@ def local_identifier(
     )
 
 
-# The most characters of a DICOM LO value, such as PatientID (PS3.5 table 6.2-1).
+# The maximum length of a DICOM LO value, such as PatientID (PS3.5 table 6.2-1).
 _MAX_ID_LENGTH = 64
 
 

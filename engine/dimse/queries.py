@@ -149,14 +149,19 @@ def read_study_answers(
                 description=str(answer.get("StudyDescription", "") or ""),
                 accession_number=str(answer.get("AccessionNumber", "") or ""),
                 instance_count=_int_or_none(answer.get("NumberOfStudyRelatedInstances")),
-                demographics=Demographics(
-                    name=str(answer.get("PatientName", "") or ""),
-                    birth_date=str(answer.get("PatientBirthDate", "") or ""),
-                    sex=str(answer.get("PatientSex", "") or ""),
-                ),
+                demographics=patient_demographics(answer),
             )
         )
     return FilteredAnswers(candidates, ignored)
+
+
+def patient_demographics(answer: Dataset) -> Demographics:
+    """Read the patient's name, birth date and sex from a C-FIND response."""
+    return Demographics(
+        name=str(answer.get("PatientName", "") or ""),
+        birth_date=str(answer.get("PatientBirthDate", "") or ""),
+        sex=str(answer.get("PatientSex", "") or ""),
+    )
 
 
 def read_instance_count(answers: list[Dataset]) -> int | None:

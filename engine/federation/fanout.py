@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 
+from engine.dimse.queries import patient_demographics
 from engine.federation.levels import Level
 from engine.federation.locations import Location, LocationMemory
 from engine.federation.matching import matches, values_of
@@ -402,7 +403,7 @@ class FederatedFind:
     def _accept(self, origin: Origin, answer: Dataset) -> None:
         record = self._records.get(origin.local)
         if record is not None:
-            found = differences(record, _site_demographics(answer), self.federation.check)
+            found = differences(record, patient_demographics(answer), self.federation.check)
             if found:
                 self.summary.ignored += 1
                 logger.warning(
@@ -465,11 +466,3 @@ class FederatedFind:
 
 # The attributes identity.check compares, asked from every site so that it can.
 _CHECKED_KEYWORDS = ("PatientName", "PatientBirthDate", "PatientSex")
-
-
-def _site_demographics(answer: Dataset) -> Demographics:
-    return Demographics(
-        name=str(answer.get("PatientName", "") or ""),
-        birth_date=str(answer.get("PatientBirthDate", "") or ""),
-        sex=str(answer.get("PatientSex", "") or ""),
-    )

@@ -1,10 +1,10 @@
 """Planning the identity effects of ADT messages, applied with the message in one transaction.
 
 ADT^A01, A04 and A08 (DemographicsUpdated) update the local patient record and
-teach the engine every other qualified identifier of PID-3, except in a domain
-where PID-3 has more than one and except one the cross-reference table gives
-to another patient; ADT^A40
-(PatientsMerged) records that the MRG-1 ID now lives on as the PID-3 one.
+teach the engine every other qualified identifier of PID-3. An identifier is not
+learned when PID-3 has more than one in its domain, or when the cross-reference
+table assigns it to another patient. ADT^A40 (PatientsMerged) records that the
+MRG-1 ID now lives on as the PID-3 one.
 """
 
 from __future__ import annotations
@@ -54,36 +54,39 @@ class IdentityEvents:
         for remote in self._remote_identifiers(event.identifiers, patient):
             by_domain.setdefault(remote.issuer, []).append(remote)
         for domain, remotes in by_domain.items():
-            owner = self.table.local_for(remotes[0], self.local_issuer)
-            if len(remotes) == 1 and owner not in (None, patient):
-                # The cross-reference table, kept by the hospital, gives it to another patient.
+            if len(remotes) > 1:
+                # Either identifier could belong to another patient, so neither is learned
+                # and an earlier one stays, as when a PIX response is ambiguous.
+                listed = ", ".join(remote.value for remote in remotes)
                 logger.warning(
-                    "message %s: PID-3 of %s lists %s, which the identity table gives to %s;"
+                    "message %s: PID-3 of %s has %d identifiers in domain %s (%s); none is learned",
+                    control_id,
+                    patient,
+                    len(remotes),
+                    domain,
+                    listed,
+                )
+                outcome += (
+                    f"; PID-3 has {len(remotes)} identifiers in {domain} ({listed}): none learned"
+                )
+                continue
+
+            [remote] = remotes
+            owner = self.table.local_for(remote, self.local_issuer)
+            if owner not in (None, patient):
+                # The cross-reference table, kept by the hospital, assigns it to another patient.
+                logger.warning(
+                    "message %s: PID-3 of %s lists %s, which the identity table assigns to %s;"
                     " not learned",
                     control_id,
                     patient,
-                    remotes[0],
+                    remote,
                     owner,
                 )
-                outcome += f"; {remotes[0]} belongs to {owner} in the identity table: not learned"
+                outcome += f"; {remote} belongs to {owner} in the identity table: not learned"
                 continue
-            if len(remotes) == 1:
-                actions.append(_learn(patient, remotes[0], control_id))
-                continue
-            # Either identifier could belong to another patient, so neither is learned
-            # and an earlier one stays, as when a PIX response is ambiguous.
-            listed = ", ".join(remote.value for remote in remotes)
-            logger.warning(
-                "message %s: PID-3 of %s has %d identifiers in domain %s (%s); none is learned",
-                control_id,
-                patient,
-                len(remotes),
-                domain,
-                listed,
-            )
-            outcome += (
-                f"; PID-3 has {len(remotes)} identifiers in {domain} ({listed}): none learned"
-            )
+
+            actions.append(_learn(patient, remote, control_id))
         return outcome, actions
 
     def _remote_identifiers(

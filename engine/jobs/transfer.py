@@ -353,7 +353,7 @@ class StudyTransfer:
             report.problems.append(f"{expectation.rejected} objects refused ({reasons})")
             # The job's event log keeps it, also when the study is complete in the end.
             yield note(
-                f"study {uid}: refused {expectation.rejected} object(s) from {source.name}"
+                f"study {uid}: rejected {expectation.rejected} object(s) from {source.name}"
                 f" ({reasons})",
                 logging.WARNING,
             )

@@ -433,4 +433,4 @@ def test_adt_learns_no_identifier_of_table_patient(federated: Federated, tmp_pat
     assert not {str(row.StudyInstanceUID) for row in rows} & {
         study_uid(key) for key in LOCAL_STUDIES
     }
-    assert "which the identity table gives to L12345^^^LOCAL" in federated.engine.log_text()
+    assert "which the identity table assigns to L12345^^^LOCAL" in federated.engine.log_text()

@@ -268,13 +268,13 @@ def _schedule_event(
     and the message time (MSH-7) its order time.
     """
     start = parse_timestamp(message.get("AIS", 4)) or parse_timestamp(message.get("SCH", 11, 4, 1))
-    placer = ("SCH", 26) if message.get("SCH", 26) else ("SCH", 1)
-    filler = ("SCH", 27) if message.get("SCH", 27) else ("SCH", 2)
+    placer, placer_namespace = _order_number(message, ("SCH", 26), ("SCH", 1))
+    filler, filler_namespace = _order_number(message, ("SCH", 27), ("SCH", 2))
     order = OrderFacts(
-        placer_order_number=message.get(*placer),
-        filler_order_number=message.get(*filler),
-        placer_namespace=message.get(*placer, 2),
-        filler_namespace=message.get(*filler, 2),
+        placer_order_number=placer,
+        filler_order_number=filler,
+        placer_namespace=placer_namespace,
+        filler_namespace=filler_namespace,
         procedure_code=message.get("AIS", 3, 1),
         procedure_text=message.get("AIS", 3, 2),
         procedure_coding_system=message.get("AIS", 3, 3),
@@ -434,13 +434,13 @@ def order_facts(message: Message) -> OrderFacts:
     study_uid = message.get("ZDS", 1) or message.get("IPC", 3)
     modality = message.get("OBR", 24) or message.get("IPC", 5)
     order_time = parse_timestamp(message.get("ORC", 9)) or parse_timestamp(message.get("MSH", 7))
-    placer = ("ORC", 2) if message.get("ORC", 2) else ("OBR", 2)
-    filler = ("ORC", 3) if message.get("ORC", 3) else ("OBR", 3)
+    placer, placer_namespace = _order_number(message, ("ORC", 2), ("OBR", 2))
+    filler, filler_namespace = _order_number(message, ("ORC", 3), ("OBR", 3))
     return OrderFacts(
-        placer_order_number=message.get(*placer),
-        filler_order_number=message.get(*filler),
-        placer_namespace=message.get(*placer, 2),
-        filler_namespace=message.get(*filler, 2),
+        placer_order_number=placer,
+        filler_order_number=filler,
+        placer_namespace=placer_namespace,
+        filler_namespace=filler_namespace,
         accession_number=accession,
         study_instance_uid=study_uid,
         ordered_modality=modality.upper(),
@@ -449,3 +449,13 @@ def order_facts(message: Message) -> OrderFacts:
         procedure_coding_system=message.get("OBR", 4, 3),
         order_time=order_time,
     )
+
+
+def _order_number(message: Message, *fields: tuple[str, int]) -> tuple[str, str]:
+    """Return the order number and its namespace ID (EI components 1 and 2) from the
+    first of `fields` that has a number, or two empty strings."""
+    for segment, field in fields:
+        number = message.get(segment, field)
+        if number:
+            return number, message.get(segment, field, 2)
+    return "", ""

@@ -141,7 +141,7 @@ class Prefetch:
             pools=pools,
             clients=clients,
             sources={
-                name: SourceNode(source.name, source.ae_title, source.retrieve)
+                name: SourceNode(source.name, source.ae_title, source.retrieve, source.issuer)
                 for name, source in sources.items()
             },
             registry=registry,

@@ -69,10 +69,11 @@ class SourceNode:
     name: str
     ae_title: str
     retrieve: str = "move"  # "move", "get" or "auto"
+    issuer: str = ""  # the IssuerOfPatientID of the source's patient IDs
 
 
 class StudyConflict(Exception):
-    """The destination stores the study's UID under another patient ID."""
+    """The destination stores the study's UID under another patient ID or issuer."""
 
     def __init__(self, uid: str, holders: list[str], local: str) -> None:
         super().__init__(
@@ -253,17 +254,28 @@ class StudyTransfer:
         """Return how many instances of the study the destination holds, None if unknown.
 
         Raises StudyConflict when the destination stores the study UID under another
-        patient ID. Its count is then not this patient's, and a copy stored next to
-        it would split one study between two patients.
+        patient ID, or under this ID with the IssuerOfPatientID of a source's domain.
+        Its count is then not this patient's, and a copy stored next to it would split
+        one study between two patients. Any other issuer matches, because an archive
+        may return none or replace it with its own.
         """
         destination = self.clients[job.destination]
         query = sop_classes_of_study(uid)
         query.PatientID = ""
+        query.IssuerOfPatientID = ""
         answers = yield self.pools.run(job.destination, destination.find, query)
-        holders = {_text(answer.get("PatientID", "")) for answer in answers}
-        others = sorted(holder for holder in holders if holder and holder != stamp.local.value)
+        local = stamp.local
+        source_issuers = {node.issuer for node in self.sources.values()} - {"", local.issuer}
+        others = set()
+        for answer in answers:
+            value = _text(answer.get("PatientID", ""))
+            issuer = _text(answer.get("IssuerOfPatientID", ""))
+            if value and value != local.value:
+                others.add(value)
+            elif value and issuer in source_issuers:
+                others.add(f"{value} of issuer {issuer}")
         if others:
-            raise StudyConflict(uid, others, stamp.local.value)
+            raise StudyConflict(uid, sorted(others), f"{local.value} of issuer {local.issuer}")
         count: int | None = read_instance_count(answers)
         return count
 

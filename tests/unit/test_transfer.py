@@ -42,6 +42,7 @@ from engine.jobs.receiving import ExpectationRegistry
 from engine.jobs.spool import Spool, SpoolFull
 from engine.jobs.store import Store, StudyState
 from engine.jobs.transfer import (
+    SourceNode,
     StudyReport,
     StudyTransfer,
     TransferSettings,
@@ -355,29 +356,43 @@ class AnsweringPools:
         return defer.succeed(self.answers)
 
 
-@pytest.mark.parametrize(
-    ("held_by", "shown"), [("L99999", "L99999"), (["L1", "L99999"], "L1\\L99999")]
-)
-def test_study_held_under_other_patient_fails(
-    tmp_path: Path, held_by: str | list[str], shown: str
-) -> None:
-    # Counted as present before, yet the destination's 10 instances belong to another
-    # patient ID (or to a PatientID of two values, which is not L1 either).
-    response = Dataset()
-    response.StudyInstanceUID = "1.2.3"
-    response.PatientID = held_by
-    response.NumberOfStudyRelatedInstances = "10"
-    pools = AnsweringPools([response])
-    transfer = StudyTransfer(
+def _study_transfer(tmp_path: Path, pools: AnsweringPools) -> StudyTransfer:
+    return StudyTransfer(
         pools=pools,  # type: ignore[arg-type]
         clients={"local": SimpleNamespace(find=None)},  # type: ignore[dict-item]
-        sources={},
+        sources={
+            "hospital_a": SourceNode("hospital_a", "HOSP_A", issuer="HOSP_A"),
+            "hospital_b": SourceNode("hospital_b", "HOSP_B", issuer="HOSP_B"),
+        },
         registry=ExpectationRegistry("FDQR"),
         receiver=None,
         spool=Spool(tmp_path, 1 << 30),
         engine_ae_title="FDQR",
         settings=TransferSettings(),
     )
+
+
+@pytest.mark.parametrize(
+    ("held_by", "issuer", "shown"),
+    [
+        ("L99999", "", "L99999"),
+        (["L1", "L99999"], "", "L1\\L99999"),
+        # The same value in another domain is another patient.
+        ("L1", "HOSP_B", "L1 of issuer HOSP_B"),
+    ],
+)
+def test_study_held_under_other_patient_fails(
+    tmp_path: Path, held_by: str | list[str], issuer: str, shown: str
+) -> None:
+    # Counted as present before, yet the destination's 10 instances belong to another
+    # patient ID (or to a PatientID of two values, which is not L1 either).
+    response = Dataset()
+    response.StudyInstanceUID = "1.2.3"
+    response.PatientID = held_by
+    response.IssuerOfPatientID = issuer
+    response.NumberOfStudyRelatedInstances = "10"
+    pools = AnsweringPools([response])
+    transfer = _study_transfer(tmp_path, pools)
     store = Store(":memory:")
     job = store.get_job(store.add_job(new_job(), NOW))
     assert job is not None
@@ -396,8 +411,38 @@ def test_study_held_under_other_patient_fails(
     )
     [report] = reports
     assert report.state == StudyState.FAILED
-    assert f"under patient ID {shown}, not L1" in report.problem
+    assert f"under patient ID {shown}, not L1 of issuer LOCAL" in report.problem
     assert not report.transient
     assert pools.queries[0].PatientID == ""
+    assert pools.queries[0].IssuerOfPatientID == ""
     assert notes[-1][1] == logging.WARNING
     assert len(pools.queries) == 1
+
+
+# An archive may return no IssuerOfPatientID or replace it with its own name.
+@pytest.mark.parametrize("issuer", ["LOCAL", "", "ARCHIVE_OWN"])
+def test_study_held_under_same_patient_present(tmp_path: Path, issuer: str) -> None:
+    response = Dataset()
+    response.StudyInstanceUID = "1.2.3"
+    response.PatientID = "L1"
+    response.IssuerOfPatientID = issuer
+    response.NumberOfStudyRelatedInstances = "30"
+    pools = AnsweringPools([response])
+    transfer = _study_transfer(tmp_path, pools)
+    store = Store(":memory:")
+    job = store.get_job(store.add_job(new_job(), NOW))
+    assert job is not None
+    local = PatientIdentifier("L1", "LOCAL")
+    remote = PatientIdentifier("HA-1", "HOSP_A")
+    candidate = StudyCandidate("hospital_a", "1.2.3", remote, instance_count=30)
+
+    def note(text: str, level: int = logging.INFO) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    reports: list[StudyReport] = []
+    transfer.fetch(job, candidate, Stamp(local, remote, Demographics()), note).addCallback(
+        reports.append
+    )
+    [report] = reports
+    assert report.state == StudyState.PRESENT
+    assert "under patient ID" not in report.problem

@@ -147,6 +147,25 @@ class Node(Settings):
 MEMORY_STORE = ":memory:"
 
 
+class WebSettings(Settings):
+    """The HTTP listener for Prometheus metrics (/metrics) and a liveness check (/health).
+
+    listen is a Twisted endpoint string; None turns the listener off. The pages
+    have no authentication, so keep it on a local or management interface.
+    """
+
+    listen: str | None = None
+    # How often the job counts by state (fdqr_jobs) are read from the store.
+    refresh_seconds: float = Field(default=15, gt=0)
+
+    @pydantic.field_validator("listen")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(tcp|ssl|unix|tls):", value):
+            raise ValueError("listen must be a Twisted endpoint string such as tcp:9464")
+        return value
+
+
 class StoreSettings(Settings):
     path: Path = Path("../var/fdqr.sqlite")
 
@@ -253,6 +272,7 @@ class EngineSettings(Settings):
 
     dicom: DicomSettings = DicomSettings()
     mllp: MLLPSettings = MLLPSettings()
+    web: WebSettings = WebSettings()
     local_patient: LocalPatientSettings
     nodes: dict[str, Node]
     identity: IdentitySettings = IdentitySettings()

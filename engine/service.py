@@ -39,6 +39,8 @@ from engine.jobs.store import AsyncStore, Store
 from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
 from engine.rules.reload import RuleFileWatcher, RuleSetHolder
+from engine.web.metrics import EngineMetrics, JobCountRefresh
+from engine.web.server import build_site
 from engine.worklist.poller import WorklistPoller
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,11 @@ class Engine:
             config.spool_path, settings.spool.max_bytes, settings.spool.full_wait_seconds
         )
         self.receiver = Receiver(self.registry, fsync=settings.spool.fsync, spool=self.spool)
+        self.metrics = EngineMetrics(spool_bytes=lambda: self.spool.used_bytes)
+        self.job_counts = JobCountRefresh(
+            self.db, self.metrics, reactor, settings.web.refresh_seconds
+        )
+        self.web_port: IListeningPort | None = None
         self.scp = StorageSCP(
             settings.dicom.ae_title,
             settings.dicom.host,
@@ -146,6 +153,7 @@ class Engine:
                 frozenset(name for name, node in settings.nodes.items() if node.store_only),
             ),
             stopping=lambda: self.tracker.closed,
+            on_study=self.metrics.study_ended,
         )
         jobs = settings.jobs
         self.worker = Worker(
@@ -157,6 +165,7 @@ class Engine:
             retry_base_seconds=jobs.retry_delay_seconds,
             retry_max_seconds=jobs.max_retry_delay_seconds,
             poll_seconds=jobs.poll_seconds,
+            on_finished=self.metrics.job_finished,
         )
         local = settings.local_patient
         policy = IdentifierPolicy(
@@ -180,6 +189,8 @@ class Engine:
             now=self.now,
             on_jobs_created=self.worker.wake,
             ignored=lambda origin: ignore_reason(self.rules.current(), origin),
+            on_answered=self.metrics.answered,
+            on_duplicate=self.metrics.hl7_duplicates.inc,
         )
         self.worklist = WorklistPoller(
             settings.worklist,
@@ -207,6 +218,13 @@ class Engine:
         self.worklist.start()
         if settings.rules_reload_seconds > 0:
             self.rule_watcher.start()
+        if settings.web.listen is not None:
+            self.job_counts.start()
+            web_endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
+                self.reactor, settings.web.listen
+            )
+            self.web_port = yield web_endpoint.listen(build_site(self.metrics))
+            logger.info("metrics on %s (/metrics, /health)", settings.web.listen)
         endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
             self.reactor, settings.mllp.listen
         )
@@ -235,6 +253,9 @@ class Engine:
         self.rule_watcher.stop()
         if self.mllp_port is not None:
             yield defer.maybeDeferred(self.mllp_port.stopListening)
+        self.job_counts.stop()
+        if self.web_port is not None:
+            yield defer.maybeDeferred(self.web_port.stopListening)
         work_ended = defer.DeferredList(
             [self.worker.stop(), self.worklist.stop()], consumeErrors=True
         )

@@ -98,6 +98,8 @@ class Intake:
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         on_jobs_created: Callable[[], None] = lambda: None,
         ignored: IgnoreCheck = lambda origin: None,
+        on_answered: Callable[[Sequence[bytes]], None] = lambda acks: None,
+        on_duplicate: Callable[[], None] = lambda: None,
     ) -> None:
         self.db = db
         if isinstance(charsets, str):
@@ -105,8 +107,20 @@ class Intake:
         self.interpreter = Interpreter(planner, policy, charsets, ignored)
         self.now = now
         self.on_jobs_created = on_jobs_created
+        # Metrics hooks: the acknowledgements sent for each message, and each duplicate.
+        self.on_answered = on_answered
+        self.on_duplicate = on_duplicate
 
     def handle_message(self, content: bytes, peer: str) -> defer.Deferred[Sequence[bytes]]:
+        answered = self._answer(content, peer)
+        answered.addCallback(self._counted)
+        return answered
+
+    def _counted(self, acks: Sequence[bytes]) -> Sequence[bytes]:
+        self.on_answered(acks)
+        return acks
+
+    def _answer(self, content: bytes, peer: str) -> defer.Deferred[Sequence[bytes]]:
         try:
             message = self.interpreter.parse(content)
         except HL7Error as error:
@@ -165,6 +179,7 @@ class Intake:
         def committed(result: Recorded) -> Sequence[bytes]:
             message_id, stored_answers, duplicate = result
             if duplicate:
+                self.on_duplicate()
                 logger.info(
                     "duplicate message %s from %s/%s (stored as %d): sent the stored ACK",
                     origin.control_id,

@@ -120,8 +120,11 @@ class Prefetch:
         receiver: Receiver | None = None,
         transfer_settings: TransferSettings | None = None,
         stopping: Callable[[], bool] = lambda: False,
+        on_study: Callable[[StudyState, int], None] = lambda state, stored: None,
     ) -> None:
         self.db = db
+        # Called with each study's state and instances stored when its fetch ends.
+        self.on_study = on_study
         self.pools = pools
         self.clients = clients
         self.sources = sources
@@ -222,6 +225,7 @@ class Prefetch:
                 postponed.append(quiet.until)
                 continue
             result = yield self.slots.run(candidate.source, self._fetch_study, job, candidate)
+            self.on_study(result.state, result.stored)
             results.append(result)
 
         outcome = self._summarize(results, failed_sources)

@@ -925,6 +925,11 @@ class Store:
             for row in rows
         ]
 
+    def job_counts(self) -> dict[str, int]:
+        """Return the number of jobs in each state that has any."""
+        rows = self._db.execute("SELECT state, COUNT(*) AS count FROM jobs GROUP BY state")
+        return {str(row["state"]): int(row["count"]) for row in rows}
+
     def next_due_time(self) -> dt.datetime | None:
         row = self._db.execute(
             "SELECT MIN(not_before) AS due FROM jobs WHERE state IN (?, ?, ?)",

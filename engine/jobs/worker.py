@@ -41,6 +41,7 @@ class Worker:
         retry_base_seconds: float = 30,
         retry_max_seconds: float = 1800,
         poll_seconds: float = 5,
+        on_finished: Callable[[JobState], None] = lambda state: None,
     ) -> None:
         self.db = db
         self.runner = runner
@@ -50,6 +51,8 @@ class Worker:
         self.retry_base_seconds = retry_base_seconds
         self.retry_max_seconds = retry_max_seconds
         self.poll_seconds = poll_seconds
+        # Called on the store thread with each final state a job reaches.
+        self.on_finished = on_finished
         self._running: dict[int, defer.Deferred[None]] = {}
         self._claiming = False
         self._stopping = False
@@ -130,6 +133,7 @@ class Worker:
             if cancel and wants_more and outcome.state != JobState.CANCELLED:
                 logger.info("job %d: cancelled while running", job.id)
                 store.finish_job(job.id, JobState.CANCELLED, f"{cancel}; {outcome.summary}", now)
+                self.on_finished(JobState.CANCELLED)
                 return
             if cancel and not wants_more and outcome.state != JobState.CANCELLED:
                 # The attempt finished its studies before it checked the cancel.
@@ -161,6 +165,7 @@ class Worker:
             level = logging.WARNING if outcome.state in UNSUCCESSFUL else logging.INFO
             logger.log(level, "job %d: %s: %s", job.id, outcome.state, outcome.summary)
             store.finish_job(job.id, outcome.state, outcome.summary, now)
+            self.on_finished(outcome.state)
 
     def stop(self) -> defer.Deferred[Any]:
         """Stop claiming, and wait for the running jobs to end."""

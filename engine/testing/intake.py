@@ -32,6 +32,7 @@ def write_intake_config(
     port = free_port()
     settings["dicom"]["port"] = free_port()
     settings["mllp"]["listen"] = f"tcp:{port}:interface=127.0.0.1"
+    settings["web"]["listen"] = f"tcp:{free_port()}:interface=127.0.0.1"
     for key, value in (mllp or {}).items():
         settings["mllp"][key] = value.format(port=port) if key == "listen" else value
     for node in settings["nodes"].values():

@@ -29,6 +29,7 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 class EnginePorts:
     dicom: int = dataclasses.field(default_factory=free_port)
     mllp: int = dataclasses.field(default_factory=free_port)
+    web: int = dataclasses.field(default_factory=free_port)
 
 
 def shipped_settings(template: Path | None = None) -> dict[str, Any]:
@@ -96,6 +97,7 @@ class Network:
         settings = shipped_settings(template)
         settings["dicom"]["port"] = self.ports.dicom
         settings["mllp"]["listen"] = f"tcp:{self.ports.mllp}:interface=127.0.0.1"
+        settings["web"]["listen"] = f"tcp:{self.ports.web}:interface=127.0.0.1"
         for name, server in self.sites.items():
             settings["nodes"][name]["host"] = server.host
             settings["nodes"][name]["port"] = server.dicom_port

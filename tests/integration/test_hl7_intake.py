@@ -10,10 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.jobs.store import Store
 from engine.testing.certificates import certificate_authority, issue
@@ -323,3 +326,52 @@ def test_memory_store_engine_accepts_orders(tmp_path: Path) -> None:
         assert process.stop() == 0, process.log_text()[-3000:]
     assert not (tmp_path / ":memory:").exists()
     assert "duplicate message MEM-1" in process.log_text()
+
+
+def metric_samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_messages_and_jobs(tmp_path: Path) -> None:
+    config, port = write_intake_config(tmp_path, str(tmp_path / "fdqr.sqlite"))
+    settings = yaml.safe_load(config.read_text())
+    settings["web"]["refresh_seconds"] = 0.2
+    config.write_text(yaml.safe_dump(settings))
+    web_port = int(settings["web"]["listen"].split(":")[1])
+    process = EngineProcess(config, port, tmp_path / "engine.log")
+    process.start()
+    try:
+        health = f"http://127.0.0.1:{web_port}/health"
+        with urllib.request.urlopen(health, timeout=10) as response:
+            assert response.status == 200
+            assert response.read() == b"ok\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            for control_id in ("MET-1", "MET-2", "MET-1"):
+                assert msa(exchange(connection, frame_of(order(control_id)))).startswith("MSA|AA")
+            no_control_id = order("MET-3").replace(b"|MET-3|P|", b"||P|")
+            assert msa(exchange(connection, frame_of(no_control_id))).startswith("MSA|AE")
+
+        deadline = time.monotonic() + 20
+        samples = metric_samples(web_port)
+        # The two orders' jobs end at the identity step; their count is read every 0.2 s.
+        while samples[("fdqr_jobs_finished_total", (("state", "done"),))] < 2:
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.2)
+            samples = metric_samples(web_port)
+        while samples[("fdqr_jobs", (("state", "done"),))] < 2:
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.2)
+            samples = metric_samples(web_port)
+    finally:
+        assert process.stop() == 0, process.log_text()[-3000:]
+    assert samples[("fdqr_hl7_messages_total", (("ack", "AA"),))] == 3
+    assert samples[("fdqr_hl7_messages_total", (("ack", "AE"),))] == 1
+    assert samples[("fdqr_hl7_duplicates_total", ())] == 1
+    assert samples[("fdqr_jobs", (("state", "queued"),))] == 0
+    assert samples[("process_resident_memory_bytes", ())] > 0

@@ -223,8 +223,8 @@ class Engine:
             web_endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
                 self.reactor, settings.web.listen
             )
-            self.web_port = yield web_endpoint.listen(build_site(self.metrics))
-            logger.info("metrics on %s (/metrics, /health)", settings.web.listen)
+            self.web_port = yield web_endpoint.listen(build_site(self.metrics, self.db))
+            logger.info("status page, API and metrics on %s", settings.web.listen)
         endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
             self.reactor, settings.mllp.listen
         )

@@ -244,6 +244,16 @@ def split_acks(data: bytes) -> list[bytes]:
     return [part for part in re.split(rb"(?<=\r)(?=MSH)", data) if part]
 
 
+def ack_code(ack: bytes) -> str:
+    """Return MSA-1 of an encoded ACK, read with the field separator of its MSH; "" if none."""
+    separator = ack[3:4]
+    start = ack.find(b"\rMSA" + separator)
+    if not separator or start < 0:
+        return ""
+    field = ack[start + 5 :].split(separator, 1)[0]
+    return field.split(b"\r", 1)[0].decode("ascii", "replace")
+
+
 def _version(text: str) -> tuple[int, int]:
     match = _VERSION.match(text)
     return (int(match.group(1)), int(match.group(2))) if match else _ERR_LOCATION_VERSION

@@ -16,6 +16,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from engine.hl7.ack import ack_code
 from engine.jobs.store import AsyncStore, JobState, StudyState
 
 logger = logging.getLogger(__name__)
@@ -102,16 +103,6 @@ class EngineMetrics:
     def set_job_counts(self, counts: dict[str, int]) -> None:
         for state in JobState:
             self.jobs.labels(state.value).set(counts.get(state.value, 0))
-
-
-def ack_code(ack: bytes) -> str:
-    """Return MSA-1 of an encoded ACK, read with the field separator of its MSH."""
-    separator = ack[3:4]
-    start = ack.find(b"\rMSA" + separator)
-    if not separator or start < 0:
-        return ""
-    fields = ack[start + 5 : start + 12].split(separator, 1)
-    return fields[0].split(b"\r", 1)[0].decode("ascii", "replace")
 
 
 class JobCountRefresh:

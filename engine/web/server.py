@@ -1,4 +1,4 @@
-"""The engine's HTTP listener: Prometheus metrics at /metrics and a liveness check at /health."""
+"""The engine's HTTP listener: status page, JSON API, Prometheus metrics and a liveness check."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 from prometheus_client.twisted import MetricsResource
 from twisted.web import http, resource, server
 
+from engine.jobs.store import AsyncStore
+from engine.web.api import JobsPage, MessagesPage, StatusPage
 from engine.web.metrics import EngineMetrics
 
 
@@ -29,8 +31,14 @@ class QuietSite(server.Site):
         pass
 
 
-def build_site(metrics: EngineMetrics) -> server.Site:
+def build_site(metrics: EngineMetrics, db: AsyncStore) -> server.Site:
+    """Build the site: /, /api/jobs, /api/jobs/ID, /api/messages, /metrics and /health."""
     root = resource.Resource()  # type: ignore[no-untyped-call]
+    root.putChild(b"", StatusPage(db))
+    api = resource.Resource()  # type: ignore[no-untyped-call]
+    api.putChild(b"jobs", JobsPage(db))
+    api.putChild(b"messages", MessagesPage(db))
+    root.putChild(b"api", api)
     root.putChild(b"metrics", MetricsResource(registry=metrics.registry))  # type: ignore[no-untyped-call]
     root.putChild(b"health", Health())  # type: ignore[no-untyped-call]
     return QuietSite(root)  # type: ignore[no-untyped-call]

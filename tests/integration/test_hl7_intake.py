@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import socket
 import ssl
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -338,7 +340,15 @@ def metric_samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
-def test_metrics_count_messages_and_jobs(tmp_path: Path) -> None:
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_web_metrics_and_api(tmp_path: Path) -> None:
     config, port = write_intake_config(tmp_path, str(tmp_path / "fdqr.sqlite"))
     settings = yaml.safe_load(config.read_text())
     settings["web"]["refresh_seconds"] = 0.2
@@ -368,6 +378,14 @@ def test_metrics_count_messages_and_jobs(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, samples
             time.sleep(0.2)
             samples = metric_samples(web_port)
+
+        status, text = http_get(web_port, "/api/jobs?state=done")
+        jobs = json.loads(text)["jobs"]
+        status_detail, detail = http_get(web_port, f"/api/jobs/{jobs[0]['id']}")
+        status_missing, missing = http_get(web_port, "/api/jobs/999")
+        status_bad, bad = http_get(web_port, "/api/jobs?limit=x")
+        status_messages, messages = http_get(web_port, "/api/messages")
+        status_page, page = http_get(web_port, "/")
     finally:
         assert process.stop() == 0, process.log_text()[-3000:]
     assert samples[("fdqr_hl7_messages_total", (("ack", "AA"),))] == 3
@@ -375,3 +393,20 @@ def test_metrics_count_messages_and_jobs(tmp_path: Path) -> None:
     assert samples[("fdqr_hl7_duplicates_total", ())] == 1
     assert samples[("fdqr_jobs", (("state", "queued"),))] == 0
     assert samples[("process_resident_memory_bytes", ())] > 0
+
+    assert status == 200
+    assert len(jobs) == 2
+    assert status_detail == 200
+    assert "nothing to fetch" in json.loads(detail)["summary"]
+    assert status_missing == 404
+    assert json.loads(missing)["error"] == "job 999 not found"
+    assert status_bad == 400
+    assert json.loads(bad)["error"] == "invalid limit 'x': expected a whole number"
+    assert status_messages == 200
+    # The message without MSH-10 was rejected, so it is not stored.
+    assert [item["control_id"] for item in json.loads(messages)["messages"]] == ["MET-2", "MET-1"]
+    assert status_page == 200
+    assert "<td>done</td><td>2</td>" in page
+    for text in (detail, messages, page):
+        assert "INTAKE^PATIENT" not in text
+        assert "19700101" not in text

@@ -9,8 +9,9 @@ from prometheus_client import generate_latest
 from twisted.internet import defer, task
 from twisted.web.test.requesthelper import DummyRequest
 
+from engine.hl7.ack import ack_code
 from engine.jobs.store import JobState, Store, StudyState
-from engine.web.metrics import EngineMetrics, JobCountRefresh, ack_code
+from engine.web.metrics import EngineMetrics, JobCountRefresh
 from engine.web.server import Health
 from tests.conftest import NOW
 from tests.unit.test_jobs import new_job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
 from collections.abc import Sequence
@@ -177,6 +178,50 @@ def jobs_show(config_path: Path, job_id: int) -> None:
     click.echo("  events:")
     for at, text in store.events(job.id):
         click.echo(f"    {at.astimezone().strftime('%H:%M:%S.%f')[:-3]} {text}")
+
+
+@jobs_group.command(name="cancel")
+@click.argument("job_id", type=int)
+@click.option(
+    "--reason",
+    default="cancelled by an operator",
+    show_default=True,
+    help="Text recorded in the job's summary and event log.",
+)
+@config_option
+def jobs_cancel(config_path: Path, job_id: int, reason: str) -> None:
+    """Cancel a pending job, or ask a running job to stop before its next study."""
+    store = open_store(config_path)
+    job = store.get_job(job_id)
+    if job is None:
+        click.echo(f"job {job_id} not found", err=True)
+        raise SystemExit(1)
+    if job.state.finished:
+        click.echo(f"job {job_id} is {job.state.value} already; nothing to cancel", err=True)
+        raise SystemExit(1)
+    click.echo(store.cancel_job(job_id, reason, dt.datetime.now(dt.UTC)))
+
+
+@jobs_group.command(name="requeue")
+@click.argument("job_id", type=int)
+@config_option
+def jobs_requeue(config_path: Path, job_id: int) -> None:
+    """Queue a finished job for a new attempt now.
+
+    A running engine claims it within jobs.poll_seconds.
+    """
+    store = open_store(config_path)
+    job = store.get_job(job_id)
+    if job is None:
+        click.echo(f"job {job_id} not found", err=True)
+        raise SystemExit(1)
+    if not store.requeue_job(job_id, "queued again by an operator", dt.datetime.now(dt.UTC)):
+        click.echo(
+            f"job {job_id} is {job.state.value}; only a finished job can be queued again",
+            err=True,
+        )
+        raise SystemExit(1)
+    click.echo(f"job {job_id} queued (was {job.state.value})")
 
 
 @main.command()

@@ -841,6 +841,34 @@ class Store:
         finished = _ids([int(row["id"]) for row in matching])
         return "; ".join(parts) or f"job(s) {finished} already finished"
 
+    def cancel_job(self, job_id: int, reason: str, now: dt.datetime) -> str | None:
+        """Cancel one job, as cancel_order cancels an order's jobs; return what was done.
+
+        Returns None when the job does not exist. A finished job is left as it is.
+        """
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            state = JobState(row["state"])
+            if state.finished:
+                return f"job {job_id} is {state.value} already; nothing to cancel"
+            if state == JobState.RUNNING:
+                db.execute(
+                    "INSERT OR IGNORE INTO job_cancellations (job_id, at, reason) VALUES (?,?,?)",
+                    (job_id, _iso(now), reason),
+                )
+                self._event(db, job_id, now, f"cancel requested: {reason}")
+                return f"job {job_id} is running: it stops before its next study"
+            db.execute(
+                "UPDATE jobs SET state = ?, summary = ?, updated_at = ? WHERE id = ?",
+                (JobState.CANCELLED, reason, _iso(now), job_id),
+            )
+            self._event(db, job_id, now, f"cancelled: {reason}")
+            revived = self._revive_suppressed(db, job_id, now)
+        requeued = f"; requeued suppressed job {revived[0]}" if revived else ""
+        return f"job {job_id} cancelled{requeued}"
+
     def _revive_suppressed(
         self, db: sqlite3.Connection, job_id: int, now: dt.datetime
     ) -> list[int]:

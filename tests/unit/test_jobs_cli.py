@@ -1,0 +1,115 @@
+"""`fdqr jobs cancel` and `fdqr jobs requeue`: acting on one job by hand."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner, Result
+
+from engine.cli import main
+from engine.jobs.store import JobState, Store
+from tests.conftest import NOW
+from tests.unit.test_jobs import new_job, order_job
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def layout(tmp_path: Path) -> Path:
+    for folder in ("conf", "routes", "rules"):
+        shutil.copytree(REPOSITORY / folder, tmp_path / folder)
+    config = tmp_path / "conf" / "engine.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["store"]["path"] = str(tmp_path / "fdqr.sqlite")
+    config.write_text(yaml.safe_dump(settings))
+    return config
+
+
+def jobs(config: Path, *arguments: str) -> Result:
+    return CliRunner().invoke(main, ["jobs", "--config", str(config), *arguments])
+
+
+def state_of(tmp_path: Path, job_id: int) -> JobState:
+    store = Store(tmp_path / "fdqr.sqlite")
+    try:
+        job = store.get_job(job_id)
+        assert job is not None
+        return job.state
+    finally:
+        store.close()
+
+
+def test_cancel_queued_job(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    store.close()
+    result = jobs(config, "cancel", str(job_id), "--reason", "patient transferred")
+    assert result.exit_code == 0, result.output
+    assert result.output == f"job {job_id} cancelled\n"
+    assert state_of(tmp_path, job_id) == JobState.CANCELLED
+    store = Store(tmp_path / "fdqr.sqlite")
+    assert store.events(job_id)[-1][1] == "cancelled: patient transferred"
+    store.close()
+
+
+def test_cancel_requeues_suppressed_job(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    first = store.add_job(order_job("1001", "RIS", "ACC-1"), NOW)
+    repeated = store.add_job(order_job("1001", "RIS", "ACC-2"), NOW)
+    store.close()
+    assert state_of(tmp_path, repeated) == JobState.SUPPRESSED
+    result = jobs(config, "cancel", str(first))
+    assert result.exit_code == 0, result.output
+    assert result.output == f"job {first} cancelled; requeued suppressed job {repeated}\n"
+    assert state_of(tmp_path, repeated) == JobState.QUEUED
+
+
+def test_cancel_running_job_requests_stop(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    [claimed] = store.claim_due(NOW, 1)
+    store.close()
+    result = jobs(config, "cancel", str(claimed.id))
+    assert result.exit_code == 0, result.output
+    assert result.output == f"job {job_id} is running: it stops before its next study\n"
+    assert state_of(tmp_path, job_id) == JobState.RUNNING
+    store = Store(tmp_path / "fdqr.sqlite")
+    assert store.cancellation(job_id) == "cancelled by an operator"
+    store.close()
+
+
+def test_cancel_finished_or_unknown_job_fails(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    store.finish_job(job_id, JobState.DONE, "1 study stored", NOW)
+    store.close()
+    finished = jobs(config, "cancel", str(job_id))
+    assert finished.exit_code == 1
+    assert f"job {job_id} is done already; nothing to cancel" in finished.output
+    assert state_of(tmp_path, job_id) == JobState.DONE
+    unknown = jobs(config, "cancel", "99")
+    assert unknown.exit_code == 1
+    assert "job 99 not found" in unknown.output
+
+
+def test_requeue_failed_job(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    store.finish_job(job_id, JobState.FAILED, "destination not reachable", NOW)
+    store.close()
+    result = jobs(config, "requeue", str(job_id))
+    assert result.exit_code == 0, result.output
+    assert result.output == f"job {job_id} queued (was failed)\n"
+    assert state_of(tmp_path, job_id) == JobState.QUEUED
+    again = jobs(config, "requeue", str(job_id))
+    assert again.exit_code == 1
+    assert f"job {job_id} is queued; only a finished job can be queued again" in again.output
+    unknown = jobs(config, "requeue", "99")
+    assert unknown.exit_code == 1
+    assert "job 99 not found" in unknown.output

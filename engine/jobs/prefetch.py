@@ -38,7 +38,7 @@ from engine.identity.settings import CheckSettings
 from engine.jobs.policy import RetrieveSlots, SourcePolicy
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
-from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyState
+from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyRecord, StudyState
 from engine.jobs.transfer import SourceNode, StudyReport, StudyTransfer, TransferSettings
 from engine.model import Demographics, PatientIdentifier, StudyCandidate
 from engine.rules.model import RuleSet
@@ -488,9 +488,7 @@ class Prefetch:
                     job.id, candidate.source, uid, report.failed_instances, self.now()
                 )
             )
-        # Counts add up over the attempts of a job: a retry fetches only what is missing.
-        received = report.received + (earlier.received if earlier else 0)
-        stored = report.stored + (earlier.stored if earlier else 0)
+        received, stored = study_counts(report, earlier)
         state = report.state
         if state == StudyState.PRESENT and stored:
             state = StudyState.STORED
@@ -525,6 +523,22 @@ class Prefetch:
                 JobState.PARTIAL if stored or present else JobState.FAILED, summary, retry=True
             )
         return Outcome(JobState.PARTIAL if stored or present else JobState.FAILED, summary)
+
+
+def study_counts(report: StudyReport, earlier: StudyRecord | None) -> tuple[int, int]:
+    """Return a study's received and stored counts over the attempts of its job so far.
+
+    Counts add up over attempts, since a retry fetches only what is missing. They are
+    saved when an attempt ends, so an attempt cut short by a crash is not counted. A
+    count the destination confirmed then replaces the stored count (it can include
+    instances stored there before the job), and what the job stored it also received.
+    """
+    received = report.received + (earlier.received if earlier else 0)
+    stored = report.stored + (earlier.stored if earlier else 0)
+    if report.confirmed is not None:
+        received = max(received, stored)
+        stored = max(stored, report.confirmed)
+    return received, stored
 
 
 def _hold_study(job_id: int, candidate: StudyCandidate, reason: str) -> Callable[[Store], None]:

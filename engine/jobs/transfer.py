@@ -93,6 +93,8 @@ class StudyReport:
     transient: bool = False
     problems: list[str] = dataclasses.field(default_factory=list)
     failed_instances: list[str] = dataclasses.field(default_factory=list)
+    # Instances the destination holds when verification found none missing.
+    confirmed: int | None = None
 
     @property
     def problem(self) -> str:
@@ -231,6 +233,7 @@ class StudyTransfer:
                 report.transient = False
                 report.problems = [p for p in report.problems if not p.startswith("received")]
                 if present is not None:
+                    report.confirmed = present
                     yield note(f"study {uid}: destination confirms {present} instances")
                 return
             if repair == self.settings.repair_passes:

@@ -38,9 +38,10 @@ from engine.dimse.scu import (
 from engine.dimse.status import Status
 from engine.dimse.transcode import TranscodeError, transcode
 from engine.dimse.transport import BoundedPDataQueue
+from engine.jobs.prefetch import study_counts
 from engine.jobs.receiving import ExpectationRegistry
 from engine.jobs.spool import Spool, SpoolFull
-from engine.jobs.store import Store, StudyState
+from engine.jobs.store import Store, StudyRecord, StudyState
 from engine.jobs.transfer import (
     SourceNode,
     StudyReport,
@@ -446,3 +447,28 @@ def test_study_held_under_same_patient_present(tmp_path: Path, issuer: str) -> N
     [report] = reports
     assert report.state == StudyState.PRESENT
     assert "under patient ID" not in report.problem
+
+
+def _earlier(received: int, stored: int) -> StudyRecord:
+    remote = PatientIdentifier("HA-1", "HOSP_A")
+    return StudyRecord(
+        1, "hospital_a", "1.2.3", remote, None, "CT", "", True, "", StudyState.PENDING, 100,
+        received, stored, 0,
+    )  # fmt: skip
+
+
+def test_study_counts_add_up_over_attempts() -> None:
+    report = StudyReport(StudyState.STORED, received=40, stored=40)
+    assert study_counts(report, _earlier(60, 60)) == (100, 100)
+    assert study_counts(report, None) == (40, 40)
+
+
+def test_study_counts_after_crash_use_confirmed() -> None:
+    # The attempt the engine was killed in saved nothing. This one stored the 53
+    # objects left in the spool, and the destination confirms all 100.
+    report = StudyReport(StudyState.STORED, received=0, stored=53, confirmed=100)
+    assert study_counts(report, None) == (53, 100)
+    # A confirmed count below what the job stored (another system deleted some) keeps
+    # the job's own count.
+    lower = StudyReport(StudyState.STORED, received=100, stored=100, confirmed=90)
+    assert study_counts(lower, None) == (100, 100)

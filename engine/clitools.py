@@ -12,7 +12,7 @@ import click
 
 from engine import config as config_module
 from engine.configfile import ConfigError
-from engine.jobs.store import Store
+from engine.jobs.store import Store, StoreError
 
 DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
 _CONFIG_HELP = "Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default."
@@ -78,7 +78,11 @@ def open_store(config_path: Path) -> Store:
             f"no store at {path}: the engine has not run with this configuration yet", err=True
         )
         raise SystemExit(1)
-    return Store(path)
+    try:
+        return Store(path)
+    except StoreError as error:
+        click.echo(str(error), err=True)
+        raise SystemExit(1) from error
 
 
 def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:

@@ -148,7 +148,7 @@ MEMORY_STORE = ":memory:"
 
 
 class WebSettings(Settings):
-    """The HTTP listener for Prometheus metrics (/metrics) and a liveness check (/health).
+    """The HTTP listener: status page, JSON API, Prometheus metrics and a liveness check.
 
     listen is a Twisted endpoint string; None turns the listener off. The pages
     have no authentication, so keep it on a local or management interface.
@@ -419,6 +419,40 @@ def _missing_paths(document: Document, path: Path, settings: EngineSettings) -> 
                     key,
                     f"{kind} {target} not found, from the value '{value}'",
                     f"a relative path is resolved from the folder of {path.name}",
+                )
+            )
+    return problems + _unusable_data_paths(document, path, settings)
+
+
+def _unusable_data_paths(document: Document, path: Path, settings: EngineSettings) -> list[Problem]:
+    """Return a problem for a store file or spool folder that cannot be created where named.
+
+    Both are created at start when missing, so only a file in the way is a problem.
+    """
+    named: list[tuple[PathKey, Path, Path]] = []
+    if str(settings.store.path) != MEMORY_STORE:
+        store = resolve(path, settings.store.path)
+        named.append((("store", "path"), settings.store.path, store.parent))
+        if store.is_dir():
+            return [
+                document.problem(
+                    ("store", "path"),
+                    f"{store} is a folder, from the value '{settings.store.path}'",
+                    "name the SQLite file, e.g. ../var/fdqr.sqlite",
+                )
+            ]
+    named.append((("spool", "path"), settings.spool.path, resolve(path, settings.spool.path)))
+    problems = []
+    for key, value, folder in named:
+        # The nearest part of the folder's path that exists must be a folder.
+        existing = next((part for part in (folder, *folder.parents) if part.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(
+                document.problem(
+                    key,
+                    f"{existing} is a file, so the folder {folder} cannot be created,"
+                    f" from the value '{value}'",
+                    "name a path under a folder",
                 )
             )
     return problems

@@ -12,13 +12,22 @@ import logging
 import os
 import signal
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, endpoints, threads
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 
 from engine.coercion import DEFAULT_PROFILE
-from engine.config import Config, MLLPTLSSettings, load_rules, mllp_tls_options, rule_files
+from engine.config import (
+    MEMORY_STORE,
+    Config,
+    MLLPTLSSettings,
+    load_rules,
+    mllp_tls_options,
+    rule_files,
+)
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient, RetryPolicy
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
@@ -35,10 +44,11 @@ from engine.jobs.planner import Planner
 from engine.jobs.prefetch import Prefetch, Source
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
-from engine.jobs.store import AsyncStore, Store
+from engine.jobs.store import AsyncStore, Store, StoreError
 from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
 from engine.rules.reload import RuleFileWatcher, RuleSetHolder
+from engine.runlock import RunLock
 from engine.web.metrics import EngineMetrics, JobCountRefresh
 from engine.web.server import build_site
 from engine.worklist.poller import WorklistPoller
@@ -65,6 +75,12 @@ class Engine:
         self.rule_watcher = RuleFileWatcher(self.rules, reactor, settings.rules_reload_seconds)
 
         self.db = AsyncStore(reactor, Store(config.store_path))
+        # Lock files next to the store file and the spool folder, e.g. fdqr.sqlite.lock.
+        self.locks = [RunLock(_lock_file(config.spool_path), f"the spool {config.spool_path}")]
+        if str(config.store_path) != MEMORY_STORE:
+            self.locks.insert(
+                0, RunLock(_lock_file(config.store_path), f"the store {config.store_path}")
+            )
         self.tracker = AssociationTracker()
         # Node threads a stop had to leave behind (see stop).
         self.abandoned_threads: list[str] = []
@@ -210,10 +226,18 @@ class Engine:
     @defer.inlineCallbacks
     def start(self) -> Generator[defer.Deferred[Any], Any, None]:
         settings = self.config.settings
+        for lock in self.locks:
+            lock.acquire()
         self.spool.open()
         self.db.start()
         self.pools.start()
-        self.scp.start()
+        try:
+            self.scp.start()
+        except OSError as error:
+            raise StartError(
+                f"the DICOM listener on {settings.dicom.host}:{settings.dicom.port}"
+                f" (dicom.host, dicom.port) failed: {error.strerror or error}"
+            ) from error
         yield self.worker.start()
         self.worklist.start()
         if settings.rules_reload_seconds > 0:
@@ -223,7 +247,9 @@ class Engine:
             web_endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
                 self.reactor, settings.web.listen
             )
-            self.web_port = yield web_endpoint.listen(build_site(self.metrics, self.db))
+            self.web_port = yield _listen(
+                web_endpoint, build_site(self.metrics, self.db), "web.listen", settings.web.listen
+            )
             logger.info("status page, API and metrics on %s", settings.web.listen)
         endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
             self.reactor, settings.mllp.listen
@@ -235,7 +261,7 @@ class Engine:
         )
         if settings.mllp.tls is not None:
             factory = wrap(factory, mllp_tls_options(self.config.path, settings.mllp.tls))
-        self.mllp_port = yield endpoint.listen(factory)
+        self.mllp_port = yield _listen(endpoint, factory, "mllp.listen", settings.mllp.listen)
         logger.info(
             "engine started: MLLP on %s%s, DICOM %s on %s:%d, %d routes, %d rules",
             settings.mllp.listen,
@@ -280,6 +306,8 @@ class Engine:
                 ", ".join(stuck),
             )
         self.db.stop()
+        for lock in self.locks:
+            lock.release()
         logger.info("engine stopped")
 
 
@@ -289,7 +317,11 @@ def run(config: Config, reactor: Any = None) -> int:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    engine = Engine(config, reactor)
+    try:
+        engine = Engine(config, reactor)
+    except StoreError as error:
+        logger.error("engine failed to start: %s", error)
+        return 1
     exit_status = 0
 
     def failed_to_start(failure: Any) -> None:
@@ -311,6 +343,26 @@ def run(config: Config, reactor: Any = None) -> int:
         logging.shutdown()
         os._exit(exit_status)
     return exit_status
+
+
+class StartError(Exception):
+    """A part of the engine could not start; the message names the part and its setting."""
+
+
+@defer.inlineCallbacks
+def _listen(
+    endpoint: Any, factory: Any, setting: str, value: str
+) -> Generator[defer.Deferred[Any], Any, IListeningPort]:
+    try:
+        port: IListeningPort = yield endpoint.listen(factory)
+    except CannotListenError as error:
+        reason = getattr(error.socketError, "strerror", None) or error.socketError
+        raise StartError(f"the listener {value} ({setting}) failed: {reason}") from error
+    return port
+
+
+def _lock_file(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
 
 
 def _describe_tls(tls: MLLPTLSSettings | None) -> str:

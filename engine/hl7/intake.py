@@ -204,7 +204,10 @@ class Intake:
             if isinstance(failure.value, ControlIdReused):
                 return self._reused_control_id(header, failure.value, peer)
             logger.error(
-                "storing message %s failed: %s", origin.control_id, failure.getErrorMessage()
+                "storing message %s in %s failed: %s",
+                origin.control_id,
+                self.db.store.path,
+                failure.getErrorMessage(),
             )
             error = HL7Error(
                 "message could not be stored; send it again",

@@ -297,6 +297,10 @@ class StudyRecord:
     failed: int
 
 
+class StoreError(Exception):
+    """The store file cannot be opened or created."""
+
+
 class ControlIdReused(Exception):
     """A message whose sender and control id are stored already, with other content."""
 
@@ -362,19 +366,24 @@ class Store:
     """Messages, jobs, their studies and their event log, in one SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # Job bookkeeping commits at NORMAL: it survives a crash of the engine, and
-        # after a power loss a job only repeats a step. Messages commit durably
-        # (FULL, fsync before the ACK), which also syncs every earlier commit.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        self._db.executescript(IDENTITY_SCHEMA)
+        """Open or create the store. Raises StoreError naming the path when that fails."""
+        self.path = str(path)
+        try:
+            if str(path) != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # Job bookkeeping commits at NORMAL: it survives a crash of the engine, and
+            # after a power loss a job only repeats a step. Messages commit durably
+            # (FULL, fsync before the ACK), which also syncs every earlier commit.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+            self._db.executescript(IDENTITY_SCHEMA)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"cannot open the store {path}: {error}") from error
         self._depth = 0
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 UNSUCCESSFUL = frozenset({JobState.PARTIAL, JobState.FAILED, JobState.QUARANTINED})
 
 JobRunner = Callable[[JobRecord], defer.Deferred[Outcome]]
+CLAIM_ERROR_LOG_SECONDS = 60.0
 
 
 def retry_delay(attempt: int, base_seconds: float, max_seconds: float) -> float:
@@ -57,6 +58,8 @@ class Worker:
         self._claiming = False
         self._stopping = False
         self._poll: task.LoopingCall | None = None
+        self._claim_failures = 0
+        self._claim_failure_logged_at = -CLAIM_ERROR_LOG_SECONDS
         self._wake_call: IDelayedCall | None = None
 
     def now(self) -> dt.datetime:
@@ -93,10 +96,22 @@ class Worker:
 
     def _claim_failed(self, failure: Failure) -> None:
         self._claiming = False
-        logger.error("claiming jobs failed: %s", failure.getErrorMessage())
+        self._claim_failures += 1
+        # Claims run at each wake and poll, so a lasting store error is logged once a minute.
+        now = self.clock.seconds()
+        if now - self._claim_failure_logged_at >= CLAIM_ERROR_LOG_SECONDS:
+            repeated = (
+                f" ({self._claim_failures} failures so far)" if self._claim_failures > 1 else ""
+            )
+            logger.error("claiming jobs failed: %s%s", failure.getErrorMessage(), repeated)
+            self._claim_failure_logged_at = now
 
     def _start_jobs(self, jobs: list[JobRecord]) -> None:
         self._claiming = False
+        if self._claim_failures:
+            logger.info("claiming jobs succeeded after %d failures", self._claim_failures)
+            self._claim_failures = 0
+            self._claim_failure_logged_at = -CLAIM_ERROR_LOG_SECONDS
         for job in jobs:
             logger.info("job %d: attempt %d started (rule %s)", job.id, job.attempts, job.rule)
             self._running[job.id] = self._run(job)
@@ -114,13 +129,48 @@ class Worker:
                 outcome = Outcome(
                     JobState.FAILED, f"internal error: {type(error).__name__}: {error}", retry=True
                 )
-            yield self._record(job, outcome)
+            yield self._record_until_written(job, outcome)
         except Exception:
             logger.exception("job %d: recording the outcome failed", job.id)
         finally:
             del self._running[job.id]
             if not self._stopping:
                 self.wake()
+
+    @defer.inlineCallbacks
+    def _record_until_written(
+        self, job: JobRecord, outcome: Outcome
+    ) -> Generator[defer.Deferred[Any], Any, None]:
+        """Record the outcome, trying again every poll_seconds while the store fails.
+
+        Until it is written the job stays running in the store and keeps its slot here,
+        so a full disk does not leave it running until the next start.
+        """
+        failures = 0
+        while True:
+            try:
+                yield self._record(job, outcome)
+            except Exception as error:
+                failures += 1
+                if self._stopping:
+                    logger.error(
+                        "job %d: recording the outcome failed (%s); it resumes at next start",
+                        job.id,
+                        error,
+                    )
+                    return
+                if failures == 1:
+                    logger.error(
+                        "job %d: recording the outcome failed (%s); trying again every %ss",
+                        job.id,
+                        error,
+                        self.poll_seconds,
+                    )
+                yield task.deferLater(self.clock, self.poll_seconds, lambda: None)
+                continue
+            if failures:
+                logger.info("job %d: outcome recorded after %d failures", job.id, failures)
+            return
 
     def _record(self, job: JobRecord, outcome: Outcome) -> defer.Deferred[None]:
         now = self.now()

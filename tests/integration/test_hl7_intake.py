@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.jobs.store import Store
 from engine.testing.certificates import certificate_authority, issue
 from engine.testing.intake import INTAKE_PATIENT, write_intake_config
+from engine.testing.ports import free_port
 from engine.testing.scenario import order_message
 from engine.testing.sites import EngineProcess
 
@@ -410,3 +412,88 @@ def test_web_metrics_and_api(tmp_path: Path) -> None:
     for text in (detail, messages, page):
         assert "INTAKE^PATIENT" not in text
         assert "19700101" not in text
+
+
+def config_copy(source: Path, target: Path, **changes: object) -> tuple[Path, int]:
+    """Copy an engine.yaml with new listener ports, then apply changes; return it and the MLLP port."""
+    settings = yaml.safe_load(source.read_text())
+    mllp_port = free_port()
+    settings["mllp"]["listen"] = f"tcp:{mllp_port}:interface=127.0.0.1"
+    settings["dicom"]["port"] = free_port()
+    settings["web"]["listen"] = f"tcp:{free_port()}:interface=127.0.0.1"
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        settings[section][key] = value
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(settings))
+    return target, mllp_port
+
+
+def test_second_engine_on_same_store_refused(tmp_path: Path) -> None:
+    first = start_engine(tmp_path / "first", {})
+    first_pid = first.process.pid
+    config, port = config_copy(tmp_path / "first" / "engine.yaml", tmp_path / "second" / "e.yaml")
+    second = EngineProcess(config, port, tmp_path / "second" / "engine.log")
+    try:
+        with pytest.raises(RuntimeError, match="exited with status 1"):
+            second.start()
+        with socket.create_connection(("127.0.0.1", first.port), timeout=30) as connection:
+            assert msa(exchange(connection, frame_of(order("LOCK-1")))) == "MSA|AA|LOCK-1"
+        # kill -9 leaves the lock file, but the kernel released the lock.
+        first.process.send_signal(signal.SIGKILL)
+        first.process.stop()
+    finally:
+        if first.process.running:
+            stop_engine(first)
+    log = (tmp_path / "second" / "engine.log").read_text()
+    assert (
+        f"engine failed to start: the store {first.store} is in use by another fdqr engine"
+        f" (process {first_pid}, lock file {first.store}.lock)"
+    ) in log
+    third = EngineProcess(config, port, tmp_path / "second" / "engine-after.log")
+    third.start()
+    assert third.stop() == 0, third.log_text()[-3000:]
+
+
+def test_listener_conflicts_named(tmp_path: Path) -> None:
+    first = start_engine(tmp_path / "first", {})
+    first_settings = yaml.safe_load((tmp_path / "first" / "engine.yaml").read_text())
+    dicom_port = first_settings["dicom"]["port"]
+    own_data = {
+        "store__path": str(tmp_path / "other" / "fdqr.sqlite"),
+        "spool__path": str(tmp_path / "other" / "spool"),
+    }
+    try:
+        config, port = config_copy(
+            tmp_path / "first" / "engine.yaml", tmp_path / "dicom" / "e.yaml", **own_data
+        )
+        settings = yaml.safe_load(config.read_text())
+        settings["dicom"]["port"] = dicom_port
+        config.write_text(yaml.safe_dump(settings))
+        dicom = EngineProcess(config, port, tmp_path / "dicom" / "engine.log")
+        with pytest.raises(RuntimeError, match="exited with status 1"):
+            dicom.start()
+
+        config, _ = config_copy(
+            tmp_path / "first" / "engine.yaml",
+            tmp_path / "mllp" / "e.yaml",
+            mllp__listen=f"tcp:{first.port}:interface=127.0.0.1",
+            **own_data,
+        )
+        mllp = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        stop_engine(first)
+    assert (
+        f"engine failed to start: the DICOM listener on 127.0.0.1:{dicom_port}"
+        " (dicom.host, dicom.port) failed: Address already in use"
+    ) in (tmp_path / "dicom" / "engine.log").read_text()
+    assert mllp.returncode == 1
+    assert (
+        f"engine failed to start: the listener tcp:{first.port}:interface=127.0.0.1"
+        " (mllp.listen) failed: Address already in use"
+    ) in mllp.stderr

@@ -121,6 +121,28 @@ def test_missing_folder_and_table(layout: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("setting", ["store.path", "spool.path"])
+def test_data_path_under_a_file(layout: Path, setting: str) -> None:
+    (layout.parent / "afile").write_text("not a folder")
+    edit(layout, {setting: "afile/data/fdqr.sqlite"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == setting
+    assert problem.message.startswith(f"{layout.parent / 'afile'} is a file, so the folder")
+    assert problem.message.endswith("from the value 'afile/data/fdqr.sqlite'")
+
+
+def test_store_path_naming_a_folder(layout: Path) -> None:
+    (layout.parent / "var").mkdir()
+    edit(layout, {"store.path": "var"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "store.path"
+    assert problem.message == f"{layout.parent / 'var'} is a folder, from the value 'var'"
+
+
 @pytest.mark.parametrize(
     ("setting", "value"), [("anatomy", "missing.yaml"), ("routes", "../no_routes")]
 )

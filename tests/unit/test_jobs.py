@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +14,15 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from engine.jobs.prefetch import Outcome
-from engine.jobs.store import AsyncStore, JobRecord, JobState, NewJob, Store, StudyState
+from engine.jobs.store import (
+    AsyncStore,
+    JobRecord,
+    JobState,
+    NewJob,
+    Store,
+    StoreError,
+    StudyState,
+)
 from engine.jobs.worker import Worker, retry_delay
 from engine.model import (
     Decision,
@@ -350,3 +360,55 @@ def test_async_store_notes_written_before_later_work(store: Store) -> None:
     reactor.advance(0)
     assert [text for _, text in store.events(job_id)][-1] == "third"
     assert reactor.getDelayedCalls() == []
+
+
+def test_worker_records_outcome_after_store_recovers(
+    db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    job_id = db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    db.fail_next = sqlite3.OperationalError("database or disk is full")
+    runner.pending[0].callback(Outcome(JobState.DONE, "1 study stored"))
+    assert db.store.get_job(job_id).state == JobState.RUNNING  # type: ignore[union-attr]
+    assert worker.running == 1
+    assert (
+        f"job {job_id}: recording the outcome failed (database or disk is full);"
+        " trying again every 5s"
+    ) in caplog.text
+    clock.advance(5)
+    assert db.store.get_job(job_id).state == JobState.DONE  # type: ignore[union-attr]
+    assert worker.running == 0
+    assert f"job {job_id}: outcome recorded after 1 failures" in caplog.text
+    stop(worker, clock)
+
+
+def test_worker_claim_failures_logged_once_a_minute(
+    db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    for _ in range(13):
+        db.fail_next = sqlite3.OperationalError("database or disk is full")
+        clock.advance(5)
+    failures = [r for r in caplog.records if r.message.startswith("claiming jobs failed")]
+    assert [r.message for r in failures] == [
+        "claiming jobs failed: database or disk is full",
+        "claiming jobs failed: database or disk is full (13 failures so far)",
+    ]
+    clock.advance(5)
+    assert "claiming jobs succeeded after 13 failures" in caplog.text
+    stop(worker, clock)
+
+
+def test_store_open_error_names_path(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    path = tmp_path / "afile" / "fdqr.sqlite"
+    with pytest.raises(StoreError, match=f"cannot open the store {path}: "):
+        Store(path)

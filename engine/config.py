@@ -141,6 +141,10 @@ class Node(Settings):
     # A destination without a Query/Retrieve SCP (e.g. DCMTK storescp): the engine
     # cannot ask what it holds, so a study counts as stored when every C-STORE succeeded.
     store_only: bool = False
+    # Allows another node with the same issuer: two archives of one identifier domain.
+    # Without it a repeated issuer is an error, since one site's IDs would be read as
+    # the other's.
+    shared_issuer: bool = False
 
 
 # A store path that keeps the store in memory, lost when the engine stops (for benchmarks).
@@ -372,6 +376,7 @@ def load(path: Path) -> Config:
             problems += error.problems
 
     problems += _check_worklist_nodes(document, settings)
+    problems += _check_issuers(document, settings)
     node_issuers = {node.issuer for node in settings.nodes.values() if node.issuer}
     problems += check_identity(
         document, settings.identity, settings.local_patient.issuer, node_issuers
@@ -513,6 +518,27 @@ def _check_sources(document: Document, settings: EngineSettings) -> list[Problem
                     f"set nodes.{name}.issuer to its patient identifier domain",
                 )
             )
+    return problems
+
+
+def _check_issuers(document: Document, settings: EngineSettings) -> list[Problem]:
+    """Return a problem for each node whose issuer another node has, unless both share it."""
+    problems = []
+    first_with: dict[str, str] = {}
+    for name, node in settings.nodes.items():
+        if node.issuer is None:
+            continue
+        other = first_with.setdefault(node.issuer, name)
+        if other == name or (node.shared_issuer and settings.nodes[other].shared_issuer):
+            continue
+        problems.append(
+            document.problem(
+                ("nodes", name, "issuer"),
+                f"issuer '{node.issuer}' is also the issuer of node '{other}'",
+                "give each site's patient IDs their own issuer; when both nodes are archives"
+                f" of one identifier domain, set shared_issuer: true on {other} and {name}",
+            )
+        )
     return problems
 
 

@@ -109,6 +109,15 @@ def check_federation(document: Document, settings: EngineSettings) -> list[Probl
                 )
             )
             continue
+        if site.issuer is not None and node.issuer is not None and site.issuer != node.issuer:
+            problems.append(
+                document.problem(
+                    (*where, "issuer"),
+                    f"issuer '{site.issuer}' differs from nodes.{name}.issuer '{node.issuer}'",
+                    f"remove federation.sites.{name}.issuer, or make both the domain of the"
+                    " site's patient IDs",
+                )
+            )
         if site.issuer is None and node.issuer is None:
             problems.append(
                 document.problem(

@@ -121,6 +121,34 @@ def test_missing_folder_and_table(layout: Path) -> None:
     )
 
 
+def test_repeated_issuer_rejected(layout: Path) -> None:
+    # A copy-paste slip: hospital_b's IDs would be read as hospital_a's.
+    edit(layout, {"nodes.hospital_b.issuer": "HOSP_A"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "nodes.hospital_b.issuer"
+    assert problem.message == "issuer 'HOSP_A' is also the issuer of node 'hospital_a'"
+    assert "set shared_issuer: true on hospital_a and hospital_b" in problem.hint
+
+
+def test_shared_issuer_allowed_on_both(layout: Path) -> None:
+    edit(
+        layout,
+        {
+            "nodes.hospital_b.issuer": "HOSP_A",
+            "nodes.hospital_b.shared_issuer": True,
+            "nodes.hospital_a.shared_issuer": True,
+        },
+    )
+    loaded = config.load(layout)
+    assert loaded.settings.nodes["hospital_b"].issuer == "HOSP_A"
+    # One of the two alone is not enough.
+    edit(layout, {"nodes.hospital_a.shared_issuer": False})
+    with pytest.raises(ConfigError, match="also the issuer of node 'hospital_a'"):
+        config.load(layout)
+
+
 @pytest.mark.parametrize("setting", ["store.path", "spool.path"])
 def test_data_path_under_a_file(layout: Path, setting: str) -> None:
     (layout.parent / "afile").write_text("not a folder")

@@ -94,3 +94,14 @@ def test_federation_disabled_needs_nothing(layout: Path) -> None:
     text = text.replace("move_destinations: [READING_WS1]", "move_destinations: [NOWHERE]")
     layout.write_text(text)
     assert not config.load(layout).settings.federation.enabled
+
+
+def test_federation_site_issuer_differs_from_node(layout: Path) -> None:
+    text = layout.read_text().replace(
+        "    hospital_b:\n      timeout_seconds: 20",
+        "    hospital_b:\n      issuer: HOSP_A\n      timeout_seconds: 20",
+    )
+    layout.write_text(text)
+    [found] = problems(layout)
+    assert "federation.sites.hospital_b.issuer: issuer 'HOSP_A' differs from" in found
+    assert "nodes.hospital_b.issuer 'HOSP_B'" in found

@@ -91,20 +91,45 @@ def load_document(path: Path, display_name: str | None = None) -> Document:
         reason = getattr(error, "problem", None) or str(error)
         raise ConfigError([Problem(name, "", f"invalid YAML: {reason}", line)]) from None
     lines: dict[PathKey, int] = {}
-    data = _to_python(node, (), lines) if node is not None else None
+    repeated: list[Problem] = []
+    data = _to_python(node, (), lines, repeated, name) if node is not None else None
+    if repeated:
+        raise ConfigError(repeated)
     return Document(name, data, lines)
 
 
-def _to_python(node: yaml.Node, path: PathKey, lines: dict[PathKey, int]) -> Any:
+def _to_python(
+    node: yaml.Node, path: PathKey, lines: dict[PathKey, int], repeated: list[Problem], name: str
+) -> Any:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
+        key_lines: dict[Any, int] = {}
         for key_node, value_node in node.value:
             key = _construct_scalar(key_node)
-            result[key] = _to_python(value_node, (*path, str(key)), lines)
+            key_path = (*path, str(key))
+            line = key_node.start_mark.line + 1
+            if key in result:
+                # YAML loaders keep the last value silently. A repeated key is
+                # almost always a copy-paste slip, so both lines are named.
+                repeated.append(
+                    Problem(
+                        name,
+                        format_path(key_path),
+                        f"key '{key}' repeated: line {key_lines[key]} has it first",
+                        line,
+                        "remove or rename one of them",
+                    )
+                )
+                continue
+            key_lines[key] = line
+            result[key] = _to_python(value_node, key_path, lines, repeated, name)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(item, (*path, index), lines) for index, item in enumerate(node.value)]
+        return [
+            _to_python(item, (*path, index), lines, repeated, name)
+            for index, item in enumerate(node.value)
+        ]
     return _construct_scalar(node)
 
 

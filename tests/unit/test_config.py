@@ -353,3 +353,28 @@ def test_mllp_tls_client_ca_without_certificates(layout: Path) -> None:
         config.load(layout)
     [problem] = raised.value.problems
     assert "empty.pem contains no PEM certificate" in problem.message
+
+
+def test_repeated_yaml_keys_rejected(layout: Path) -> None:
+    text = layout.read_text().replace("    port: 4302\n", "    port: 4302\n    port: 4312\n", 1)
+    layout.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    first = next(number for number, row in enumerate(text.splitlines(), 1) if "4302" in row)
+    assert problem.path == "nodes.hospital_b.port"
+    assert problem.line == first + 1
+    assert problem.message == f"key 'port' repeated: line {first} has it first"
+
+
+def test_repeated_key_in_routes_file(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        routes.read_text().replace(
+            "destination: local_pacs", "destination: local_pacs\n    destination: hospital_a", 1
+        )
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    assert [problem.path for problem in raised.value.problems] == ["routes[0].destination"]
+    assert raised.value.problems[0].file == "routes/orders.yaml"

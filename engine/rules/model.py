@@ -42,11 +42,20 @@ class Duration:
         return f"{self.amount}{self.unit}"
 
 
+# The longest lookback accepted: longer than any patient's history, and far enough
+# from date arithmetic's limit (year 1) that "today minus the lookback" always works.
+MAX_DURATION_YEARS = 150
+_DAYS_PER_UNIT = {"y": 366, "m": 31, "w": 7, "d": 1}
+
+
 def parse_duration(value: object) -> Duration:
     match = _DURATION.match(str(value).strip().lower()) if isinstance(value, str | int) else None
     if match is None:
         raise ValueError(f"invalid duration '{value}' (use e.g. 5y, 18m, 6w, 30d)")
-    return Duration(int(match.group(1)), match.group(2))
+    duration = Duration(int(match.group(1)), match.group(2))
+    if duration.amount * _DAYS_PER_UNIT[duration.unit] > MAX_DURATION_YEARS * 366:
+        raise ValueError(f"duration '{value}' is longer than {MAX_DURATION_YEARS} years")
+    return duration
 
 
 class Schema(BaseModel):

@@ -180,6 +180,19 @@ def test_parse_duration_rejects(text: str) -> None:
         parse_duration(text)
 
 
+@pytest.mark.parametrize("text", ["151y", "3000y", "1900m", "8000w", "60000d"])
+def test_parse_duration_rejects_over_150_years(text: str) -> None:
+    with pytest.raises(ValueError, match=f"duration '{text}' is longer than 150 years"):
+        parse_duration(text)
+
+
+def test_parse_duration_longest_accepted() -> None:
+    assert parse_duration("150y") == Duration(150, "y")
+    # 150 years before today is still a valid date.
+    assert subtract(dt.date(2026, 1, 1), parse_duration("150y")) == dt.date(1876, 1, 1)
+    assert subtract(dt.date(2026, 1, 1), parse_duration("54900d")).year > 1
+
+
 def test_subtract_calendar_units() -> None:
     assert subtract(dt.date(2024, 2, 29), Duration(1, "y")) == dt.date(2023, 2, 28)
     assert subtract(dt.date(2026, 3, 31), Duration(1, "m")) == dt.date(2026, 2, 28)

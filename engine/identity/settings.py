@@ -120,6 +120,12 @@ class CheckSettings(_Settings):
     attributes: list[CheckAttribute] = Field(default_factory=lambda: list(CHECK_ATTRIBUTES))
     when_missing: Literal["accept", "quarantine"] = "accept"
 
+    @pydantic.field_validator("strictness", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted off as false.
+        return "off" if value is False else value
+
 
 class IdentitySettings(_Settings):
     # The cross-reference table: a YAML (.yaml, .yml) or CSV (.csv) file.

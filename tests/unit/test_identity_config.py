@@ -131,3 +131,11 @@ def test_coercion_profile_built(layout: Path) -> None:
     assert profile.site_code("HOSP_A") == "HA-"
     assert profile.qualifier("LOCAL") is not None
     assert profile.modifying_system == "FDQR"
+
+
+def test_check_strictness_off_unquoted(layout: Path) -> None:
+    layout.write_text(layout.read_text().replace("strictness: normalised", "strictness: off"))
+    assert config.load(layout).settings.identity.check.strictness == "off"
+    layout.write_text(layout.read_text().replace("strictness: off", "strictness: yes"))
+    [found] = problems(layout)
+    assert "identity.check.strictness: input should be 'exact', 'normalised' or 'off'" in found

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from engine.configfile import Document, PathKey, Problem
@@ -211,12 +211,16 @@ class ConditionParser:
         document: Document,
         fact_names: Sequence[str],
         upper_case_facts: frozenset[str] = frozenset(),
+        known_values: Mapping[str, tuple[Collection[str], str]] | None = None,
     ) -> None:
         self.document = document
         self.fact_names = tuple(fact_names)
         # Facts whose values are upper-case codes (modalities, body parts): values in
         # conditions on them are upper-cased too, so `ordered_modality: ct` works.
         self.upper_case_facts = upper_case_facts
+        # The values some facts can take, with a hint naming them: a value in an equals
+        # or in test outside them is a typo that would make the condition never hold.
+        self.known_values = known_values or {}
         self.problems: list[Problem] = []
 
     def parse(self, data: object, path: PathKey) -> Condition:
@@ -230,6 +234,16 @@ class ConditionParser:
 
     def _problem(self, path: PathKey, message: str, hint: str = "") -> None:
         self.problems.append(self.document.problem(path, message, hint))
+
+    def _known(self, fact: str, values: Sequence[str], path: PathKey) -> bool:
+        """Record a problem for each value the fact cannot take; True when there is none."""
+        if fact not in self.known_values:
+            return True
+        allowed, hint = self.known_values[fact]
+        unknown = [value for value in values if value not in allowed]
+        for value in unknown:
+            self._problem(path, f"unknown {fact} '{value}'", hint)
+        return not unknown
 
     def _parse(self, data: object, path: PathKey) -> Condition | None:
         if isinstance(data, list):
@@ -276,6 +290,8 @@ class ConditionParser:
                 return None
             if key in self.upper_case_facts:
                 values = tuple(item.upper() for item in values)
+            if not self._known(key, values, path):
+                return None
             operator = "equals" if len(values) == 1 else "in"
             return FactTest(key, Test(operator, values))
         if key in _TEST_KEYS:
@@ -321,6 +337,10 @@ class ConditionParser:
                     f"unknown fact {_short(name)}",
                     "known facts: " + ", ".join(self.fact_names),
                 )
+                return None
+            if test.operator in ("equals", "in") and not self._known(
+                str(name), test.values, (*path, test.operator)
+            ):
                 return None
             return FactTest(str(name), test)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
@@ -74,17 +75,20 @@ class _Loader:
         self.ignored: list[IgnoredMessages] = []
 
     def parser(self, document: Document) -> ConditionParser:
-        return ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS)
+        known: dict[str, tuple[Collection[str], str]] = {}
+        if self.anatomy:
+            known["body_part"] = (self.anatomy.regions, self.region_hint())
+        return ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS, known)
+
+    def region_hint(self) -> str:
+        return f"use a region of the anatomy table {self.anatomy.source}: " + ", ".join(
+            sorted(self.anatomy.regions)
+        )
 
     def check_region(self, document: Document, path: tuple[str | int, ...], name: str) -> None:
         if self.anatomy and name not in self.anatomy:
             self.problems.append(
-                document.problem(
-                    path,
-                    f"unknown body region '{name}'",
-                    f"use a region of the anatomy table {self.anatomy.source}: "
-                    + ", ".join(sorted(self.anatomy.regions)),
-                )
+                document.problem(path, f"unknown body region '{name}'", self.region_hint())
             )
 
     def add_rules_file(self, document: Document, parsed: RulesFile) -> None:

@@ -313,3 +313,27 @@ def test_loader_checks_regions_and_sources(tmp_path: Path, anatomy: Anatomy) -> 
         "rules/p.yaml:9: rules[0].select.body_part[1]: unknown body region 'LEG'",
         "rules/p.yaml:12: rules[0].select.prefer_sources[0]: preferred source 'c' is not a source of route ris",
     ]
+
+
+def test_loader_checks_regions_in_when(tmp_path: Path, anatomy: Anatomy) -> None:
+    routes = tmp_path / "routes"
+    rules = tmp_path / "rules"
+    routes.mkdir()
+    rules.mkdir()
+    (routes / "r.yaml").write_text(
+        ROUTES.replace("destination: local", "destination: local\n    rules: [r]")
+    )
+    # BRIAN is a typo: the rule would never apply, and no order would get priors.
+    (rules / "p.yaml").write_text(
+        "rules:\n  - name: r\n    when:\n      any:\n        - body_part: [HEAD, BRIAN]\n"
+        "        - {fact: body_part, in: [CHESTS]}\n        - {fact: body_part, regex: 'BR.*'}\n"
+        "    select:\n      modalities: CT\n      lookback: 1y\n      max_studies: 1\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(routes, rules, anatomy)
+    messages = [str(problem).split(" (")[0] for problem in raised.value.problems]
+    assert messages == [
+        "rules/p.yaml:5: rules[0].when.any[0].body_part: unknown body_part 'BRIAN'",
+        "rules/p.yaml:6: rules[0].when.any[1].in: unknown body_part 'CHESTS'",
+    ]
+    assert "use a region of the anatomy table" in str(raised.value.problems[0])

@@ -272,6 +272,8 @@ class Engine:
             len(self.config.rule_set.routes),
             len(self.config.rule_set.rules),
         )
+        if not self.config.rule_set.routes:
+            logger.warning("no routes are defined, so no HL7 order or worklist entry creates a job")
 
     @defer.inlineCallbacks
     def stop(self) -> Generator[defer.Deferred[Any], Any, None]:

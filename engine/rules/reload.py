@@ -70,6 +70,17 @@ class RuleSetHolder:
             for problem in error.problems:
                 logger.error("  %s", problem)
             return False
+        if self._current.routes and not new.routes:
+            # An editor that truncates a file before writing it, or a file moved away,
+            # would otherwise stop every prefetch without an error.
+            self.rejected += 1
+            logger.error(
+                "rules reload (%s) rejected: the routes folder now defines no route, so no"
+                " order would create a job; the running rules stay in place (restart the"
+                " engine to run without routes)",
+                reason,
+            )
+            return False
         self._current = new
         self.reloads += 1
         logger.info(

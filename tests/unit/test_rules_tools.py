@@ -306,6 +306,20 @@ def test_reload_rejects_invalid_and_keeps_old(
     assert "routes[0].destination: unknown node 'nowhere'" in messages[1]
 
 
+def test_reload_rejects_losing_every_route(
+    layout: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = holder_for(layout)
+    before = holder.current()
+    # An editor truncated the file before writing it again.
+    (layout.parent.parent / "routes" / "orders.yaml").write_text("")
+    with caplog.at_level(logging.ERROR):
+        assert holder.reload("changed: orders.yaml") is False
+    assert holder.current() is before
+    assert holder.rejected == 1
+    assert "the routes folder now defines no route" in caplog.text
+
+
 def test_watcher_reloads_on_change(layout: Path) -> None:
     holder = holder_for(layout)
     clock = task.Clock()

@@ -18,7 +18,8 @@ from engine.clitools import config_option
 from engine.configfile import ConfigError, Problem
 from engine.dimse.queries import candidate_queries, read_study_answers
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
-from engine.hl7.events import IdentifierPolicy, check_header, to_event
+from engine.hl7.events import IdentifierPolicy, check_header, origin_of, to_event
+from engine.hl7.intake import ignore_reason
 from engine.hl7.message import HL7Error, parse
 from engine.identity.build import build_resolver
 from engine.identity.resolver import IdentityResolver, TableResolver
@@ -132,10 +133,14 @@ def explain_command(
     try:
         message = parse(order_file.read_bytes())
         check_header(message)
+        ignored = ignore_reason(loaded.rule_set, origin_of(message))
         event = to_event(message, _policy(loaded))
     except HL7Error as error:
         click.echo(f"{order_file}: the engine rejects this message: {error.text}", err=True)
         raise SystemExit(2) from None
+    if ignored is not None:
+        click.echo(f"{order_file}: the engine acknowledges this message and ignores it: {ignored}")
+        return
     if isinstance(event, OrderChanged):
         click.echo(
             f"{order_file}: a changed order (ORC-1 XO): the engine cancels the order's"

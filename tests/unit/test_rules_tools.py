@@ -143,6 +143,21 @@ def test_explain_as_data(layout: Path) -> None:
     assert "  hospital_b: no identifier (table: no entry)" in text
 
 
+def test_explain_and_test_show_accept_and_ignore(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        routes.read_text() + "\naccept_and_ignore:\n  - message_type: [ORU^R01, ORM^O01]\n"
+    )
+    order = layout.parent.parent / "rules/tests/orders/mammo-screening.hl7"
+    code, output = invoke("rules", "explain", str(order), "--config", str(layout))
+    assert code == 0, output
+    assert "the engine acknowledges this message and ignores it: accepted and ignored" in output
+    assert "Rule mammo-priors" not in output
+    code, output = invoke("rules", "test", "--config", str(layout))
+    assert code == 1
+    assert "the message is acknowledged and ignored: accepted and ignored" in output
+
+
 def test_explain_command_json(layout: Path, tmp_path: Path) -> None:
     order = layout.parent.parent / "rules/tests/orders/ct-chest.hl7"
     path = candidates_file(tmp_path, CANDIDATES)

@@ -379,7 +379,15 @@ class FederatedFind:
                 self._ignore(query.site, "no local patient for the site's patient ID")
                 return
             if local not in self._records:
-                self._records[local] = yield self.federation.demographics(local)
+                record = yield self.federation.demographics(local)
+                self._records[local] = record
+                if record is None:
+                    logger.warning(
+                        "federated query %s: no local record of patient %s: answers keep"
+                        " the site's name, birth date and sex, unchecked",
+                        self.query_id,
+                        local,
+                    )
             if not (self.cancelled or self.finished):
                 patient_id = str(answer.get("PatientID", "")).strip()
                 remote = PatientIdentifier(patient_id, query.site.issuer)

@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from twisted.internet.ssl import CertificateOptions
 
 from engine.coercion import CoercionProfile
 from engine.coercion_config import CoercionSettings, build_profiles, check_coercion
-from engine.configfile import ConfigError, Document, PathKey, Problem, load_document, validate
+from engine.configfile import (
+    ConfigError,
+    Document,
+    PathKey,
+    Problem,
+    check_ae_title,
+    load_document,
+    validate,
+)
 from engine.federation.settings import FederationSettings, check_federation
 from engine.hl7.message import CharsetDefaults, codec_for_charset
 from engine.hl7.tls import TLSConfigError, server_options
@@ -31,8 +39,7 @@ from engine.rules.loader import load_rule_set, yaml_files
 from engine.rules.model import RuleSet
 from engine.rules.timing import LocalZone, QuietWindow, check_zone, parse_days, parse_hours
 
-AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # 16 characters, no backslash
-AETitle = Annotated[str, Field(pattern=AE_TITLE_PATTERN)]
+AETitle = Annotated[str, AfterValidator(check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 

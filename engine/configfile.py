@@ -8,6 +8,7 @@ are reported together.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -189,9 +190,24 @@ def _message_for(detail: Any) -> str:
     message = message[:1].lower() + message[1:]
     if "input" in detail and not isinstance(detail["input"], dict | list):
         value = _short(detail["input"])
-        if str(detail["input"]) not in message:
+        # A message that quotes the value already names it; "greater than 0" does not.
+        quoted = isinstance(detail["input"], str) and value in message
+        if f"'{detail['input']}'" not in message and not quoted:
             return f"{message} (value {value})"
     return message
+
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def check_ae_title(value: str) -> str:
+    """Return an AE title unchanged, or raise ValueError for one DICOM does not allow."""
+    if not _AE_TITLE.match(value):
+        raise ValueError(
+            f"invalid AE title {_short(value)}: use 1 to 16 characters, without backslash"
+            " or control characters"
+        )
+    return value
 
 
 def _short(value: Any) -> str:

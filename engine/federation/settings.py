@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydicom.charset import python_encoding
 
-from engine.configfile import Document, Problem
+from engine.configfile import Document, Problem, check_ae_title
 
 if TYPE_CHECKING:
     from engine.config import EngineSettings
 
 # The DICOM AE title rule, as in engine.config: 1 to 16 characters, no backslash.
-AETitle = Annotated[str, Field(pattern=r"^[\x20-\x5b\x5d-\x7e]{1,16}$")]
+AETitle = Annotated[str, AfterValidator(check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 DEFAULT_CHARACTER_SET = "ISO_IR 192"
 

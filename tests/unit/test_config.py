@@ -378,3 +378,17 @@ def test_repeated_key_in_routes_file(layout: Path) -> None:
         config.load(layout)
     assert [problem.path for problem in raised.value.problems] == ["routes[0].destination"]
     assert raised.value.problems[0].file == "routes/orders.yaml"
+
+
+def test_error_names_number_value(layout: Path) -> None:
+    edit(layout, {"nodes.hospital_a.timeout_seconds": 0, "nodes.hospital_b.ae_title": "A\\B"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    messages = {problem.path: problem.message for problem in raised.value.problems}
+    assert messages["nodes.hospital_a.timeout_seconds"] == (
+        "input should be greater than 0 (value 0)"
+    )
+    assert messages["nodes.hospital_b.ae_title"] == (
+        "invalid AE title 'A\\\\B': use 1 to 16 characters, without backslash or control"
+        " characters"
+    )

@@ -56,6 +56,23 @@ class DicomSettings(Settings):
     max_pdu_bytes: int = Field(default=262144, ge=0)
 
 
+def endpoint_port(value: str) -> int | None:
+    """Return the port of a tcp: or ssl: endpoint string, None for other kinds.
+
+    Raises ValueError when the port is missing, not a number, or out of range.
+    """
+    kind, _, rest = value.partition(":")
+    if kind not in ("tcp", "ssl"):
+        return None
+    parts = rest.split(":")
+    text = next((part[len("port=") :] for part in parts if part.startswith("port=")), None)
+    if text is None and parts and "=" not in parts[0]:
+        text = parts[0]
+    if text is None or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"invalid port in '{value}': use a number from 1 to 65535")
+    return int(text)
+
+
 class MLLPTLSSettings(Settings):
     """MLLP over TLS: the listener's certificate and key, and the CAs of accepted clients.
 
@@ -85,6 +102,7 @@ class MLLPSettings(Settings):
     def _endpoint(cls, value: str) -> str:
         if not re.match(r"^(tcp|ssl|unix|tls):", value):
             raise ValueError("listen must be a Twisted endpoint string such as tcp:2575")
+        endpoint_port(value)
         return value
 
     @pydantic.field_validator("default_charset")
@@ -172,8 +190,11 @@ class WebSettings(Settings):
     @pydantic.field_validator("listen")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^(tcp|ssl|unix|tls):", value):
+        if value is None:
+            return value
+        if not re.match(r"^(tcp|ssl|unix|tls):", value):
             raise ValueError("listen must be a Twisted endpoint string such as tcp:9464")
+        endpoint_port(value)
         return value
 
 
@@ -384,6 +405,7 @@ def load(path: Path) -> Config:
 
     problems += _check_worklist_nodes(document, settings)
     problems += _check_issuers(document, settings)
+    problems += _check_ports(document, settings)
     node_issuers = {node.issuer for node in settings.nodes.values() if node.issuer}
     problems += check_identity(
         document, settings.identity, settings.local_patient.issuer, node_issuers
@@ -525,6 +547,30 @@ def _check_sources(document: Document, settings: EngineSettings) -> list[Problem
                     f"set nodes.{name}.issuer to its patient identifier domain",
                 )
             )
+    return problems
+
+
+def _check_ports(document: Document, settings: EngineSettings) -> list[Problem]:
+    """Return a problem when two of the engine's listeners name the same port."""
+    listeners: list[tuple[PathKey, int | None]] = [
+        (("dicom", "port"), settings.dicom.port),
+        (("mllp", "listen"), endpoint_port(settings.mllp.listen)),
+    ]
+    if settings.web.listen is not None:
+        listeners.append((("web", "listen"), endpoint_port(settings.web.listen)))
+    problems = []
+    seen: dict[int, PathKey] = {}
+    for key, port in listeners:
+        if port is None:
+            continue
+        if port in seen:
+            other = ".".join(str(part) for part in seen[port])
+            problems.append(
+                document.problem(
+                    key, f"port {port} is also the port of {other}", "give each listener its own"
+                )
+            )
+        seen.setdefault(port, key)
     return problems
 
 

@@ -392,3 +392,26 @@ def test_error_names_number_value(layout: Path) -> None:
         "invalid AE title 'A\\\\B': use 1 to 16 characters, without backslash or control"
         " characters"
     )
+
+
+@pytest.mark.parametrize(
+    "listen", ["tcp:99999:interface=127.0.0.1", "tcp:port=0", "ssl:abc:privateKey=k.pem"]
+)
+def test_mllp_listen_invalid_port(layout: Path, listen: str) -> None:
+    edit(layout, {"mllp.listen": listen})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.listen"
+    assert problem.message.startswith(f"invalid port in '{listen}': use a number from 1 to 65535")
+
+
+def test_listeners_sharing_a_port(layout: Path) -> None:
+    edit(layout, {"mllp.listen": "tcp:11112:interface=127.0.0.1", "web.listen": "tcp:port=11112"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    messages = {problem.path: problem.message for problem in raised.value.problems}
+    assert messages == {
+        "mllp.listen": "port 11112 is also the port of dicom.port",
+        "web.listen": "port 11112 is also the port of dicom.port",
+    }

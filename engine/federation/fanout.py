@@ -441,6 +441,8 @@ class FederatedFind:
             self.federation.locations.remember(
                 study, Location(origin.site, origin.remote, origin.local)
             )
+        if self.request.level is Level.PATIENT:
+            _blank_patient_counts(row)
         if self.merger.add(row, origin):
             self.summary.rows += 1
             self.sink(Row(row))
@@ -474,3 +476,19 @@ class FederatedFind:
 
 # The attributes identity.check compares, asked from every site so that it can.
 _CHECKED_KEYWORDS = ("PatientName", "PatientBirthDate", "PatientSex")
+
+
+# PATIENT-level counts of one site. A row is sent when the first site answers, and
+# a study prefetched to the local PACS is at two sites, so neither that site's count
+# nor a sum is the patient's. They are sent empty, which C-FIND reads as unknown.
+_PATIENT_COUNTS = (
+    "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances",
+)
+
+
+def _blank_patient_counts(row: Dataset) -> None:
+    for keyword in _PATIENT_COUNTS:
+        if keyword in row:
+            setattr(row, keyword, None)

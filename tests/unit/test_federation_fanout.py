@@ -403,3 +403,29 @@ def test_fanout_unknown_patient_asks_nobody(
     done = events[-1]
     assert isinstance(done, Done)
     assert done.summary.asked == []
+
+
+def test_fanout_patient_level_counts_sent_empty(
+    setup: tuple[FakeReactor, Network, Federation],
+) -> None:
+    _, network, federation = setup
+    query = Dataset()
+    query.QueryRetrieveLevel = "PATIENT"
+    query.PatientID = "L1"
+    query.NumberOfPatientRelatedStudies = None
+    query.NumberOfPatientRelatedInstances = None
+    events: list[FindEvent] = []
+    request = read_find(Model.PATIENT_ROOT, query, "LOCAL")
+    FederatedFind(federation, request, "ISO_IR 192", events.append, "test#2").start()
+    # The local PACS holds 4 of the patient's studies; the other sites hold more.
+    network.sites["local_pacs"].answer(
+        PatientID="L1", NumberOfPatientRelatedStudies="4", NumberOfPatientRelatedInstances="202"
+    )
+    network.sites["hospital_a"].answer(
+        PatientID="HA-1", NumberOfPatientRelatedStudies="3", NumberOfPatientRelatedInstances="90"
+    )
+    [row] = rows(events)
+    assert row.PatientID == "L1"
+    assert "NumberOfPatientRelatedStudies" in row
+    assert row.NumberOfPatientRelatedStudies is None
+    assert row.NumberOfPatientRelatedInstances is None

@@ -478,7 +478,7 @@ class FederatedFind:
 _CHECKED_KEYWORDS = ("PatientName", "PatientBirthDate", "PatientSex")
 
 
-# PATIENT-level counts of one site. A row is sent when the first site answers, and
+# PATIENT-level counts of one site. A row is sent with the first site's response, and
 # a study prefetched to the local PACS is at two sites, so neither that site's count
 # nor a sum is the patient's. They are sent empty, which C-FIND reads as unknown.
 _PATIENT_COUNTS = (

@@ -42,7 +42,7 @@ class Duration:
         return f"{self.amount}{self.unit}"
 
 
-# The longest lookback accepted: longer than any patient's history, and far enough
+# The maximum lookback: longer than any patient's history, and far enough
 # from date arithmetic's limit (year 1) that "today minus the lookback" always works.
 MAX_DURATION_YEARS = 150
 _DAYS_PER_UNIT = {"y": 366, "m": 31, "w": 7, "d": 1}

@@ -417,7 +417,7 @@ def test_fanout_patient_level_counts_sent_empty(
     events: list[FindEvent] = []
     request = read_find(Model.PATIENT_ROOT, query, "LOCAL")
     FederatedFind(federation, request, "ISO_IR 192", events.append, "test#2").start()
-    # The local PACS holds 4 of the patient's studies; the other sites hold more.
+    # The local PACS stores 4 of the patient's studies, and the other sites store more.
     network.sites["local_pacs"].answer(
         PatientID="L1", NumberOfPatientRelatedStudies="4", NumberOfPatientRelatedInstances="202"
     )

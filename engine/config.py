@@ -397,19 +397,19 @@ def load(path: Path) -> Config:
         ]
 
     table = CrossReferenceTable.empty()
+    node_issuers = {node.issuer for node in settings.nodes.values() if node.issuer}
+    local_issuer = settings.local_patient.issuer
     if settings.identity.table is not None and "identity.table" not in missing:
+        known_domains = node_issuers | set(settings.identity.domains)
         try:
-            table = load_table(resolve(path, settings.identity.table))
+            table = load_table(resolve(path, settings.identity.table), local_issuer, known_domains)
         except ConfigError as error:
             problems += error.problems
 
     problems += _check_worklist_nodes(document, settings)
     problems += _check_issuers(document, settings)
     problems += _check_ports(document, settings)
-    node_issuers = {node.issuer for node in settings.nodes.values() if node.issuer}
-    problems += check_identity(
-        document, settings.identity, settings.local_patient.issuer, node_issuers
-    )
+    problems += check_identity(document, settings.identity, local_issuer, node_issuers)
     problems += check_coercion(
         document,
         settings.coercion,

@@ -15,6 +15,21 @@ if TYPE_CHECKING:
     from engine.hl7.message import Message
 
 
+# The maximum length of a DICOM LO value, such as PatientID (PS3.5 table 6.2-1).
+MAX_PATIENT_ID_LENGTH = 64
+
+
+def patient_id_problem(value: str) -> str | None:
+    """Return why a value cannot be one DICOM PatientID, or None when it can."""
+    if len(value) > MAX_PATIENT_ID_LENGTH:
+        return f"is longer than {MAX_PATIENT_ID_LENGTH} characters"
+    if "\\" in value:
+        return "contains a backslash, which DICOM reads as a second value"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        return "contains a control character"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class PatientIdentifier:
     """A patient identifier qualified by its issuer (DICOM IssuerOfPatientID, HL7 CX-4)."""

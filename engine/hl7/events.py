@@ -20,6 +20,7 @@ from engine.model import (
     OrderStatusChanged,
     PatientIdentifier,
     PatientsMerged,
+    patient_id_problem,
 )
 
 ORDER_TYPES = frozenset({"ORM^O01", "OMI^O23"})
@@ -352,23 +353,8 @@ def local_identifier(
     )
 
 
-# The maximum length of a DICOM LO value, such as PatientID (PS3.5 table 6.2-1).
-_MAX_ID_LENGTH = 64
-
-
-def _id_problem(value: str) -> str | None:
-    """Return why a value cannot be one DICOM PatientID, or None when it can."""
-    if len(value) > _MAX_ID_LENGTH:
-        return f"is longer than {_MAX_ID_LENGTH} characters"
-    if "\\" in value:
-        return "contains a backslash, which DICOM reads as a second value"
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
-        return "contains a control character"
-    return None
-
-
 def _checked_id(value: str, name: str, location: tuple[str, int, int]) -> str:
-    problem = _id_problem(value)
+    problem = patient_id_problem(value)
     if problem is not None:
         # The value is left out: it may hold anything, a name included.
         raise HL7Error(
@@ -396,7 +382,7 @@ def qualified_identifiers(
             continue
         # An identifier that cannot be a DICOM PatientID could not be queried or stamped.
         value = components[0].strip()
-        if value in ("", HL7_NULL) or _id_problem(value) is not None:
+        if value in ("", HL7_NULL) or patient_id_problem(value) is not None:
             continue
         if names & local:
             issuer = policy.issuer

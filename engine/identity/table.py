@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.configfile import ConfigError, Problem, load_document, validate
-from engine.model import PatientIdentifier
+from engine.model import PatientIdentifier, patient_id_problem
 
 
 class _Identifier(BaseModel):
@@ -85,14 +85,24 @@ CSV_COLUMNS = ("local_id", "local_issuer", "remote_id", "remote_issuer")
 _Row = tuple[Problem, PatientIdentifier, PatientIdentifier]
 
 
-def load_table(path: Path) -> CrossReferenceTable:
-    """Load a YAML or CSV cross-reference file. Raises ConfigError naming every bad entry."""
+def load_table(
+    path: Path, local_issuer: str | None = None, known_domains: Collection[str] = ()
+) -> CrossReferenceTable:
+    """Load a YAML or CSV cross-reference file. Raises ConfigError naming every bad entry.
+
+    With local_issuer, each row must map a local identifier to one in another
+    domain, and with known_domains that domain must be one of them.
+    """
     rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _yaml_rows(path)
     entries: dict[PatientIdentifier, dict[str, PatientIdentifier]] = {}
     owners: dict[PatientIdentifier, PatientIdentifier] = {}
     problems: list[Problem] = []
 
     for where, local, remote in rows:
+        problem = _row_problem(local, remote, local_issuer, known_domains)
+        if problem is not None:
+            problems.append(_at(where, *problem))
+            continue
         mapped = entries.setdefault(local, {})
         if remote.issuer in mapped and mapped[remote.issuer] != remote:
             problems.append(
@@ -119,6 +129,37 @@ def load_table(path: Path) -> CrossReferenceTable:
     if problems:
         raise ConfigError(problems)
     return CrossReferenceTable(entries)
+
+
+def _row_problem(
+    local: PatientIdentifier,
+    remote: PatientIdentifier,
+    local_issuer: str | None,
+    known_domains: Collection[str],
+) -> tuple[str, str] | None:
+    """Return the message and hint of a row that can never be used correctly, or None."""
+    for identifier in (local, remote):
+        problem = patient_id_problem(identifier.value)
+        if problem is not None:
+            return f"patient ID of {identifier.issuer} {problem}", "fix the ID in the table"
+    if local_issuer is None:
+        return None
+    if local.issuer != local_issuer:
+        return (
+            f"local identifier {local} is not in the local domain {local_issuer}",
+            "each entry maps a local identifier (local_patient.issuer) to other domains",
+        )
+    if remote.issuer == local_issuer:
+        return (
+            f"{remote} is in the local domain, not another one",
+            "list the patient's identifiers in other domains",
+        )
+    if known_domains and remote.issuer not in known_domains:
+        return (
+            f"unknown domain '{remote.issuer}' of {remote}",
+            "use the issuer of a node or a domain under identity.domains",
+        )
+    return None
 
 
 def _at(where: Problem, message: str, hint: str) -> Problem:

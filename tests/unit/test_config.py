@@ -126,7 +126,8 @@ def test_repeated_issuer_rejected(layout: Path) -> None:
     edit(layout, {"nodes.hospital_b.issuer": "HOSP_A"})
     with pytest.raises(ConfigError) as raised:
         config.load(layout)
-    [problem] = raised.value.problems
+    # The identity table's HOSP_B rows now name an unknown domain too.
+    [problem] = [p for p in raised.value.problems if p.path.startswith("nodes")]
     assert problem.path == "nodes.hospital_b.issuer"
     assert problem.message == "issuer 'HOSP_A' is also the issuer of node 'hospital_a'"
     assert "set shared_issuer: true on hospital_a and hospital_b" in problem.hint
@@ -139,6 +140,7 @@ def test_shared_issuer_allowed_on_both(layout: Path) -> None:
             "nodes.hospital_b.issuer": "HOSP_A",
             "nodes.hospital_b.shared_issuer": True,
             "nodes.hospital_a.shared_issuer": True,
+            "identity.table": None,
         },
     )
     loaded = config.load(layout)
@@ -147,6 +149,26 @@ def test_shared_issuer_allowed_on_both(layout: Path) -> None:
     edit(layout, {"nodes.hospital_a.shared_issuer": False})
     with pytest.raises(ConfigError, match="also the issuer of node 'hospital_a'"):
         config.load(layout)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("L9,LOCAL,HB-9,HOSPB", "unknown domain 'HOSPB' of HB-9^^^HOSPB"),
+        ("L9,LOCL,HB-9,HOSP_B", "local identifier L9^^^LOCL is not in the local domain LOCAL"),
+        ("L9,LOCAL,L10,LOCAL", "L10^^^LOCAL is in the local domain, not another one"),
+        ("L9,LOCAL,HB-9\\X,HOSP_B", "patient ID of HOSP_B contains a backslash"),
+    ],
+)
+def test_identity_table_rows_checked(layout: Path, row: str, message: str) -> None:
+    table = layout.parent / "identity.csv"
+    table.write_text(f"local_id,local_issuer,remote_id,remote_issuer\n{row}\n")
+    edit(layout, {"identity.table": "identity.csv"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "row 2"
+    assert problem.message.startswith(message)
 
 
 @pytest.mark.parametrize("setting", ["store.path", "spool.path"])

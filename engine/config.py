@@ -409,6 +409,7 @@ def load(path: Path) -> Config:
     problems += _check_worklist_nodes(document, settings)
     problems += _check_issuers(document, settings)
     problems += _check_ports(document, settings)
+    problems += _check_node_titles(document, settings)
     problems += check_identity(document, settings.identity, local_issuer, node_issuers)
     problems += check_coercion(
         document,
@@ -630,12 +631,53 @@ def _check_references(file: str, settings: EngineSettings, rule_set: RuleSet) ->
                         f"set nodes.{source}.issuer in {file} to its patient identifier domain",
                     )
                 )
-        if route.destination not in nodes:
+        destination = nodes.get(route.destination)
+        local_issuer = settings.local_patient.issuer
+        if destination is None:
             problems.append(
                 route.problem(
                     ("destination",),
                     f"unknown node '{route.destination}'",
                     f"define it under nodes in {file}; known: {', '.join(sorted(nodes))}",
+                )
+            )
+        elif destination.issuer not in (None, local_issuer):
+            # Objects are stamped with local IDs; a PACS that files them by PatientID
+            # alone would put them under its own patient who has that ID.
+            problems.append(
+                route.problem(
+                    ("destination",),
+                    f"destination '{route.destination}' is a node of domain"
+                    f" {destination.issuer}, but objects are stamped with {local_issuer} IDs",
+                    f"name the local PACS; a destination has no issuer or {local_issuer}",
+                )
+            )
+    return problems
+
+
+def _check_node_titles(document: Document, settings: EngineSettings) -> list[Problem]:
+    """Return a problem for a node that is the engine's own AE, or a repeat of another node."""
+    problems = []
+    engine_title = settings.dicom.ae_title.strip()
+    seen: dict[tuple[str, str, int], str] = {}
+    for name, node in settings.nodes.items():
+        title = node.ae_title.strip()
+        if title == engine_title:
+            problems.append(
+                document.problem(
+                    ("nodes", name, "ae_title"),
+                    f"AE title '{title}' is the engine's own (dicom.ae_title)",
+                    "give the engine and each node its own AE title",
+                )
+            )
+        address = (title, node.host, node.port)
+        other = seen.setdefault(address, name)
+        if other != name:
+            problems.append(
+                document.problem(
+                    ("nodes", name),
+                    f"node '{name}' has the AE title, host and port of node '{other}'",
+                    "remove one of them, or correct the copied values",
                 )
             )
     return problems

@@ -411,8 +411,7 @@ def test_error_names_number_value(layout: Path) -> None:
         "input should be greater than 0 (value 0)"
     )
     assert messages["nodes.hospital_b.ae_title"] == (
-        "invalid AE title 'A\\\\B': use 1 to 16 characters, without backslash or control"
-        " characters"
+        "invalid AE title 'A\\\\B': use 1 to 16 characters, without backslash or control characters"
     )
 
 
@@ -436,4 +435,35 @@ def test_listeners_sharing_a_port(layout: Path) -> None:
     assert messages == {
         "mllp.listen": "port 11112 is also the port of dicom.port",
         "web.listen": "port 11112 is also the port of dicom.port",
+    }
+
+
+def test_route_destination_of_another_domain(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        routes.read_text().replace("destination: local_pacs", "destination: hospital_a", 1)
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "routes[0].destination"
+    assert problem.message == (
+        "destination 'hospital_a' is a node of domain HOSP_A, but objects are stamped with"
+        " LOCAL IDs"
+    )
+
+
+def test_node_with_engine_title_or_copied(layout: Path) -> None:
+    settings = yaml.safe_load(layout.read_text())
+    settings["nodes"]["hospital_c"] = dict(settings["nodes"]["hospital_b"], issuer="HOSP_C")
+    settings["nodes"]["local_pacs"]["ae_title"] = "FDQR"
+    layout.write_text(yaml.safe_dump(settings, sort_keys=False))
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    messages = {problem.path: problem.message for problem in raised.value.problems}
+    assert messages == {
+        "nodes.local_pacs.ae_title": "AE title 'FDQR' is the engine's own (dicom.ae_title)",
+        "nodes.hospital_c": (
+            "node 'hospital_c' has the AE title, host and port of node 'hospital_b'"
+        ),
     }

@@ -321,9 +321,7 @@ def test_reload_rejects_invalid_and_keeps_old(
     assert "routes[0].destination: unknown node 'nowhere'" in messages[1]
 
 
-def test_reload_rejects_losing_every_route(
-    layout: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_reload_rejects_losing_every_route(layout: Path, caplog: pytest.LogCaptureFixture) -> None:
     holder = holder_for(layout)
     before = holder.current()
     # An editor truncated the file before writing it again.

@@ -59,12 +59,17 @@ class StorePage(resource.Resource):
             request.write(self._error(request, error.status, str(error)))
             request.finish()
             return server.NOT_DONE_YET
+        # A client that leaves before the read is done gets nothing written.
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
         read = self.db.run(reader)
-        read.addCallback(self._write, request)
-        read.addErrback(self._failed, request)
+        read.addCallback(self._write, request, gone)
+        read.addErrback(self._failed, request, gone)
         return server.NOT_DONE_YET
 
-    def _write(self, value: Any, request: Any) -> None:
+    def _write(self, value: Any, request: Any, gone: list[Failure]) -> None:
+        if gone:
+            return
         if isinstance(value, BadRequest):
             body = self._error(request, value.status, str(value))
         else:
@@ -73,8 +78,10 @@ class StorePage(resource.Resource):
         request.write(body)
         request.finish()
 
-    def _failed(self, failure: Failure, request: Any) -> None:
+    def _failed(self, failure: Failure, request: Any, gone: list[Failure]) -> None:
         logger.error("reading the store for %s failed: %s", request.uri, failure.getErrorMessage())
+        if gone:
+            return
         request.write(self._error(request, 500, "reading the store failed; see the engine log"))
         request.finish()
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from engine.jobs.store import JobState, Store
@@ -137,3 +139,23 @@ def test_store_failure_is_500_and_logged(caplog: pytest.LogCaptureFixture) -> No
     assert request.responseCode == 500
     assert body(request)["error"] == "reading the store failed; see the engine log"
     assert "failed: disk I/O error" in caplog.text
+
+
+def test_client_gone_before_read_gets_nothing(store: Store) -> None:
+    class SlowStore:
+        def __init__(self) -> None:
+            self.pending: list[tuple[Any, defer.Deferred[Any]]] = []
+
+        def run(self, work: Any) -> defer.Deferred[Any]:
+            result: defer.Deferred[Any] = defer.Deferred()
+            self.pending.append((work, result))
+            return result
+
+    slow = SlowStore()
+    request = DummyRequest([])
+    JobsPage(slow).render(request)  # type: ignore[arg-type]
+    request.processingFailed(Failure(ConnectionDone("client closed")))
+    [(work, result)] = slow.pending
+    result.callback(work(store))
+    assert request.written == []
+    assert request.finished == 0

@@ -1010,6 +1010,9 @@ class Store:
             )
             if cursor.rowcount == 0:
                 return False
+            # A cancel requested while an earlier attempt ran is spent; left in place
+            # it would cancel the new attempt at once.
+            db.execute("DELETE FROM job_cancellations WHERE job_id = ?", (job_id,))
             db.execute(
                 "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
                 (job_id, _iso(now), note),

@@ -18,7 +18,13 @@ from engine.clitools import config_option
 from engine.configfile import ConfigError, Problem
 from engine.dimse.queries import candidate_queries, read_study_answers
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
-from engine.hl7.events import IdentifierPolicy, check_header, origin_of, to_event
+from engine.hl7.events import (
+    IdentifierPolicy,
+    check_control_id,
+    check_header,
+    origin_of,
+    to_event,
+)
 from engine.hl7.intake import ignore_reason
 from engine.hl7.message import HL7Error, parse
 from engine.identity.build import build_resolver
@@ -132,15 +138,20 @@ def explain_command(
 
     try:
         message = parse(order_file.read_bytes())
-        check_header(message)
+        # In the engine's order: a control id first, then accept_and_ignore, which
+        # also applies to message types no route supports.
+        check_control_id(message)
         ignored = ignore_reason(loaded.rule_set, origin_of(message))
+        if ignored is not None:
+            click.echo(
+                f"{order_file}: the engine acknowledges this message and ignores it: {ignored}"
+            )
+            return
+        check_header(message)
         event = to_event(message, _policy(loaded))
     except HL7Error as error:
         click.echo(f"{order_file}: the engine rejects this message: {error.text}", err=True)
         raise SystemExit(2) from None
-    if ignored is not None:
-        click.echo(f"{order_file}: the engine acknowledges this message and ignores it: {ignored}")
-        return
     if isinstance(event, OrderChanged):
         click.echo(
             f"{order_file}: a changed order (ORC-1 XO): the engine cancels the order's"

@@ -29,7 +29,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
-from engine.hl7.events import IdentifierPolicy, check_header, origin_of, to_event
+from engine.hl7.events import (
+    IdentifierPolicy,
+    check_control_id,
+    check_header,
+    origin_of,
+    to_event,
+)
 from engine.hl7.intake import ignore_reason
 from engine.hl7.message import HL7Error, parse
 from engine.model import Decision, OrderPlaced, PatientIdentifier
@@ -159,15 +165,16 @@ def run_case(
 
     try:
         message = parse(loaded.message)
-        check_header(message)
+        check_control_id(message)
         ignored = ignore_reason(rule_set, origin_of(message))
+        if ignored is not None:
+            return CaseResult(
+                file, line, case.name, (f"the message is acknowledged and ignored: {ignored}",)
+            )
+        check_header(message)
         event = to_event(message, policy)
     except HL7Error as error:
         return CaseResult(file, line, case.name, (f"the message is rejected: {error.text}",))
-    if ignored is not None:
-        return CaseResult(
-            file, line, case.name, (f"the message is acknowledged and ignored: {ignored}",)
-        )
     if not isinstance(event, OrderPlaced):
         kind = type(event).__name__
         return CaseResult(file, line, case.name, (f"the message is not a new order ({kind})",))

@@ -113,3 +113,22 @@ def test_requeue_failed_job(tmp_path: Path) -> None:
     unknown = jobs(config, "requeue", "99")
     assert unknown.exit_code == 1
     assert "job 99 not found" in unknown.output
+
+
+def test_requeue_after_cancel_while_running(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    store.claim_due(NOW, 1)
+    store.close()
+    assert jobs(config, "cancel", str(job_id)).exit_code == 0
+    # The worker saw the request and ended the attempt as cancelled.
+    store = Store(tmp_path / "fdqr.sqlite")
+    store.finish_job(job_id, JobState.CANCELLED, "cancelled by an operator (after 1 study)", NOW)
+    store.close()
+    result = jobs(config, "requeue", str(job_id))
+    assert result.exit_code == 0, result.output
+    store = Store(tmp_path / "fdqr.sqlite")
+    assert store.cancellation(job_id) is None
+    store.close()
+    assert state_of(tmp_path, job_id) == JobState.QUEUED

@@ -156,6 +156,12 @@ def test_explain_and_test_show_accept_and_ignore(layout: Path) -> None:
     code, output = invoke("rules", "test", "--config", str(layout))
     assert code == 1
     assert "the message is acknowledged and ignored: accepted and ignored" in output
+    # A type no route supports is ignored too, as the engine ignores it.
+    result = layout.parent / "result.hl7"
+    result.write_bytes(order.read_bytes().replace(b"ORM^O01", b"ORU^R01"))
+    code, output = invoke("rules", "explain", str(result), "--config", str(layout))
+    assert code == 0, output
+    assert "the engine acknowledges this message and ignores it" in output
 
 
 def test_explain_command_json(layout: Path, tmp_path: Path) -> None:

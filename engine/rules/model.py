@@ -45,7 +45,8 @@ class Duration:
 # The maximum lookback: longer than any patient's history, and far enough
 # from date arithmetic's limit (year 1) that "today minus the lookback" always works.
 MAX_DURATION_YEARS = 150
-_DAYS_PER_UNIT = {"y": 366, "m": 31, "w": 7, "d": 1}
+# Mean lengths in days of the Gregorian calendar's units, to compare durations with it.
+_DAYS_PER_UNIT = {"y": 365.2425, "m": 365.2425 / 12, "w": 7.0, "d": 1.0}
 
 
 def parse_duration(value: object) -> Duration:
@@ -53,7 +54,8 @@ def parse_duration(value: object) -> Duration:
     if match is None:
         raise ValueError(f"invalid duration '{value}' (use e.g. 5y, 18m, 6w, 30d)")
     duration = Duration(int(match.group(1)), match.group(2))
-    if duration.amount * _DAYS_PER_UNIT[duration.unit] > MAX_DURATION_YEARS * 366:
+    limit = MAX_DURATION_YEARS * _DAYS_PER_UNIT["y"]
+    if duration.amount * _DAYS_PER_UNIT[duration.unit] > limit + 1e-6:
         raise ValueError(f"duration '{value}' is longer than {MAX_DURATION_YEARS} years")
     return duration
 

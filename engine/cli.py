@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from engine.clitools import (
+    ROW_ID,
     config_option,
     format_table,
     load_or_exit,
@@ -125,7 +126,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
 
 
 @jobs_group.command(name="show")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=ROW_ID)
 @config_option
 def jobs_show(config_path: Path, job_id: int) -> None:
     """Show one job: its studies with the rule's decisions, and its event log."""
@@ -181,7 +182,7 @@ def jobs_show(config_path: Path, job_id: int) -> None:
 
 
 @jobs_group.command(name="cancel")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=ROW_ID)
 @click.option(
     "--reason",
     default="cancelled by an operator",
@@ -203,7 +204,7 @@ def jobs_cancel(config_path: Path, job_id: int, reason: str) -> None:
 
 
 @jobs_group.command(name="requeue")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=ROW_ID)
 @config_option
 def jobs_requeue(config_path: Path, job_id: int) -> None:
     """Queue a finished job for a new attempt now.

@@ -62,6 +62,10 @@ def load_or_exit(config_path: Path) -> config_module.Config:
         raise SystemExit(2) from None
 
 
+# A job or message id: SQLite row ids go up to 2**63 - 1.
+ROW_ID = click.IntRange(1, 2**63 - 1)
+
+
 def open_store(config_path: Path) -> Store:
     """Open the store a configuration names, or explain why it cannot be read and exit."""
     settings = load_settings_or_exit(config_path)

@@ -9,6 +9,7 @@ import click
 
 from engine import config as config_module
 from engine.clitools import (
+    ROW_ID,
     config_option,
     format_table,
     load_or_exit,
@@ -88,7 +89,7 @@ def messages_list(
 
 @messages_group.command(name="show")
 @config_option
-@click.argument("message_id", type=int)
+@click.argument("message_id", type=ROW_ID)
 @click.option(
     "--unredacted",
     is_flag=True,
@@ -121,7 +122,7 @@ def messages_show(config_path: Path, message_id: int, unredacted: bool) -> None:
 
 @messages_group.command(name="replay")
 @config_option
-@click.argument("message_id", type=int)
+@click.argument("message_id", type=ROW_ID)
 @click.option("--dry-run", is_flag=True, help="Show what the replay would do; change nothing.")
 @click.option(
     "--force", is_flag=True, help="Replay even if jobs of the message have not finished yet."

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.clitools import config_option, format_table, open_store
+from engine.clitools import ROW_ID, config_option, format_table, open_store
 from engine.identity import records
 from engine.jobs.store import JobState
 
@@ -47,7 +47,7 @@ def merges(config_path: Path, limit: int) -> None:
 
 
 @identity_group.command(name="release")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=ROW_ID)
 @click.option(
     "--accept",
     is_flag=True,

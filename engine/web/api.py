@@ -23,6 +23,8 @@ from engine.jobs.store import AsyncStore, JobRecord, JobState, MessageRecord, St
 logger = logging.getLogger(__name__)
 
 MAX_LIMIT = 1000
+# SQLite's largest row id; a larger job id cannot exist.
+MAX_ROW_ID = 2**63 - 1
 
 
 class BadRequest(Exception):
@@ -100,10 +102,10 @@ def _limit(request: Any, default: int = 50) -> int:
     values = _argument(request, "limit")
     if not values:
         return default
-    try:
-        limit = int(values[-1])
-    except ValueError:
-        raise BadRequest(f"invalid limit '{values[-1]}': expected a whole number") from None
+    text = values[-1]
+    if not (text.isascii() and text.isdigit()):
+        raise BadRequest(f"invalid limit '{text}': expected a whole number")
+    limit = int(text)
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"invalid limit {limit}: expected 1 to {MAX_LIMIT}")
     return limit
@@ -200,9 +202,11 @@ class JobsPage(StorePage):
 
     @staticmethod
     def _job_reader(text: str) -> Reader:
-        if not text.isdigit():
-            raise BadRequest(f"invalid job id '{text}': expected a whole number", 404)
+        if not (text.isascii() and text.isdigit()):
+            raise BadRequest(f"invalid job id '{text}': expected a whole number")
         job_id = int(text)
+        if job_id > MAX_ROW_ID:
+            raise BadRequest(f"job {job_id} not found", 404)
 
         def read(store: Store) -> Any:
             job = store.get_job(job_id)

@@ -132,3 +132,12 @@ def test_requeue_after_cancel_while_running(tmp_path: Path) -> None:
     assert store.cancellation(job_id) is None
     store.close()
     assert state_of(tmp_path, job_id) == JobState.QUEUED
+
+
+def test_job_id_out_of_range_rejected(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    Store(tmp_path / "fdqr.sqlite").close()
+    for command in ("show", "cancel", "requeue"):
+        result = jobs(config, command, "9223372036854775808")
+        assert result.exit_code == 2
+        assert "is not in the range 1<=x<=9223372036854775807" in result.output

@@ -79,6 +79,7 @@ def test_jobs_filtered_by_state_and_limit(store: Store) -> None:
     [
         ({"limit": "ten"}, "invalid limit 'ten': expected a whole number"),
         ({"limit": "0"}, "invalid limit 0: expected 1 to 1000"),
+        ({"limit": "\uff11"}, "invalid limit '\uff11': expected a whole number"),
         ({"state": "finished"}, "invalid state 'finished': expected one of queued"),
     ],
 )
@@ -98,11 +99,17 @@ def test_job_detail_has_candidates_and_events(store: Store) -> None:
 
 
 @pytest.mark.parametrize(
-    ("segment", "text"), [(b"99", "job 99 not found"), (b"x", "invalid job id 'x'")]
+    ("segment", "status", "text"),
+    [
+        (b"99", 404, "job 99 not found"),
+        (b"9223372036854775808", 404, "job 9223372036854775808 not found"),
+        (b"x", 400, "invalid job id 'x'"),
+        ("\u0661".encode(), 400, "invalid job id '\u0661'"),
+    ],
 )
-def test_job_detail_not_found(store: Store, segment: bytes, text: str) -> None:
+def test_job_detail_not_found(store: Store, segment: bytes, status: int, text: str) -> None:
     request = get(JobsPage(SyncStore(store)), [segment])  # type: ignore[arg-type]
-    assert request.responseCode == 404
+    assert request.responseCode == status
     assert body(request)["error"].startswith(text)
 
 

@@ -128,6 +128,7 @@ def check_federation(document: Document, settings: EngineSettings) -> list[Probl
                 )
             )
 
+    problems += _check_site_issuers(document, settings)
     for caller_title, caller in federation.callers.items():
         for index, destination in enumerate(caller.move_destinations):
             if destination not in federation.move_destinations:
@@ -139,6 +140,45 @@ def check_federation(document: Document, settings: EngineSettings) -> list[Probl
                         f"define it under federation.move_destinations; known: {known}",
                     )
                 )
+    return problems
+
+
+def _check_site_issuers(document: Document, settings: EngineSettings) -> list[Problem]:
+    """Return a problem for a site issuer no domain has, or one another site has too."""
+    nodes = settings.nodes
+    local_issuer = settings.local_patient.issuer
+    known = {node.issuer for node in nodes.values() if node.issuer}
+    known |= set(settings.identity.domains) | {local_issuer}
+    problems = []
+    first_with: dict[str, str] = {}
+    for name, site in settings.federation.sites.items():
+        node = nodes.get(name)
+        issuer = site.issuer or (node.issuer if node else None)
+        if node is None or issuer is None:
+            continue
+        if node.issuer is not None and issuer != node.issuer:
+            continue  # reported as differing from the node's issuer
+        where = ("federation", "sites", name, "issuer")
+        if issuer not in known:
+            problems.append(
+                document.problem(
+                    where,
+                    f"unknown domain '{issuer}'",
+                    f"use {local_issuer} for the local PACS, or the issuer of a node or a"
+                    " domain under identity.domains",
+                )
+            )
+            continue
+        other = first_with.setdefault(issuer, name)
+        if other != name and not (node.shared_issuer and nodes[other].shared_issuer):
+            problems.append(
+                document.problem(
+                    where,
+                    f"issuer '{issuer}' is also the issuer of site '{other}'",
+                    "each site's patient IDs are in their own domain; set shared_issuer: true"
+                    f" on nodes {other} and {name} when both are archives of one domain",
+                )
+            )
     return problems
 
 

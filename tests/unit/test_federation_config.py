@@ -105,3 +105,17 @@ def test_federation_site_issuer_differs_from_node(layout: Path) -> None:
     [found] = problems(layout)
     assert "federation.sites.hospital_b.issuer: issuer 'HOSP_A' differs from" in found
     assert "nodes.hospital_b.issuer 'HOSP_B'" in found
+
+
+@pytest.mark.parametrize(
+    ("issuer", "message"),
+    [
+        ("HOSP_A", "issuer 'HOSP_A' is also the issuer of site 'hospital_a'"),
+        ("LOCALX", "unknown domain 'LOCALX'"),
+    ],
+)
+def test_local_pacs_site_issuer_checked(layout: Path, issuer: str, message: str) -> None:
+    text = layout.read_text().replace("      issuer: LOCAL\n", f"      issuer: {issuer}\n")
+    layout.write_text(text)
+    [found] = problems(layout)
+    assert f"federation.sites.local_pacs.issuer: {message}" in found

@@ -197,7 +197,7 @@ def jobs_cancel(config_path: Path, job_id: int, reason: str) -> None:
     if job is None:
         click.echo(f"job {job_id} not found", err=True)
         raise SystemExit(1)
-    if job.state.finished:
+    if job.state.finished and job.state != JobState.QUARANTINED:
         click.echo(f"job {job_id} is {job.state.value} already; nothing to cancel", err=True)
         raise SystemExit(1)
     click.echo(store.cancel_job(job_id, reason, dt.datetime.now(dt.UTC)))

@@ -64,11 +64,14 @@ class Outcome:
 @dataclasses.dataclass(frozen=True)
 class StudyResult:
     state: StudyState
+    # Counts over the job's attempts so far (see study_counts).
     received: int = 0
     stored: int = 0
     transient_failure: bool = False
     problem: str = ""
     failed: int = 0
+    # Instances this attempt stored, for the metrics.
+    stored_in_attempt: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +228,7 @@ class Prefetch:
                 postponed.append(quiet.until)
                 continue
             result = yield self.slots.run(candidate.source, self._fetch_study, job, candidate)
-            self.on_study(result.state, result.stored)
+            self.on_study(result.state, result.stored_in_attempt)
             results.append(result)
 
         outcome = self._summarize(results, failed_sources)
@@ -499,6 +502,7 @@ class Prefetch:
             transient_failure=report.transient,
             problem=report.problem if state != StudyState.STORED else "",
             failed=report.failed,
+            stored_in_attempt=report.stored,
         )
 
     def _summarize(self, results: list[StudyResult], failed_sources: list[str]) -> Outcome:

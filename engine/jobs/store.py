@@ -853,14 +853,15 @@ class Store:
     def cancel_job(self, job_id: int, reason: str, now: dt.datetime) -> str | None:
         """Cancel one job, as cancel_order cancels an order's jobs; return what was done.
 
-        Returns None when the job does not exist. A finished job is left as it is.
+        Returns None when the job does not exist. A finished job is left as it is,
+        except a quarantined one, which waits for a person and can be cancelled.
         """
         with self._transaction() as db:
             row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
             state = JobState(row["state"])
-            if state.finished:
+            if state.finished and state != JobState.QUARANTINED:
                 return f"job {job_id} is {state.value} already; nothing to cancel"
             if state == JobState.RUNNING:
                 db.execute(

@@ -70,15 +70,18 @@ class RuleSetHolder:
             for problem in error.problems:
                 logger.error("  %s", problem)
             return False
-        if self._current.routes and not new.routes:
+        lost = [kind for kind in ("routes", "rules") if getattr(self._current, kind)]
+        lost = [kind for kind in lost if not getattr(new, kind)]
+        if lost:
             # An editor that truncates a file before writing it, or a file moved away,
             # would otherwise stop every prefetch without an error.
             self.rejected += 1
             logger.error(
-                "rules reload (%s) rejected: the routes folder now defines no route, so no"
-                " order would create a job; the running rules stay in place (restart the"
-                " engine to run without routes)",
+                "rules reload (%s) rejected: the %s folder now defines none, so no order"
+                " would create a job; the running rules stay in place (restart the engine"
+                " to run without them)",
                 reason,
+                " and ".join(lost),
             )
             return False
         self._current = new

@@ -79,7 +79,8 @@ class EngineMetrics:
 
         for state in JobState:
             self.jobs.labels(state.value)
-            self.jobs_finished.labels(state.value)
+            if state.finished:
+                self.jobs_finished.labels(state.value)
         for study_state in StudyState:
             self.studies.labels(study_state.value)
 

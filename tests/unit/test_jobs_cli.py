@@ -141,3 +141,14 @@ def test_job_id_out_of_range_rejected(tmp_path: Path) -> None:
         result = jobs(config, command, "9223372036854775808")
         assert result.exit_code == 2
         assert "is not in the range 1<=x<=9223372036854775807" in result.output
+
+
+def test_cancel_quarantined_job(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    store.finish_job(job_id, JobState.QUARANTINED, "demographics differ", NOW)
+    store.close()
+    result = jobs(config, "cancel", str(job_id), "--reason", "order withdrawn")
+    assert result.exit_code == 0, result.output
+    assert state_of(tmp_path, job_id) == JobState.CANCELLED

@@ -122,3 +122,10 @@ def test_health_page_returns_ok() -> None:
     body = Health().render_GET(request)
     assert body == b"ok\n"
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"text/plain; charset=utf-8"]
+
+
+def test_jobs_finished_only_final_states() -> None:
+    text = generate_latest(EngineMetrics().registry).decode()
+    assert 'fdqr_jobs_finished_total{state="done"} 0.0' in text
+    assert 'fdqr_jobs_finished_total{state="queued"}' not in text
+    assert 'fdqr_jobs{state="queued"} 0.0' in text

@@ -336,7 +336,22 @@ def test_reload_rejects_losing_every_route(layout: Path, caplog: pytest.LogCaptu
         assert holder.reload("changed: orders.yaml") is False
     assert holder.current() is before
     assert holder.rejected == 1
-    assert "the routes folder now defines no route" in caplog.text
+    assert "the routes folder now defines none" in caplog.text
+
+
+def test_reload_rejects_losing_every_rule(layout: Path, caplog: pytest.LogCaptureFixture) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    lines = routes.read_text().splitlines(keepends=True)
+    # Routes that name no rule take every rule, so an empty rules folder is valid.
+    routes.write_text("".join(line for line in lines if not line.strip().startswith("rules:")))
+    holder = holder_for(layout)
+    before = holder.current()
+    for path in (layout.parent.parent / "rules").glob("*.yaml"):
+        path.write_text("")
+    with caplog.at_level(logging.ERROR):
+        assert holder.reload("changed: priors.yaml") is False
+    assert holder.current() is before
+    assert "the rules folder now defines none" in caplog.text
 
 
 def test_watcher_reloads_on_change(layout: Path) -> None:

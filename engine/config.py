@@ -73,6 +73,11 @@ def endpoint_port(value: str) -> int | None:
     return int(text)
 
 
+def strip_text(value: object) -> object:
+    """Drop the spaces around a text value, which DICOM does not count (an issuer)."""
+    return value.strip() if isinstance(value, str) else value
+
+
 class MLLPTLSSettings(Settings):
     """MLLP over TLS: the listener's certificate and key, and the CAs of accepted clients.
 
@@ -150,6 +155,8 @@ class LocalPatientSettings(Settings):
     authorities: list[str] = Field(default_factory=list)
     unqualified_ids_are_local: bool = False
 
+    _issuer = pydantic.field_validator("issuer", mode="before")(strip_text)
+
 
 class Node(Settings):
     """A remote DICOM node: a source PACS or a destination."""
@@ -166,6 +173,7 @@ class Node(Settings):
     # A destination without a Query/Retrieve SCP (e.g. DCMTK storescp): the engine
     # cannot ask what it holds, so a study counts as stored when every C-STORE succeeded.
     store_only: bool = False
+    _issuer = pydantic.field_validator("issuer", mode="before")(strip_text)
     # Allows another node with the same issuer: two archives of one identifier domain.
     # Without it a repeated issuer is an error, since one site's IDs would be read as
     # the other's.
@@ -551,27 +559,45 @@ def _check_sources(document: Document, settings: EngineSettings) -> list[Problem
     return problems
 
 
+_ALL_INTERFACES = ("", "0.0.0.0", "::")
+
+
+def _endpoint_interface(value: str) -> str:
+    parts = value.split(":")
+    return next((part[len("interface=") :] for part in parts if part.startswith("interface=")), "")
+
+
 def _check_ports(document: Document, settings: EngineSettings) -> list[Problem]:
-    """Return a problem when two of the engine's listeners name the same port."""
-    listeners: list[tuple[PathKey, int | None]] = [
-        (("dicom", "port"), settings.dicom.port),
-        (("mllp", "listen"), endpoint_port(settings.mllp.listen)),
+    """Return a problem when two of the engine's listeners bind the same port and address."""
+    listeners: list[tuple[PathKey, int | None, str]] = [
+        (("dicom", "port"), settings.dicom.port, settings.dicom.host),
+        (
+            ("mllp", "listen"),
+            endpoint_port(settings.mllp.listen),
+            _endpoint_interface(settings.mllp.listen),
+        ),
     ]
     if settings.web.listen is not None:
-        listeners.append((("web", "listen"), endpoint_port(settings.web.listen)))
+        web = settings.web.listen
+        listeners.append((("web", "listen"), endpoint_port(web), _endpoint_interface(web)))
     problems = []
-    seen: dict[int, PathKey] = {}
-    for key, port in listeners:
-        if port is None:
-            continue
-        if port in seen:
-            other = ".".join(str(part) for part in seen[port])
-            problems.append(
-                document.problem(
-                    key, f"port {port} is also the port of {other}", "give each listener its own"
-                )
+    for index, (key, port, interface) in enumerate(listeners):
+        for other_key, other_port, other_interface in listeners[:index]:
+            overlap = (
+                interface == other_interface
+                or interface in _ALL_INTERFACES
+                or other_interface in _ALL_INTERFACES
             )
-        seen.setdefault(port, key)
+            if port is not None and port == other_port and overlap:
+                other = ".".join(str(part) for part in other_key)
+                problems.append(
+                    document.problem(
+                        key,
+                        f"port {port} is also the port of {other}",
+                        "give each listener its own port",
+                    )
+                )
+                break
     return problems
 
 

@@ -467,3 +467,18 @@ def test_node_with_engine_title_or_copied(layout: Path) -> None:
             "node 'hospital_c' has the AE title, host and port of node 'hospital_b'"
         ),
     }
+
+
+def test_same_port_on_other_interface_allowed(layout: Path) -> None:
+    edit(layout, {"web.listen": "tcp:11112:interface=127.0.0.2"})
+    assert config.load(layout).settings.web.listen == "tcp:11112:interface=127.0.0.2"
+
+
+def test_issuer_spaces_dropped(layout: Path) -> None:
+    edit(layout, {"nodes.hospital_b.issuer": " HOSP_A "})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    assert any(
+        problem.message == "issuer 'HOSP_A' is also the issuer of node 'hospital_a'"
+        for problem in raised.value.problems
+    )

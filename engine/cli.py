@@ -14,6 +14,7 @@ from engine.clitools import (
     ROW_ID,
     config_option,
     format_table,
+    job_or_exit,
     load_or_exit,
     open_store,
 )
@@ -131,10 +132,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
 def jobs_show(config_path: Path, job_id: int) -> None:
     """Show one job: its studies with the rule's decisions, and its event log."""
     store = open_store(config_path)
-    job = store.get_job(job_id)
-    if job is None:
-        click.echo(f"job {job_id} not found", err=True)
-        raise SystemExit(1)
+    job = job_or_exit(store, job_id)
     click.echo(f"job {job.id}: {job.state} after {job.attempts} attempt(s): {job.summary}")
     click.echo(f"  patient {job.patient}, route {job.route}, rule {job.rule}")
     click.echo(f"  sources {', '.join(job.sources)}, destination {job.destination}")
@@ -193,10 +191,7 @@ def jobs_show(config_path: Path, job_id: int) -> None:
 def jobs_cancel(config_path: Path, job_id: int, reason: str) -> None:
     """Cancel a pending job, or ask a running job to stop before its next study."""
     store = open_store(config_path)
-    job = store.get_job(job_id)
-    if job is None:
-        click.echo(f"job {job_id} not found", err=True)
-        raise SystemExit(1)
+    job = job_or_exit(store, job_id)
     if job.state.finished and job.state != JobState.QUARANTINED:
         click.echo(f"job {job_id} is {job.state.value} already; nothing to cancel", err=True)
         raise SystemExit(1)
@@ -212,10 +207,7 @@ def jobs_requeue(config_path: Path, job_id: int) -> None:
     A running engine claims it within jobs.poll_seconds.
     """
     store = open_store(config_path)
-    job = store.get_job(job_id)
-    if job is None:
-        click.echo(f"job {job_id} not found", err=True)
-        raise SystemExit(1)
+    job = job_or_exit(store, job_id)
     if not store.requeue_job(job_id, "queued again by an operator", dt.datetime.now(dt.UTC)):
         click.echo(
             f"job {job_id} is {job.state.value}; only a finished job can be queued again",

@@ -12,7 +12,7 @@ import click
 
 from engine import config as config_module
 from engine.configfile import ConfigError
-from engine.jobs.store import Store, StoreError
+from engine.jobs.store import JobRecord, Store, StoreError
 
 DEFAULT_CONFIG = Path(os.environ.get("FDQR_CONFIG", "conf/engine.yaml"))
 _CONFIG_HELP = "Engine configuration file (conf/engine.yaml); FDQR_CONFIG sets the default."
@@ -87,6 +87,15 @@ def open_store(config_path: Path) -> Store:
     except StoreError as error:
         click.echo(str(error), err=True)
         raise SystemExit(1) from error
+
+
+def job_or_exit(store: Store, job_id: int) -> JobRecord:
+    """Return the job, or say that it was not found and exit with status 1."""
+    job = store.get_job(job_id)
+    if job is None:
+        click.echo(f"job {job_id} not found", err=True)
+        raise SystemExit(1)
+    return job
 
 
 def format_table(rows: Sequence[Sequence[str]], indent: str = "") -> str:

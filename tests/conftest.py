@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from engine.jobs.store import Store
 from tests.fakes import ImmediateStore
 
 NOW = dt.datetime(2026, 3, 14, 9, 30, tzinfo=dt.UTC)
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def shipped_layout(folder: Path) -> Path:
+    """Copy the shipped conf/, routes/ and rules/ into folder, with the store file there.
+
+    Returns the copy's engine.yaml.
+    """
+    for name in ("conf", "routes", "rules"):
+        shutil.copytree(REPOSITORY / name, folder / name)
+    path = folder / "conf" / "engine.yaml"
+    settings = yaml.safe_load(path.read_text())
+    settings["store"]["path"] = str(folder / "fdqr.sqlite")
+    path.write_text(yaml.safe_dump(settings))
+    return path
 
 
 @pytest.fixture

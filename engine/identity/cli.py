@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.clitools import ROW_ID, config_option, format_table, open_store
+from engine.clitools import ROW_ID, config_option, format_table, job_or_exit, open_store
 from engine.identity import records
 from engine.jobs.store import JobState
 
@@ -58,10 +58,7 @@ def merges(config_path: Path, limit: int) -> None:
 def release(config_path: Path, job_id: int, accept: bool) -> None:
     """Queue a quarantined job for a new attempt (the running engine picks it up)."""
     store = open_store(config_path)
-    job = store.get_job(job_id)
-    if job is None:
-        click.echo(f"job {job_id} not found", err=True)
-        raise SystemExit(1)
+    job = job_or_exit(store, job_id)
     if job.state != JobState.QUARANTINED:
         click.echo(f"job {job_id} is {job.state}, not quarantined", err=True)
         raise SystemExit(1)

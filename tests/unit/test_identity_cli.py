@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import yaml
 from click.testing import CliRunner
 
 from engine.cli import main
 from engine.identity import records
 from engine.jobs.store import JobState, Store, StudyState
 from engine.model import Decision, PatientIdentifier, StudyCandidate
-from tests.conftest import NOW
+from tests.conftest import NOW, shipped_layout
 from tests.unit.test_jobs import new_job
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 REMOTE = PatientIdentifier("HB-1", "HOSP_B")
 
 
 def quarantined_job(tmp_path: Path) -> tuple[Path, int]:
-    for folder in ("conf", "routes", "rules"):
-        shutil.copytree(REPOSITORY / folder, tmp_path / folder)
-    config = tmp_path / "conf" / "engine.yaml"
-    settings = yaml.safe_load(config.read_text())
-    settings["store"]["path"] = str(tmp_path / "fdqr.sqlite")
-    config.write_text(yaml.safe_dump(settings))
+    config = shipped_layout(tmp_path)
 
     store = Store(tmp_path / "fdqr.sqlite")
     job_id = store.add_job(new_job(), NOW)

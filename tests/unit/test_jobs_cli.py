@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import yaml
 from click.testing import CliRunner, Result
 
 from engine.cli import main
 from engine.jobs.store import JobState, Store
-from tests.conftest import NOW
+from tests.conftest import NOW, shipped_layout
 from tests.unit.test_jobs import new_job, order_job
-
-REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def layout(tmp_path: Path) -> Path:
-    for folder in ("conf", "routes", "rules"):
-        shutil.copytree(REPOSITORY / folder, tmp_path / folder)
-    config = tmp_path / "conf" / "engine.yaml"
-    settings = yaml.safe_load(config.read_text())
-    settings["store"]["path"] = str(tmp_path / "fdqr.sqlite")
-    config.write_text(yaml.safe_dump(settings))
-    return config
+    return shipped_layout(tmp_path)
 
 
 def jobs(config: Path, *arguments: str) -> Result:

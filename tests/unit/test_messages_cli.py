@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,23 +17,16 @@ from engine.hl7.message import CharsetDefaults
 from engine.jobs.store import JobRecord, JobState, Store
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
-from tests.conftest import NOW
+from tests.conftest import NOW, shipped_layout
 from tests.fakes import ImmediateStore
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 PATIENT = PatientSpec("L12345", "LOCAL", "DOE^JANE^M", "19650312", "F")
 
 
 @pytest.fixture
 def layout(tmp_path: Path) -> Path:
     """A copy of the shipped configuration with its store in tmp_path; return engine.yaml."""
-    for folder in ("conf", "routes", "rules"):
-        shutil.copytree(REPOSITORY / folder, tmp_path / folder)
-    path = tmp_path / "conf" / "engine.yaml"
-    settings = yaml.safe_load(path.read_text())
-    settings["store"]["path"] = str(tmp_path / "fdqr.sqlite")
-    path.write_text(yaml.safe_dump(settings))
-    return path
+    return shipped_layout(tmp_path)
 
 
 def receive(layout: Path, message: bytes) -> None:

@@ -191,7 +191,7 @@ def run_case(
         candidates={name: studies for name in names},
         candidates_from=f"{file} case {case.name}",
     )
-    failures = _compare(case.expect, explanation)
+    failures = _unknown_rules(case.expect, rule_set) + _compare(case.expect, explanation)
     return CaseResult(file, line, case.name, tuple(failures), explanation)
 
 
@@ -219,6 +219,14 @@ def _compare(expect: _Expect, explanation: Explanation) -> list[str]:
     for name, reasons in expect.skipped.items():
         failures += _compare_skipped(name, reasons, by_rule.get(name))
     return failures
+
+
+def _unknown_rules(expect: _Expect, rule_set: RuleSet) -> list[str]:
+    """Return a failure for each rule an expectation names that the rule set lacks."""
+    named = [*(expect.rules or []), *expect.selected, *expect.skipped]
+    unknown = sorted({name for name in named if name not in rule_set.rules})
+    known = ", ".join(sorted(rule_set.rules)) or "none"
+    return [f"rule {name}: no rule has this name (known: {known})" for name in unknown]
 
 
 def _decisions(rule: RuleExplanation) -> dict[str, Decision]:

@@ -277,6 +277,18 @@ def test_rules_test_command(layout: Path) -> None:
     ]
 
 
+def test_rules_test_names_unknown_rule(layout: Path) -> None:
+    cases = layout.parent.parent / "rules" / "tests" / "worked-examples.yaml"
+    text = cases.read_text()
+    cases.write_text(
+        text.replace("      selected:\n        ct-priors:", "      selected:\n        ct-prior:", 1)
+    )
+    code, output = invoke("rules", "test", "--config", str(layout), "--json")
+    assert code == 1
+    failures = [item for result in json.loads(output) for item in result["failures"]]
+    assert failures[0].startswith("rule ct-prior: no rule has this name (known: ct-priors,")
+
+
 def test_rules_test_without_cases_fails(layout: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("cases: []\n")

@@ -37,8 +37,29 @@ class WorklistItem:
 
     @property
     def key(self) -> str:
-        """Return the step's key at its worklist: the SPS ID, else the accession number."""
+        """Return the step's key at its worklist: its SPS ID and accession number.
+
+        An SPS ID is unique only within its requested procedure, so two orders of
+        one worklist may have the same one.
+        """
+        if self.step_id and self.accession_number:
+            return f"{self.step_id}|{self.accession_number}"
         return self.step_id or self.accession_number
+
+    @property
+    def legacy_key(self) -> str:
+        """Return the key that steps stored by earlier versions have: the SPS ID alone."""
+        return self.step_id or self.accession_number
+
+    def same_order(self, other: WorklistItem) -> bool:
+        """Tell whether other is this step unchanged: same start, patient and study."""
+        return (
+            self.start == other.start
+            and self.patient_id == other.patient_id
+            and self.issuer_of_patient_id == other.issuer_of_patient_id
+            and self.accession_number == other.accession_number
+            and self.study_instance_uid == other.study_instance_uid
+        )
 
 
 class MalformedItem(ValueError):

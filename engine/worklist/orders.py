@@ -19,7 +19,8 @@ def origin_of(node: str, item: WorklistItem, suffix: str = "") -> MessageOrigin:
         sending_application=node,
         sending_facility="",
         message_type=WORKLIST_MESSAGE_TYPE,
-        control_id=f"{item.key}{start}{suffix}",
+        # The patient ID is part of it, so a step moved to another patient is a new order.
+        control_id=f"{item.key}{start}/{item.patient_id}{suffix}",
     )
 
 

@@ -227,7 +227,14 @@ class WorklistPoller:
         created_jobs = False
         for item in result.items:
             known = steps.known_step(store, node, item.key)
-            if known is not None and not known.removed and known.item.start == item.start:
+            if known is None and item.legacy_key != item.key:
+                # A step recorded by an earlier version, under its SPS ID alone.
+                legacy = steps.known_step(store, node, item.legacy_key)
+                if legacy is not None and legacy.item.key == item.key:
+                    known = legacy
+                    if not dry_run:
+                        steps.forget(store, node, item.legacy_key)
+            if known is not None and not known.removed and known.item.same_order(item):
                 result.already_seen.append(item)
                 if not dry_run:
                     steps.remember(store, node, item, now)
@@ -242,7 +249,8 @@ class WorklistPoller:
             if dry_run:
                 continue
             if known is not None and not known.removed:
-                # Rescheduled: the old version is withdrawn, the new one ordered.
+                # Rescheduled, or moved to another patient or study: the old version is
+                # withdrawn, the new one ordered.
                 self._record(store, orders.removed(node, known.item, self.policy, now), now)
             duplicate = self._record_event(store, event, plan, item, now)
             created_jobs |= bool(plan.jobs) and not duplicate

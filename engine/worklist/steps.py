@@ -66,6 +66,12 @@ def remember(store: Store, node: str, item: WorklistItem, now: dt.datetime) -> N
         )
 
 
+def forget(store: Store, node: str, key: str) -> None:
+    """Delete a step's record, e.g. one stored under a key of an earlier version."""
+    with store.transaction() as db:
+        db.execute("DELETE FROM worklist_steps WHERE node = ? AND step_key = ?", (node, key))
+
+
 def mark_removed(store: Store, node: str, key: str, now: dt.datetime) -> None:
     with store.transaction() as db:
         db.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from engine.dimse.scu import DimseError
 from engine.dimse.worklist import MalformedItem, read_item, worklist_query
 from engine.hl7.events import IdentifierPolicy
 from engine.jobs.planner import Planner
+from engine.jobs.store import JobState
 from engine.rules.loader import load_rule_set
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.worklist import ScheduledStep, step_dataset
@@ -56,7 +58,7 @@ def test_query_covers_window_days() -> None:
 
 def test_read_item_fields() -> None:
     item = read_item(step_dataset(step("S1", 2)))
-    assert item.key == "S1"
+    assert item.key == "S1|ACC-S1"
     assert item.accession_number == "ACC-S1"
     assert item.start == NOW + dt.timedelta(hours=2)
     assert item.modality == "CT"
@@ -98,7 +100,7 @@ def test_order_event_names_step_and_start() -> None:
     event = orders.placed("ris_mwl", read_item(step_dataset(step("S1", 2))), POLICY)
     assert event.origin.message_type == "MWL"
     assert event.origin.sending_application == "ris_mwl"
-    assert event.origin.control_id == "S1@202603141100"
+    assert event.origin.control_id == "S1|ACC-S1@202603141100/L12345"
     assert event.order.accession_number == "ACC-S1"
     assert event.order.ordered_modality == "CT"
     assert event.patient.issuer == "LOCAL"
@@ -175,7 +177,7 @@ def test_poll_creates_jobs_for_steps_in_window(
 
     result = poll(worklist)
     assert result.error == ""
-    assert [item.key for item in result.items] == ["S1"]
+    assert [item.key for item in result.items] == ["S1|ACC-S1"]
     assert result.outside_window == 2
     assert result.malformed == ["no Patient ID"]
     [job] = db.store.list_jobs()
@@ -193,7 +195,7 @@ def test_poll_again_creates_nothing(
     pools.answers = [step_dataset(step("S1", 2))]
     poll(worklist)
     second = poll(worklist)
-    assert [item.key for item in second.already_seen] == ["S1"]
+    assert [item.key for item in second.already_seen] == ["S1|ACC-S1"]
     assert second.new_orders == []
     assert len(db.store.list_jobs()) == 1
 
@@ -206,10 +208,10 @@ def test_removed_step_becomes_cancel(
     poll(worklist)
     pools.answers = [step_dataset(step("S2", 4))]
     result = poll(worklist)
-    assert [item.key for item, _ in result.removed] == ["S1"]
+    assert [item.key for item, _ in result.removed] == ["S1|ACC-S1"]
     cancel = db.store.list_messages()[0]
     assert cancel.origin.message_type == "MWL"
-    assert cancel.origin.control_id.startswith("S1@202603141100/removed@")
+    assert cancel.origin.control_id.startswith("S1|ACC-S1@202603141100/L12345/removed@")
     assert "OrderCancelled" in cancel.outcome
     # Removed once: the next poll does not cancel it again.
     assert poll(worklist).removed == []
@@ -223,10 +225,10 @@ def test_rescheduled_step_cancels_old_and_orders_new(
     poll(worklist)
     pools.answers = [step_dataset(step("S1", 5))]
     result = poll(worklist)
-    assert [item.key for item, _ in result.new_orders] == ["S1"]
+    assert [item.key for item, _ in result.new_orders] == ["S1|ACC-S1"]
     control_ids = [message.origin.control_id for message in db.store.list_messages()]
-    assert control_ids[0] == "S1@202603141400"
-    assert control_ids[1].startswith("S1@202603141100/removed@")
+    assert control_ids[0] == "S1|ACC-S1@202603141400/L12345"
+    assert control_ids[1].startswith("S1|ACC-S1@202603141100/L12345/removed@")
     assert len(db.store.list_jobs()) == 2
 
 
@@ -240,7 +242,7 @@ def test_failed_poll_is_reported_and_next_poll_works(
     assert db.store.list_messages() == []
     pools.failure = None
     pools.answers = [step_dataset(step("S1", 2))]
-    assert [item.key for item, _ in poll(worklist).new_orders] == ["S1"]
+    assert [item.key for item, _ in poll(worklist).new_orders] == ["S1|ACC-S1"]
 
 
 def test_dry_run_stores_nothing(
@@ -252,7 +254,7 @@ def test_dry_run_stores_nothing(
     worklist.poll_all(dry_run=True).addCallback(results.extend)
     [result] = results
     [(item, outcome)] = result.new_orders
-    assert item.key == "S1"
+    assert item.key == "S1|ACC-S1"
     assert outcome == "route worklist-orders: 1 job(s) for rules ct-priors"
     assert db.store.list_messages() == []
     assert db.store.list_jobs() == []
@@ -280,3 +282,53 @@ def test_poller_timer_does_not_overlap_polls(
     stopped = worklist.stop()
     assert stopped.called
     assert clock.getDelayedCalls() == []
+
+
+OTHER = PatientSpec("L67890", "LOCAL", "ROE^RICHARD", "19700101", "M")
+
+
+def test_same_step_id_in_two_orders_gives_two_jobs(
+    poller: tuple[WorklistPoller, ScriptedPools], db: ImmediateStore
+) -> None:
+    # An SPS ID is unique only within its requested procedure: both RIS orders use 1.
+    worklist, pools = poller
+    first = dataclasses.replace(step("1", 2), accession="ACC-A")
+    second = dataclasses.replace(step("1", 2), accession="ACC-B", patient=OTHER)
+    pools.answers = [step_dataset(first), step_dataset(second)]
+    result = poll(worklist)
+    assert sorted(item.key for item in result.items) == ["1|ACC-A", "1|ACC-B"]
+    jobs = sorted((job.patient.value, job.order.accession_number) for job in db.store.list_jobs())
+    assert jobs == [("L12345", "ACC-A"), ("L67890", "ACC-B")]
+    assert poll(worklist).new_orders == []
+
+
+def test_step_moved_to_another_patient_is_reordered(
+    poller: tuple[WorklistPoller, ScriptedPools], db: ImmediateStore
+) -> None:
+    worklist, pools = poller
+    pools.answers = [step_dataset(step("S1", 2))]
+    poll(worklist)
+    # The RIS corrected the patient; SPS ID, accession number and start are unchanged.
+    pools.answers = [step_dataset(dataclasses.replace(step("S1", 2), patient=OTHER))]
+    result = poll(worklist)
+    assert [item.patient_id for item, _ in result.new_orders] == ["L67890"]
+    states = {job.patient.value: job.state for job in db.store.list_jobs()}
+    assert states == {"L12345": JobState.CANCELLED, "L67890": JobState.QUEUED}
+
+
+def test_step_recorded_by_earlier_version_is_known(
+    poller: tuple[WorklistPoller, ScriptedPools], db: ImmediateStore
+) -> None:
+    worklist, pools = poller
+    pools.answers = [step_dataset(step("S1", 2))]
+    poll(worklist)
+    # Earlier versions stored a step under its SPS ID alone.
+    with db.store.transaction() as connection:
+        connection.execute("UPDATE worklist_steps SET step_key = 'S1'")
+    result = poll(worklist)
+    assert [item.key for item in result.already_seen] == ["S1|ACC-S1"]
+    assert result.new_orders == []
+    assert result.removed == []
+    with db.store.transaction() as connection:
+        keys = [row[0] for row in connection.execute("SELECT step_key FROM worklist_steps")]
+    assert keys == ["S1|ACC-S1"]

@@ -109,6 +109,17 @@ def find_worklist(client: NodeClient, query: Dataset) -> list[Dataset]:
     return client.find(query, ModalityWorklistInformationFind, "worklist C-FIND")
 
 
+def answer_keys(answer: Dataset) -> set[str]:
+    """Return the keys a match would have as a step, read without checking the rest."""
+    steps = answer.get("ScheduledProcedureStepSequence") or []
+    step_id = _text(steps[0], "ScheduledProcedureStepID") if len(steps) else ""
+    accession = _text(answer, "AccessionNumber")
+    keys = {step_id or accession}
+    if step_id and accession:
+        keys.add(f"{step_id}|{accession}")
+    return keys - {""}
+
+
 def read_item(answer: Dataset) -> WorklistItem:
     """Read one match; raise MalformedItem when it lacks what an order needs."""
     steps = answer.get("ScheduledProcedureStepSequence") or []

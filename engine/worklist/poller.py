@@ -26,6 +26,7 @@ from engine.dimse.scu import NodeClient
 from engine.dimse.worklist import (
     MalformedItem,
     WorklistItem,
+    answer_keys,
     find_worklist,
     read_item,
     worklist_query,
@@ -48,6 +49,8 @@ class PollResult:
     node: str
     items: list[WorklistItem] = dataclasses.field(default_factory=list)
     malformed: list[str] = dataclasses.field(default_factory=list)
+    # Keys of malformed matches: a known step that turned malformed is kept, not cancelled.
+    malformed_keys: set[str] = dataclasses.field(default_factory=set)
     outside_window: int = 0
     new_orders: list[tuple[WorklistItem, str]] = dataclasses.field(default_factory=list)
     already_seen: list[WorklistItem] = dataclasses.field(default_factory=list)
@@ -79,6 +82,7 @@ def select_items(
             item = read_item(answer)
         except MalformedItem as error:
             result.malformed.append(str(error))
+            result.malformed_keys |= answer_keys(answer)
             continue
         if item.key in seen:
             continue
@@ -259,6 +263,14 @@ class WorklistPoller:
         present = steps.keys(result.items)
         for missing in steps.present_between(store, node, start, end):
             if missing.key in present:
+                continue
+            if {missing.key, missing.legacy_key} & result.malformed_keys:
+                logger.warning(
+                    "worklist %s: step %s is malformed now; its order stays until the"
+                    " worklist shows it again or drops it",
+                    node,
+                    missing.key,
+                )
                 continue
             cancel = orders.removed(node, missing, self.policy, now)
             outcome = self._record(store, cancel, now, dry_run)

@@ -332,3 +332,23 @@ def test_step_recorded_by_earlier_version_is_known(
     with db.store.transaction() as connection:
         keys = [row[0] for row in connection.execute("SELECT step_key FROM worklist_steps")]
     assert keys == ["S1|ACC-S1"]
+
+
+def test_step_turned_malformed_keeps_its_order(
+    poller: tuple[WorklistPoller, ScriptedPools], db: ImmediateStore
+) -> None:
+    worklist, pools = poller
+    pools.answers = [step_dataset(step("S1", 2))]
+    poll(worklist)
+    # The RIS blanked the patient ID while editing the step.
+    edited = step_dataset(step("S1", 2))
+    edited.PatientID = ""
+    pools.answers = [edited]
+    result = poll(worklist)
+    assert result.malformed == ["no Patient ID"]
+    assert result.removed == []
+    [job] = db.store.list_jobs()
+    assert job.state == JobState.QUEUED
+    # Once it is gone from the worklist, its order is cancelled.
+    pools.answers = []
+    assert [item.key for item, _ in poll(worklist).removed] == ["S1|ACC-S1"]

@@ -163,7 +163,7 @@ def stamp_dataset(ds: Dataset, stamp: Stamp) -> None:
     ds.PatientID = stamp.local.value
     ds.IssuerOfPatientID = stamp.local.issuer
     _set_qualifiers(ds, profile.qualifier(stamp.local.issuer))
-    _add_other_patient_id(ds, stamp.remote, profile.qualifier(stamp.remote.issuer))
+    _add_other_patient_id(ds, stamp.remote, profile.qualifier(stamp.remote.issuer), stamp.local)
     if OTHER_PATIENT_IDS in ds:
         del ds[OTHER_PATIENT_IDS]
 
@@ -211,12 +211,19 @@ def _set_qualifiers(ds: Dataset, entity: UniversalEntity | None) -> None:
 
 
 def _add_other_patient_id(
-    ds: Dataset, identifier: PatientIdentifier, entity: UniversalEntity | None
+    ds: Dataset,
+    identifier: PatientIdentifier,
+    entity: UniversalEntity | None,
+    local: PatientIdentifier,
 ) -> None:
     seen: set[tuple[object, object]] = set()
     items = Sequence()
     for existing in ds.get("OtherPatientIDsSequence") or []:
         key = (existing.get("PatientID"), existing.get("IssuerOfPatientID"))
+        if key[1] == local.issuer and key[0] != local.value:
+            # Another local patient's ID: an archive that links patients by their other
+            # IDs would join this object to that patient.
+            continue
         if key not in seen:
             seen.add(key)
             items.append(existing)

@@ -295,3 +295,18 @@ def test_stamping_changes_only_declared_and_is_idempotent(source: bytes, value: 
     assert (value.remote.value, value.remote.issuer) in others
     if value.profile.character_set == "latin1":
         assert after.get("SpecificCharacterSet", "ISO_IR 6") in ("ISO_IR 6", "ISO_IR 100")
+
+
+def test_other_local_id_from_source_dropped() -> None:
+    # The source kept a stale local ID of another patient in its Other Patient IDs.
+    stale = Dataset()
+    stale.PatientID = "L67890"
+    stale.IssuerOfPatientID = "LOCAL"
+    same = Dataset()
+    same.PatientID = "L12345"
+    same.IssuerOfPatientID = "LOCAL"
+    ds = dataset(OtherPatientIDsSequence=Sequence([stale, same]))
+    stamp_dataset(ds, stamp(CoercionProfile()))
+    pairs = [(i.PatientID, i.IssuerOfPatientID) for i in ds.OtherPatientIDsSequence]
+    assert ("L67890", "LOCAL") not in pairs
+    assert pairs == [("L12345", "LOCAL"), ("HA-1", "HOSP_A")]

@@ -90,7 +90,7 @@ def open_store(config_path: Path) -> Store:
 
 
 def job_or_exit(store: Store, job_id: int) -> JobRecord:
-    """Return the job, or say that it was not found and exit with status 1."""
+    """Return the job, or print that it was not found and exit with status 1."""
     job = store.get_job(job_id)
     if job is None:
         click.echo(f"job {job_id} not found", err=True)

@@ -21,9 +21,9 @@ class LockedError(Exception):
 class RunLock:
     """An exclusive flock on one file, with the holder's process id written in it."""
 
-    def __init__(self, path: Path, what: str) -> None:
+    def __init__(self, path: Path, description: str) -> None:
         self.path = path
-        self.what = what
+        self.description = description
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
@@ -37,7 +37,7 @@ class RunLock:
             holder = handle.read().strip() or "unknown"
             handle.close()
             raise LockedError(
-                f"{self.what} is in use by another fdqr engine (process {holder}, lock file"
+                f"{self.description} is in use by another fdqr engine (process {holder}, lock file"
                 f" {self.path}); stop that engine, or give this one its own store.path and"
                 " spool.path"
             ) from None

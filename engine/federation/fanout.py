@@ -383,7 +383,7 @@ class FederatedFind:
                 self._records[local] = record
                 if record is None:
                     logger.warning(
-                        "federated query %s: no local record of patient %s: answers keep"
+                        "federated query %s: no local record of patient %s: responses keep"
                         " the site's name, birth date and sex, unchecked",
                         self.query_id,
                         local,

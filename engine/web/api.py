@@ -62,15 +62,15 @@ class StorePage(resource.Resource):
             request.finish()
             return server.NOT_DONE_YET
         # A client that leaves before the read is done gets nothing written.
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
+        disconnected: list[Failure] = []
+        request.notifyFinish().addErrback(disconnected.append)
         read = self.db.run(reader)
-        read.addCallback(self._write, request, gone)
-        read.addErrback(self._failed, request, gone)
+        read.addCallback(self._write, request, disconnected)
+        read.addErrback(self._failed, request, disconnected)
         return server.NOT_DONE_YET
 
-    def _write(self, value: Any, request: Any, gone: list[Failure]) -> None:
-        if gone:
+    def _write(self, value: Any, request: Any, disconnected: list[Failure]) -> None:
+        if disconnected:
             return
         if isinstance(value, BadRequest):
             body = self._error(request, value.status, str(value))
@@ -80,9 +80,9 @@ class StorePage(resource.Resource):
         request.write(body)
         request.finish()
 
-    def _failed(self, failure: Failure, request: Any, gone: list[Failure]) -> None:
+    def _failed(self, failure: Failure, request: Any, disconnected: list[Failure]) -> None:
         logger.error("reading the store for %s failed: %s", request.uri, failure.getErrorMessage())
-        if gone:
+        if disconnected:
             return
         request.write(self._error(request, 500, "reading the store failed; see the engine log"))
         request.finish()

@@ -373,26 +373,21 @@ def _study_transfer(tmp_path: Path, pools: AnsweringPools) -> StudyTransfer:
     )
 
 
-@pytest.mark.parametrize(
-    ("held_by", "issuer", "shown"),
-    [
-        ("L99999", "", "L99999"),
-        (["L1", "L99999"], "", "L1\\L99999"),
-        # The same value in another domain is another patient.
-        ("L1", "HOSP_B", "L1 of issuer HOSP_B"),
-    ],
-)
-def test_study_held_under_other_patient_fails(
-    tmp_path: Path, held_by: str | list[str], issuer: str, shown: str
-) -> None:
-    # Counted as present before, yet the destination's 10 instances belong to another
-    # patient ID (or to a PatientID of two values, which is not L1 either).
+def _held_study(patient_id: str | list[str], issuer: str, instances: str) -> Dataset:
+    """Return the destination's C-FIND response for study 1.2.3."""
     response = Dataset()
     response.StudyInstanceUID = "1.2.3"
-    response.PatientID = held_by
+    response.PatientID = patient_id
     response.IssuerOfPatientID = issuer
-    response.NumberOfStudyRelatedInstances = "10"
-    pools = AnsweringPools([response])
+    response.NumberOfStudyRelatedInstances = instances
+    return response
+
+
+def _fetch_study(
+    tmp_path: Path, pools: AnsweringPools
+) -> tuple[StudyReport, list[tuple[str, int]]]:
+    """Fetch study 1.2.3 (30 instances at hospital_a) for local patient L1; return the
+    report and the notes."""
     transfer = _study_transfer(tmp_path, pools)
     store = Store(":memory:")
     job = store.get_job(store.add_job(new_job(), NOW))
@@ -411,6 +406,25 @@ def test_study_held_under_other_patient_fails(
         reports.append
     )
     [report] = reports
+    return report, notes
+
+
+@pytest.mark.parametrize(
+    ("held_by", "issuer", "shown"),
+    [
+        ("L99999", "", "L99999"),
+        (["L1", "L99999"], "", "L1\\L99999"),
+        # The same value in another domain is another patient.
+        ("L1", "HOSP_B", "L1 of issuer HOSP_B"),
+    ],
+)
+def test_study_held_under_other_patient_fails(
+    tmp_path: Path, held_by: str | list[str], issuer: str, shown: str
+) -> None:
+    # Counted as present before, yet the destination's 10 instances belong to another
+    # patient ID (or to a PatientID of two values, which is not L1 either).
+    pools = AnsweringPools([_held_study(held_by, issuer, "10")])
+    report, notes = _fetch_study(tmp_path, pools)
     assert report.state == StudyState.FAILED
     assert f"under patient ID {shown}, not L1 of issuer LOCAL" in report.problem
     assert not report.transient
@@ -423,28 +437,7 @@ def test_study_held_under_other_patient_fails(
 # An archive may return no IssuerOfPatientID or replace it with its own name.
 @pytest.mark.parametrize("issuer", ["LOCAL", "", "ARCHIVE_OWN"])
 def test_study_held_under_same_patient_present(tmp_path: Path, issuer: str) -> None:
-    response = Dataset()
-    response.StudyInstanceUID = "1.2.3"
-    response.PatientID = "L1"
-    response.IssuerOfPatientID = issuer
-    response.NumberOfStudyRelatedInstances = "30"
-    pools = AnsweringPools([response])
-    transfer = _study_transfer(tmp_path, pools)
-    store = Store(":memory:")
-    job = store.get_job(store.add_job(new_job(), NOW))
-    assert job is not None
-    local = PatientIdentifier("L1", "LOCAL")
-    remote = PatientIdentifier("HA-1", "HOSP_A")
-    candidate = StudyCandidate("hospital_a", "1.2.3", remote, instance_count=30)
-
-    def note(text: str, level: int = logging.INFO) -> defer.Deferred[None]:
-        return defer.succeed(None)
-
-    reports: list[StudyReport] = []
-    transfer.fetch(job, candidate, Stamp(local, remote, Demographics()), note).addCallback(
-        reports.append
-    )
-    [report] = reports
+    report, _ = _fetch_study(tmp_path, AnsweringPools([_held_study("L1", issuer, "30")]))
     assert report.state == StudyState.PRESENT
     assert "under patient ID" not in report.problem
 

@@ -287,7 +287,7 @@ def test_poller_timer_does_not_overlap_polls(
 OTHER = PatientSpec("L67890", "LOCAL", "ROE^RICHARD", "19700101", "M")
 
 
-def test_same_step_id_in_two_orders_gives_two_jobs(
+def test_shared_step_id_two_jobs(
     poller: tuple[WorklistPoller, ScriptedPools], db: ImmediateStore
 ) -> None:
     # An SPS ID is unique only within its requested procedure: both RIS orders use 1.

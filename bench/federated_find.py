@@ -121,6 +121,7 @@ def write_config(folder: Path, sites: list[DelayedSite], dicom_port: int, mllp_p
     settings["mllp"]["listen"] = f"tcp:{mllp_port}:interface=127.0.0.1"
     settings["store"]["path"] = str(folder / "fdqr.sqlite")
     settings["spool"]["path"] = str(folder / "spool")
+    settings["audit"]["file"] = str(folder / "audit.log")
     for site in sites:
         settings["nodes"][site.name] = {
             "ae_title": site.ae_title,

@@ -206,6 +206,38 @@ class WebSettings(Settings):
         return value
 
 
+class AuditSettings(Settings):
+    """IHE ATNA audit records (DICOM PS3.15 audit messages in RFC 5424 syslog messages).
+
+    syslog sends each record as a UDP datagram to udp:HOST:PORT (RFC 5426);
+    file appends each one as a line. With neither, no records are made.
+    """
+
+    syslog: str | None = None
+    file: Path | None = None
+    # AuditSourceID; the engine's AE title when empty.
+    source_id: str = ""
+    # AuditEnterpriseSiteID, e.g. the hospital's name or OID.
+    site: str = ""
+
+    @pydantic.field_validator("syslog")
+    @classmethod
+    def _syslog_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            syslog_address(value)
+        return value
+
+
+def syslog_address(value: str) -> tuple[str, int]:
+    """Return (host, port) of udp:HOST:PORT; raise ValueError naming the value otherwise."""
+    match = re.fullmatch(r"udp:(\[[^\]]+\]|[^:\[\]]+):(\d+)", value)
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise ValueError(
+            f"invalid syslog address '{value}': use udp:HOST:PORT, e.g. udp:127.0.0.1:514"
+        )
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
 class StoreSettings(Settings):
     path: Path = Path("../var/fdqr.sqlite")
 
@@ -313,6 +345,7 @@ class EngineSettings(Settings):
     dicom: DicomSettings = DicomSettings()
     mllp: MLLPSettings = MLLPSettings()
     web: WebSettings = WebSettings()
+    audit: AuditSettings = AuditSettings()
     local_patient: LocalPatientSettings
     nodes: dict[str, Node]
     identity: IdentitySettings = IdentitySettings()
@@ -371,6 +404,11 @@ class Config:
     @property
     def spool_path(self) -> Path:
         return self.resolve(self.settings.spool.path)
+
+    @property
+    def audit_file(self) -> Path | None:
+        path = self.settings.audit.file
+        return None if path is None else self.resolve(path)
 
 
 def resolve(config_path: Path, path: Path) -> Path:
@@ -486,6 +524,17 @@ def _unusable_data_paths(document: Document, path: Path, settings: EngineSetting
             ]
     named.append((("spool", "path"), settings.spool.path, resolve(path, settings.spool.path)))
     problems = []
+    if settings.audit.file is not None:
+        audit_file = resolve(path, settings.audit.file)
+        named.append((("audit", "file"), settings.audit.file, audit_file.parent))
+        if audit_file.is_dir():
+            problems.append(
+                document.problem(
+                    ("audit", "file"),
+                    f"{audit_file} is a folder, from the value '{settings.audit.file}'",
+                    "name the file the records are appended to, e.g. ../var/audit.log",
+                )
+            )
     for key, value, folder in named:
         # The nearest part of the folder's path that exists must be a folder.
         existing = next((part for part in (folder, *folder.parents) if part.exists()), None)

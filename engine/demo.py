@@ -3,7 +3,8 @@
 Starts three Orthanc servers (two remote hospitals and the local PACS), loads
 them with one patient's priors and the traps of a real network, starts
 `fdqr run` with the shipped routes, rules and identity table, sends one HL7
-order, waits for the job, and prints what was found, chosen and stored.
+order, waits for the job, and prints what was found, chosen and stored, and
+the audit records the engine wrote.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import click
 import hl7.client
 from pydicom import dcmread
 
+from engine import audit
 from engine.clitools import format_table
 from engine.jobs.store import JobRecord, Store
 from engine.testing.scenario import Scenario, order_message, prefetch_scenario
@@ -64,6 +66,8 @@ def run_demo(keep: bool = False) -> int:
                 click.echo(f"fdqr run exited with status {status}", err=True)
                 succeeded = False
         network.stop()
+    if succeeded:
+        succeeded = _print_audit(folder / "engine" / "audit.log", scenario)
 
     if succeeded:
         click.echo(
@@ -184,3 +188,39 @@ def _print_destination(network: Network, scenario: Scenario) -> bool:
     if not complete:
         click.echo("  some expected studies are missing or incomplete", err=True)
     return identities_ok and complete and not leaked
+
+
+def _print_audit(path: Path, scenario: Scenario) -> bool:
+    """Print the audit records; return True if each moved study has a successful transfer record."""
+    try:
+        messages = audit.read_file(path)
+    except (OSError, ValueError) as error:
+        click.echo(f"  the audit file {path} cannot be read: {error}", err=True)
+        return False
+    rows = [("EVENT", "OUTCOME", "PARTICIPANTS", "OBJECTS")]
+    transferred: set[str] = set()
+    for message in messages:
+        event = message.find("EventIdentification")
+        event_id = event.find("EventID") if event is not None else None
+        if event is None or event_id is None:
+            continue
+        outcome = event.attrib.get("EventOutcomeIndicator", "")
+        objects = [
+            item.attrib["ParticipantObjectID"]
+            for item in message.findall("ParticipantObjectIdentification")
+        ]
+        if event_id.attrib["csd-code"] == audit.INSTANCES_TRANSFERRED.code and outcome == "0":
+            transferred.update(objects)
+        event_type = event.find("EventTypeCode")
+        name = event_id.attrib["originalText"]
+        if event_type is not None:
+            name += f": {event_type.attrib['originalText']}"
+        users = [item.attrib["UserID"] for item in message.findall("ActiveParticipant")]
+        rows.append((name, outcome, ", ".join(users), ", ".join(objects) or "-"))
+    click.echo(f"\nAudit records in {path.relative_to(REPOSITORY)}:")
+    click.echo(format_table(rows, indent="  "))
+
+    missing = [key for key in scenario.expected_moved if scenario.study(key).uid not in transferred]
+    if missing:
+        click.echo(f"  no transfer record for: {', '.join(missing)}", err=True)
+    return not missing

@@ -19,6 +19,7 @@ from twisted.internet import defer, endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 
+from engine.audit import Auditor, FileSink, Node, Outcome, Sink, UdpSink
 from engine.coercion import DEFAULT_PROFILE
 from engine.config import (
     MEMORY_STORE,
@@ -27,6 +28,7 @@ from engine.config import (
     load_rules,
     mllp_tls_options,
     rule_files,
+    syslog_address,
 )
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient, RetryPolicy
@@ -41,12 +43,13 @@ from engine.identity.build import build_resolver
 from engine.identity.domains import DomainDirectory
 from engine.identity.records import known_demographics
 from engine.jobs.planner import Planner
-from engine.jobs.prefetch import Prefetch, Source
+from engine.jobs.prefetch import Prefetch, Source, StudyResult
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
-from engine.jobs.store import AsyncStore, Store, StoreError
+from engine.jobs.store import AsyncStore, JobRecord, Store, StoreError, StudyState
 from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
+from engine.model import StudyCandidate
 from engine.rules.reload import RuleFileWatcher, RuleSetHolder
 from engine.runlock import RunLock
 from engine.web.metrics import EngineMetrics, JobCountRefresh
@@ -114,6 +117,10 @@ class Engine:
         )
         self.receiver = Receiver(self.registry, fsync=settings.spool.fsync, spool=self.spool)
         self.metrics = EngineMetrics(spool_bytes=lambda: self.spool.used_bytes)
+        # Its sinks are opened at start, so a bad address stops the start with a StartError.
+        self.audit = Auditor(
+            settings.dicom.ae_title, settings.audit.source_id, settings.audit.site, now=self.now
+        )
         self.job_counts = JobCountRefresh(
             self.db, self.metrics, reactor, settings.web.refresh_seconds
         )
@@ -138,6 +145,7 @@ class Engine:
                 demographics=lambda patient: self.db.run(
                     lambda store: known_demographics(store, patient)
                 ),
+                audit=self.audit,
             )
             # The Q/R SCP shares the Storage SCP's AE title and port.
             self.scp.add_service(qr_service.configure, qr_service.handlers)
@@ -169,7 +177,7 @@ class Engine:
                 frozenset(name for name, node in settings.nodes.items() if node.store_only),
             ),
             stopping=lambda: self.tracker.closed,
-            on_study=self.metrics.study_ended,
+            on_study=self._study_ended,
         )
         jobs = settings.jobs
         self.worker = Worker(
@@ -223,12 +231,52 @@ class Engine:
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.reactor.seconds(), dt.UTC)
 
+    def _study_ended(self, job: JobRecord, candidate: StudyCandidate, result: StudyResult) -> None:
+        self.metrics.study_ended(result.state, result.stored_in_attempt)
+        outcome = _TRANSFER_OUTCOMES.get(result.state)
+        if outcome is None or (result.state is StudyState.FAILED and not result.received):
+            return
+        nodes = self.config.settings.nodes
+        source, destination = nodes[candidate.source], nodes[job.destination]
+        self.audit.study_transferred(
+            job.patient,
+            candidate.study_instance_uid,
+            Node(source.ae_title, source.host),
+            Node(destination.ae_title, destination.host),
+            outcome,
+            result.problem,
+        )
+
+    def _open_audit_sinks(self) -> list[Sink]:
+        settings = self.config.settings.audit
+        sinks: list[Sink] = []
+        if settings.syslog is not None:
+            host, port = syslog_address(settings.syslog)
+            try:
+                sinks.append(UdpSink(host, port))
+            except OSError as error:
+                raise StartError(
+                    f"the audit syslog address {settings.syslog} (audit.syslog) cannot be used:"
+                    f" {error.strerror or error}"
+                ) from error
+        audit_file = self.config.audit_file
+        if audit_file is not None:
+            try:
+                sinks.append(FileSink(audit_file))
+            except OSError as error:
+                raise StartError(
+                    f"the audit file {audit_file} (audit.file) cannot be opened:"
+                    f" {error.strerror or error}"
+                ) from error
+        return sinks
+
     @defer.inlineCallbacks
     def start(self) -> Generator[defer.Deferred[Any], Any, None]:
         settings = self.config.settings
         for lock in self.locks:
             lock.acquire()
         self.spool.open()
+        self.audit.sinks = self._open_audit_sinks()
         self.db.start()
         self.pools.start()
         try:
@@ -274,6 +322,9 @@ class Engine:
         )
         if not self.config.rule_set.routes:
             logger.warning("no routes are defined, so no HL7 order or worklist entry creates a job")
+        if self.audit.enabled:
+            logger.info("audit records to %s", ", ".join(sink.name for sink in self.audit.sinks))
+        self.audit.application_started()
 
     @defer.inlineCallbacks
     def stop(self) -> Generator[defer.Deferred[Any], Any, None]:
@@ -308,9 +359,19 @@ class Engine:
                 ", ".join(stuck),
             )
         self.db.stop()
+        self.audit.application_stopped()
+        self.audit.close()
         for lock in self.locks:
             lock.release()
         logger.info("engine stopped")
+
+
+# The audit outcome of a study's transfer; other states moved no instances.
+_TRANSFER_OUTCOMES = {
+    StudyState.STORED: Outcome.SUCCESS,
+    StudyState.INCOMPLETE: Outcome.MINOR_FAILURE,
+    StudyState.FAILED: Outcome.SERIOUS_FAILURE,
+}
 
 
 def run(config: Config, reactor: Any = None) -> int:

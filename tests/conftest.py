@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from engine.audit import read_syslog_message
 from engine.jobs.store import Store
 from tests.fakes import ImmediateStore
 
@@ -43,3 +45,15 @@ def db(tmp_path: Path) -> Iterator[ImmediateStore]:
     fake = ImmediateStore(Store(tmp_path / "fdqr.sqlite"))
     yield fake
     fake.stop()
+
+
+def audit_message(line: bytes) -> ElementTree.Element:
+    """Parse one audit syslog message (RFC 5424 header, BOM, XML) into its AuditMessage."""
+    header = line.partition(b"\xef\xbb\xbf")[0]
+    assert header.startswith(b"<85>1 "), header
+    assert header.endswith(b" IHE+RFC-3881 - "), header
+    return read_syslog_message(line)
+
+
+def audit_file_messages(path: Path) -> list[ElementTree.Element]:
+    return [audit_message(line) for line in path.read_bytes().splitlines()]

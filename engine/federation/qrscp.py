@@ -34,6 +34,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from twisted.internet.threads import blockingCallFromThread
 
+from engine.audit import Auditor, Node, Outcome
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient
 from engine.dimse.status import Status
 from engine.dimse.transport import NoDelayAE
@@ -44,6 +45,7 @@ from engine.federation.retrieve import (
     FederatedRetrieve,
     Retrieval,
     RetrievePlan,
+    WorkItem,
 )
 from engine.federation.settings import FederationSettings
 from engine.federation.transfer import GetSender, MoveSender, Responder, Sender, Transfer
@@ -69,8 +71,14 @@ class QRService:
         settings: FederationSettings,
         tracker: AssociationTracker,
         max_pdu_bytes: int,
+        audit: Auditor | None = None,
+        site_nodes: dict[str, Node] | None = None,
     ) -> None:
         self.reactor = reactor
+        # With no auditor given, one without sinks: no records.
+        self.audit = audit or Auditor(federation.ae_title)
+        # Each site's AE title and host, as the audit records name them.
+        self.site_nodes = site_nodes or {}
         self.federation = federation
         self.retrieval = retrieval
         self.settings = settings
@@ -102,6 +110,48 @@ class QRService:
     # C-FIND
 
     def on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """Serve a C-FIND, then record it in the audit trail with its final status."""
+        final: int | Dataset | None = None
+        completed = False
+        try:
+            for status, answer in self._find(event):
+                final = status
+                yield status, answer
+            completed = True
+        finally:
+            self._audit_query(event, final, completed)
+
+    def _audit_query(self, event: Any, final: int | Dataset | None, completed: bool) -> None:
+        if not self.audit.enabled:
+            return
+        code = final.Status if isinstance(final, Dataset) else final
+        comment = str(final.get("ErrorComment", "")) if isinstance(final, Dataset) else ""
+        if code is None or code == Status.PENDING:
+            # After the last match, pynetdicom sends the final success itself, unless
+            # the association ended first. After a final status it stops asking.
+            if completed:
+                outcome = Outcome.SUCCESS
+            else:
+                outcome, comment = Outcome.MINOR_FAILURE, "ended before its final response"
+        elif code == Status.SUCCESS:
+            # A comment with success names the sites that sent no response.
+            outcome = Outcome.MINOR_FAILURE if comment else Outcome.SUCCESS
+        elif code == Status.CANCEL:
+            outcome, comment = Outcome.MINOR_FAILURE, "cancelled by the caller"
+        else:
+            outcome = Outcome.SERIOUS_FAILURE
+            comment = f"status 0x{int(code):04X}" + (f": {comment}" if comment else "")
+        identifier = event.request.Identifier
+        self.audit.query_answered(
+            Node(self._caller(event.assoc), str(event.assoc.requestor.address)),
+            str(event.context.abstract_syntax),
+            identifier.getvalue() if identifier is not None else b"",
+            str(event.context.transfer_syntax),
+            outcome,
+            comment,
+        )
+
+    def _find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         caller = self._caller(event.assoc)
         query_id = f"{caller}#{event.request.MessageID}"
         if caller not in self.settings.callers:
@@ -215,6 +265,8 @@ class QRService:
             return
 
         sender: Sender
+        requestor = Node(caller, str(association.requestor.address))
+        destination_node = requestor
         if is_move:
             destination = str(request.MoveDestination or "").strip()
             address = self.settings.move_destinations.get(destination)
@@ -230,6 +282,7 @@ class QRService:
                     Status.MOVE_DESTINATION_UNKNOWN, f"unknown destination {destination}"
                 )
                 return
+            destination_node = Node(destination, address.host)
             node = NodeAddress(
                 f"destination {destination}",
                 destination,
@@ -256,9 +309,40 @@ class QRService:
             logger.exception("%s %s: planning failed", kind, request_id)
             responder.final(UNABLE_TO_PROCESS, f"retrieve failed: {type(error).__name__}")
             return
+
+        def study_sent(item: WorkItem, sent: int, failed: int) -> None:
+            self._audit_study_sent(item, sent, failed, requestor, destination_node)
+
         Transfer(
-            self.reactor, service, request, retrieve, plan, sender, responder, request_id
+            self.reactor,
+            service,
+            request,
+            retrieve,
+            plan,
+            sender,
+            responder,
+            request_id,
+            on_study_sent=study_sent,
         ).run()
+
+    def _audit_study_sent(
+        self, item: WorkItem, sent: int, failed: int, requestor: Node, destination: Node
+    ) -> None:
+        site = item.location.site
+        if not failed:
+            outcome, description = Outcome.SUCCESS, ""
+        else:
+            outcome = Outcome.MINOR_FAILURE if sent else Outcome.SERIOUS_FAILURE
+            description = f"{failed} of {sent + failed} instances not stored"
+        self.audit.study_transferred(
+            item.location.local,
+            item.study_instance_uid,
+            self.site_nodes.get(site, Node(site, "")),
+            destination,
+            outcome,
+            description,
+            requestor=requestor,
+        )
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,10 @@ class GetSender(Sender):
         return int(status.Status) if status is not None and "Status" in status else None
 
 
+# Called for each study sent on: the study's work item, and its instances sent and failed.
+StudySent = Callable[[WorkItem, int, int], None]
+
+
 class Transfer:
     """Pulls each planned study into the spool and sends it on, with counts and the final status."""
 
@@ -220,6 +225,7 @@ class Transfer:
         sender: Sender,
         responder: Responder,
         request_id: str,
+        on_study_sent: StudySent = lambda item, sent, failed: None,
     ) -> None:
         self.reactor = reactor
         self.service_class = service_class
@@ -229,6 +235,7 @@ class Transfer:
         self.sender = sender
         self.responder = responder
         self.request_id = request_id
+        self.on_study_sent = on_study_sent
         self.counts = Counts(plan.total)
         self.cancelled = False
         # The first problem with the move destination, for the final Error Comment.
@@ -271,16 +278,28 @@ class Transfer:
         self.counts.total += len(extra)
         self.sender.open(files)
         self.destination_problem = self.destination_problem or self.sender.problem
+        sent = failed = 0
         try:
             for path in files:
                 if self._check_cancel():
-                    return
-                self.counts.record(self.sender.send(path), path.stem)
+                    break
+                status = self.sender.send(path)
+                self.counts.record(status, path.stem)
+                if status is not None and is_success_or_warning(status):
+                    sent += 1
+                else:
+                    failed += 1
                 self._pending()
         finally:
             self.sender.close()
+        if self.cancelled:
+            if sent or failed:
+                self.on_study_sent(item, sent, failed)
+            return
         received = {path.stem for path in files}
         missing = [uid for uid in sorted(expected) if uid not in received]
+        if sent or failed:
+            self.on_study_sent(item, sent, failed + len(missing))
         for uid in missing:
             self.counts.record(None, uid)
         if missing:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.audit import Auditor, Node
 from engine.config import Config
 from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeClient
@@ -28,6 +29,7 @@ def build_qr_service(
     identity: Callable[[], IdentityResolver],
     spool_root: Path,
     demographics: DemographicsLookup,
+    audit: Auditor | None = None,
 ) -> QRService:
     settings = config.settings
     federation_settings = settings.federation
@@ -70,4 +72,9 @@ def build_qr_service(
         federation_settings,
         tracker,
         settings.dicom.max_pdu_bytes,
+        audit,
+        {
+            name: Node(settings.nodes[name].ae_title, settings.nodes[name].host)
+            for name in federation_settings.sites
+        },
     )

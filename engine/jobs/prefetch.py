@@ -123,10 +123,12 @@ class Prefetch:
         receiver: Receiver | None = None,
         transfer_settings: TransferSettings | None = None,
         stopping: Callable[[], bool] = lambda: False,
-        on_study: Callable[[StudyState, int], None] = lambda state, stored: None,
+        on_study: Callable[[JobRecord, StudyCandidate, StudyResult], None] = (
+            lambda job, candidate, result: None
+        ),
     ) -> None:
         self.db = db
-        # Called with each study's state and instances stored when its fetch ends.
+        # Called with each study's job, candidate and result when its fetch ends.
         self.on_study = on_study
         self.pools = pools
         self.clients = clients
@@ -228,7 +230,7 @@ class Prefetch:
                 postponed.append(quiet.until)
                 continue
             result = yield self.slots.run(candidate.source, self._fetch_study, job, candidate)
-            self.on_study(result.state, result.stored_in_attempt)
+            self.on_study(job, candidate, result)
             results.append(result)
 
         outcome = self._summarize(results, failed_sources)

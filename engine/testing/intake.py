@@ -40,6 +40,7 @@ def write_intake_config(
         node["port"] = free_port()
     settings["store"]["path"] = store
     settings["spool"]["path"] = str(folder / "spool")
+    settings["audit"]["file"] = str(folder / "audit.log")
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "engine.yaml"
     config.write_text(yaml.safe_dump(settings, sort_keys=False))

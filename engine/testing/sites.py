@@ -103,6 +103,8 @@ class Network:
             settings["nodes"][name]["port"] = server.dicom_port
         settings["store"]["path"] = str(target.parent / "fdqr.sqlite")
         settings["spool"]["path"] = str(target.parent / "spool")
+        if settings.get("audit", {}).get("file"):
+            settings["audit"]["file"] = str(target.parent / "audit.log")
         settings["jobs"]["poll_seconds"] = 0.5
         for section, values in (overrides or {}).items():
             if isinstance(values, dict):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import io
+import time
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 
+from engine.audit import event_code
 from engine.testing.adt import demographics_message
 from engine.testing.dicomgen import (
     PatientSpec,
@@ -21,12 +27,16 @@ from engine.testing.dicomgen import (
 )
 from engine.testing.scenario import Scenario, prefetch_scenario
 from engine.testing.sites import EngineProcess, Network
+from tests.conftest import audit_file_messages
 from tests.integration.conftest import send
 from tests.integration.dcmtk import StoreSCP, findscu, getscu, movescu, run_tool
 
 pytestmark = pytest.mark.integration
 
 SITE_TIMEOUT_SECONDS = 8
+# Audit EventIDs.
+QUERY = "110112"
+TRANSFERRED = "110104"
 LOCAL_STUDIES = (
     "a-ct-chest-1y",
     "a-mr-brain-2y",
@@ -50,6 +60,60 @@ class Federated:
     @property
     def port(self) -> int:
         return self.network.ports.dicom
+
+    def audit_records(self, event: str, user: str, count: int = 1) -> list[ElementTree.Element]:
+        """Wait for the audit records of an event that name a user, at least count of them."""
+        deadline = time.monotonic() + 10
+        while True:
+            path = self.engine.config.parent / "audit.log"
+            found = [
+                message
+                for message in (audit_file_messages(path) if path.exists() else [])
+                if event_code(message) == event
+                and any(
+                    participant.attrib["UserID"] == user
+                    for participant in message.findall("ActiveParticipant")
+                )
+            ]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
+
+def outcome(message: ElementTree.Element) -> tuple[str, str]:
+    event = message.find("EventIdentification")
+    assert event is not None
+    return event.attrib["EventOutcomeIndicator"], event.findtext("EventOutcomeDescription") or ""
+
+
+def roles(message: ElementTree.Element) -> dict[str, tuple[str, str]]:
+    """Each active participant's role code and whether it is the requestor, by user ID."""
+    found = {}
+    for participant in message.findall("ActiveParticipant"):
+        role = participant.find("RoleIDCode")
+        found[participant.attrib["UserID"]] = (
+            "" if role is None else role.attrib["csd-code"],
+            participant.attrib["UserIsRequestor"],
+        )
+    return found
+
+
+def object_ids(message: ElementTree.Element) -> list[str]:
+    return [
+        item.attrib["ParticipantObjectID"]
+        for item in message.findall("ParticipantObjectIdentification")
+    ]
+
+
+def query_of(message: ElementTree.Element) -> Dataset:
+    """Decode the query identifier that a Query audit record carries."""
+    encoded = message.findtext("ParticipantObjectIdentification/ParticipantObjectQuery")
+    assert encoded
+    detail = message.find("ParticipantObjectIdentification/ParticipantObjectDetail")
+    assert detail is not None
+    syntax = base64.b64decode(detail.attrib["value"]).decode()
+    implicit = syntax == "1.2.840.10008.1.2"
+    return read_dataset(io.BytesIO(base64.b64decode(encoded)), implicit, True)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +181,11 @@ def test_find_merges_every_site_under_local_id(federated: Federated, tmp_path: P
     run, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
     assert run.final.status == 0x0000, run.output[-2000:]
     assert run.final.error_comment == ""
+
+    [record] = federated.audit_records(QUERY, "FINDSCU")
+    assert outcome(record) == ("0", "")
+    query = query_of(record)
+    assert (query.QueryRetrieveLevel, query.PatientID) == ("STUDY", "L12345")
 
     uids = [str(row.StudyInstanceUID) for row in rows]
     assert sorted(uids) == sorted(study_uid(key) for key in LOCAL_STUDIES)
@@ -215,6 +284,8 @@ def test_find_unknown_caller_refused(federated: Federated, tmp_path: Path) -> No
     run, rows = findscu(federated.port, "STRANGER", "STUDY", STUDY_KEYS, tmp_path)
     assert run.final.status == 0x0124
     assert rows == []
+    [record] = federated.audit_records(QUERY, "STRANGER")
+    assert outcome(record) == ("8", "status 0x0124: AE title STRANGER is not allowed")
 
 
 def test_move_delivers_stamped_study_with_counts(federated: Federated) -> None:
@@ -242,6 +313,16 @@ def test_move_delivers_stamped_study_with_counts(federated: Federated) -> None:
         assert others(instance) == [("HB-4455", "HOSP_B")]
         # The engine has no local record of the patient yet: the site's name stays.
         assert instance.PatientName == "DOE^JANE^MARIE"
+
+    [record] = federated.audit_records(TRANSFERRED, "MOVESCU")
+    assert outcome(record) == ("0", "")
+    assert roles(record) == {
+        "FDQR": ("", "false"),
+        "HOSP_B": ("110153", "false"),
+        "STORESCP": ("110152", "false"),
+        "MOVESCU": ("", "true"),
+    }
+    assert object_ids(record) == [study_uid("b-ct-head-3y"), "L12345^^^LOCAL"]
 
 
 def test_local_record_in_answers_and_objects(federated: Federated, tmp_path: Path) -> None:
@@ -311,6 +392,15 @@ def test_get_delivers_stamped_study(federated: Federated, tmp_path: Path) -> Non
         assert instance.PatientID == "L12345"
         assert others(instance) == [("HA-778899", "HOSP_A")]
 
+    [record] = federated.audit_records(TRANSFERRED, "GETSCU")
+    assert outcome(record) == ("0", "")
+    assert roles(record) == {
+        "FDQR": ("", "false"),
+        "HOSP_A": ("110153", "false"),
+        "GETSCU": ("110152", "true"),
+    }
+    assert object_ids(record) == [study_uid("a-cr-chest-6m"), "L12345^^^LOCAL"]
+
 
 def test_move_unknown_destination_a801(federated: Federated) -> None:
     run = movescu(
@@ -379,6 +469,7 @@ def test_find_with_stopped_site_answers_in_time(federated: Federated, tmp_path: 
 
 def test_find_with_site_down_reports_failure(federated: Federated, tmp_path: Path) -> None:
     hospital_b = federated.network.sites["hospital_b"]
+    records_before = len(federated.audit_records(QUERY, "FINDSCU"))
     hospital_b.stop()
     try:
         run, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
@@ -386,6 +477,8 @@ def test_find_with_site_down_reports_failure(federated: Federated, tmp_path: Pat
         hospital_b.start()
     assert run.final.status == 0x0000
     assert run.final.error_comment == "no answer from hospital_b (failed)"
+    records = federated.audit_records(QUERY, "FINDSCU", records_before + 1)
+    assert outcome(records[-1]) == ("4", "no answer from hospital_b (failed)")
     assert run.elapsed_seconds < SITE_TIMEOUT_SECONDS
     uids = {str(row.StudyInstanceUID) for row in rows}
     assert study_uid("a-mr-brain-2y") in uids

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -497,3 +498,23 @@ def test_listener_conflicts_named(tmp_path: Path) -> None:
         f"engine failed to start: the listener tcp:{first.port}:interface=127.0.0.1"
         " (mllp.listen) failed: Address already in use"
     ) in mllp.stderr
+
+
+def test_audit_file_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> None:
+    # /proc accepts no new folders, even for root, and passes the configuration check.
+    unusable = Path("/proc") / f"fdqr-{uuid.uuid4().hex}" / "audit.log"
+    config, _ = write_intake_config(tmp_path, str(tmp_path / "fdqr.sqlite"))
+    settings = yaml.safe_load(config.read_text())
+    settings["audit"]["file"] = str(unusable)
+    config.write_text(yaml.safe_dump(settings))
+
+    run = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert f"engine failed to start: the audit file {unusable} (audit.file) cannot be opened:" in (
+        run.stderr
+    )

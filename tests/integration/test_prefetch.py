@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from pathlib import Path
 
 import hl7.client
 import pytest
+import yaml
 
+from engine.audit import event_code
 from engine.jobs.store import JobState, StudyState
 from engine.testing.scenario import Scenario, order_message, prefetch_scenario
 from engine.testing.sites import EngineProcess, Network
+from tests.conftest import audit_file_messages, audit_message
 from tests.integration.conftest import (
     ack_segments,
     instance_by_uid,
@@ -38,6 +43,22 @@ class Prefetched:
         self.message = b""
         self.ack: list[str] = []
         self.job_id = 0
+        # The audit repository: a UDP socket the engine sends syslog messages to.
+        self.syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.syslog.bind(("127.0.0.1", 0))
+        self.syslog.settimeout(0.5)
+
+    @property
+    def audit_file(self) -> Path:
+        return self.store.parent / "audit.log"
+
+    def syslog_messages(self) -> list[ElementTree.Element]:
+        messages = []
+        while True:
+            try:
+                messages.append(audit_message(self.syslog.recv(65535)))
+            except TimeoutError:
+                return messages
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +70,15 @@ def prefetched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefetched]
     engine = None
     try:
         network.load(scenario)
-        config = network.write_engine_config(folder / "engine" / "engine.yaml")
+        state = Prefetched(network, None, scenario, folder / "engine" / "fdqr.sqlite")  # type: ignore[arg-type]
+        syslog_port = state.syslog.getsockname()[1]
+        config = network.write_engine_config(
+            folder / "engine" / "engine.yaml",
+            overrides={"audit": {"syslog": f"udp:127.0.0.1:{syslog_port}"}},
+        )
         engine = EngineProcess(config, network.ports.mllp, folder / "engine.log")
+        state.engine = engine
         engine.start()
-        state = Prefetched(network, engine, scenario, folder / "engine" / "fdqr.sqlite")
         state.message = order_message(
             scenario.local_patient, "ORD1", "ACC-NEW-1", dt.datetime.now()
         )
@@ -65,6 +91,9 @@ def prefetched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefetched]
         if engine is not None:
             status = engine.stop()
             assert status == 0, engine.log_text()[-3000:]
+            # The engine's last audit record is its Application Stop.
+            last = audit_file_messages(folder / "engine" / "audit.log")[-1]
+            assert event_code(last, "EventTypeCode") == "110121"
         network.stop()
 
 
@@ -203,3 +232,62 @@ def test_bad_message_answered_and_connection_usable(prefetched: Prefetched) -> N
         )
         assert good[1] == "MSA|AA|ORD4"
     assert prefetched.engine.running
+
+
+def transferred_studies(messages: list[ElementTree.Element]) -> dict[str, ElementTree.Element]:
+    """The DICOM Instances Transferred records by the study UID they name."""
+    found = {}
+    for message in messages:
+        if event_code(message) != "110104":
+            continue
+        for item in message.findall("ParticipantObjectIdentification"):
+            if item.attrib["ParticipantObjectTypeCode"] == "2":
+                found[item.attrib["ParticipantObjectID"]] = message
+    return found
+
+
+def test_audit_records_each_moved_study_with_local_patient(prefetched: Prefetched) -> None:
+    scenario = prefetched.scenario
+    nodes = yaml.safe_load(prefetched.engine.config.read_text())["nodes"]
+    sources = {
+        study.study_instance_uid: nodes[study.source]["ae_title"]
+        for study in read_studies(prefetched.store, prefetched.job_id)
+        if study.state == StudyState.STORED
+    }
+    messages = audit_file_messages(prefetched.audit_file)
+    assert event_code(messages[0], "EventTypeCode") == "110120"
+
+    transferred = transferred_studies(messages)
+    moved = {scenario.study(key).uid for key in scenario.expected_moved}
+    assert set(transferred) == moved
+    for uid in moved:
+        message = transferred[uid]
+        event = message.find("EventIdentification")
+        assert event is not None and event.attrib["EventOutcomeIndicator"] == "0"
+        roles = {
+            participant.attrib["UserID"]: participant.find("RoleIDCode")
+            for participant in message.findall("ActiveParticipant")
+        }
+        source, destination = roles[sources[uid]], roles[nodes["local_pacs"]["ae_title"]]
+        assert source is not None and source.attrib["csd-code"] == "110153"
+        assert destination is not None and destination.attrib["csd-code"] == "110152"
+        patients = [
+            item.attrib["ParticipantObjectID"]
+            for item in message.findall("ParticipantObjectIdentification")
+            if item.attrib["ParticipantObjectTypeCode"] == "1"
+        ]
+        assert patients == [f"{scenario.local_patient.id}^^^LOCAL"]
+
+    text = prefetched.audit_file.read_text()
+    for placement in scenario.placements:
+        family_name = placement.patient.name.split("^")[0]
+        assert family_name not in text
+        assert placement.patient.birth_date not in text
+
+
+def test_audit_records_reach_syslog_over_udp(prefetched: Prefetched) -> None:
+    received = prefetched.syslog_messages()
+    assert event_code(received[0], "EventTypeCode") == "110120"
+    assert set(transferred_studies(received)) == {
+        prefetched.scenario.study(key).uid for key in prefetched.scenario.expected_moved
+    }

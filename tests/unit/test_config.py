@@ -171,7 +171,7 @@ def test_identity_table_rows_checked(layout: Path, row: str, message: str) -> No
     assert problem.message.startswith(message)
 
 
-@pytest.mark.parametrize("setting", ["store.path", "spool.path"])
+@pytest.mark.parametrize("setting", ["store.path", "spool.path", "audit.file"])
 def test_data_path_under_a_file(layout: Path, setting: str) -> None:
     (layout.parent / "afile").write_text("not a folder")
     edit(layout, {setting: "afile/data/fdqr.sqlite"})
@@ -191,6 +191,25 @@ def test_store_path_naming_a_folder(layout: Path) -> None:
     [problem] = raised.value.problems
     assert problem.path == "store.path"
     assert problem.message == f"{layout.parent / 'var'} is a folder, from the value 'var'"
+
+
+def test_audit_file_naming_a_folder(layout: Path) -> None:
+    (layout.parent / "var").mkdir()
+    edit(layout, {"audit.file": "var"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "audit.file"
+    assert problem.message == f"{layout.parent / 'var'} is a folder, from the value 'var'"
+
+
+def test_audit_syslog_address_checked(layout: Path) -> None:
+    edit(layout, {"audit.syslog": "syslog.example.org:514"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "audit.syslog"
+    assert "invalid syslog address 'syslog.example.org:514': use udp:HOST:PORT" in problem.message
 
 
 @pytest.mark.parametrize(

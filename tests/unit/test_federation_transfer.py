@@ -119,7 +119,9 @@ def transfer(
     statuses: dict[str, int | None] | None = None,
     failing: set[str] | None = None,
     cancel_after: int | None = None,
+    reports: list[tuple[str, int, int]] | None = None,
 ) -> tuple[FakeResponder, FakeRetrieve]:
+    """Run a transfer; reports collects (study, sent, failed) for each study sent on."""
     responder = FakeResponder()
     retrieve = FakeRetrieve(tmp_path, arrived, failing or set())
     request = Dataset()
@@ -133,13 +135,20 @@ def transfer(
         FakeSender(statuses or {}),
         responder,  # type: ignore[arg-type]
         "test#7",
+        on_study_sent=lambda done, sent, failed: (reports if reports is not None else []).append(
+            (done.study_instance_uid, sent, failed)
+        ),
     ).run()
     return responder, retrieve
 
 
 def test_transfer_success_with_pending_counts(tmp_path: Path) -> None:
     plan = RetrievePlan([item("1.1", "1.1.1", "1.1.2", "1.1.3")])
-    responder, retrieve = transfer(tmp_path, plan, {"1.1": ["1.1.1", "1.1.2", "1.1.3"]})
+    reports: list[tuple[str, int, int]] = []
+    responder, retrieve = transfer(
+        tmp_path, plan, {"1.1": ["1.1.1", "1.1.2", "1.1.3"]}, reports=reports
+    )
+    assert reports == [("1.1", 3, 0)]
     *pending, final = responder.responses
     assert [r["status"] for r in pending] == [Status.PENDING, Status.PENDING]
     assert [(r["remaining"], r["completed"]) for r in pending] == [(2, 1), (1, 2)]
@@ -150,12 +159,16 @@ def test_transfer_success_with_pending_counts(tmp_path: Path) -> None:
 
 def test_transfer_missing_and_refused_give_b000(tmp_path: Path) -> None:
     plan = RetrievePlan([item("1.1", "1.1.1", "1.1.2", "1.1.3")])
+    reports: list[tuple[str, int, int]] = []
     responder, _ = transfer(
         tmp_path,
         plan,
         {"1.1": ["1.1.1", "1.1.2"]},
         statuses={"1.1.2": Status.OUT_OF_RESOURCES},
+        reports=reports,
     )
+    # One sent, one refused by the destination, one that never arrived.
+    assert reports == [("1.1", 1, 2)]
     final = responder.responses[-1]
     assert final["status"] == Status.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
     assert (final["completed"], final["failed"]) == (1, 2)
@@ -173,7 +186,10 @@ def test_transfer_warning_counted(tmp_path: Path) -> None:
 
 def test_transfer_all_failed_gives_a702(tmp_path: Path) -> None:
     plan = RetrievePlan([item("1.1", "1.1.1", "1.1.2")])
-    responder, _ = transfer(tmp_path, plan, {}, failing={"1.1"})
+    reports: list[tuple[str, int, int]] = []
+    responder, _ = transfer(tmp_path, plan, {}, failing={"1.1"}, reports=reports)
+    # Nothing arrived, so nothing was sent on.
+    assert reports == []
     final = responder.responses[-1]
     assert final["status"] == Status.OUT_OF_RESOURCES_SUB_OPERATIONS
     assert (final["completed"], final["failed"]) == (0, 2)
@@ -205,9 +221,15 @@ def test_transfer_extra_instance_counted(tmp_path: Path) -> None:
 
 def test_transfer_cancel_between_sub_operations(tmp_path: Path) -> None:
     plan = RetrievePlan([item("1.1", "1.1.1", "1.1.2", "1.1.3", "1.1.4")])
+    reports: list[tuple[str, int, int]] = []
     responder, retrieve = transfer(
-        tmp_path, plan, {"1.1": ["1.1.1", "1.1.2", "1.1.3", "1.1.4"]}, cancel_after=3
+        tmp_path,
+        plan,
+        {"1.1": ["1.1.1", "1.1.2", "1.1.3", "1.1.4"]},
+        cancel_after=3,
+        reports=reports,
     )
+    assert reports == [("1.1", 2, 0)]
     final = responder.responses[-1]
     assert final["status"] == Status.CANCEL
     assert final["completed"] == 2

@@ -56,3 +56,48 @@ class RetrieveSlots:
     def waiting(self, source: str) -> int:
         semaphore = self._semaphores.get(source)
         return len(semaphore.waiting) if semaphore is not None else 0
+
+
+class StudyTurns:
+    """Lets one job at a time fetch a study into a destination; other jobs wait their turn.
+
+    Two orders for one patient often arrive together and select the same priors.
+    The job that comes second then finds the study at the destination instead of
+    retrieving it from the source again.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], defer.DeferredLock] = {}
+        self._holders: dict[tuple[str, str], int] = {}
+
+    def holder(self, destination: str, study_instance_uid: str) -> int | None:
+        """Return the job fetching the study into the destination now, if any."""
+        return self._holders.get((destination, study_instance_uid))
+
+    def run(
+        self,
+        destination: str,
+        study_instance_uid: str,
+        job_id: int,
+        function: Callable[..., defer.Deferred[T]],
+        *args: Any,
+    ) -> defer.Deferred[T]:
+        """Call `function` when no other job fetches the study into the destination."""
+        key = (destination, study_instance_uid)
+        lock = self._locks.setdefault(key, defer.DeferredLock())
+
+        def take_turn(_: object) -> defer.Deferred[T]:
+            self._holders[key] = job_id
+            return defer.maybeDeferred(function, *args)
+
+        def end_turn(result: object) -> object:
+            del self._holders[key]
+            lock.release()
+            if not lock.locked and not lock.waiting and self._locks.get(key) is lock:
+                del self._locks[key]
+            return result
+
+        turn = lock.acquire()
+        turn.addCallback(take_turn)
+        turn.addBoth(end_turn)
+        return turn  # type: ignore[return-value]

@@ -35,7 +35,7 @@ from engine.identity import records
 from engine.identity.check import differences
 from engine.identity.resolver import ChainResolver, IdentityResolver
 from engine.identity.settings import CheckSettings
-from engine.jobs.policy import RetrieveSlots, SourcePolicy
+from engine.jobs.policy import RetrieveSlots, SourcePolicy, StudyTurns
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyRecord, StudyState
@@ -144,6 +144,7 @@ class Prefetch:
         self.policies = policies or {}
         self.zone = zone or LocalZone()
         self.slots = RetrieveSlots(self.policies)
+        self.turns = StudyTurns()
         self.spool = spool or Spool(spool_root, max_bytes=1 << 62)
         self.transfer = StudyTransfer(
             pools=pools,
@@ -229,7 +230,7 @@ class Prefetch:
                 )
                 postponed.append(quiet.until)
                 continue
-            result = yield self.slots.run(candidate.source, self._fetch_study, job, candidate)
+            result = yield self._fetch_in_turn(job, candidate)
             self.on_study(job, candidate, result)
             results.append(result)
 
@@ -431,6 +432,35 @@ class Prefetch:
         results = yield defer.gatherResults(runs, consumeErrors=True)
         answers = [answer for result in results for answer in result]
         return answers, [describe_query(identifier) for identifier in identifiers]
+
+    @defer.inlineCallbacks
+    def _fetch_in_turn(
+        self, job: JobRecord, candidate: StudyCandidate
+    ) -> Generator[defer.Deferred[Any], Any, StudyResult]:
+        """Fetch a study when no other job fetches it into the same destination.
+
+        The turn is taken before the source's retrieve slot, so a job that
+        waits for its turn keeps no slot busy.
+        """
+        uid = candidate.study_instance_uid
+        holder = self.turns.holder(job.destination, uid)
+        if holder is not None:
+            yield self.note(
+                job,
+                f"study {uid}: job {holder} is fetching it into {job.destination};"
+                " waiting for it to end",
+            )
+        result: StudyResult = yield self.turns.run(
+            job.destination,
+            uid,
+            job.id,
+            self.slots.run,
+            candidate.source,
+            self._fetch_study,
+            job,
+            candidate,
+        )
+        return result
 
     @defer.inlineCallbacks
     def _fetch_study(

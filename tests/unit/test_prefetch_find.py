@@ -19,7 +19,7 @@ from engine.identity.build import build_resolver
 from engine.identity.resolver import TableResolver
 from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable
-from engine.jobs.policy import SourcePolicy
+from engine.jobs.policy import SourcePolicy, StudyTurns
 from engine.jobs.prefetch import Prefetch, Source, StudyResult
 from engine.jobs.receiving import ExpectationRegistry
 from engine.jobs.store import JobRecord, JobState, NewJob, StudyState
@@ -256,3 +256,83 @@ def test_merge_during_attempt_is_recorded(
         "patient L1^^^LOCAL was merged into L9^^^LOCAL while this attempt ran; the studies it"
         " stored carry L1^^^LOCAL, so the destination must apply that merge to them" in events
     ), events
+
+
+def second_job(db: ImmediateStore, accession: str) -> JobRecord:
+    """Another order for the same patient, claimed while the first job runs."""
+    db.store.add_job(
+        NewJob(
+            "ris",
+            "ct",
+            "local",
+            ("a",),
+            LOCAL,
+            Demographics(),
+            OrderFacts(ordered_modality="CT", accession_number=accession),
+            NOW,
+        ),
+        NOW,
+    )
+    [job] = db.store.claim_due(NOW, 1)
+    return job
+
+
+def test_second_job_waits_for_study_another_job_fetches(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    client = FakeClient(STUDIES[:1])
+    pipeline, _ = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    started: list[int] = []
+    held: list[defer.Deferred[StudyResult]] = []
+
+    def slow_fetch(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        started.append(job.id)
+        held.append(defer.Deferred())
+        return held[-1]
+
+    pipeline._fetch_study = slow_fetch  # type: ignore[method-assign]
+    first, second = claimed_job(db), second_job(db, "ACC2")
+    first_outcome: list[Any] = []
+    second_outcome: list[Any] = []
+    pipeline.run(first).addBoth(first_outcome.append)
+    pipeline.run(second).addBoth(second_outcome.append)
+
+    assert started == [first.id]
+    assert pipeline.turns.holder("local", "1.1") == first.id
+    events = [text for _, text in db.store.events(second.id)]
+    assert f"study 1.1: job {first.id} is fetching it into local; waiting for it to end" in events
+
+    held[0].callback(StudyResult(StudyState.STORED, received=10, stored=10))
+    assert started == [first.id, second.id]
+    assert pipeline.turns.holder("local", "1.1") == second.id
+    held[1].callback(StudyResult(StudyState.PRESENT))
+    assert [outcome.state for outcome in first_outcome + second_outcome] == [JobState.DONE] * 2
+    assert pipeline.turns.holder("local", "1.1") is None
+
+
+def test_study_turns_free_after_failure_and_per_destination() -> None:
+    turns = StudyTurns()
+    order: list[str] = []
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    def step(name: str, result: defer.Deferred[None] | None = None) -> defer.Deferred[None]:
+        order.append(name)
+        return result if result is not None else defer.succeed(None)
+
+    failing = turns.run("local", "1.1", 1, lambda: defer.fail(DimseError("source down")))
+    waiting = turns.run("local", "1.1", 2, step, "second")
+    elsewhere = turns.run("other", "1.1", 3, step, "other destination", gate)
+    failures: list[Any] = []
+    failing.addErrback(failures.append)
+    ended: list[str] = []
+    waiting.addCallback(lambda _: ended.append("second"))
+    elsewhere.addCallback(lambda _: ended.append("other destination"))
+
+    assert [failure.getErrorMessage() for failure in failures] == ["source down"]
+    assert order == ["second", "other destination"]
+    assert ended == ["second"]
+    assert turns.holder("other", "1.1") == 3
+    gate.callback(None)
+    assert ended == ["second", "other destination"]
+    assert turns.holder("other", "1.1") is None
+    assert turns._locks == {}

@@ -58,6 +58,7 @@ class Code:
 
 # Event IDs (PS3.16 CID 400) and event types (CID 401).
 APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
+PATIENT_RECORD = Code("110110", "DCM", "Patient Record")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
 QUERY = Code("110112", "DCM", "Query")
 APPLICATION_START = Code("110120", "DCM", "Application Start")
@@ -421,6 +422,39 @@ class Auditor:
                     patient_object(patient),
                 ),
                 outcome_description=description,
+            )
+        )
+
+    def patient_record(
+        self,
+        sender: Node,
+        patient: PatientIdentifier,
+        action: Action,
+        message_type: str,
+        control_id: str,
+    ) -> None:
+        """Record a change to the engine's record of a patient that an HL7 message made.
+
+        The sender is named as MSH-3|MSH-4; the message's type and MSH-10 are
+        details of the patient object.
+        """
+        if not self.enabled:
+            return
+        patient_item = dataclasses.replace(
+            patient_object(patient),
+            details=(("MSH-9", message_type), ("MSH-10", control_id)),
+        )
+        self.emit(
+            AuditRecord(
+                PATIENT_RECORD,
+                action,
+                Outcome.SUCCESS,
+                self.now(),
+                (
+                    Participant(sender.ae_title, True, ROLE_SOURCE, sender.host),
+                    self._engine(False, ROLE_DESTINATION),
+                ),
+                (patient_item,),
             )
         )
 

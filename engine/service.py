@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import os
 import signal
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from twisted.internet import defer, endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 
+from engine.audit import Action as AuditAction
 from engine.audit import Auditor, FileSink, Node, Outcome, Sink, UdpSink
 from engine.coercion import DEFAULT_PROFILE
 from engine.config import (
@@ -42,14 +43,14 @@ from engine.identity.adt import IdentityEvents
 from engine.identity.build import build_resolver
 from engine.identity.domains import DomainDirectory
 from engine.identity.records import known_demographics
-from engine.jobs.planner import Planner
+from engine.jobs.planner import PatientChange, Planner
 from engine.jobs.prefetch import Prefetch, Source, StudyResult
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, Store, StoreError, StudyState
 from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
-from engine.model import StudyCandidate
+from engine.model import MessageOrigin, StudyCandidate
 from engine.rules.reload import RuleFileWatcher, RuleSetHolder
 from engine.runlock import RunLock
 from engine.web.metrics import EngineMetrics, JobCountRefresh
@@ -215,6 +216,7 @@ class Engine:
             ignored=lambda origin: ignore_reason(self.rules.current(), origin),
             on_answered=self.metrics.answered,
             on_duplicate=self.metrics.hl7_duplicates.inc,
+            on_patient_records=self._patient_records_changed,
         )
         self.worklist = WorklistPoller(
             settings.worklist,
@@ -246,6 +248,19 @@ class Engine:
             outcome,
             result.problem,
         )
+
+    def _patient_records_changed(
+        self, origin: MessageOrigin, peer: str, changes: Sequence[PatientChange]
+    ) -> None:
+        sender = Node(f"{origin.sending_application}|{origin.sending_facility}", _host_of(peer))
+        for change in changes:
+            self.audit.patient_record(
+                sender,
+                change.patient,
+                AuditAction.DELETE if change.retired else AuditAction.UPDATE,
+                origin.message_type,
+                origin.control_id,
+            )
 
     def _open_audit_sinks(self) -> list[Sink]:
         settings = self.config.settings.audit
@@ -364,6 +379,12 @@ class Engine:
         for lock in self.locks:
             lock.release()
         logger.info("engine stopped")
+
+
+def _host_of(peer: str) -> str:
+    """Return the address of an MLLP peer described as HOST:PORT."""
+    host, separator, port = peer.rpartition(":")
+    return host if separator and port.isdigit() else peer
 
 
 # The audit outcome of a study's transfer; other states moved no instances.

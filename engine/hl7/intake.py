@@ -28,7 +28,7 @@ from engine.hl7.events import (
     to_events,
 )
 from engine.hl7.message import CharsetDefaults, HL7Error, Message, parse, same_message
-from engine.jobs.planner import Plan
+from engine.jobs.planner import PatientChange, Plan
 from engine.jobs.store import AsyncStore, ControlIdReused, MessageWrite, Recorded
 from engine.model import DomainEvent, MessageOrigin
 from engine.rules.model import RuleSet
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 Planner = Callable[[DomainEvent | Unhandled], Plan]
+# Called after a message that changes patient records is stored: its origin, peer and changes.
+PatientRecordHook = Callable[[MessageOrigin, str, Sequence[PatientChange]], None]
 # Returns why a message is accepted and ignored, or None when it is processed.
 IgnoreCheck = Callable[[MessageOrigin], str | None]
 
@@ -83,6 +85,7 @@ class Interpreter:
             jobs=[job for plan in plans for job in plan.jobs],
             outcome="; ".join(plan.outcome for plan in plans),
             actions=[action for plan in plans for action in plan.actions],
+            patient_changes=[change for plan in plans for change in plan.patient_changes],
         )
 
 
@@ -100,6 +103,7 @@ class Intake:
         ignored: IgnoreCheck = lambda origin: None,
         on_answered: Callable[[Sequence[bytes]], None] = lambda acks: None,
         on_duplicate: Callable[[], None] = lambda: None,
+        on_patient_records: PatientRecordHook = lambda origin, peer, changes: None,
     ) -> None:
         self.db = db
         if isinstance(charsets, str):
@@ -110,6 +114,8 @@ class Intake:
         # Metrics hooks: the acknowledgements sent for each message, and each duplicate.
         self.on_answered = on_answered
         self.on_duplicate = on_duplicate
+        # Audit hook: the patient records a stored message changed.
+        self.on_patient_records = on_patient_records
 
     def handle_message(self, content: bytes, peer: str) -> defer.Deferred[Sequence[bytes]]:
         answered = self._answer(content, peer)
@@ -198,6 +204,8 @@ class Intake:
             )
             if plan.jobs:
                 self.on_jobs_created()
+            if plan.patient_changes:
+                self.on_patient_records(origin, peer, plan.patient_changes)
             return answers
 
         def failed(failure: Failure) -> Sequence[bytes]:

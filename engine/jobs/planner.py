@@ -29,17 +29,27 @@ IdentityPlanner = Callable[[DemographicsUpdated | PatientsMerged], tuple[str, Se
 
 
 @dataclasses.dataclass(frozen=True)
+class PatientChange:
+    """A change a message makes to the engine's record of a patient, for the audit trail."""
+
+    patient: PatientIdentifier
+    # True for the ID a merge retires (MRG-1), False for a record updated.
+    retired: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """What a message makes the engine do, applied in the transaction that stores it.
 
     jobs are created; each action runs against the store in the same
     transaction and returns a note; outcome is the one-line summary kept with
-    the message.
+    the message; patient_changes name the patient records the actions change.
     """
 
     jobs: Sequence[NewJob]
     outcome: str
     actions: Sequence[Action] = ()
+    patient_changes: Sequence[PatientChange] = ()
 
 
 class Planner:
@@ -72,7 +82,11 @@ class Planner:
             return self._plan_change(event)
         if isinstance(event, DemographicsUpdated | PatientsMerged) and self.identity is not None:
             outcome, actions = self.identity(event)
-            return Plan((), outcome, actions)
+            if isinstance(event, PatientsMerged):
+                changes = [PatientChange(event.surviving), PatientChange(event.retired, True)]
+            else:
+                changes = [PatientChange(event.patient)]
+            return Plan((), outcome, actions, changes)
         # NOTE: status reports (ORC-1 SC) are stored and acknowledged but change no job.
         return Plan((), f"{type(event).__name__}: recorded, no action taken")
 

@@ -37,6 +37,7 @@ SITE_TIMEOUT_SECONDS = 8
 # Audit EventIDs.
 QUERY = "110112"
 TRANSFERRED = "110104"
+PATIENT_RECORD = "110110"
 LOCAL_STUDIES = (
     "a-ct-chest-1y",
     "a-mr-brain-2y",
@@ -527,3 +528,16 @@ def test_adt_learns_no_identifier_of_table_patient(federated: Federated, tmp_pat
         study_uid(key) for key in LOCAL_STUDIES
     }
     assert "which the identity table assigns to L12345^^^LOCAL" in federated.engine.log_text()
+
+    [record] = [
+        message
+        for message in federated.audit_records(PATIENT_RECORD, "HIS|HOSPITAL")
+        if "L67890^^^LOCAL" in object_ids(message)
+    ]
+    event = record.find("EventIdentification")
+    assert event is not None and event.attrib["EventActionCode"] == "U"
+    assert roles(record) == {"HIS|HOSPITAL": ("110153", "true"), "FDQR": ("110152", "false")}
+    [sender] = [
+        p for p in record.findall("ActiveParticipant") if p.attrib["UserIsRequestor"] == "true"
+    ]
+    assert sender.attrib["NetworkAccessPointID"] == "127.0.0.1"

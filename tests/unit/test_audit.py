@@ -15,6 +15,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from engine.audit import (
+    Action,
     Auditor,
     FileSink,
     Node,
@@ -327,3 +328,29 @@ def test_syslog_address_rejected_naming_value(value: str) -> None:
 def test_reading_a_malformed_message_names_the_problem(line: bytes, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         read_syslog_message(line)
+
+
+def test_patient_record_names_sender_patient_and_message() -> None:
+    sink = ListSink()
+    auditor(sink).patient_record(
+        Node("RIS|RADIOLOGY", "10.0.0.7"), PATIENT, Action.DELETE, "ADT^A40", "MRG1"
+    )
+
+    message = audit_message(sink.messages[0])
+    event = message.find("EventIdentification")
+    assert event is not None
+    assert (event_code(message), event.attrib["EventActionCode"]) == ("110110", "D")
+    people = participants(message)
+    assert (role(people["RIS|RADIOLOGY"]), people["RIS|RADIOLOGY"].attrib["UserIsRequestor"]) == (
+        "110153",
+        "true",
+    )
+    assert people["RIS|RADIOLOGY"].attrib["NetworkAccessPointID"] == "10.0.0.7"
+    assert role(people["FDQR"]) == "110152"
+    [patient] = objects(message).values()
+    assert patient.attrib["ParticipantObjectID"] == "L12345^^^LOCAL"
+    details = {
+        detail.attrib["type"]: base64.b64decode(detail.attrib["value"]).decode()
+        for detail in patient.findall("ParticipantObjectDetail")
+    }
+    assert details == {"MSH-9": "ADT^A40", "MSH-10": "MRG1"}

@@ -15,7 +15,7 @@ from engine.identity.adt import IdentityEvents
 from engine.identity.domains import DomainDirectory
 from engine.identity.settings import DomainSettings
 from engine.identity.table import CrossReferenceTable
-from engine.jobs.planner import Planner
+from engine.jobs.planner import PatientChange, Planner
 from engine.model import Demographics, PatientIdentifier
 from engine.rules.model import RuleSet
 from engine.testing.adt import demographics_message, merge_message
@@ -28,12 +28,26 @@ WHEN = dt.datetime(2026, 3, 14, 9, 0)
 L1 = PatientIdentifier("L1", "LOCAL")
 
 
-def intake(db: ImmediateStore, table: CrossReferenceTable | None = None) -> Intake:
+def intake(
+    db: ImmediateStore,
+    table: CrossReferenceTable | None = None,
+    changed: list[tuple[str, str, PatientChange]] | None = None,
+) -> Intake:
+    """An intake for ADT messages; changed collects (MSH-10, peer, change) for the audit trail."""
     directory = DomainDirectory({"HOSP_B": DomainSettings(universal_id="1.2.3.3")})
     identity = IdentityEvents("LOCAL", directory, table)
     planner = Planner(RuleSet.empty, now=lambda: NOW, identity=identity)
     policy = IdentifierPolicy(issuer="LOCAL", authorities=frozenset({"LOCAL"}))
-    return Intake(db, planner, policy, now=lambda: NOW)  # type: ignore[arg-type]
+    collected = changed if changed is not None else []
+    return Intake(
+        db,  # type: ignore[arg-type]
+        planner,
+        policy,
+        now=lambda: NOW,
+        on_patient_records=lambda origin, peer, changes: collected.extend(
+            (origin.control_id, peer, change) for change in changes
+        ),
+    )
 
 
 def send(target: Intake, message: bytes) -> list[str]:
@@ -119,3 +133,24 @@ def test_a40_duplicate_message_changes_nothing(db: ImmediateStore) -> None:
     again = send(target, merge_message(PATIENT, "L9", "MRG1", WHEN))
     assert first == again
     assert len(records.merges(db.store)) == 1
+
+
+def test_patient_record_changes_reported_once_after_storing(db: ImmediateStore) -> None:
+    changed: list[tuple[str, str, PatientChange]] = []
+    target = intake(db, changed=changed)
+    adt = demographics_message(PATIENT, "ADT1", WHEN, "A08", [])
+    send(target, adt)
+    send(target, adt)
+    send(target, merge_message(PATIENT, "L9", "MRG1", WHEN))
+    assert changed == [
+        ("ADT1", "test", PatientChange(L1)),
+        ("MRG1", "test", PatientChange(L1)),
+        ("MRG1", "test", PatientChange(PatientIdentifier("L9", "LOCAL"), retired=True)),
+    ]
+
+
+def test_merge_into_itself_reports_no_change(db: ImmediateStore) -> None:
+    changed: list[tuple[str, str, PatientChange]] = []
+    answer = send(intake(db, changed=changed), merge_message(PATIENT, "L1", "MRG2", WHEN))
+    assert answer[1] == "MSA|AE|MRG2"
+    assert changed == []

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from twisted.internet import defer
+
 from engine.model import PatientIdentifier
 
 logger = logging.getLogger(__name__)
@@ -271,7 +273,8 @@ class Sink(Protocol):
 
     def send(self, message: bytes) -> None: ...
 
-    def close(self) -> None: ...
+    # Returns None, or a Deferred that fires when what the sink holds is written.
+    def close(self) -> object: ...
 
 
 class UdpSink:
@@ -342,10 +345,12 @@ class Auditor:
     def enabled(self) -> bool:
         return bool(self.sinks)
 
-    def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+    def close(self) -> defer.Deferred[None]:
+        """Close every sink; fire when each has written what it holds."""
+        closing = [defer.maybeDeferred(sink.close) for sink in self.sinks]
         self.sinks = []
+        closed = defer.gatherResults(closing, consumeErrors=True)
+        return closed.addCallback(lambda _: None)
 
     def _engine(self, requestor: bool, role: Code | None = None) -> Participant:
         return Participant(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from twisted.internet.ssl import CertificateOptions
 
+from engine.auditstream import tls_options
 from engine.coercion import CoercionProfile
 from engine.coercion_config import CoercionSettings, build_profiles, check_coercion
 from engine.configfile import (
@@ -206,14 +207,32 @@ class WebSettings(Settings):
         return value
 
 
+class AuditTLSSettings(Settings):
+    """TLS to the audit repository: the CAs its certificate must chain to, and the
+    engine's own certificate and key when the repository asks for one.
+    """
+
+    ca: Path
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _certificate_with_key(self) -> AuditTLSSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("give both certificate and private_key, or neither")
+        return self
+
+
 class AuditSettings(Settings):
     """IHE ATNA audit records (DICOM PS3.15 audit messages in RFC 5424 syslog messages).
 
-    syslog sends each record as a UDP datagram to udp:HOST:PORT (RFC 5426);
+    syslog sends each record to an audit repository: udp:HOST:PORT (RFC
+    5426), tcp:HOST:PORT or tls:HOST:PORT (RFC 5425, with the tls section).
     file appends each one as a line. With neither, no records are made.
     """
 
     syslog: str | None = None
+    tls: AuditTLSSettings | None = None
     file: Path | None = None
     # AuditSourceID; the engine's AE title when empty.
     source_id: str = ""
@@ -227,15 +246,30 @@ class AuditSettings(Settings):
             syslog_address(value)
         return value
 
+    @pydantic.model_validator(mode="after")
+    def _tls_with_tls_address(self) -> AuditSettings:
+        kind = syslog_address(self.syslog)[0] if self.syslog is not None else None
+        if kind == "tls" and self.tls is None:
+            raise ValueError(
+                f"syslog '{self.syslog}' needs a tls section naming at least the ca file"
+            )
+        if kind != "tls" and self.tls is not None:
+            raise ValueError(f"a tls section needs a tls: syslog address; got '{self.syslog}'")
+        return self
 
-def syslog_address(value: str) -> tuple[str, int]:
-    """Return (host, port) of udp:HOST:PORT; raise ValueError naming the value otherwise."""
-    match = re.fullmatch(r"udp:(\[[^\]]+\]|[^:\[\]]+):(\d+)", value)
-    if match is None or not 1 <= int(match.group(2)) <= 65535:
+
+def syslog_address(value: str) -> tuple[str, str, int]:
+    """Return (kind, host, port) of udp:, tcp: or tls:HOST:PORT.
+
+    Raises ValueError naming the value otherwise.
+    """
+    match = re.fullmatch(r"(udp|tcp|tls):(\[[^\]]+\]|[^:\[\]]+):(\d+)", value)
+    if match is None or not 1 <= int(match.group(3)) <= 65535:
         raise ValueError(
-            f"invalid syslog address '{value}': use udp:HOST:PORT, e.g. udp:127.0.0.1:514"
+            f"invalid syslog address '{value}': use udp:HOST:PORT, tcp:HOST:PORT or"
+            " tls:HOST:PORT, e.g. tls:audit.example.org:6514"
         )
-    return match.group(1).strip("[]"), int(match.group(2))
+    return match.group(1), match.group(2).strip("[]"), int(match.group(3))
 
 
 class StoreSettings(Settings):
@@ -467,6 +501,7 @@ def load(path: Path) -> Config:
     problems += _check_sources(document, settings)
     problems += check_federation(document, settings)
     problems += _check_mllp_tls(document, path, settings)
+    problems += _check_audit_tls(document, path, settings)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -767,6 +802,28 @@ def _check_mllp_tls(document: Document, path: Path, settings: EngineSettings) ->
     except TLSConfigError as error:
         return [document.problem(("mllp", "tls"), str(error))]
     return []
+
+
+def _check_audit_tls(document: Document, path: Path, settings: EngineSettings) -> list[Problem]:
+    audit = settings.audit
+    if audit.syslog is None or audit.tls is None:
+        return []
+    try:
+        audit_tls_options(path, audit.syslog, audit.tls)
+    except TLSConfigError as error:
+        return [document.problem(("audit", "tls"), str(error))]
+    return []
+
+
+def audit_tls_options(config_path: Path, syslog: str, tls: AuditTLSSettings) -> Any:
+    """Load the TLS options for the audit repository, with paths relative to the configuration."""
+    _, host, _ = syslog_address(syslog)
+    return tls_options(
+        host,
+        resolve(config_path, tls.ca),
+        resolve(config_path, tls.certificate) if tls.certificate is not None else None,
+        resolve(config_path, tls.private_key) if tls.private_key is not None else None,
+    )
 
 
 def mllp_tls_options(config_path: Path, tls: MLLPTLSSettings) -> CertificateOptions:

@@ -21,11 +21,14 @@ from twisted.internet.interfaces import IListeningPort
 
 from engine.audit import Action as AuditAction
 from engine.audit import Auditor, FileSink, Node, Outcome, Sink, UdpSink
+from engine.auditstream import StreamSink, stream_endpoint
 from engine.coercion import DEFAULT_PROFILE
 from engine.config import (
     MEMORY_STORE,
+    AuditTLSSettings,
     Config,
     MLLPTLSSettings,
+    audit_tls_options,
     load_rules,
     mllp_tls_options,
     rule_files,
@@ -53,6 +56,7 @@ from engine.jobs.worker import Worker
 from engine.model import MessageOrigin, StudyCandidate
 from engine.rules.reload import RuleFileWatcher, RuleSetHolder
 from engine.runlock import RunLock
+from engine.tlsfiles import TLSConfigError
 from engine.web.metrics import EngineMetrics, JobCountRefresh
 from engine.web.server import build_site
 from engine.worklist.poller import WorklistPoller
@@ -262,18 +266,37 @@ class Engine:
                 origin.control_id,
             )
 
+    def _open_syslog(self, syslog: str, tls: AuditTLSSettings | None) -> Sink:
+        kind, host, port = syslog_address(syslog)
+        if kind == "udp":
+            try:
+                return UdpSink(host, port)
+            except OSError as error:
+                raise StartError(
+                    f"the audit syslog address {syslog} (audit.syslog) cannot be used:"
+                    f" {error.strerror or error}"
+                ) from error
+        options = None
+        if tls is not None:
+            try:
+                options = audit_tls_options(self.config.path, syslog, tls)
+            except TLSConfigError as error:
+                raise StartError(f"audit.tls: {error}") from error
+        stream = StreamSink(
+            self.reactor,
+            self.reactor.callFromThread,
+            stream_endpoint(self.reactor, kind, host, port, options),
+            syslog,
+            tls=kind == "tls",
+        )
+        stream.start()
+        return stream
+
     def _open_audit_sinks(self) -> list[Sink]:
         settings = self.config.settings.audit
         sinks: list[Sink] = []
         if settings.syslog is not None:
-            host, port = syslog_address(settings.syslog)
-            try:
-                sinks.append(UdpSink(host, port))
-            except OSError as error:
-                raise StartError(
-                    f"the audit syslog address {settings.syslog} (audit.syslog) cannot be used:"
-                    f" {error.strerror or error}"
-                ) from error
+            sinks.append(self._open_syslog(settings.syslog, settings.tls))
         audit_file = self.config.audit_file
         if audit_file is not None:
             try:
@@ -375,7 +398,7 @@ class Engine:
             )
         self.db.stop()
         self.audit.application_stopped()
-        self.audit.close()
+        yield self.audit.close()
         for lock in self.locks:
             lock.release()
         logger.info("engine stopped")

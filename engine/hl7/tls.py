@@ -6,21 +6,15 @@ string cannot: a required client certificate signed by a configured CA.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
+from engine.tlsfiles import TLSConfigError, load_ca_certificates, load_private_certificate
 
-
-class TLSConfigError(Exception):
-    """A certificate or key file that cannot be used, with the file and the cause."""
+__all__ = ["TLSConfigError", "server_options", "wrap"]
 
 
 def server_options(
@@ -31,23 +25,10 @@ def server_options(
     client_ca is a PEM file of one or more CA certificates: a client must
     present a certificate that one of them signed, or the handshake fails.
     """
-    try:
-        pem = certificate.read_text() + private_key.read_text()
-        server = ssl.PrivateCertificate.loadPEM(pem)  # type: ignore[no-untyped-call]
-    except (OSError, ValueError, SSL.Error) as error:
-        raise TLSConfigError(
-            f"cannot load certificate {certificate} with key {private_key}: {error}"
-        ) from None
+    server = load_private_certificate(certificate, private_key)
     if client_ca is None:
-        return server.options()  # type: ignore[no-any-return]
-    try:
-        blocks = _PEM_CERTIFICATE.findall(client_ca.read_bytes())
-        authorities = [ssl.Certificate.loadPEM(block) for block in blocks]
-    except (OSError, ValueError, SSL.Error) as error:
-        raise TLSConfigError(f"cannot load CA certificates from {client_ca}: {error}") from None
-    if not authorities:
-        raise TLSConfigError(f"{client_ca} contains no PEM certificate")
-    return server.options(*authorities)  # type: ignore[no-any-return]
+        return server.options()  # type: ignore[no-untyped-call,no-any-return]
+    return server.options(*load_ca_certificates(client_ca))  # type: ignore[no-untyped-call,no-any-return]
 
 
 def wrap(factory: IProtocolFactory, options: ssl.CertificateOptions) -> IProtocolFactory:

@@ -301,17 +301,19 @@ def test_failing_sink_counted_and_logged_once_a_minute(
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("udp:127.0.0.1:514", ("127.0.0.1", 514)),
-        ("udp:audit.example.org:6514", ("audit.example.org", 6514)),
-        ("udp:[::1]:514", ("::1", 514)),
+        ("udp:127.0.0.1:514", ("udp", "127.0.0.1", 514)),
+        ("tcp:audit.example.org:601", ("tcp", "audit.example.org", 601)),
+        ("tls:audit.example.org:6514", ("tls", "audit.example.org", 6514)),
+        ("udp:[::1]:514", ("udp", "::1", 514)),
     ],
 )
-def test_syslog_address_accepted(value: str, expected: tuple[str, int]) -> None:
+def test_syslog_address_accepted(value: str, expected: tuple[str, str, int]) -> None:
     assert syslog_address(value) == expected
 
 
 @pytest.mark.parametrize(
-    "value", ["127.0.0.1:514", "tcp:127.0.0.1:514", "udp:127.0.0.1", "udp:host:0", "udp::514"]
+    "value",
+    ["127.0.0.1:514", "ssl:127.0.0.1:514", "udp:127.0.0.1", "tls:host:0", "udp::514"],
 )
 def test_syslog_address_rejected_naming_value(value: str) -> None:
     with pytest.raises(ValueError, match=f"invalid syslog address '{value}'"):

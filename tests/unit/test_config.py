@@ -203,6 +203,51 @@ def test_audit_file_naming_a_folder(layout: Path) -> None:
     assert problem.message == f"{layout.parent / 'var'} is a folder, from the value 'var'"
 
 
+@pytest.mark.parametrize(
+    ("change", "path", "message"),
+    [
+        (
+            {"audit.syslog": "tls:127.0.0.1:6514"},
+            "audit",
+            "syslog 'tls:127.0.0.1:6514' needs a tls section naming at least the ca file",
+        ),
+        (
+            {"audit.syslog": "udp:127.0.0.1:514", "audit.tls": {"ca": "ca.pem"}},
+            "audit",
+            "a tls section needs a tls: syslog address; got 'udp:127.0.0.1:514'",
+        ),
+        (
+            {
+                "audit.syslog": "tls:127.0.0.1:6514",
+                "audit.tls": {"ca": "ca.pem", "certificate": "c.pem"},
+            },
+            "audit.tls",
+            "give both certificate and private_key, or neither",
+        ),
+    ],
+)
+def test_audit_tls_settings_checked(
+    layout: Path, change: dict[str, object], path: str, message: str
+) -> None:
+    edit(layout, change)
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == path
+    assert message in problem.message
+
+
+def test_audit_tls_ca_file_missing_named(layout: Path) -> None:
+    edit(layout, {"audit.syslog": "tls:127.0.0.1:6514", "audit.tls": {"ca": "no-ca.pem"}})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "audit.tls"
+    assert problem.message.startswith(
+        f"cannot load CA certificates from {layout.parent / 'no-ca.pem'}"
+    )
+
+
 def test_audit_syslog_address_checked(layout: Path) -> None:
     edit(layout, {"audit.syslog": "syslog.example.org:514"})
     with pytest.raises(ConfigError) as raised:

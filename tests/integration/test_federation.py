@@ -106,6 +106,14 @@ def object_ids(message: ElementTree.Element) -> list[str]:
     ]
 
 
+def details(message: ElementTree.Element) -> dict[str, str]:
+    """The participant object details of a record, decoded."""
+    return {
+        detail.attrib["type"]: base64.b64decode(detail.attrib["value"]).decode()
+        for detail in message.findall("ParticipantObjectIdentification/ParticipantObjectDetail")
+    }
+
+
 def query_of(message: ElementTree.Element) -> Dataset:
     """Decode the query identifier that a Query audit record carries."""
     encoded = message.findtext("ParticipantObjectIdentification/ParticipantObjectQuery")
@@ -532,8 +540,9 @@ def test_adt_learns_no_identifier_of_table_patient(federated: Federated, tmp_pat
     [record] = [
         message
         for message in federated.audit_records(PATIENT_RECORD, "HIS|HOSPITAL")
-        if "L67890^^^LOCAL" in object_ids(message)
+        if details(message) == {"MSH-9": "ADT^A08", "MSH-10": "FED-ROE2"}
     ]
+    assert object_ids(record) == ["L67890^^^LOCAL"]
     event = record.find("EventIdentification")
     assert event is not None and event.attrib["EventActionCode"] == "U"
     assert roles(record) == {"HIS|HOSPITAL": ("110153", "true"), "FDQR": ("110152", "false")}

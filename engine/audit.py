@@ -1,11 +1,13 @@
 """IHE ATNA audit records: DICOM audit messages (PS3.15 A.5) sent as RFC 5424 syslog messages.
 
 The engine records when it starts and stops (Application Activity), each study
-it moves from a source to a destination (DICOM Instances Transferred) and each
-C-FIND its federated Q/R SCP answers (Query). A record goes to an audit
-repository over UDP (RFC 5426), to a file (one syslog message per line), or
-both. Sending never holds up or stops the engine: a record that cannot be sent
-is counted and logged, and the work it describes goes on.
+it moves from a source to a destination (DICOM Instances Transferred), each
+ADT message that changes a patient record (Patient Record), each C-FIND its
+federated Q/R SCP serves (Query) and each request it refuses (Security Alert).
+A record goes to an audit repository over UDP (RFC 5426) or over TCP or TLS
+(engine.auditstream), to a file (one syslog message per line), or both.
+Sending never stops the engine: a record that cannot be sent is counted and
+logged, and the work it describes goes on.
 
 Records carry identifiers (AE titles, patient IDs with their issuer, study
 UIDs), never patient names or birth dates. A Query record carries the query
@@ -19,6 +21,7 @@ import base64
 import dataclasses
 import datetime as dt
 import enum
+import errno
 import ipaddress
 import logging
 import os
@@ -28,9 +31,10 @@ import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from engine.model import PatientIdentifier
 
@@ -45,7 +49,10 @@ SYSLOG_APP_NAME = "fdqr"
 UTF8_BOM = b"\xef\xbb\xbf"
 # A failing sink is logged at most once in this many seconds.
 ERROR_LOG_SECONDS = 60.0
-# The encoding of a query identifier when the SCP does not say: Implicit VR Little Endian.
+# A query identifier larger than this is left out of its Query record, so that the record
+# still fits one UDP datagram; the record's outcome description then gives its size.
+MAX_QUERY_BYTES = 16384
+# The encoding of a query identifier when the SCP gives none: Implicit VR Little Endian.
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 
 
@@ -63,6 +70,8 @@ APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 PATIENT_RECORD = Code("110110", "DCM", "Patient Record")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
 QUERY = Code("110112", "DCM", "Query")
+SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
+USE_OF_RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
 APPLICATION_START = Code("110120", "DCM", "Application Start")
 APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
 # Active participant roles (CID 402) and user ID types.
@@ -99,6 +108,7 @@ class ObjectType(enum.IntEnum):
 class ObjectRole(enum.IntEnum):
     PATIENT = 1
     REPORT = 3
+    SECURITY_RESOURCE = 13
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +265,14 @@ def read_file(path: Path) -> list[ElementTree.Element]:
     return [read_syslog_message(line) for line in path.read_bytes().splitlines() if line]
 
 
+def participant_name(participant: ElementTree.Element) -> str:
+    """Return an ActiveParticipant's AE title when AlternativeUserID gives one, else its UserID."""
+    alternative = participant.attrib.get("AlternativeUserID", "")
+    if alternative.startswith("AETITLES="):
+        return alternative.removeprefix("AETITLES=").split(";")[0]
+    return participant.attrib["UserID"]
+
+
 def event_code(message: ElementTree.Element, tag: str = "EventID") -> str:
     """Return the code of a record's EventID, or of another coded element of its event."""
     element = message.find(f"EventIdentification/{tag}")
@@ -262,7 +280,7 @@ def event_code(message: ElementTree.Element, tag: str = "EventID") -> str:
 
 
 def patient_object(patient: PatientIdentifier) -> ParticipantObject:
-    """The patient as a participant object, its ID in HL7 CX form (ID^^^issuer)."""
+    """Return the patient as a participant object, its ID in HL7 CX form (ID^^^issuer)."""
     return ParticipantObject(
         f"{patient.value}^^^{patient.issuer}", ObjectType.PERSON, ObjectRole.PATIENT, PATIENT_NUMBER
     )
@@ -273,15 +291,15 @@ class Sink(Protocol):
 
     def send(self, message: bytes) -> None: ...
 
-    # Returns None, or a Deferred that fires when what the sink holds is written.
+    # Returns None, or a Deferred that fires once the sink wrote what it kept.
     def close(self) -> object: ...
 
 
 class UdpSink:
     """Sends each message as one UDP datagram (RFC 5426)."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.name = f"udp:{host}:{port}"
+    def __init__(self, host: str, port: int, name: str = "") -> None:
+        self.name = name or f"udp:{host}:{port}"
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
         self._socket = socket.socket(family, kind, proto)
         self._address = address
@@ -294,22 +312,53 @@ class UdpSink:
 
 
 class FileSink:
-    """Appends each message as one line to a file, flushed after each line."""
+    """Appends each message as one line to a file, in one unbuffered write.
+
+    A write that fails loses that line only; nothing is kept to be written
+    later. When the file was renamed or removed (log rotation), the next
+    write creates it again.
+    """
 
     def __init__(self, path: Path) -> None:
         self.name = str(path)
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO = path.open("ab")
         self._lock = threading.Lock()
+        self._fd = -1
+        self._open()
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        status = os.fstat(self._fd)
+        self._identity = (status.st_dev, status.st_ino)
+
+    def _reopen_if_moved(self) -> None:
+        try:
+            status = os.stat(self.path)
+            moved = (status.st_dev, status.st_ino) != self._identity
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            os.close(self._fd)
+            self._fd = -1
+            self._open()
 
     def send(self, message: bytes) -> None:
+        line = message.replace(b"\n", b" ") + b"\n"
         with self._lock:
-            self._file.write(message.replace(b"\n", b" ") + b"\n")
-            self._file.flush()
+            if self._fd == -1:
+                self._open()
+            else:
+                self._reopen_if_moved()
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._fd != -1:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class Auditor:
@@ -327,6 +376,7 @@ class Auditor:
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         hostname: str = "",
         monotonic: Callable[[], float] = time.monotonic,
+        on_failed: Callable[[str], None] = lambda sink: None,
     ) -> None:
         self.ae_title = ae_title
         self.source_id = source_id or ae_title
@@ -336,37 +386,63 @@ class Auditor:
         self.hostname = hostname or socket.gethostname()
         self.process_id = os.getpid()
         self.monotonic = monotonic
+        # Metrics hook: called with the sink's name for each record it did not take.
+        self.on_failed = on_failed
         self.sent = 0
         self.failed = 0
+        self._started = False
         self._lock = threading.Lock()
+        # Per sink: records not sent since the last one it took, and when that was logged.
+        self._failing: dict[str, int] = {}
         self._error_logged_at: dict[str, float] = {}
 
     @property
     def enabled(self) -> bool:
         return bool(self.sinks)
 
+    @property
+    def engine_user_id(self) -> str:
+        """The engine's UserID: its process ID (PS3.15 A.5.2.1)."""
+        return str(self.process_id)
+
     def close(self) -> defer.Deferred[None]:
-        """Close every sink; fire when each has written what it holds."""
-        closing = [defer.maybeDeferred(sink.close) for sink in self.sinks]
+        """Close every sink; fire when each has written what it kept.
+
+        A sink that fails to close is logged; the Deferred fires with None all the same.
+        """
+        closing = [
+            defer.maybeDeferred(sink.close).addErrback(self._close_failed, sink)
+            for sink in self.sinks
+        ]
         self.sinks = []
-        closed = defer.gatherResults(closing, consumeErrors=True)
+        if self.failed:
+            logger.warning("audit: %d records were not sent since the start", self.failed)
+        closed = defer.gatherResults(closing)
         return closed.addCallback(lambda _: None)
 
+    def _close_failed(self, failure: Failure, sink: Sink) -> None:
+        logger.warning("audit: closing %s failed: %s", sink.name, failure.getErrorMessage())
+
     def _engine(self, requestor: bool, role: Code | None = None) -> Participant:
+        # The AE title goes in AlternativeUserID, as PS3.15 A.5.2.2 gives it for a DICOM process.
         return Participant(
-            self.ae_title,
+            self.engine_user_id,
             requestor,
             role,
-            alternative_user_id=str(self.process_id),
+            alternative_user_id=f"AETITLES={self.ae_title}",
         )
 
     # Events
 
     def application_started(self) -> None:
+        self._started = True
         self._application(APPLICATION_START)
 
     def application_stopped(self) -> None:
-        self._application(APPLICATION_STOP)
+        """Record the stop of an engine whose start was recorded; a failed start has none."""
+        if self._started:
+            self._started = False
+            self._application(APPLICATION_STOP)
 
     def _application(self, event_type: Code) -> None:
         if not self.enabled:
@@ -463,6 +539,36 @@ class Auditor:
             )
         )
 
+    def restricted_use(self, caller: Node, service: str, sop_class_uid: str, reason: str) -> None:
+        """Record a request the engine refused to a caller (Security Alert).
+
+        service names the request (C-FIND, C-MOVE, C-GET), reason why it was refused.
+        """
+        if not self.enabled:
+            return
+        self.emit(
+            AuditRecord(
+                SECURITY_ALERT,
+                Action.EXECUTE,
+                Outcome.MINOR_FAILURE,
+                self.now(),
+                (
+                    Participant(caller.ae_title, True, address=caller.host),
+                    self._engine(False),
+                ),
+                (
+                    ParticipantObject(
+                        sop_class_uid,
+                        ObjectType.SYSTEM_OBJECT,
+                        ObjectRole.SECURITY_RESOURCE,
+                        SOP_CLASS_UID,
+                    ),
+                ),
+                event_type=USE_OF_RESTRICTED_FUNCTION,
+                outcome_description=f"{service} refused: {reason}",
+            )
+        )
+
     def query_answered(
         self,
         caller: Node,
@@ -475,6 +581,10 @@ class Auditor:
         """Record a C-FIND that the federated Q/R SCP received, with its identifier as sent."""
         if not self.enabled:
             return
+        if len(identifier) > MAX_QUERY_BYTES:
+            left_out = f"query identifier of {len(identifier)} bytes left out"
+            description = f"{description}; {left_out}" if description else left_out
+            identifier = b""
         self.emit(
             AuditRecord(
                 QUERY,
@@ -511,22 +621,32 @@ class Auditor:
             except OSError as error:
                 self._failed(sink, record, error)
             else:
-                with self._lock:
-                    self.sent += 1
+                self._sent(sink)
+
+    def _sent(self, sink: Sink) -> None:
+        with self._lock:
+            self.sent += 1
+            lost = self._failing.pop(sink.name, 0)
+            self._error_logged_at.pop(sink.name, None)
+        if lost:
+            logger.warning(
+                "audit: %s takes records again; %d records were not sent to it", sink.name, lost
+            )
 
     def _failed(self, sink: Sink, record: AuditRecord, error: OSError) -> None:
+        self.on_failed(sink.name)
         with self._lock:
             self.failed += 1
-            failed = self.failed
+            lost = self._failing[sink.name] = self._failing.get(sink.name, 0) + 1
             now = self.monotonic()
             last = self._error_logged_at.get(sink.name)
             if last is not None and now - last < ERROR_LOG_SECONDS:
                 return
             self._error_logged_at[sink.name] = now
         logger.warning(
-            "audit record %s not sent to %s: %s (%d records not sent so far)",
+            "audit record %s not sent to %s: %s (%d records not sent to it since it last took one)",
             record.event.meaning,
             sink.name,
             error.strerror or error,
-            failed,
+            lost,
         )

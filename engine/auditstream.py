@@ -39,7 +39,7 @@ def tls_options(host: str, ca: Path, certificate: Path | None, private_key: Path
 
     The repository must present a certificate for host that chains to a CA
     in ca. With certificate and private_key, the engine presents its own
-    (mutual TLS, as IHE ATNA asks). Raises TLSConfigError naming the file.
+    (mutual TLS, which IHE ATNA requires of a secure node). Raises TLSConfigError naming the file.
     """
     trust = ssl.trustRootFromCertificates(load_ca_certificates(ca))  # type: ignore[no-untyped-call]
     client = None
@@ -90,6 +90,7 @@ class StreamSink:
         name: str,
         tls: bool = False,
         max_waiting: int = MAX_WAITING,
+        on_dropped: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
         self.clock = clock
@@ -97,6 +98,8 @@ class StreamSink:
         self.call_from_thread = call_from_thread
         self.endpoint = endpoint
         self.tls = tls
+        # Metrics hook: called for each record dropped because too many waited.
+        self.on_dropped = on_dropped
         self.max_waiting = max_waiting
         self.dropped = 0
         self._waiting: collections.deque[bytes] = collections.deque()
@@ -154,6 +157,7 @@ class StreamSink:
         if len(self._waiting) > self.max_waiting:
             self._waiting.popleft()
             self.dropped += 1
+            self.on_dropped()
             self._problem(f"{self.dropped} records dropped while not connected")
 
     def _connect(self) -> None:

@@ -246,6 +246,13 @@ class AuditSettings(Settings):
             syslog_address(value)
         return value
 
+    @pydantic.field_validator("file", mode="before")
+    @classmethod
+    def _file_named(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the audit file is empty: name a file, e.g. ../var/audit.log")
+        return value
+
     @pydantic.model_validator(mode="after")
     def _tls_with_tls_address(self) -> AuditSettings:
         kind = syslog_address(self.syslog)[0] if self.syslog is not None else None
@@ -263,7 +270,7 @@ def syslog_address(value: str) -> tuple[str, str, int]:
 
     Raises ValueError naming the value otherwise.
     """
-    match = re.fullmatch(r"(udp|tcp|tls):(\[[^\]]+\]|[^:\[\]]+):(\d+)", value)
+    match = re.fullmatch(r"(udp|tcp|tls):(\[[^\]\s]+\]|[^:\[\]\s]+):(\d+)", value)
     if match is None or not 1 <= int(match.group(3)) <= 65535:
         raise ValueError(
             f"invalid syslog address '{value}': use udp:HOST:PORT, tcp:HOST:PORT or"

@@ -215,7 +215,7 @@ def _print_audit(path: Path, scenario: Scenario) -> bool:
         name = event_id.attrib["originalText"]
         if event_type is not None:
             name += f": {event_type.attrib['originalText']}"
-        users = [item.attrib["UserID"] for item in message.findall("ActiveParticipant")]
+        users = [audit.participant_name(item) for item in message.findall("ActiveParticipant")]
         rows.append((name, outcome, ", ".join(users), ", ".join(objects) or "-"))
     click.echo(f"\nAudit records in {path.relative_to(REPOSITORY)}:")
     click.echo(format_table(rows, indent="  "))

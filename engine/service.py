@@ -124,7 +124,11 @@ class Engine:
         self.metrics = EngineMetrics(spool_bytes=lambda: self.spool.used_bytes)
         # Its sinks are opened at start, so a bad address stops the start with a StartError.
         self.audit = Auditor(
-            settings.dicom.ae_title, settings.audit.source_id, settings.audit.site, now=self.now
+            settings.dicom.ae_title,
+            settings.audit.source_id,
+            settings.audit.site,
+            now=self.now,
+            on_failed=lambda sink: self.metrics.audit_records_lost.labels(sink).inc(),
         )
         self.job_counts = JobCountRefresh(
             self.db, self.metrics, reactor, settings.web.refresh_seconds
@@ -270,7 +274,7 @@ class Engine:
         kind, host, port = syslog_address(syslog)
         if kind == "udp":
             try:
-                return UdpSink(host, port)
+                return UdpSink(host, port, syslog)
             except OSError as error:
                 raise StartError(
                     f"the audit syslog address {syslog} (audit.syslog) cannot be used:"
@@ -288,6 +292,7 @@ class Engine:
             stream_endpoint(self.reactor, kind, host, port, options),
             syslog,
             tls=kind == "tls",
+            on_dropped=self.metrics.audit_records_lost.labels(syslog).inc,
         )
         stream.start()
         return stream

@@ -121,6 +121,12 @@ class QRService:
         finally:
             self._audit_query(event, final, completed)
 
+    def _refused(
+        self, association: Association, service: str, context: PresentationContext, reason: str
+    ) -> None:
+        caller = Node(self._caller(association), str(association.requestor.address))
+        self.audit.restricted_use(caller, service, str(context.abstract_syntax), reason)
+
     def _audit_query(self, event: Any, final: int | Dataset | None, completed: bool) -> None:
         if not self.audit.enabled:
             return
@@ -156,6 +162,7 @@ class QRService:
         query_id = f"{caller}#{event.request.MessageID}"
         if caller not in self.settings.callers:
             logger.warning("C-FIND from %s rejected: calling AE title is not a caller", caller)
+            self._refused(event.assoc, "C-FIND", event.context, f"AE title {caller} is not allowed")
             yield _status(Status.REFUSED_NOT_AUTHORIZED, f"AE title {caller} is not allowed"), None
             return
         model = FIND_MODELS[str(event.context.abstract_syntax)]
@@ -242,6 +249,7 @@ class QRService:
 
         if caller not in self.settings.callers:
             logger.warning("%s from %s rejected: calling AE title is not a caller", kind, caller)
+            self._refused(association, kind, context, f"AE title {caller} is not allowed")
             responder.final(Status.REFUSED_NOT_AUTHORIZED, f"AE title {caller} is not allowed")
             return
         models = MOVE_MODELS if is_move else GET_MODELS
@@ -277,6 +285,9 @@ class QRService:
                     request_id,
                     destination,
                     caller,
+                )
+                self._refused(
+                    association, kind, context, f"move destination {destination} is not allowed"
                 )
                 responder.final(
                     Status.MOVE_DESTINATION_UNKNOWN, f"unknown destination {destination}"

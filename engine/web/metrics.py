@@ -70,6 +70,13 @@ class EngineMetrics:
             "Instances stored to destinations by job attempts",
             registry=self.registry,
         )
+        self.audit_records_lost = Counter(
+            "fdqr_audit_records_lost",
+            "Audit records a sink did not take (write error, repository unreachable too long),"
+            " by sink",
+            ["sink"],
+            registry=self.registry,
+        )
         spool = Gauge(
             "fdqr_spool_bytes",
             "Bytes of received objects in the spool, waiting for their destination",

@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
-from engine.audit import event_code
+from engine.audit import event_code, participant_name
 from engine.testing.adt import demographics_message
 from engine.testing.dicomgen import (
     PatientSpec,
@@ -38,6 +38,7 @@ SITE_TIMEOUT_SECONDS = 8
 QUERY = "110112"
 TRANSFERRED = "110104"
 PATIENT_RECORD = "110110"
+SECURITY_ALERT = "110113"
 LOCAL_STUDIES = (
     "a-ct-chest-1y",
     "a-mr-brain-2y",
@@ -92,7 +93,7 @@ def roles(message: ElementTree.Element) -> dict[str, tuple[str, str]]:
     found = {}
     for participant in message.findall("ActiveParticipant"):
         role = participant.find("RoleIDCode")
-        found[participant.attrib["UserID"]] = (
+        found[participant_name(participant)] = (
             "" if role is None else role.attrib["csd-code"],
             participant.attrib["UserIsRequestor"],
         )
@@ -295,6 +296,9 @@ def test_find_unknown_caller_refused(federated: Federated, tmp_path: Path) -> No
     assert rows == []
     [record] = federated.audit_records(QUERY, "STRANGER")
     assert outcome(record) == ("8", "status 0x0124: AE title STRANGER is not allowed")
+    [alert] = federated.audit_records(SECURITY_ALERT, "STRANGER")
+    assert outcome(alert) == ("4", "C-FIND refused: AE title STRANGER is not allowed")
+    assert roles(alert)["STRANGER"] == ("", "true")
 
 
 def test_move_delivers_stamped_study_with_counts(federated: Federated) -> None:
@@ -420,6 +424,9 @@ def test_move_unknown_destination_a801(federated: Federated) -> None:
     )
     assert run.final.status == 0xA801
     assert run.pending == []
+    [alert] = federated.audit_records(SECURITY_ALERT, "MOVESCU")
+    assert event_code(alert, "EventTypeCode") == "110132"
+    assert outcome(alert) == ("4", "C-MOVE refused: move destination NOWHERE is not allowed")
 
 
 def test_move_without_study_uid_a900(federated: Federated) -> None:

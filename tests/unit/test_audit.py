@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import os
 import socket
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -22,6 +23,7 @@ from engine.audit import (
     Outcome,
     UdpSink,
     event_code,
+    participant_name,
     read_syslog_message,
 )
 from engine.config import syslog_address
@@ -45,22 +47,13 @@ class ListSink:
         pass
 
 
-class BrokenSink:
-    name = "udp:127.0.0.1:9"
-
-    def send(self, message: bytes) -> None:
-        raise OSError(111, "Connection refused")
-
-    def close(self) -> None:
-        pass
-
-
 def auditor(*sinks: object, now: dt.datetime = NOW) -> Auditor:
     return Auditor("FDQR", site="Network North", sinks=sinks, now=lambda: now, hostname="pacs-gw")  # type: ignore[arg-type]
 
 
 def participants(message: ElementTree.Element) -> dict[str, ElementTree.Element]:
-    return {item.attrib["UserID"]: item for item in message.findall("ActiveParticipant")}
+    """The active participants by AE title (the engine's is in AlternativeUserID)."""
+    return {participant_name(item): item for item in message.findall("ActiveParticipant")}
 
 
 def role(participant: ElementTree.Element) -> str:
@@ -81,7 +74,7 @@ def id_type(item: ElementTree.Element) -> tuple[str, str]:
     return element.attrib["csd-code"], element.attrib["codeSystemName"]
 
 
-def test_study_transferred_names_source_destination_study_and_local_patient() -> None:
+def test_study_transferred_names_nodes_study_and_patient() -> None:
     sink = ListSink()
     auditor(sink).study_transferred(
         PATIENT,
@@ -103,7 +96,8 @@ def test_study_transferred_names_source_destination_study_and_local_patient() ->
     people = participants(message)
     assert set(people) == {"FDQR", "HOSP_A", "LOCAL_PACS"}
     assert people["FDQR"].attrib["UserIsRequestor"] == "true"
-    assert people["FDQR"].attrib["AlternativeUserID"].isdigit()
+    assert people["FDQR"].attrib["UserID"] == str(os.getpid())
+    assert people["FDQR"].attrib["AlternativeUserID"] == "AETITLES=FDQR"
     assert (role(people["HOSP_A"]), people["HOSP_A"].attrib["UserIsRequestor"]) == (
         "110153",
         "false",
@@ -203,7 +197,8 @@ def test_syslog_header_is_rfc5424_with_ihe_message_id() -> None:
     header, _, _ = sink.messages[0].partition(b"\xef\xbb\xbf")
     fields = header.decode().split(" ")
     assert fields[:3] == ["<85>1", "2026-03-14T09:30:00.000Z", "pacs-gw"]
-    assert fields[3] == "fdqr" and fields[4].isdigit()
+    assert fields[3] == "fdqr"
+    assert fields[4].isdigit()
     assert fields[5:] == ["IHE+RFC-3881", "-", ""]
 
 
@@ -274,28 +269,112 @@ def test_file_sink_appends_one_line_per_record(tmp_path: Path) -> None:
         assert event.findtext("EventOutcomeDescription") == "first line second line"
 
 
+class FlakySink(ListSink):
+    """Raises a disk error while broken; takes messages again when repaired."""
+
+    name = "/var/log/audit.log"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+
+    def send(self, message: bytes) -> None:
+        if self.broken:
+            raise OSError(28, "No space left on device")
+        super().send(message)
+
+    def close(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_file_sink_creates_file_again_after_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    sink = FileSink(path)
+    sink.send(b"first")
+    path.rename(tmp_path / "audit.log.1")
+    sink.send(b"second")
+    (tmp_path / "audit.log.1").unlink()
+    path.unlink()
+    sink.send(b"third")
+    sink.close()
+    assert path.read_bytes() == b"third\n"
+
+
+def test_file_sink_write_error_raised() -> None:
+    sink = FileSink(Path("/dev/full"))
+    with pytest.raises(OSError, match="No space left on device"):
+        sink.send(b"lost")
+    sink.close()
+
+
 def test_failing_sink_counted_and_logged_once_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = [100.0]
-    working = ListSink()
-    audit = Auditor("FDQR", sinks=[BrokenSink(), working], monotonic=lambda: clock[0])
+    flaky, working = FlakySink(), ListSink()
+    lost: list[str] = []
+    audit = Auditor(
+        "FDQR",
+        sinks=[flaky, working],
+        monotonic=lambda: clock[0],
+        on_failed=lost.append,
+    )
 
     with caplog.at_level(logging.WARNING, logger="engine.audit"):
         audit.application_started()
         audit.application_started()
         clock[0] += 61
+        audit.application_started()
+        flaky.broken = False
         audit.application_stopped()
 
-    assert (audit.failed, audit.sent) == (3, 3)
-    assert len(working.messages) == 3
-    warnings = [record.getMessage() for record in caplog.records]
-    assert warnings == [
-        "audit record Application Activity not sent to udp:127.0.0.1:9:"
-        " Connection refused (1 records not sent so far)",
-        "audit record Application Activity not sent to udp:127.0.0.1:9:"
-        " Connection refused (3 records not sent so far)",
+    assert (audit.failed, audit.sent) == (3, 5)
+    assert len(working.messages) == 4
+    assert len(flaky.messages) == 1
+    assert lost == ["/var/log/audit.log"] * 3
+    assert [record.getMessage() for record in caplog.records] == [
+        "audit record Application Activity not sent to /var/log/audit.log:"
+        " No space left on device (1 records not sent to it since it last took one)",
+        "audit record Application Activity not sent to /var/log/audit.log:"
+        " No space left on device (3 records not sent to it since it last took one)",
+        "audit: /var/log/audit.log takes records again; 3 records were not sent to it",
     ]
+
+
+def test_close_reports_losses_and_never_fails(caplog: pytest.LogCaptureFixture) -> None:
+    audit = Auditor("FDQR", sinks=[FlakySink()])
+    audit.application_started()
+    closed: list[object] = []
+    with caplog.at_level(logging.WARNING, logger="engine.audit"):
+        audit.close().addBoth(closed.append)
+    assert closed == [None]
+    assert "audit: 1 records were not sent since the start" in caplog.text
+    assert "audit: closing /var/log/audit.log failed: [Errno 28] No space left on device" in (
+        caplog.text
+    )
+
+
+def test_stop_without_recorded_start_makes_no_record() -> None:
+    sink = ListSink()
+    audit = auditor(sink)
+    audit.application_stopped()
+    assert sink.messages == []
+
+
+def test_large_query_identifier_left_out_of_record() -> None:
+    sink = ListSink()
+    auditor(sink).query_answered(
+        Node("WORKSTATION", "127.0.0.1"),
+        "1.2.840.10008.5.1.4.1.2.2.1",
+        b"\x00" * 20000,
+        "1.2.840.10008.1.2",
+        Outcome.SUCCESS,
+    )
+    message = audit_message(sink.messages[0])
+    assert message.find("ParticipantObjectIdentification/ParticipantObjectQuery") is None
+    event = message.find("EventIdentification")
+    assert event is not None
+    assert event.findtext("EventOutcomeDescription") == "query identifier of 20000 bytes left out"
 
 
 @pytest.mark.parametrize(
@@ -313,7 +392,14 @@ def test_syslog_address_accepted(value: str, expected: tuple[str, str, int]) -> 
 
 @pytest.mark.parametrize(
     "value",
-    ["127.0.0.1:514", "ssl:127.0.0.1:514", "udp:127.0.0.1", "tls:host:0", "udp::514"],
+    [
+        "127.0.0.1:514",
+        "ssl:127.0.0.1:514",
+        "udp:127.0.0.1",
+        "tls:host:0",
+        "udp::514",
+        "udp: 127.0.0.1:514",
+    ],
 )
 def test_syslog_address_rejected_naming_value(value: str) -> None:
     with pytest.raises(ValueError, match=f"invalid syslog address '{value}'"):
@@ -356,3 +442,25 @@ def test_patient_record_names_sender_patient_and_message() -> None:
         for detail in patient.findall("ParticipantObjectDetail")
     }
     assert details == {"MSH-9": "ADT^A40", "MSH-10": "MRG1"}
+
+
+def test_refused_request_is_security_alert_for_restricted_function() -> None:
+    sink = ListSink()
+    auditor(sink).restricted_use(
+        Node("INTRUDER", "127.0.0.1"),
+        "C-MOVE",
+        "1.2.840.10008.5.1.4.1.2.2.2",
+        "AE title INTRUDER is not allowed",
+    )
+    message = audit_message(sink.messages[0])
+    assert [event_code(message), event_code(message, "EventTypeCode")] == ["110113", "110132"]
+    event = message.find("EventIdentification")
+    assert event is not None
+    assert event.attrib["EventOutcomeIndicator"] == "4"
+    assert event.findtext("EventOutcomeDescription") == (
+        "C-MOVE refused: AE title INTRUDER is not allowed"
+    )
+    assert participants(message)["INTRUDER"].attrib["UserIsRequestor"] == "true"
+    [item] = objects(message).values()
+    assert item.attrib["ParticipantObjectTypeCodeRole"] == "13"
+    assert id_type(item) == ("110181", "DCM")

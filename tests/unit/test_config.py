@@ -248,6 +248,15 @@ def test_audit_tls_ca_file_missing_named(layout: Path) -> None:
     )
 
 
+def test_audit_file_empty_rejected(layout: Path) -> None:
+    edit(layout, {"audit.file": ""})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "audit.file"
+    assert "the audit file is empty: name a file" in problem.message
+
+
 def test_audit_syslog_address_checked(layout: Path) -> None:
     edit(layout, {"audit.syslog": "syslog.example.org:514"})
     with pytest.raises(ConfigError) as raised:

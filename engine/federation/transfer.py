@@ -21,6 +21,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
@@ -29,8 +30,10 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from twisted.python.failure import Failure
 
+from engine.dimse.forward import TRANSCODED_SUFFIX
 from engine.dimse.scu import MAX_CONTEXTS, DimseError, NodeClient
 from engine.dimse.status import Status, is_success_or_warning
+from engine.dimse.transcode import TranscodeError, transcode
 from engine.federation.retrieve import NOT_FOUND, FederatedRetrieve, RetrievePlan, WorkItem
 
 logger = logging.getLogger(__name__)
@@ -175,7 +178,12 @@ class MoveSender(Sender):
 
 
 class GetSender(Sender):
-    """Sends the C-STORE sub-operations of a C-GET back on the caller's association."""
+    """Sends the C-STORE sub-operations of a C-GET back on the caller's association.
+
+    An object is sent in its stored transfer syntax when the caller accepted
+    it. A compressed object is decompressed when the caller accepted only
+    uncompressed syntaxes for its SOP class.
+    """
 
     def __init__(self, association: Association, message_id: int) -> None:
         self.association = association
@@ -191,21 +199,39 @@ class GetSender(Sender):
                 if context.abstract_syntax == meta.MediaStorageSOPClassUID and context.as_scu
             }
             syntax = meta.TransferSyntaxUID
+            uncompressed = [uid for uid in UNCOMPRESSED_PREFERENCE if uid in accepted]
             if str(syntax) in accepted:
                 status = self.association.send_c_store(path, msg_id=message_id)
-            elif accepted and not syntax.is_compressed:
+            elif uncompressed and not syntax.is_compressed:
                 # pynetdicom re-encodes an uncompressed dataset in another
                 # uncompressed transfer syntax the caller accepted.
                 status = self.association.send_c_store(dcmread(path), msg_id=message_id)
+            elif uncompressed:
+                status = self._send_decompressed(path, uncompressed[0], message_id)
             else:
                 logger.warning(
                     "C-GET caller accepted no context for %s in %s", path.stem, syntax.name
                 )
                 return None
+        except TranscodeError as error:
+            logger.warning("C-STORE of %s to the C-GET caller failed: %s", path.stem, error)
+            return None
         except Exception as error:
             logger.warning("C-STORE of %s to the C-GET caller failed: %s", path.stem, error)
             return None
         return int(status.Status) if status is not None and "Status" in status else None
+
+    def _send_decompressed(self, path: Path, syntax: str, message_id: int) -> Any:
+        target = path.with_name(path.name + TRANSCODED_SUFFIX)
+        try:
+            transcode(path, target, syntax)
+            return self.association.send_c_store(target, msg_id=message_id)
+        finally:
+            target.unlink(missing_ok=True)
+
+
+# Uncompressed transfer syntaxes a decompressed object is sent in, the first the caller accepted.
+UNCOMPRESSED_PREFERENCE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 
 
 # Called for each study sent on: the study's work item, and its instances sent and failed.

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
@@ -397,7 +398,6 @@ def test_get_delivers_stamped_study(federated: Federated, tmp_path: Path) -> Non
     )
     assert run.final.status == 0x0000, run.output[-3000:]
     assert run.final.count("Completed") == 2
-    from pydicom import dcmread
 
     received = [dcmread(path) for path in tmp_path.iterdir()]
     assert len(received) == 2
@@ -413,6 +413,28 @@ def test_get_delivers_stamped_study(federated: Federated, tmp_path: Path) -> Non
         "GETSCU": ("110152", "true"),
     }
     assert object_ids(record) == [study_uid("a-cr-chest-6m"), "L12345^^^LOCAL"]
+
+
+def test_get_decompresses_for_uncompressed_only_caller(
+    federated: Federated, tmp_path: Path
+) -> None:
+    # getscu offers only uncompressed transfer syntaxes; the knee MR is stored RLE Lossless.
+    run = getscu(
+        federated.port,
+        "GETSCU",
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid("b-mr-knee-4y")},
+        tmp_path,
+    )
+    assert run.final.status == 0x0000, run.output[-3000:]
+    assert run.final.count("Completed") == 12
+
+    received = [dcmread(path) for path in tmp_path.iterdir()]
+    assert len(received) == 12
+    for instance in received:
+        assert not instance.file_meta.TransferSyntaxUID.is_compressed
+        assert instance.PatientID == "L12345"
+        assert len(instance.PixelData) == instance.Rows * instance.Columns * 2
+    assert not list(federated.engine.config.parent.rglob("*.transcoded.partial"))
 
 
 def test_move_unknown_destination_a801(federated: Federated) -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from engine.audit import event_code
-from engine.testing.certificates import certificate_authority, issue
+from engine.testing.certificates import Issued, certificate_authority, issue
 from engine.testing.intake import write_intake_config
 from engine.testing.sites import EngineProcess
 from tests.conftest import audit_message
@@ -74,12 +74,22 @@ class TLSRepository:
         self.listener.close()
 
 
-def engine_with_audit(tmp_path: Path, audit: dict[str, object]) -> EngineProcess:
+def engine_with_audit(
+    tmp_path: Path, repository: TLSRepository, authority: Issued, client: Issued
+) -> EngineProcess:
+    """An engine that sends its audit records to the repository over mutual TLS."""
     config, port = write_intake_config(
         tmp_path / "engine", str(tmp_path / "engine" / "fdqr.sqlite")
     )
     settings = yaml.safe_load(config.read_text())
-    settings["audit"] = audit
+    settings["audit"] = {
+        "syslog": f"tls:127.0.0.1:{repository.port}",
+        "tls": {
+            "ca": str(authority.certificate_path),
+            "certificate": str(client.certificate_path),
+            "private_key": str(client.key_path),
+        },
+    }
     config.write_text(yaml.safe_dump(settings))
     return EngineProcess(config, port, tmp_path / "engine.log")
 
@@ -90,17 +100,7 @@ def test_records_reach_repository_over_mutual_tls(tmp_path: Path) -> None:
     server = issue(pki, authority, "repository", server=True)
     client = issue(pki, authority, "fdqr", server=False)
     repository = TLSRepository(server.certificate_path, server.key_path, authority.certificate_path)
-    engine = engine_with_audit(
-        tmp_path,
-        {
-            "syslog": f"tls:127.0.0.1:{repository.port}",
-            "tls": {
-                "ca": str(authority.certificate_path),
-                "certificate": str(client.certificate_path),
-                "private_key": str(client.key_path),
-            },
-        },
-    )
+    engine = engine_with_audit(tmp_path, repository, authority, client)
     try:
         engine.start()
         assert engine.stop() == 0, engine.log_text()[-3000:]
@@ -122,17 +122,7 @@ def test_repository_with_unknown_certificate_gets_no_records(tmp_path: Path) -> 
     server = issue(pki / "theirs", other, "repository", server=True)
     client = issue(pki / "ours", authority, "fdqr", server=False)
     repository = TLSRepository(server.certificate_path, server.key_path, authority.certificate_path)
-    engine = engine_with_audit(
-        tmp_path,
-        {
-            "syslog": f"tls:127.0.0.1:{repository.port}",
-            "tls": {
-                "ca": str(authority.certificate_path),
-                "certificate": str(client.certificate_path),
-                "private_key": str(client.key_path),
-            },
-        },
-    )
+    engine = engine_with_audit(tmp_path, repository, authority, client)
     try:
         engine.start()
         assert repository.closed.wait(10)

@@ -110,7 +110,8 @@ def make_pipeline(
     return pipeline, fetched
 
 
-def claimed_job(db: ImmediateStore) -> JobRecord:
+def claimed_job(db: ImmediateStore, accession: str = "ACC1") -> JobRecord:
+    """Add a job for a CT order of the patient and claim it, as the worker does."""
     db.store.add_job(
         NewJob(
             "ris",
@@ -119,7 +120,7 @@ def claimed_job(db: ImmediateStore) -> JobRecord:
             ("a",),
             LOCAL,
             Demographics(),
-            OrderFacts(ordered_modality="CT", accession_number="ACC1"),
+            OrderFacts(ordered_modality="CT", accession_number=accession),
             NOW,
         ),
         NOW,
@@ -258,25 +259,6 @@ def test_merge_during_attempt_is_recorded(
     ), events
 
 
-def second_job(db: ImmediateStore, accession: str) -> JobRecord:
-    """Another order for the same patient, claimed while the first job runs."""
-    db.store.add_job(
-        NewJob(
-            "ris",
-            "ct",
-            "local",
-            ("a",),
-            LOCAL,
-            Demographics(),
-            OrderFacts(ordered_modality="CT", accession_number=accession),
-            NOW,
-        ),
-        NOW,
-    )
-    [job] = db.store.claim_due(NOW, 1)
-    return job
-
-
 def test_second_job_waits_for_study_another_job_fetches(
     db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
 ) -> None:
@@ -291,7 +273,7 @@ def test_second_job_waits_for_study_another_job_fetches(
         return held[-1]
 
     pipeline._fetch_study = slow_fetch  # type: ignore[method-assign]
-    first, second = claimed_job(db), second_job(db, "ACC2")
+    first, second = claimed_job(db), claimed_job(db, "ACC2")
     first_outcome: list[Any] = []
     second_outcome: list[Any] = []
     pipeline.run(first).addBoth(first_outcome.append)

@@ -1,9 +1,10 @@
 """IHE ATNA audit records: DICOM audit messages (PS3.15 A.5) sent as RFC 5424 syslog messages.
 
-The engine records when it starts and stops (Application Activity), each study
-it moves from a source to a destination (DICOM Instances Transferred), each
-ADT message that changes a patient record (Patient Record), each C-FIND its
-federated Q/R SCP serves (Query) and each request it refuses (Security Alert).
+The engine records when it starts and stops (Application Activity) and each
+study it moves from a source to a destination (DICOM Instances Transferred).
+It also records each ADT message applied to a patient record (Patient
+Record), each C-FIND its federated Q/R SCP serves (Query) and each request it
+refuses (Security Alert).
 A record goes to an audit repository over UDP (RFC 5426) or over TCP or TLS
 (engine.auditstream), to a file (one syslog message per line), or both.
 Sending never stops the engine: a record that cannot be sent is counted and
@@ -50,7 +51,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 # A failing sink is logged at most once in this many seconds.
 ERROR_LOG_SECONDS = 60.0
 # A query identifier larger than this is left out of its Query record, so that the record
-# still fits one UDP datagram; the record's outcome description then gives its size.
+# still fits one UDP datagram. The record's outcome description then gives its size.
 MAX_QUERY_BYTES = 16384
 # The encoding of a query identifier when the SCP gives none: Implicit VR Little Endian.
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -315,8 +316,9 @@ class FileSink:
     """Appends each message as one line to a file, in one unbuffered write.
 
     A write that fails loses that line only; nothing is kept to be written
-    later. When the file was renamed or removed (log rotation), the next
-    write creates it again.
+    later. A line cut short (disk full) is ended before the next one, so
+    each record still starts a line. When the file was renamed or removed
+    (log rotation), the next write creates it again.
     """
 
     def __init__(self, path: Path) -> None:
@@ -325,6 +327,8 @@ class FileSink:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._fd = -1
+        # True after a line was cut short: the next write ends it first.
+        self._cut = False
         self._open()
 
     def _open(self) -> None:
@@ -350,8 +354,12 @@ class FileSink:
                 self._open()
             else:
                 self._reopen_if_moved()
+            if self._cut:
+                os.write(self._fd, b"\n")
+                self._cut = False
             written = os.write(self._fd, line)
             if written != len(line):
+                self._cut = written > 0
                 raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
 
     def close(self) -> None:

@@ -5,6 +5,13 @@ connects at start and again after each lost connection, with a growing delay.
 Records made while it is not connected wait in memory, up to a limit; beyond
 it the oldest are dropped and counted. At stop, what waits is written before
 the connection is closed, within a few seconds.
+
+The protocol has no acknowledgement. A repository that accepts a connection
+and closes it (a rejected client certificate after a TLS 1.3 handshake, a
+load balancer without a server behind it) would swallow what was written.
+So records written on a connection are kept until it has stayed up for
+CONFIRM_SECONDS; when it ends before that, they wait again and are written
+on the next connection, where the repository may get some of them twice.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ MAX_RETRY_SECONDS = 60.0
 PROBLEM_LOG_SECONDS = 60.0
 # How long a stop waits for the records to be written.
 CLOSE_SECONDS = 5.0
+# How long a connection must stay up before the records written on it count as sent.
+CONFIRM_SECONDS = 2.0
 
 
 def tls_options(host: str, ca: Path, certificate: Path | None, private_key: Path | None) -> Any:
@@ -103,6 +112,9 @@ class StreamSink:
         self.max_waiting = max_waiting
         self.dropped = 0
         self._waiting: collections.deque[bytes] = collections.deque()
+        # Written on the current connection, kept until it has stayed up CONFIRM_SECONDS.
+        self._unconfirmed: list[bytes] = []
+        self._confirm: Any = None
         self._stream: _SyslogStream | None = None
         self._connecting = False
         self._closing = False
@@ -151,20 +163,40 @@ class StreamSink:
 
     def _send(self, message: bytes) -> None:
         if self._stream is not None and self._stream.transport is not None:
-            self._stream.transport.write(_frame(message))
+            self._write(self._stream, message)
             return
         self._waiting.append(message)
-        if len(self._waiting) > self.max_waiting:
+        self._drop_beyond_limit()
+
+    def _drop_beyond_limit(self) -> None:
+        while len(self._waiting) > self.max_waiting:
             self._waiting.popleft()
             self.dropped += 1
             self.on_dropped()
             self._problem(f"{self.dropped} records dropped while not connected")
+
+    def _write(self, stream: _SyslogStream, message: bytes) -> None:
+        assert stream.transport is not None
+        stream.transport.write(_frame(message))
+        self._unconfirmed.append(message)
+        if self._confirm is None or not self._confirm.active():
+            self._confirm = self.clock.callLater(CONFIRM_SECONDS, self._confirmed)
+
+    def _confirmed(self) -> None:
+        """Count what was written on the connection as sent, now that it stayed up."""
+        self._unconfirmed.clear()
+        self._retry_seconds = FIRST_RETRY_SECONDS
+        if self._problem_logged_at is not None:
+            logger.info("audit: %s takes records again", self.name)
+            self._problem_logged_at = None
 
     def _connect(self) -> None:
         if self._closing or self._connecting:
             return
         self._connecting = True
         factory = protocol.Factory.forProtocol(lambda: _SyslogStream(self))
+        # No log line for each connection attempt.
+        factory.noisy = False
         connected = self.endpoint.connect(factory)
         connected.addErrback(self._connect_failed)
 
@@ -176,13 +208,12 @@ class StreamSink:
     def _connected(self, stream: _SyslogStream) -> None:
         self._connecting = False
         self._stream = stream
-        self._retry_seconds = FIRST_RETRY_SECONDS
-        if self._problem_logged_at is not None:
-            logger.info("audit: connected to %s again", self.name)
-            self._problem_logged_at = None
         assert stream.transport is not None
         while self._waiting:
-            stream.transport.write(_frame(self._waiting.popleft()))
+            self._write(stream, self._waiting.popleft())
+        if not self._unconfirmed:
+            # Nothing to confirm: the connection counts as good when it stays up.
+            self._confirm = self.clock.callLater(CONFIRM_SECONDS, self._confirmed)
         if self._closing:
             stream.transport.loseConnection()
 
@@ -192,10 +223,18 @@ class StreamSink:
         else:
             # A connection that failed its TLS handshake, for example.
             self._connecting = False
+        if self._confirm is not None and self._confirm.active():
+            self._confirm.cancel()
         if self._closing:
+            # A close flushes what was written before the connection ends.
+            self._unconfirmed.clear()
             if self._closed is not None and not self._closed.called:
                 self._closed.callback(None)
             return
+        # What the repository may not have taken waits again, before what came since.
+        self._waiting.extendleft(reversed(self._unconfirmed))
+        self._unconfirmed.clear()
+        self._drop_beyond_limit()
         self._problem(f"connection lost: {reason.getErrorMessage().rstrip('.')}")
         self._schedule_retry()
 

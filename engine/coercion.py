@@ -220,14 +220,17 @@ def _add_other_patient_id(
     items = Sequence()
     for existing in ds.get("OtherPatientIDsSequence") or []:
         key = (existing.get("PatientID"), existing.get("IssuerOfPatientID"))
-        if key[1] == local.issuer and key[0] != local.value:
+        if key[1] == local.issuer:
             # Another local patient's ID: an archive that links patients by their other
-            # IDs would join this object to that patient.
+            # IDs would join this object to that patient. The patient's own local ID is
+            # the Patient ID itself, not another one.
             continue
         if key not in seen:
             seen.add(key)
             items.append(existing)
-    if (identifier.value, identifier.issuer) not in seen:
+    # An object from the local domain (e.g. the local PACS as a federated site) carries
+    # the local ID already; it is not another ID of the patient.
+    if identifier.issuer != local.issuer and (identifier.value, identifier.issuer) not in seen:
         item = Dataset()
         item.PatientID = identifier.value
         item.IssuerOfPatientID = identifier.issuer
@@ -235,7 +238,10 @@ def _add_other_patient_id(
         if entity is not None:
             _set_qualifiers(item, entity)
         items.append(item)
-    ds.OtherPatientIDsSequence = items
+    if items:
+        ds.OtherPatientIDsSequence = items
+    elif "OtherPatientIDsSequence" in ds:
+        del ds.OtherPatientIDsSequence
 
 
 def _coerce_study(ds: Dataset, stamp: Stamp) -> None:

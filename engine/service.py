@@ -320,6 +320,9 @@ class Engine:
             lock.acquire()
         self.spool.open()
         self.audit.sinks = self._open_audit_sinks()
+        for sink in self.audit.sinks:
+            # The counter shows 0 for each sink from the start, not only after a loss.
+            self.metrics.audit_records_lost.labels(sink.name)
         self.db.start()
         self.pools.start()
         try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -22,7 +23,7 @@ def load_private_certificate(certificate: Path, private_key: Path) -> ssl.Privat
     try:
         pem = certificate.read_text() + private_key.read_text()
         return ssl.PrivateCertificate.loadPEM(pem)  # type: ignore[no-untyped-call,no-any-return]
-    except (OSError, ValueError, SSL.Error) as error:
+    except (OSError, ValueError, SSL.Error, VerifyError) as error:
         raise TLSConfigError(
             f"cannot load certificate {certificate} with key {private_key}: {error}"
         ) from None

@@ -172,7 +172,9 @@ def study_uid(key: str) -> str:
 
 
 def others(row: Dataset) -> list[tuple[str, str]]:
-    return [(item.PatientID, item.IssuerOfPatientID) for item in row.OtherPatientIDsSequence]
+    return [
+        (item.PatientID, item.IssuerOfPatientID) for item in row.get("OtherPatientIDsSequence", [])
+    ]
 
 
 STUDY_KEYS = {
@@ -434,6 +436,8 @@ def test_get_decompresses_for_uncompressed_only_caller(
         assert not instance.file_meta.TransferSyntaxUID.is_compressed
         assert instance.PatientID == "L12345"
         assert len(instance.PixelData) == instance.Rows * instance.Columns * 2
+        # Served by the local PACS or hospital B: never the local ID as another ID.
+        assert ("L12345", "LOCAL") not in others(instance)
     assert not list(federated.engine.config.parent.rglob("*.transcoded.partial"))
 
 

@@ -300,6 +300,27 @@ def test_file_sink_creates_file_again_after_rotation(tmp_path: Path) -> None:
     assert path.read_bytes() == b"third\n"
 
 
+def test_file_sink_ends_a_cut_line_before_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    sink = FileSink(path)
+    real_write = os.write
+    calls = [0]
+
+    def disk_fills_once(fd: int, data: bytes) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            return real_write(fd, data[:7])
+        return real_write(fd, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "write", disk_fills_once)
+        with pytest.raises(OSError, match="only 7 of 13 bytes written"):
+            sink.send(b"first record")
+        sink.send(b"second")
+    sink.close()
+    assert path.read_bytes().splitlines() == [b"first r", b"second"]
+
+
 def test_file_sink_write_error_raised() -> None:
     sink = FileSink(Path("/dev/full"))
     with pytest.raises(OSError, match="No space left on device"):

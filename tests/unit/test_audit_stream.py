@@ -157,3 +157,44 @@ def test_close_while_not_connected_stops_retrying(
     assert "1 records for tls:127.0.0.1:6514 not sent: not connected at stop" in caplog.text
     clock.advance(120)
     assert len(endpoint.attempts) == 1
+
+
+def test_records_of_short_connection_written_again() -> None:
+    # A repository that rejects the client certificate after a TLS 1.3 handshake.
+    clock, endpoint = Clock(), FakeEndpoint()
+    stream = sink(clock, endpoint)
+    stream.send(b"start")
+    connection, first = endpoint.accept()
+    stream.send(b"adt")
+    connection.connectionLost(Failure(error.ConnectionLost()))
+    assert first.value() == b"5 start3 adt"
+
+    clock.advance(1)
+    connection, second = endpoint.accept()
+    connection.connectionLost(Failure(error.ConnectionLost()))
+    # The delay grows: the short connection did not count as a good one.
+    clock.advance(1.9)
+    assert len(endpoint.attempts) == 2
+    clock.advance(0.1)
+    _, third = endpoint.accept()
+    assert second.value() == third.value() == b"5 start3 adt"
+
+
+def test_records_count_as_sent_once_connection_stays_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock, endpoint = Clock(), FakeEndpoint()
+    with caplog.at_level(logging.INFO, logger="engine.auditstream"):
+        stream = sink(clock, endpoint)
+        endpoint.fail_to_connect()
+        clock.advance(1)
+        connection, _ = endpoint.accept()
+        stream.send(b"kept")
+        clock.advance(2)
+        connection.connectionLost(Failure(error.ConnectionLost()))
+        clock.advance(1)
+        _, transport = endpoint.accept()
+    assert transport.value() == b""
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[1] == "audit: tls:127.0.0.1:6514 takes records again"
+    assert len(messages) == 3

@@ -111,6 +111,18 @@ def test_stamp_adds_remote_id_once_and_keeps_others(tmp_path: Path) -> None:
     assert once.read_bytes() == twice.read_bytes()
 
 
+def test_stamp_from_local_domain_adds_no_other_id(tmp_path: Path) -> None:
+    # The local PACS as a federated site: its objects carry the local ID already.
+    local = STAMP.local
+    ds = dcmread(sample("CT_small.dcm"))
+    item = Dataset()
+    item.PatientID, item.IssuerOfPatientID = local.value, local.issuer
+    ds.OtherPatientIDsSequence = [item]
+    stamp_dataset(ds, Stamp(local, local, STAMP.demographics))
+    assert "OtherPatientIDsSequence" not in ds
+    assert (ds.PatientID, ds.IssuerOfPatientID) == (local.value, local.issuer)
+
+
 def test_stamp_switches_to_utf8_when_needed(tmp_path: Path) -> None:
     stamp = Stamp(STAMP.local, STAMP.remote, Demographics("ŁUKASZ^ŻÓŁW", "19650312", "M"))
     for name in ("MR_small.dcm", "CT_small.dcm"):

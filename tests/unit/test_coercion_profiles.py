@@ -297,7 +297,7 @@ def test_stamping_changes_only_declared_and_is_idempotent(source: bytes, value: 
         assert after.get("SpecificCharacterSet", "ISO_IR 6") in ("ISO_IR 6", "ISO_IR 100")
 
 
-def test_other_local_id_from_source_dropped() -> None:
+def test_local_ids_from_source_dropped() -> None:
     # The source kept a stale local ID of another patient in its Other Patient IDs.
     stale = Dataset()
     stale.PatientID = "L67890"
@@ -309,4 +309,5 @@ def test_other_local_id_from_source_dropped() -> None:
     stamp_dataset(ds, stamp(CoercionProfile()))
     pairs = [(i.PatientID, i.IssuerOfPatientID) for i in ds.OtherPatientIDsSequence]
     assert ("L67890", "LOCAL") not in pairs
-    assert pairs == [("L12345", "LOCAL"), ("HA-1", "HOSP_A")]
+    # The patient's own local ID is the Patient ID, not another ID of the patient.
+    assert pairs == [("HA-1", "HOSP_A")]

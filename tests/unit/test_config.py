@@ -257,6 +257,31 @@ def test_audit_file_empty_rejected(layout: Path) -> None:
     assert "the audit file is empty: name a file" in problem.message
 
 
+def test_audit_tls_key_of_another_certificate_named(layout: Path) -> None:
+    pki = layout.parent / "pki"
+    authority = certificate_authority(pki)
+    first = issue(pki, authority, "first", server=False)
+    second = issue(pki, authority, "second", server=False)
+    edit(
+        layout,
+        {
+            "audit.syslog": "tls:127.0.0.1:6514",
+            "audit.tls": {
+                "ca": str(authority.certificate_path),
+                "certificate": str(first.certificate_path),
+                "private_key": str(second.key_path),
+            },
+        },
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "audit.tls"
+    assert problem.message.startswith(
+        f"cannot load certificate {first.certificate_path} with key {second.key_path}:"
+    )
+
+
 def test_audit_syslog_address_checked(layout: Path) -> None:
     edit(layout, {"audit.syslog": "syslog.example.org:514"})
     with pytest.raises(ConfigError) as raised:

@@ -10,12 +10,64 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import IO
 
 
 class LockedError(Exception):
     """Another process holds the lock."""
+
+
+def holder_of(path: Path) -> str | None:
+    """Return the process id in a lock file that another process holds, else None.
+
+    A lock file that this process holds through another RunLock also counts
+    as held; callers leave their own lock files out.
+    """
+    try:
+        handle = open(path)  # noqa: SIM115 (closed below)
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "unknown"
+        except OSError:
+            return None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def other_engine_spool(spool: Path, own_locks: Collection[Path]) -> str | None:
+    """Return why a spool folder overlaps the spool of another running engine, else None.
+
+    A spool inside another one, or holding another one, lets one engine count
+    and clean up the other's files. Another engine's spool is found by its
+    held lock file: next to an enclosing folder, or inside this spool.
+    """
+    own = {path.resolve() for path in own_locks}
+    for folder in spool.parents:
+        if not folder.name:
+            continue
+        lock = folder.with_name(folder.name + ".lock")
+        holder = holder_of(lock) if lock.resolve() not in own else None
+        if holder is not None:
+            return (
+                f"the spool {spool} is inside the spool {folder} of another fdqr engine"
+                f" (process {holder}, lock file {lock})"
+            )
+    if spool.is_dir():
+        for lock in spool.rglob("*.lock"):
+            holder = holder_of(lock) if lock.resolve() not in own else None
+            if holder is not None:
+                inner = lock.with_name(lock.name.removesuffix(".lock"))
+                return (
+                    f"the spool {spool} contains the spool {inner} of another fdqr engine"
+                    f" (process {holder}, lock file {lock})"
+                )
+    return None
 
 
 class RunLock:

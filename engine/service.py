@@ -55,7 +55,7 @@ from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
 from engine.model import MessageOrigin, StudyCandidate
 from engine.rules.reload import RuleFileWatcher, RuleSetHolder
-from engine.runlock import RunLock
+from engine.runlock import RunLock, other_engine_spool
 from engine.tlsfiles import TLSConfigError
 from engine.web.metrics import EngineMetrics, JobCountRefresh
 from engine.web.server import build_site
@@ -318,6 +318,9 @@ class Engine:
         settings = self.config.settings
         for lock in self.locks:
             lock.acquire()
+        overlap = other_engine_spool(self.config.spool_path, [lock.path for lock in self.locks])
+        if overlap is not None:
+            raise StartError(f"{overlap}; give each engine a spool.path of its own")
         self.spool.open()
         self.audit.sinks = self._open_audit_sinks()
         for sink in self.audit.sinks:

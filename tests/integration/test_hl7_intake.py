@@ -518,3 +518,29 @@ def test_audit_file_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> Non
     assert f"engine failed to start: the audit file {unusable} (audit.file) cannot be opened:" in (
         run.stderr
     )
+
+
+def test_spool_inside_running_engines_spool_refused(tmp_path: Path) -> None:
+    first = start_engine(tmp_path / "first", {})
+    first_pid = first.process.pid
+    first_spool = tmp_path / "first" / "spool"
+    config, _ = config_copy(
+        tmp_path / "first" / "engine.yaml",
+        tmp_path / "second" / "e.yaml",
+        store__path=str(tmp_path / "second" / "fdqr.sqlite"),
+        spool__path=str(first_spool / "second"),
+    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        stop_engine(first)
+    assert run.returncode == 1
+    assert (
+        f"engine failed to start: the spool {first_spool / 'second'} is inside the spool"
+        f" {first_spool} of another fdqr engine (process {first_pid}"
+    ) in run.stderr

@@ -72,6 +72,8 @@ class StudyResult:
     failed: int = 0
     # Instances this attempt stored, for the metrics.
     stored_in_attempt: int = 0
+    # Objects the engine refused, and why; kept also when the study is complete.
+    refused: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -532,9 +534,10 @@ class Prefetch:
             received=received,
             stored=stored,
             transient_failure=report.transient,
-            problem=report.problem if state != StudyState.STORED else "",
+            problem=report.problem if state != StudyState.STORED else report.refused,
             failed=report.failed,
             stored_in_attempt=report.stored,
+            refused=report.refused,
         )
 
     def _summarize(self, results: list[StudyResult], failed_sources: list[str]) -> Outcome:
@@ -549,6 +552,11 @@ class Prefetch:
             parts.append(f"{len(unfinished)} not complete")
         if failed_sources:
             parts.append(f"query failed at {', '.join(failed_sources)}")
+        refused = [r for r in results if r.refused]
+        if refused:
+            # A source that sends another patient's objects with a study needs a look.
+            studies = "1 study" if len(refused) == 1 else f"{len(refused)} studies"
+            parts.append(f"objects refused in {studies} (see the job's log)")
         summary = ", ".join(parts)
 
         transient = bool(failed_sources) or any(r.transient_failure for r in unfinished)

@@ -95,6 +95,8 @@ class StudyReport:
     failed_instances: list[str] = dataclasses.field(default_factory=list)
     # Instances the destination holds when verification found none missing.
     confirmed: int | None = None
+    # Objects the engine refused (another patient's, a full spool), and why.
+    refused: str = ""
 
     @property
     def problem(self) -> str:
@@ -365,7 +367,8 @@ class StudyTransfer:
         report.received += expectation.received
         if expectation.rejected:
             reasons = "; ".join(sorted(set(expectation.rejections)))
-            report.problems.append(f"{expectation.rejected} objects refused ({reasons})")
+            report.refused = f"{expectation.rejected} objects refused ({reasons})"
+            report.problems.append(report.refused)
             # The job's event log keeps it, also when the study is complete in the end.
             yield note(
                 f"study {uid}: rejected {expectation.rejected} object(s) from {source.name}"

@@ -45,6 +45,7 @@ from tests.integration.conftest import (
     place_order,
     read_events,
     read_jobs,
+    read_studies,
     wait_for_job,
 )
 
@@ -571,6 +572,9 @@ def test_objects_of_another_patient_refused(site: Site) -> None:
     job = wait_for_job(site.store, job_id)
 
     assert job.state == JobState.DONE, job.summary
+    assert job.summary.endswith("objects refused in 1 study (see the job's log)"), job.summary
+    [record] = read_studies(site.store, job_id)
+    assert record.reason.startswith("1 objects refused (patient ID differs"), record.reason
     assert site.destination.instance_count() == 3
     events = site.events(job_id)
     # Orthanc 1.10 ends a C-MOVE at the first refused sub-operation, so one is refused.

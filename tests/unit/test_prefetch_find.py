@@ -318,3 +318,24 @@ def test_study_turns_free_after_failure_and_per_destination() -> None:
     assert ended == ["second", "other destination"]
     assert turns.holder("other", "1.1") is None
     assert turns._locks == {}
+
+
+def test_refused_objects_named_in_summary_of_done_job(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    # The source sent another patient's objects with the study; the study is complete.
+    client = FakeClient(STUDIES[:1])
+    pipeline, _ = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    refused = "2 objects refused (object of patient HA-2^^^HOSP_A, expected HA-1^^^HOSP_A)"
+
+    def fetch(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        return defer.succeed(
+            StudyResult(StudyState.STORED, received=10, stored=10, problem=refused, refused=refused)
+        )
+
+    pipeline._fetch_study = fetch  # type: ignore[method-assign]
+    outcome = run(pipeline, claimed_job(db))
+    assert outcome.state == JobState.DONE
+    assert outcome.summary == (
+        "1 studies stored (10 instances), objects refused in 1 study (see the job's log)"
+    )

@@ -51,7 +51,11 @@ main.add_command(messages_group)
     "--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR."
 )
 def run(config_path: Path, log_level: str) -> None:
-    """Run the engine: MLLP listener, Storage SCP and job worker, until SIGINT or SIGTERM."""
+    """Run the engine until SIGINT or SIGTERM.
+
+    It runs the MLLP listener, the Storage SCP (with the federated Q/R SCP when
+    federation.enabled), the job worker, the worklist poller and the HTTP listener.
+    """
     setup_logging(log_level)
     config = load_or_exit(config_path)
     from engine.service import run as run_engine

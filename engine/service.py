@@ -360,12 +360,13 @@ class Engine:
             factory = wrap(factory, mllp_tls_options(self.config.path, settings.mllp.tls))
         self.mllp_port = yield _listen(endpoint, factory, "mllp.listen", settings.mllp.listen)
         logger.info(
-            "engine started: MLLP on %s%s, DICOM %s on %s:%d, %d routes, %d rules",
+            "engine started: MLLP on %s%s, DICOM %s on %s:%d%s, %d routes, %d rules",
             settings.mllp.listen,
             _describe_tls(settings.mllp.tls),
             settings.dicom.ae_title,
             settings.dicom.host,
             settings.dicom.port,
+            " (Storage SCP and federated Q/R SCP)" if settings.federation.enabled else "",
             len(self.config.rule_set.routes),
             len(self.config.rule_set.rules),
         )

@@ -430,6 +430,16 @@ def config_copy(source: Path, target: Path, **changes: object) -> tuple[Path, in
     return target, mllp_port
 
 
+def run_until_exit(config: Path) -> subprocess.CompletedProcess[str]:
+    """Run `fdqr run` with a configuration it must refuse, and return how it ended."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_second_engine_on_same_store_refused(tmp_path: Path) -> None:
     first = start_engine(tmp_path / "first", {})
     first_pid = first.process.pid
@@ -481,12 +491,7 @@ def test_listener_conflicts_named(tmp_path: Path) -> None:
             mllp__listen=f"tcp:{first.port}:interface=127.0.0.1",
             **own_data,
         )
-        mllp = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "run", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        mllp = run_until_exit(config)
     finally:
         stop_engine(first)
     assert (
@@ -508,12 +513,7 @@ def test_audit_file_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> Non
     settings["audit"]["file"] = str(unusable)
     config.write_text(yaml.safe_dump(settings))
 
-    run = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_until_exit(config)
     assert run.returncode == 1
     assert f"engine failed to start: the audit file {unusable} (audit.file) cannot be opened:" in (
         run.stderr
@@ -531,12 +531,7 @@ def test_spool_inside_running_engines_spool_refused(tmp_path: Path) -> None:
         spool__path=str(first_spool / "second"),
     )
     try:
-        run = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "run", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        run = run_until_exit(config)
     finally:
         stop_engine(first)
     assert run.returncode == 1

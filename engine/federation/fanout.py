@@ -107,12 +107,16 @@ class FindSummary:
 
     def failure_comment(self) -> str:
         """Return the sites that failed as Error Comment text (LO, 64 characters at most)."""
+        text = self.failure_text()
+        return text if len(text) <= 64 else text[:61] + "..."
+
+    def failure_text(self) -> str:
+        """Return every site that failed, with the kind of failure ("" when none failed)."""
         if not self.failed:
             return ""
-        text = "no answer from " + ", ".join(
+        return "no answer from " + ", ".join(
             f"{site} ({reason.split(':')[0]})" for site, reason in sorted(self.failed.items())
         )
-        return text if len(text) <= 64 else text[:61] + "..."
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,13 +113,15 @@ class QRService:
         """Serve a C-FIND, then record it in the audit trail with its final status."""
         final: int | Dataset | None = None
         completed = False
+        # The fan-out's whole failure comment; the Error Comment sent holds 64 characters.
+        summary: list[str] = []
         try:
-            for status, answer in self._find(event):
+            for status, answer in self._find(event, summary):
                 final = status
                 yield status, answer
             completed = True
         finally:
-            self._audit_query(event, final, completed)
+            self._audit_query(event, final, completed, summary)
 
     def _refused(
         self, association: Association, service: str, context: PresentationContext, reason: str
@@ -127,11 +129,15 @@ class QRService:
         caller = Node(self._caller(association), str(association.requestor.address))
         self.audit.restricted_use(caller, service, str(context.abstract_syntax), reason)
 
-    def _audit_query(self, event: Any, final: int | Dataset | None, completed: bool) -> None:
+    def _audit_query(
+        self, event: Any, final: int | Dataset | None, completed: bool, summary: list[str]
+    ) -> None:
         if not self.audit.enabled:
             return
         code = final.Status if isinstance(final, Dataset) else final
         comment = str(final.get("ErrorComment", "")) if isinstance(final, Dataset) else ""
+        if summary and comment:
+            comment = summary[0]
         if code is None or code == Status.PENDING:
             # After the last match, pynetdicom sends the final success itself, unless
             # the association ended first. After a final status it stops asking.
@@ -157,7 +163,9 @@ class QRService:
             comment,
         )
 
-    def _find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    def _find(
+        self, event: Any, summary: list[str]
+    ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         caller = self._caller(event.assoc)
         query_id = f"{caller}#{event.request.MessageID}"
         if caller not in self.settings.callers:
@@ -193,7 +201,7 @@ class QRService:
         find = blockingCallFromThread(
             self.reactor, self._start_find, request, character_set, events.put, query_id
         )
-        yield from self._stream(event, find, events, query_id)
+        yield from self._stream(event, find, events, query_id, summary)
 
     def _start_find(
         self, request: Any, character_set: str, sink: Any, query_id: str
@@ -208,6 +216,7 @@ class QRService:
         find: FederatedFind,
         events: queue.Queue[FindEvent],
         query_id: str,
+        summary: list[str],
     ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         deadline = time.monotonic() + self.find_timeout + FIND_GRACE_SECONDS
         while True:
@@ -225,6 +234,7 @@ class QRService:
                     return
                 continue
             if isinstance(item, Done):
+                summary.append(item.summary.failure_text())
                 final = _find_final(item.summary)
                 if final is not None:
                     yield final, None

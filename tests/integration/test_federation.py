@@ -527,6 +527,27 @@ def test_find_with_site_down_reports_failure(federated: Federated, tmp_path: Pat
     assert study_uid("b-ct-head-3y") not in uids
 
 
+def test_find_with_every_site_down_audited_in_full(federated: Federated, tmp_path: Path) -> None:
+    sites = [federated.network.sites[name] for name in ("hospital_a", "hospital_b", "local_pacs")]
+    records_before = len(federated.audit_records(QUERY, "FINDSCU"))
+    for site in sites:
+        site.stop()
+    try:
+        run, rows = findscu(federated.port, "FINDSCU", "STUDY", STUDY_KEYS, tmp_path)
+    finally:
+        for site in sites:
+            site.start()
+    assert run.final.status == 0xC001
+    assert rows == []
+    records = federated.audit_records(QUERY, "FINDSCU", records_before + 1)
+    # The response's Error Comment holds 64 characters; the record has the whole text.
+    assert outcome(records[-1]) == (
+        "8",
+        "status 0xC001: no answer from hospital_a (failed), hospital_b (failed),"
+        " local_pacs (failed)",
+    )
+
+
 def test_echo_answered(federated: Federated) -> None:
     command = ["echoscu", "-v", "-aet", "FINDSCU", "-aec", "FDQR", "127.0.0.1", str(federated.port)]
     run = run_tool(command)

@@ -217,6 +217,8 @@ class Prefetch:
 
         results: list[StudyResult] = []
         postponed: list[dt.datetime] = []
+        # The remote patients of the studies this attempt stored.
+        stored_from: list[PatientIdentifier] = []
         for candidate in selected:
             cancel = yield self._cancel_reason(job)
             if cancel:
@@ -235,10 +237,18 @@ class Prefetch:
             result = yield self._fetch_in_turn(job, candidate)
             self.on_study(job, candidate, result)
             results.append(result)
+            if result.stored_in_attempt:
+                stored_from.append(candidate.patient)
 
         outcome = self._summarize(results, failed_sources)
         if any(result.stored for result in results):
             yield self._warn_if_merged(job)
+        moved = yield self._moved_identifiers(job, stored_from)
+        if moved:
+            outcome = dataclasses.replace(
+                outcome,
+                summary=f"{outcome.summary}, {moved} (see the job's log)",
+            )
         if postponed:
             return Outcome(
                 JobState.DEFERRED,
@@ -330,6 +340,44 @@ class Prefetch:
                 " merge to them",
                 logging.WARNING,
             )
+
+    @defer.inlineCallbacks
+    def _moved_identifiers(
+        self, job: JobRecord, remotes: list[PatientIdentifier]
+    ) -> Generator[defer.Deferred[Any], Any, str]:
+        """Record when a remote ID the attempt stored studies of now belongs to another patient.
+
+        An ADT message can move a learned identifier to another local patient
+        while the studies are retrieved and stamped with the job's patient.
+        The objects already stored then carry an ID the engine no longer
+        holds for them, and a person must check them at the destination.
+        Returns a note for the job's summary, "" when nothing moved.
+        """
+        if not remotes:
+            return ""
+
+        def owners(store: Store) -> tuple[PatientIdentifier, list[Any]]:
+            active, _ = records.active_patient(store, job.patient)
+            found = [(remote, records.learned_local(store, remote)) for remote in remotes]
+            return active, found
+
+        active, found = yield self.db.run(owners)
+        moved = {
+            remote: owner
+            for remote, owner in found
+            if owner is not None and owner not in (job.patient, active)
+        }
+        for remote, owner in moved.items():
+            yield self.note(
+                job,
+                f"identifier {remote} was moved to patient {owner} while this attempt ran; the"
+                f" studies it stored from {remote} carry {job.patient}: check them at"
+                f" {job.destination}",
+                logging.WARNING,
+            )
+        if not moved:
+            return ""
+        return f"{len(moved)} identifier(s) moved to another patient during the attempt"
 
     def _check_destination_charset(self, job: JobRecord) -> Outcome | None:
         profile = self.coercion(job.destination)

@@ -339,3 +339,49 @@ def test_refused_objects_named_in_summary_of_done_job(
     assert outcome.summary == (
         "1 studies stored (10 instances), objects refused in 1 study (see the job's log)"
     )
+
+
+def test_identifier_moved_during_attempt_named(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    # An ADT^A08 gives the hospital A ID to another local patient while the study is stored.
+    client = FakeClient(STUDIES[:1])
+    pipeline, _ = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    other = PatientIdentifier("L2", "LOCAL")
+
+    def fetch_then_move(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        records.learn(db.store, other, REMOTE, NOW, "ADT-MOVE")
+        return defer.succeed(
+            StudyResult(StudyState.STORED, received=10, stored=10, stored_in_attempt=10)
+        )
+
+    pipeline._fetch_study = fetch_then_move  # type: ignore[method-assign]
+    job = claimed_job(db)
+    outcome = run(pipeline, job)
+    assert outcome.state == JobState.DONE
+    assert outcome.summary == (
+        "1 studies stored (10 instances), 1 identifier(s) moved to another patient during the"
+        " attempt (see the job's log)"
+    )
+    events = [text for _, text in db.store.events(job.id)]
+    assert (
+        "identifier HA-1^^^HOSP_A was moved to patient L2^^^LOCAL while this attempt ran; the"
+        " studies it stored from HA-1^^^HOSP_A carry L1^^^LOCAL: check them at local"
+    ) in events
+
+
+def test_identifier_learned_by_same_patient_not_named(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    client = FakeClient(STUDIES[:1])
+    pipeline, _ = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+
+    def fetch_and_learn(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        records.learn(db.store, LOCAL, REMOTE, NOW, "ADT-SAME")
+        return defer.succeed(
+            StudyResult(StudyState.STORED, received=10, stored=10, stored_in_attempt=10)
+        )
+
+    pipeline._fetch_study = fetch_and_learn  # type: ignore[method-assign]
+    outcome = run(pipeline, claimed_job(db))
+    assert outcome.summary == "1 studies stored (10 instances)"

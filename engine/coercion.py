@@ -71,6 +71,8 @@ SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
 PATIENT_ID = 0x00100020
 ISSUER_OF_PATIENT_ID = 0x00100021
+PATIENT_BIRTH_DATE = 0x00100030
+PATIENT_SEX = 0x00100040
 STUDY_INSTANCE_UID = 0x0020000D
 PATIENT_GROUP = 0x0010
 
@@ -150,6 +152,8 @@ class Header:
     sop_class_uid: str
     patient_id: str
     issuer_of_patient_id: str
+    patient_birth_date: str = ""
+    patient_sex: str = ""
 
 
 def stamp_dataset(ds: Dataset, stamp: Stamp) -> None:
@@ -317,6 +321,8 @@ def header_of(head: Head) -> Header:
         sop_class_uid=head.text(SOP_CLASS_UID),
         patient_id=head.text(PATIENT_ID),
         issuer_of_patient_id=head.text(ISSUER_OF_PATIENT_ID),
+        patient_birth_date=head.text(PATIENT_BIRTH_DATE),
+        patient_sex=head.text(PATIENT_SEX),
     )
 
 
@@ -340,6 +346,8 @@ def read_header(source: Path | bytes) -> Header:
         sop_class_uid=str(ds.get("SOPClassUID", "")),
         patient_id=str(ds.get("PatientID", "")),
         issuer_of_patient_id=str(ds.get("IssuerOfPatientID", "")),
+        patient_birth_date=str(ds.get("PatientBirthDate", "")),
+        patient_sex=str(ds.get("PatientSex", "")),
     )
 
 

@@ -184,6 +184,7 @@ class Engine:
                 transfer.destination_associations,
                 transfer.repair_passes,
                 frozenset(name for name, node in settings.nodes.items() if node.store_only),
+                check_objects=settings.identity.check.strictness != "off",
             ),
             stopping=lambda: self.tracker.closed,
             on_study=self._study_ended,

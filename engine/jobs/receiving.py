@@ -27,7 +27,7 @@ from engine.dicomfile import scan_head
 from engine.dimse.status import Status
 from engine.dimse.storescp import Arrival, Verdict
 from engine.jobs.spool import Spool, SpoolFull, file_size
-from engine.model import PatientIdentifier
+from engine.model import Demographics, PatientIdentifier
 
 logger = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -52,6 +52,9 @@ class Expectation:
     stamp: Stamp
     spool_dir: Path
     message_id: int
+    # The patient's birth date and sex in the source's C-FIND answer; an object
+    # that gives others belongs to another person. None: not checked.
+    demographics: Demographics | None = None
     received: int = 0
     rejected: int = 0
     rejections: list[str] = dataclasses.field(default_factory=list)
@@ -229,4 +232,24 @@ def _check_object(header: Header, expectation: Expectation) -> str:
         return "patient ID differs from the requested patient"
     if header.issuer_of_patient_id and header.issuer_of_patient_id != expectation.remote.issuer:
         return "issuer of patient ID differs from the source's domain"
+    return _other_person(header, expectation.demographics)
+
+
+def _other_person(header: Header, expected: Demographics | None) -> str:
+    """Return why an object's birth date or sex shows another person than the C-FIND answer.
+
+    Names are not compared here: their encoding differs between character sets.
+    """
+    if expected is None:
+        return ""
+    ours, theirs = _digits(expected.birth_date)[:8], _digits(header.patient_birth_date)[:8]
+    if ours and theirs and ours != theirs:
+        return "patient birth date differs from the source's C-FIND answer"
+    ours, theirs = expected.sex.strip().upper(), header.patient_sex.strip().upper()
+    if ours and theirs and ours != theirs:
+        return "patient sex differs from the source's C-FIND answer"
     return ""
+
+
+def _digits(text: str) -> str:
+    return "".join(character for character in text if character.isdigit())

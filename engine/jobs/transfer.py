@@ -60,6 +60,9 @@ class TransferSettings:
     repair_passes: int = 1
     # Destinations without a C-FIND SCP, whose content cannot be checked.
     store_only: frozenset[str] = frozenset()
+    # Refuse an object whose birth date or sex differs from the study's C-FIND answer
+    # (on unless identity.check.strictness is off).
+    check_objects: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,7 @@ class StudyReport:
     confirmed: int | None = None
     # Objects the engine refused (another patient's, a full spool), and why.
     refused: str = ""
+    refused_count: int = 0
 
     @property
     def problem(self) -> str:
@@ -251,6 +255,10 @@ class StudyTransfer:
         report.problems.append(f"destination lacks {len(missing)} instances after verification")
         # Missing instances the source reported as failed will not come by retrying soon.
         report.transient = report.transient or not report.failed_instances
+        if report.refused_count >= len(missing) and "spool full" not in report.refused:
+            # The engine itself refused them (another person's objects): a retry refuses
+            # them again.
+            report.transient = False
 
     @defer.inlineCallbacks
     def _destination_count(
@@ -347,6 +355,7 @@ class StudyTransfer:
             spool_dir=self.spool.study_dir(job.id, uid),
             message_id=client.next_message_id(),
             on_spooled=forwarder.put,
+            demographics=candidate.demographics if self.settings.check_objects else None,
         )
         workers = [
             self.pools.run(job.destination, forwarder.run_worker) for _ in range(forwarder.workers)
@@ -368,6 +377,7 @@ class StudyTransfer:
         if expectation.rejected:
             reasons = "; ".join(sorted(set(expectation.rejections)))
             report.refused = f"{expectation.rejected} objects refused ({reasons})"
+            report.refused_count += expectation.rejected
             report.problems.append(report.refused)
             # The job's event log keeps it, also when the study is complete in the end.
             yield note(

@@ -581,3 +581,37 @@ def test_objects_of_another_patient_refused(site: Site) -> None:
     assert any("object(s) from hospital_a (patient ID differs" in text for text in events), (
         "\n".join(events)
     )
+
+
+def test_objects_of_another_person_under_same_id_refused(site: Site) -> None:
+    # The source files two objects of another person under our patient's ID and study UID.
+    # They are loaded last, so the source's C-FIND answer shows our patient's attributes.
+    stranger = PatientSpec(AT_A.id, AT_A.issuer, "GREEN^BOB", "19450707", "M")
+    study = StudySpec(
+        "t-ct-same-id",
+        years_before(TODAY, 1),
+        "CT CHEST",
+        "ACC-SAME-ID",
+        (
+            SeriesSpec("CT_small.dcm", 3, "CT", "AXIAL", "CHEST"),
+            SeriesSpec("CT_small.dcm", 2, "CT", "OTHER PERSON", "CHEST"),
+        ),
+    )
+    site.network.start()
+    for patient, series_number in ((AT_A, 1), (stranger, 2)):
+        for ds in build_study(patient, study):
+            if ds.SeriesNumber == series_number:
+                site.source.upload(encode(ds))
+    site.configure(lambda s: None)
+    site.start_engine()
+
+    job = wait_for_job(site.store, site.order("SAMEID1"))
+
+    # The study cannot be complete without the refused objects, and a retry would refuse
+    # them again, so the job ends at once, failed: no study is complete.
+    assert job.state == JobState.FAILED, job.summary
+    assert job.attempts == 1, job.summary
+    assert site.destination.instance_count() == 3, job.summary
+    assert "objects refused in 1 study" in job.summary, job.summary
+    events = "\n".join(site.events(job.id))
+    assert "birth date differs from the source's C-FIND answer" in events, events

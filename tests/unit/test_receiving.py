@@ -164,3 +164,43 @@ def test_receiver_rejects_unreadable(
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"\x00" * 10)
     assert receiver(arrival(junk)).status == Status.CANNOT_UNDERSTAND
+
+
+def file_of_person(tmp_path: Path, birth_date: str, sex: str) -> Path:
+    path = received_file(tmp_path, "HA-1", "HOSP_A")
+    ds = dcmread(path)
+    ds.PatientBirthDate, ds.PatientSex = birth_date, sex
+    target = tmp_path / f"person-{birth_date}-{sex}.dcm"
+    ds.save_as(target)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "sex", "comment"),
+    [
+        ("19450707", "F", "patient birth date differs from the source's C-FIND answer"),
+        ("19650312", "M", "patient sex differs from the source's C-FIND answer"),
+        ("19650312", "F", ""),
+        ("", "", ""),
+    ],
+)
+def test_receiver_rejects_object_of_another_person_under_same_id(
+    tmp_path: Path,
+    receiver_and_registry: tuple[Receiver, ExpectationRegistry],
+    birth_date: str,
+    sex: str,
+    comment: str,
+) -> None:
+    # The source's C-FIND answer for the study gave 1965-03-12, F.
+    receiver, registry = receiver_and_registry
+    wanted = expectation(tmp_path, "1.2.3")
+    wanted.demographics = Demographics("DOE^JANE", "1965-03-12", "f")
+    registry.expect(wanted)
+    verdict = receiver(arrival(file_of_person(tmp_path, birth_date, sex)))
+    if comment:
+        assert verdict.status == Status.REFUSED_NOT_AUTHORIZED
+        assert verdict.comment == comment
+        assert wanted.rejected == 1
+    else:
+        assert verdict.status == Status.SUCCESS
+        assert wanted.received == 1

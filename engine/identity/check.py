@@ -30,12 +30,13 @@ def differences(local: Demographics, remote: Demographics, settings: CheckSettin
             if settings.when_missing == "quarantine":
                 found.append(f"{LABELS[attribute]} not returned by the source")
             continue
-        if not _equal(attribute, ours, theirs, settings.strictness == "exact"):
+        if not same_value(attribute, ours, theirs, settings.strictness == "exact"):
             found.append(f"{LABELS[attribute]} differs")
     return found
 
 
-def _equal(attribute: str, ours: str, theirs: str, exact: bool) -> bool:
+def same_value(attribute: str, ours: str, theirs: str, exact: bool) -> bool:
+    """Return whether two values of a Demographics attribute name the same person."""
     if attribute == "name":
         if exact:
             return _exact_name(ours) == _exact_name(theirs)

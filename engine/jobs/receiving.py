@@ -26,6 +26,7 @@ from engine.coercion import (
 from engine.dicomfile import scan_head
 from engine.dimse.status import Status
 from engine.dimse.storescp import Arrival, Verdict
+from engine.identity.check import same_value
 from engine.jobs.spool import Spool, SpoolFull, file_size
 from engine.model import Demographics, PatientIdentifier
 
@@ -52,11 +53,13 @@ class Expectation:
     stamp: Stamp
     spool_dir: Path
     message_id: int
-    # The patient's birth date and sex in the source's C-FIND answer; an object
-    # that gives others belongs to another person. None: not checked.
+    # The patient's birth date and sex in the source's C-FIND response. An object
+    # with other values belongs to another person. None turns the check off.
     demographics: Demographics | None = None
     received: int = 0
     rejected: int = 0
+    # Rejections that a retry would repeat: all but those of a full spool.
+    rejected_again_on_retry: int = 0
     rejections: list[str] = dataclasses.field(default_factory=list)
     # Called in the Storage SCP's thread with each object's spool path once it is
     # written, so the pipeline can forward it while the rest is still arriving.
@@ -113,12 +116,24 @@ class ExpectationRegistry:
             return None
         return found[0]
 
-    def record(self, expectation: Expectation, accepted: bool, reason: str = "") -> None:
+    def record(
+        self,
+        expectation: Expectation,
+        accepted: bool,
+        reason: str = "",
+        retry_helps: bool = False,
+    ) -> None:
+        """Count an object as received, or as rejected for reason.
+
+        retry_helps marks a rejection that a later retrieve may not repeat (a full spool).
+        """
         with self._lock:
             if accepted:
                 expectation.received += 1
                 return
             expectation.rejected += 1
+            if not retry_helps:
+                expectation.rejected_again_on_retry += 1
             if len(expectation.rejections) < 20:
                 expectation.rejections.append(reason)
 
@@ -183,7 +198,7 @@ class Receiver:
             if self.spool is not None:
                 self.spool.reserve(reserved)
         except SpoolFull as error:
-            self.registry.record(expectation, False, str(error))
+            self.registry.record(expectation, False, str(error), retry_helps=True)
             logger.warning(
                 "%s: object %s refused: %s", expectation.owner, header.sop_instance_uid, error
             )
@@ -236,20 +251,17 @@ def _check_object(header: Header, expectation: Expectation) -> str:
 
 
 def _other_person(header: Header, expected: Demographics | None) -> str:
-    """Return why an object's birth date or sex shows another person than the C-FIND answer.
+    """Return why an object's birth date or sex shows another person than the C-FIND response.
 
     Names are not compared here: their encoding differs between character sets.
     """
     if expected is None:
         return ""
-    ours, theirs = _digits(expected.birth_date)[:8], _digits(header.patient_birth_date)[:8]
-    if ours and theirs and ours != theirs:
-        return "patient birth date differs from the source's C-FIND answer"
-    ours, theirs = expected.sex.strip().upper(), header.patient_sex.strip().upper()
-    if ours and theirs and ours != theirs:
-        return "patient sex differs from the source's C-FIND answer"
+    for attribute, theirs, label in (
+        ("birth_date", header.patient_birth_date, "birth date"),
+        ("sex", header.patient_sex, "sex"),
+    ):
+        ours = str(getattr(expected, attribute)).strip()
+        if ours and theirs.strip() and not same_value(attribute, ours, theirs.strip(), False):
+            return f"patient {label} differs from the source's C-FIND response"
     return ""
-
-
-def _digits(text: str) -> str:
-    return "".join(character for character in text if character.isdigit())

@@ -60,7 +60,7 @@ class TransferSettings:
     repair_passes: int = 1
     # Destinations without a C-FIND SCP, whose content cannot be checked.
     store_only: frozenset[str] = frozenset()
-    # Refuse an object whose birth date or sex differs from the study's C-FIND answer
+    # Reject an object whose birth date or sex differs from the study's C-FIND response
     # (on unless identity.check.strictness is off).
     check_objects: bool = True
 
@@ -100,7 +100,8 @@ class StudyReport:
     confirmed: int | None = None
     # Objects the engine refused (another patient's, a full spool), and why.
     refused: str = ""
-    refused_count: int = 0
+    # Refused objects that a retry would refuse again (all but those of a full spool).
+    refused_again_on_retry: int = 0
 
     @property
     def problem(self) -> str:
@@ -255,9 +256,9 @@ class StudyTransfer:
         report.problems.append(f"destination lacks {len(missing)} instances after verification")
         # Missing instances the source reported as failed will not come by retrying soon.
         report.transient = report.transient or not report.failed_instances
-        if report.refused_count >= len(missing) and "spool full" not in report.refused:
-            # The engine itself refused them (another person's objects): a retry refuses
-            # them again.
+        if report.refused_again_on_retry >= len(missing):
+            # The engine itself rejected them (another person's objects, for example), so a
+            # retry would reject them again.
             report.transient = False
 
     @defer.inlineCallbacks
@@ -377,7 +378,7 @@ class StudyTransfer:
         if expectation.rejected:
             reasons = "; ".join(sorted(set(expectation.rejections)))
             report.refused = f"{expectation.rejected} objects refused ({reasons})"
-            report.refused_count += expectation.rejected
+            report.refused_again_on_retry += expectation.rejected_again_on_retry
             report.problems.append(report.refused)
             # The job's event log keeps it, also when the study is complete in the end.
             yield note(

@@ -209,7 +209,7 @@ class WebSettings(Settings):
 
 class AuditTLSSettings(Settings):
     """TLS to the audit repository: the CAs its certificate must chain to, and the
-    engine's own certificate and key when the repository asks for one.
+    engine's own certificate and key when the repository requires one.
     """
 
     ca: Path

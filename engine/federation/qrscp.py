@@ -113,7 +113,8 @@ class QRService:
         """Serve a C-FIND, then record it in the audit trail with its final status."""
         final: int | Dataset | None = None
         completed = False
-        # The fan-out's whole failure comment; the Error Comment sent holds 64 characters.
+        # The fan-out's whole failure text, because the Error Comment sent is cut to 64
+        # characters.
         summary: list[str] = []
         try:
             for status, answer in self._find(event, summary):

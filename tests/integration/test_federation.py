@@ -540,7 +540,7 @@ def test_find_with_every_site_down_audited_in_full(federated: Federated, tmp_pat
     assert run.final.status == 0xC001
     assert rows == []
     records = federated.audit_records(QUERY, "FINDSCU", records_before + 1)
-    # The response's Error Comment holds 64 characters; the record has the whole text.
+    # The response's Error Comment is cut to 64 characters; the record has the whole text.
     assert outcome(records[-1]) == (
         "8",
         "status 0xC001: no answer from hospital_a (failed), hospital_b (failed),"

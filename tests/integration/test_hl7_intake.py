@@ -505,7 +505,7 @@ def test_listener_conflicts_named(tmp_path: Path) -> None:
     ) in mllp.stderr
 
 
-def test_audit_file_that_cannot_be_opened_stops_the_start(tmp_path: Path) -> None:
+def test_unopenable_audit_file_stops_start(tmp_path: Path) -> None:
     # /proc accepts no new folders, even for root, and passes the configuration check.
     unusable = Path("/proc") / f"fdqr-{uuid.uuid4().hex}" / "audit.log"
     config, _ = write_intake_config(tmp_path, str(tmp_path / "fdqr.sqlite"))

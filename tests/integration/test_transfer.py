@@ -585,7 +585,7 @@ def test_objects_of_another_patient_refused(site: Site) -> None:
 
 def test_objects_of_another_person_under_same_id_refused(site: Site) -> None:
     # The source files two objects of another person under our patient's ID and study UID.
-    # They are loaded last, so the source's C-FIND answer shows our patient's attributes.
+    # They are loaded last, so the source's C-FIND response shows our patient's attributes.
     stranger = PatientSpec(AT_A.id, AT_A.issuer, "GREEN^BOB", "19450707", "M")
     study = StudySpec(
         "t-ct-same-id",
@@ -614,4 +614,4 @@ def test_objects_of_another_person_under_same_id_refused(site: Site) -> None:
     assert site.destination.instance_count() == 3, job.summary
     assert "objects refused in 1 study" in job.summary, job.summary
     events = "\n".join(site.events(job.id))
-    assert "birth date differs from the source's C-FIND answer" in events, events
+    assert "birth date differs from the source's C-FIND response" in events, events

@@ -300,7 +300,7 @@ def test_file_sink_creates_file_again_after_rotation(tmp_path: Path) -> None:
     assert path.read_bytes() == b"third\n"
 
 
-def test_file_sink_ends_a_cut_line_before_the_next(tmp_path: Path) -> None:
+def test_file_sink_ends_cut_line(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     sink = FileSink(path)
     real_write = os.write

@@ -178,20 +178,20 @@ def file_of_person(tmp_path: Path, birth_date: str, sex: str) -> Path:
 @pytest.mark.parametrize(
     ("birth_date", "sex", "comment"),
     [
-        ("19450707", "F", "patient birth date differs from the source's C-FIND answer"),
-        ("19650312", "M", "patient sex differs from the source's C-FIND answer"),
+        ("19450707", "F", "patient birth date differs from the source's C-FIND response"),
+        ("19650312", "M", "patient sex differs from the source's C-FIND response"),
         ("19650312", "F", ""),
         ("", "", ""),
     ],
 )
-def test_receiver_rejects_object_of_another_person_under_same_id(
+def test_receiver_rejects_other_person_same_id(
     tmp_path: Path,
     receiver_and_registry: tuple[Receiver, ExpectationRegistry],
     birth_date: str,
     sex: str,
     comment: str,
 ) -> None:
-    # The source's C-FIND answer for the study gave 1965-03-12, F.
+    # The source's C-FIND response for the study gave 1965-03-12, F.
     receiver, registry = receiver_and_registry
     wanted = expectation(tmp_path, "1.2.3")
     wanted.demographics = Demographics("DOE^JANE", "1965-03-12", "f")

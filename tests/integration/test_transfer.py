@@ -546,18 +546,20 @@ def test_missing_instances_fetched_again(site: Site) -> None:
     assert record.received == 10
 
 
-def test_objects_of_another_patient_refused(site: Site) -> None:
-    # The source keeps two objects of another patient under the study's UID, and its
-    # C-MOVE of the study sends them too.
-    stranger = PatientSpec("HA-STRANGER", AT_A.issuer, "ROE^RICHARD", "19580101", "M")
+def start_with_mixed_study(site: Site, stranger: PatientSpec, key: str, accession: str) -> None:
+    """Start the source with a study of 3 objects of our patient, then 2 of stranger.
+
+    Both series share one Study Instance UID, and the stranger's are loaded last.
+    Then start the engine.
+    """
     study = StudySpec(
-        "t-ct-mixed",
+        key,
         years_before(TODAY, 1),
         "CT CHEST",
-        "ACC-MIXED",
+        accession,
         (
             SeriesSpec("CT_small.dcm", 3, "CT", "AXIAL", "CHEST"),
-            SeriesSpec("CT_small.dcm", 2, "CT", "OTHER PATIENT", "CHEST"),
+            SeriesSpec("CT_small.dcm", 2, "CT", "OTHER PERSON", "CHEST"),
         ),
     )
     site.network.start()
@@ -567,6 +569,13 @@ def test_objects_of_another_patient_refused(site: Site) -> None:
                 site.source.upload(encode(ds))
     site.configure(lambda s: None)
     site.start_engine()
+
+
+def test_objects_of_another_patient_refused(site: Site) -> None:
+    # The source keeps two objects of another patient under the study's UID, and its
+    # C-MOVE of the study sends them too.
+    stranger = PatientSpec("HA-STRANGER", AT_A.issuer, "ROE^RICHARD", "19580101", "M")
+    start_with_mixed_study(site, stranger, "t-ct-mixed", "ACC-MIXED")
 
     job_id = site.order("MIX1")
     job = wait_for_job(site.store, job_id)
@@ -587,23 +596,7 @@ def test_objects_of_another_person_under_same_id_refused(site: Site) -> None:
     # The source files two objects of another person under our patient's ID and study UID.
     # They are loaded last, so the source's C-FIND response shows our patient's attributes.
     stranger = PatientSpec(AT_A.id, AT_A.issuer, "GREEN^BOB", "19450707", "M")
-    study = StudySpec(
-        "t-ct-same-id",
-        years_before(TODAY, 1),
-        "CT CHEST",
-        "ACC-SAME-ID",
-        (
-            SeriesSpec("CT_small.dcm", 3, "CT", "AXIAL", "CHEST"),
-            SeriesSpec("CT_small.dcm", 2, "CT", "OTHER PERSON", "CHEST"),
-        ),
-    )
-    site.network.start()
-    for patient, series_number in ((AT_A, 1), (stranger, 2)):
-        for ds in build_study(patient, study):
-            if ds.SeriesNumber == series_number:
-                site.source.upload(encode(ds))
-    site.configure(lambda s: None)
-    site.start_engine()
+    start_with_mixed_study(site, stranger, "t-ct-same-id", "ACC-SAME-ID")
 
     job = wait_for_job(site.store, site.order("SAMEID1"))
 

@@ -261,6 +261,15 @@ class Engine:
     def _patient_records_changed(
         self, origin: MessageOrigin, peer: str, changes: Sequence[PatientChange]
     ) -> None:
+        # A learned remote ID may have moved to another patient while its study is retrieved.
+        stopping = self.prefetch.stop_moved_retrievals()
+        stopping.addErrback(
+            lambda failure: logger.error(
+                "checking retrievals after message %s failed: %s",
+                origin.control_id,
+                failure.getErrorMessage(),
+            )
+        )
         sender = Node(f"{origin.sending_application}|{origin.sending_facility}", _host_of(peer))
         for change in changes:
             self.audit.patient_record(

@@ -164,6 +164,8 @@ class ForwardOutcome:
     failed: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
     error: DimseError | None = None
     skipped: int = 0
+    # Files deleted unsent because the transfer was stopped (see Forwarder.withhold).
+    withheld: int = 0
 
 
 class Forwarder:
@@ -172,8 +174,9 @@ class Forwarder:
     put() is safe from any thread. Each run_worker() call blocks one thread
     (of the destination's pool) until finish() was called and the queue is
     drained. A file leaves the spool (`confirm`) only after its C-STORE
-    succeeded; when the destination cannot be reached, the workers stop
-    sending and leave every remaining file in the spool.
+    succeeded, or unsent after withhold(); when the destination cannot be
+    reached, the workers stop sending and leave every remaining file in the
+    spool.
     """
 
     def __init__(
@@ -193,9 +196,19 @@ class Forwarder:
         self.outcome = ForwardOutcome()
         self._queue: queue.Queue[Path | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._withheld = ""
 
     def put(self, path: Path) -> None:
         self._queue.put(path)
+
+    def withhold(self, reason: str) -> None:
+        """Send no more files: each one not yet sent is removed from the spool unsent.
+
+        For files that must not reach the destination, such as objects stamped
+        with a patient their identifier no longer belongs to.
+        """
+        with self._lock:
+            self._withheld = reason
 
     def finish(self) -> None:
         """Tell every worker that no more files come."""
@@ -208,6 +221,11 @@ class Forwarder:
                 path = self._next()
                 if path is None:
                     return
+                if self._withheld:
+                    self.confirm(path)
+                    with self._lock:
+                        self.outcome.withheld += 1
+                    continue
                 if self.outcome.error is not None:
                     self._count_skipped()
                     continue

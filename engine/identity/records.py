@@ -178,6 +178,21 @@ def learned_local(store: Store, remote: PatientIdentifier) -> PatientIdentifier 
     return PatientIdentifier(row["local_id"], row["local_issuer"]) if row else None
 
 
+def moved_owner(
+    store: Store, local: PatientIdentifier, remote: PatientIdentifier
+) -> PatientIdentifier | None:
+    """Return the other local patient a learned `remote` now belongs to, or None.
+
+    None also when `remote` was never learned, or belongs to `local` or to the
+    patient `local` was merged into.
+    """
+    owner = learned_local(store, remote)
+    if owner is None or owner == local:
+        return None
+    active, _ = active_patient(store, local)
+    return None if owner == active else owner
+
+
 def learned_references(store: Store, limit: int = 200) -> list[LearnedReference]:
     with store.transaction() as db:
         rows = db.execute(

@@ -36,12 +36,12 @@ from engine.identity.check import differences
 from engine.identity.resolver import ChainResolver, IdentityResolver
 from engine.identity.settings import CheckSettings
 from engine.jobs.policy import RetrieveSlots, SourcePolicy, StudyTurns
-from engine.jobs.receiving import ExpectationRegistry, Receiver
+from engine.jobs.receiving import Expectation, ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyRecord, StudyState
 from engine.jobs.transfer import SourceNode, StudyReport, StudyTransfer, TransferSettings
 from engine.model import Demographics, PatientIdentifier, StudyCandidate
-from engine.rules.model import RuleSet
+from engine.rules.model import Rule, RuleSet
 from engine.rules.select import StudyQuery, plan_query, select_priors
 from engine.rules.timing import LocalZone
 
@@ -186,7 +186,20 @@ class Prefetch:
         cancel = yield self._cancel_reason(job)
         if cancel:
             return Outcome(JobState.CANCELLED, cancel)
+        withheld = yield self._discard_moved_leftovers(job)
+        outcome: Outcome = yield self._attempt(job, rule_set, rule)
+        if withheld:
+            summary = (
+                f"{outcome.summary}, spooled objects of {withheld} studies deleted unsent:"
+                " identifier moved to another patient (see the job's log)"
+            )
+            outcome = dataclasses.replace(outcome, summary=summary)
+        return outcome
 
+    @defer.inlineCallbacks
+    def _attempt(
+        self, job: JobRecord, rule_set: RuleSet, rule: Rule
+    ) -> Generator[defer.Deferred[Any], Any, Outcome]:
         identities: IdentityLookups = yield self._resolve_identities(job)
         if identities.stop is not None:
             return identities.stop
@@ -233,6 +246,10 @@ class Prefetch:
                     f" postponed: {quiet.reason}",
                 )
                 postponed.append(quiet.until)
+                continue
+            owner = yield self.db.run(_moved_owner(job.patient, candidate.patient))
+            if owner is not None:
+                results.append((yield self._not_fetched(job, candidate, owner)))
                 continue
             result = yield self._fetch_in_turn(job, candidate)
             self.on_study(job, candidate, result)
@@ -356,17 +373,11 @@ class Prefetch:
         if not remotes:
             return ""
 
-        def owners(store: Store) -> tuple[PatientIdentifier, list[Any]]:
-            active, _ = records.active_patient(store, job.patient)
-            found = [(remote, records.learned_local(store, remote)) for remote in remotes]
-            return active, found
+        def owners(store: Store) -> dict[PatientIdentifier, PatientIdentifier]:
+            found = {remote: records.moved_owner(store, job.patient, remote) for remote in remotes}
+            return {remote: owner for remote, owner in found.items() if owner is not None}
 
-        active, found = yield self.db.run(owners)
-        moved = {
-            remote: owner
-            for remote, owner in found
-            if owner is not None and owner not in (job.patient, active)
-        }
+        moved = yield self.db.run(owners)
         for remote, owner in moved.items():
             yield self.note(
                 job,
@@ -378,6 +389,91 @@ class Prefetch:
         if not moved:
             return ""
         return f"{len(moved)} identifier(s) moved to another patient during the attempt"
+
+    def stop_moved_retrievals(self) -> defer.Deferred[None]:
+        """Stop each retrieval whose remote patient now belongs to another local patient.
+
+        Called after an ADT message changed patient records: it can give a
+        learned remote ID to another local patient while that ID's study is
+        retrieved and stamped with the job's patient. The rest of the study is
+        then rejected, and its spooled objects are deleted unsent.
+        """
+        running = self.registry.active()
+        if not running:
+            return defer.succeed(None)
+
+        def owners(store: Store) -> list[tuple[Expectation, PatientIdentifier]]:
+            found = [
+                (
+                    expectation,
+                    records.moved_owner(store, expectation.stamp.local, expectation.remote),
+                )
+                for expectation in running
+            ]
+            return [(expectation, owner) for expectation, owner in found if owner is not None]
+
+        def stop(found: list[tuple[Expectation, PatientIdentifier]]) -> None:
+            for expectation, owner in found:
+                self.registry.stop(
+                    expectation, f"identifier {expectation.remote} was moved to patient {owner}"
+                )
+
+        return self.db.run(owners).addCallback(stop)
+
+    @defer.inlineCallbacks
+    def _discard_moved_leftovers(self, job: JobRecord) -> Generator[defer.Deferred[Any], Any, int]:
+        """Delete the spooled objects of an earlier attempt whose remote ID moved meanwhile.
+
+        They are stamped with the job's patient, and the identifier they came
+        with now belongs to another local patient, so they must not be sent.
+        Returns the number of studies whose objects were deleted.
+        """
+        waiting = [
+            study
+            for study in (yield self.db.run(lambda store: store.studies(job.id)))
+            if self.spool.pending(self.spool.study_dir(job.id, study.study_instance_uid))
+        ]
+        withheld = 0
+        for study in waiting:
+            owner = yield self.db.run(_moved_owner(job.patient, study.remote_patient))
+            if owner is not None:
+                yield self._withhold_study(
+                    job, study.source, study.study_instance_uid, study.remote_patient, owner
+                )
+                withheld += 1
+        return withheld
+
+    @defer.inlineCallbacks
+    def _not_fetched(
+        self, job: JobRecord, candidate: StudyCandidate, owner: PatientIdentifier
+    ) -> Generator[defer.Deferred[Any], Any, StudyResult]:
+        reason = yield self._withhold_study(
+            job, candidate.source, candidate.study_instance_uid, candidate.patient, owner
+        )
+        return StudyResult(StudyState.FAILED, problem=reason)
+
+    @defer.inlineCallbacks
+    def _withhold_study(
+        self,
+        job: JobRecord,
+        source: str,
+        uid: str,
+        remote: PatientIdentifier,
+        owner: PatientIdentifier,
+    ) -> Generator[defer.Deferred[Any], Any, str]:
+        """Fail a study whose remote ID moved to `owner`, deleting its spooled objects."""
+        study_dir = self.spool.study_dir(job.id, uid)
+        deleted = len(self.spool.pending(study_dir))
+        if study_dir.is_dir():
+            self.spool.discard_study(study_dir)
+        reason = f"not fetched: identifier {remote} was moved to patient {owner}"
+        if deleted:
+            reason += f"; {deleted} spooled objects deleted unsent"
+        yield self.db.run(
+            lambda store: store.update_study(job.id, source, uid, StudyState.FAILED, reason=reason)
+        )
+        yield self.note(job, f"study {uid} from {source}: {reason}", logging.WARNING)
+        return reason
 
     def _check_destination_charset(self, job: JobRecord) -> Outcome | None:
         profile = self.coercion(job.destination)
@@ -631,6 +727,12 @@ def study_counts(report: StudyReport, earlier: StudyRecord | None) -> tuple[int,
         received = max(received, stored)
         stored = max(stored, report.confirmed)
     return received, stored
+
+
+def _moved_owner(
+    local: PatientIdentifier, remote: PatientIdentifier
+) -> Callable[[Store], PatientIdentifier | None]:
+    return lambda store: records.moved_owner(store, local, remote)
 
 
 def _hold_study(job_id: int, candidate: StudyCandidate, reason: str) -> Callable[[Store], None]:

@@ -64,6 +64,12 @@ class Expectation:
     # Called in the Storage SCP's thread with each object's spool path once it is
     # written, so the pipeline can forward it while the rest is still arriving.
     on_spooled: Callable[[Path], None] | None = None
+    # Why the retrieval was stopped, for example because an ADT message gave the
+    # remote patient to another local patient; "" while it runs. Objects that arrive
+    # after that are rejected.
+    stopped: str = ""
+    # Called once with that reason, so spooled objects are not sent on.
+    on_stopped: Callable[[str], None] | None = None
 
     @property
     def owner(self) -> str:
@@ -91,6 +97,27 @@ class ExpectationRegistry:
         with self._lock:
             if expectation in self._active:
                 self._active.remove(expectation)
+
+    def active(self) -> list[Expectation]:
+        """Return the retrievals in progress that were not stopped."""
+        with self._lock:
+            return [e for e in self._active if not e.stopped]
+
+    def stop(self, expectation: Expectation, reason: str) -> None:
+        """Stop a retrieval: reject its further objects and withhold those not yet sent."""
+        with self._lock:
+            if expectation.stopped:
+                return
+            expectation.stopped = reason
+        logger.warning(
+            "%s: retrieval of study %s from %s stopped: %s",
+            expectation.owner,
+            expectation.study_instance_uid,
+            expectation.source,
+            reason,
+        )
+        if expectation.on_stopped is not None:
+            expectation.on_stopped(reason)
 
     def match(
         self,
@@ -241,6 +268,8 @@ class Receiver:
 
 def _check_object(header: Header, expectation: Expectation) -> str:
     """Return why an object must not be stored under the expected patient, or ''."""
+    if expectation.stopped:
+        return f"retrieval stopped: {expectation.stopped}"
     if not _UID.match(header.sop_instance_uid) or len(header.sop_instance_uid) > 64:
         return "invalid SOP Instance UID"
     if header.patient_id != expectation.remote.value:

@@ -102,6 +102,8 @@ class StudyReport:
     refused: str = ""
     # Refused objects that a retry would refuse again (all but those of a full spool).
     refused_again_on_retry: int = 0
+    # Why the retrieval was stopped before its end (see ExpectationRegistry.stop), or "".
+    stopped: str = ""
 
     @property
     def problem(self) -> str:
@@ -164,7 +166,7 @@ class StudyTransfer:
 
         if job.destination in self.settings.store_only:
             yield self._retrieve(job, candidate, stamp, [move_study(uid)], deadline, report, note)
-            return _unverified(report)
+            return report if report.stopped else _unverified(report)
 
         try:
             present: int | None = yield self._destination_count(job, uid_there, stamp)
@@ -198,7 +200,7 @@ class StudyTransfer:
                 yield note(f"study {uid}: destination has {present}; fetching {len(missing)}")
                 identifiers = _repair_identifiers(uid, missing)
                 yield self._retrieve(job, candidate, stamp, identifiers, deadline, report, note)
-        if report.transient and self._spool_has(job, uid):
+        if report.stopped or (report.transient and self._spool_has(job, uid)):
             return report
 
         yield self._verify(job, candidate, stamp, deadline, report, note)
@@ -251,6 +253,8 @@ class StudyTransfer:
             )
             identifiers = _repair_identifiers(uid, missing)
             yield self._retrieve(job, candidate, stamp, identifiers, deadline, report, note)
+            if report.stopped:
+                return
 
         report.state = StudyState.INCOMPLETE
         report.problems.append(f"destination lacks {len(missing)} instances after verification")
@@ -356,6 +360,7 @@ class StudyTransfer:
             spool_dir=self.spool.study_dir(job.id, uid),
             message_id=client.next_message_id(),
             on_spooled=forwarder.put,
+            on_stopped=forwarder.withhold,
             demographics=candidate.demographics if self.settings.check_objects else None,
         )
         workers = [
@@ -387,6 +392,9 @@ class StudyTransfer:
                 logging.WARNING,
             )
         self._add_forwarded(report, forwarder.outcome)
+        if expectation.stopped:
+            yield self._stopped(report, expectation, forwarder.outcome, job, note)
+            return
         if report.failed_instances:
             shown = ", ".join(report.failed_instances[:UIDS_IN_EVENT])
             more = len(report.failed_instances) - UIDS_IN_EVENT
@@ -397,6 +405,33 @@ class StudyTransfer:
             )
         if forwarder.outcome.error is not None:
             self._destination_down(report, forwarder.outcome, job, uid)
+
+    def _stopped(
+        self,
+        report: StudyReport,
+        expectation: Expectation,
+        forwarded: ForwardOutcome,
+        job: JobRecord,
+        note: Note,
+    ) -> defer.Deferred[None]:
+        """End a study whose retrieval was stopped; it is not retried."""
+        report.state = StudyState.FAILED
+        report.transient = False
+        report.stopped = expectation.stopped
+        # Objects left in the spool (a destination that is down) carry the same stamp.
+        left = self.spool.pending(expectation.spool_dir)
+        if left:
+            self.spool.discard_study(expectation.spool_dir)
+        deleted = forwarded.withheld + len(left)
+        text = f"retrieval stopped: {expectation.stopped}; {deleted} spooled objects deleted unsent"
+        if report.stored:
+            text += (
+                f"; {report.stored} objects stored before that carry {expectation.stamp.local}:"
+                f" check them at {job.destination}"
+            )
+        # The stop comes first in the study's reason: the rest follows from it.
+        report.problems.insert(0, text)
+        return note(f"study {expectation.study_instance_uid}: {text}", logging.WARNING)
 
     @defer.inlineCallbacks
     def _retrieve_one(

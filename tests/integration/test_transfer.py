@@ -27,7 +27,8 @@ from engine.dimse.scu import (
     NodeClient,
     RetryPolicy,
 )
-from engine.jobs.store import JobRecord, JobState, Store
+from engine.jobs.store import JobRecord, JobState, Store, StudyState
+from engine.testing.adt import demographics_message
 from engine.testing.dcmtk import QueryRetrieveSCP, StoreSCP
 from engine.testing.dicomgen import (
     PatientSpec,
@@ -46,6 +47,7 @@ from tests.integration.conftest import (
     read_events,
     read_jobs,
     read_studies,
+    send,
     wait_for_job,
 )
 
@@ -516,6 +518,98 @@ def test_destination_down_spool_bounded_then_repaired(site: Site) -> None:
     )
     assert present + missing == 60
     assert present == len(waiting_files)
+
+
+# A patient the identity table does not know: hospital A's ID is learned from an ADT.
+LEARNED = PatientSpec("L-MOVE-1", "LOCAL", "MOVE^ALICE", "19800101", "F")
+LEARNED_AT_A = PatientSpec("HA-MOVE-1", "HOSP_A", "MOVE^ALICE", "19800101", "F")
+NEW_OWNER = PatientSpec("L-MOVE-2", "LOCAL", "OWNER^BOB", "19700101", "M")
+MOVED = "identifier HA-MOVE-1^^^HOSP_A was moved to patient L-MOVE-2^^^LOCAL"
+
+
+def start_with_learned_patient(site: Site, study: StudySpec, spool_bytes: int) -> int:
+    """Load the study of LEARNED at hospital A, stop the destination, and order it.
+
+    Returns the job id. The spool holds spool_bytes, and the receiver waits up to
+    5 s for room before it rejects an object.
+    """
+    site.network.start()
+    for dataset in build_study(LEARNED_AT_A, study):
+        site.source.upload(encode(dataset))
+    site.destination.stop()
+
+    def small_spool(settings: dict[str, Any]) -> None:
+        settings["spool"].update(max_bytes=spool_bytes, full_wait_seconds=5)
+
+    site.configure(small_spool)
+    site.start_engine()
+    port = site.network.ports.mllp
+    learn = demographics_message(
+        LEARNED, "MOVE-A08-1", dt.datetime.now(), "A08", ["HA-MOVE-1^^^HOSP_A"]
+    )
+    assert send(port, learn)[1] == "MSA|AA|MOVE-A08-1"
+    message = order_message(LEARNED, "MOVE-ORM", "ACC-MOVE", dt.datetime.now())
+    return place_order(port, site.store, message, "MOVE-ORM")
+
+
+def move_identifier(site: Site) -> None:
+    """Send the ADT^A08 that gives hospital A's ID to another local patient."""
+    move = demographics_message(
+        NEW_OWNER, "MOVE-A08-2", dt.datetime.now(), "A08", ["HA-MOVE-1^^^HOSP_A"]
+    )
+    assert send(site.network.ports.mllp, move)[1] == "MSA|AA|MOVE-A08-2"
+
+
+def test_retrieval_stopped_when_identifier_moves_during_it(site: Site) -> None:
+    # 60 objects of about 40 KB and room for about 26: the retrieve waits on a full spool
+    # while the destination is down, and the ADT arrives during that wait.
+    job_id = start_with_learned_patient(site, ct_study("t-ct-move", 60), 1024 * 1024)
+    deadline = time.monotonic() + 60
+    while len(spooled(site.spool)) < 5:
+        assert time.monotonic() < deadline, site.log()[-3000:]
+        time.sleep(0.05)
+    move_identifier(site)
+
+    job = wait_for_job(site.store, job_id)
+
+    assert job.state == JobState.FAILED, job.summary
+    assert job.attempts == 1
+    assert not spooled(site.spool)
+    [study] = [s for s in read_studies(site.store, job_id) if s.selected]
+    assert study.state == StudyState.FAILED
+    assert study.reason.startswith(f"retrieval stopped: {MOVED}; "), study.reason
+    assert 5 <= int(study.reason.split("; ")[1].split()[0]) < 60
+    events = site.events(job_id)
+    assert f"retrieval of study {study.study_instance_uid} from hospital_a stopped: {MOVED}" in (
+        site.log()
+    )
+    assert any(
+        text.startswith(f"study {study.study_instance_uid}: retrieval stopped") for text in events
+    )
+    # Nothing of it reaches the destination when it is back.
+    site.destination.start()
+    assert site.destination.instance_count() == 0
+
+
+def test_spooled_objects_deleted_when_identifier_moved_between_attempts(site: Site) -> None:
+    job_id = start_with_learned_patient(site, ct_study("t-ct-move-2", 10), 10 * 1024 * 1024)
+    waiting = wait_for_state(site.store, job_id, JobState.WAITING)
+    assert "not complete" in waiting.summary
+    assert len(spooled(site.spool)) == 10
+    move_identifier(site)
+    site.destination.start()
+
+    job = wait_for_job(site.store, job_id)
+
+    assert job.attempts >= 2
+    assert "spooled objects of 1 studies deleted unsent" in job.summary, job.summary
+    assert not spooled(site.spool)
+    assert site.destination.instance_count() == 0
+    [study] = [s for s in read_studies(site.store, job_id) if s.selected]
+    assert (study.state, study.reason) == (
+        StudyState.FAILED,
+        f"not fetched: {MOVED}; 10 spooled objects deleted unsent",
+    )
 
 
 def test_missing_instances_fetched_again(site: Site) -> None:

@@ -13,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from twisted.internet import defer
 
+from engine.coercion import Stamp
 from engine.dimse.scu import DimseError
 from engine.identity import records
 from engine.identity.build import build_resolver
@@ -21,7 +22,7 @@ from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable
 from engine.jobs.policy import SourcePolicy, StudyTurns
 from engine.jobs.prefetch import Prefetch, Source, StudyResult
-from engine.jobs.receiving import ExpectationRegistry
+from engine.jobs.receiving import Expectation, ExpectationRegistry
 from engine.jobs.store import JobRecord, JobState, NewJob, StudyState
 from engine.model import Demographics, OrderFacts, PatientIdentifier, StudyCandidate
 from engine.rules.loader import load_rule_set
@@ -385,3 +386,98 @@ def test_identifier_learned_by_same_patient_not_named(
     pipeline._fetch_study = fetch_and_learn  # type: ignore[method-assign]
     outcome = run(pipeline, claimed_job(db))
     assert outcome.summary == "1 studies stored (10 instances)"
+
+
+MOVED = "identifier HA-1^^^HOSP_A was moved to patient L2^^^LOCAL"
+
+
+def test_study_of_moved_identifier_not_fetched(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    # An ADT^A08 gives the hospital A ID to another local patient during the first study.
+    client = FakeClient(STUDIES)
+    pipeline, fetched = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    fetch = pipeline._fetch_study
+
+    def fetch_then_move(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        records.learn(db.store, PatientIdentifier("L2", "LOCAL"), REMOTE, NOW, "ADT-MOVE")
+        return fetch(job, candidate)
+
+    pipeline._fetch_study = fetch_then_move  # type: ignore[method-assign]
+    job = claimed_job(db)
+    outcome = run(pipeline, job)
+
+    assert fetched == ["1.1"]
+    assert outcome.state == JobState.PARTIAL
+    assert not outcome.retry
+    [study] = [s for s in db.store.studies(job.id) if s.study_instance_uid == "1.2"]
+    assert (study.state, study.reason) == (StudyState.FAILED, f"not fetched: {MOVED}")
+    events = [text for _, text in db.store.events(job.id)]
+    assert f"study 1.2 from a: not fetched: {MOVED}" in events
+
+
+def test_spooled_objects_of_moved_identifier_deleted_unsent(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    # The first attempt left two objects in the spool (the destination was down).
+    client = FakeClient(STUDIES[:1])
+    pipeline, fetched = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    study_dir = pipeline.spool.study_dir(1, "1.1")
+
+    def fetch_to_spool(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        fetched.append(candidate.study_instance_uid)
+        study_dir.mkdir(parents=True)
+        for name in ("a", "b"):
+            (study_dir / f"{name}.dcm").write_bytes(b"x" * 10)
+        return defer.succeed(StudyResult(StudyState.INCOMPLETE, transient_failure=True))
+
+    pipeline._fetch_study = fetch_to_spool  # type: ignore[method-assign]
+    job = claimed_job(db)
+    assert job.id == 1
+    assert run(pipeline, job).retry
+
+    records.learn(db.store, PatientIdentifier("L2", "LOCAL"), REMOTE, NOW, "ADT-MOVE")
+    outcome = run(pipeline, job)
+
+    assert fetched == ["1.1"]
+    assert not study_dir.exists()
+    assert outcome.state == JobState.FAILED
+    assert not outcome.retry
+    assert outcome.summary == (
+        "0 studies stored (0 instances), 1 not complete, spooled objects of 1 studies deleted"
+        " unsent: identifier moved to another patient (see the job's log)"
+    )
+    events = [text for _, text in db.store.events(job.id)]
+    assert f"study 1.1 from a: not fetched: {MOVED}; 2 spooled objects deleted unsent" in events
+
+
+def test_retrieval_of_moved_identifier_stopped(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    pipeline, _ = make_pipeline(db, rule_set, FakeClient([]), SourcePolicy(), NOW, tmp_path)
+    other_remote = PatientIdentifier("HA-2", "HOSP_A")
+    running = {
+        remote: Expectation(
+            job_id=1,
+            source="a",
+            source_ae_title="HOSP_A",
+            study_instance_uid=uid,
+            remote=remote,
+            stamp=Stamp(LOCAL, remote, Demographics()),
+            spool_dir=tmp_path / uid,
+            message_id=1,
+        )
+        for remote, uid in ((REMOTE, "1.1"), (other_remote, "1.2"))
+    }
+    for expectation in running.values():
+        pipeline.registry.expect(expectation)
+    records.learn(db.store, PatientIdentifier("L2", "LOCAL"), REMOTE, NOW, "ADT-MOVE")
+    records.learn(db.store, LOCAL, other_remote, NOW, "ADT-SAME")
+
+    done: list[Any] = []
+    pipeline.stop_moved_retrievals().addBoth(done.append)
+
+    assert done == [None]
+    assert running[REMOTE].stopped == MOVED
+    assert running[other_remote].stopped == ""
+    assert pipeline.registry.active() == [running[other_remote]]

@@ -27,6 +27,7 @@ from engine.dimse.contexts import (
     split_store_keys,
     store_contexts,
 )
+from engine.dimse.forward import Forwarder
 from engine.dimse.queries import InstanceRef
 from engine.dimse.scu import (
     AssociationTracker,
@@ -116,6 +117,32 @@ def test_spool_reserve_wakes_on_release(tmp_path: Path) -> None:
     spool.reserve(80)
     assert time.monotonic() - started < 10
     assert spool.used_bytes == 80
+
+
+def test_withheld_files_leave_spool_unsent(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1000)
+    study = spool.study_dir(1, "1.2.3")
+    study.mkdir(parents=True)
+    forwarder = Forwarder(
+        NodeClient(NodeAddress("local", "LOCAL", "127.0.0.1", 9, 1), "FDQR", AssociationTracker()),
+        spool.confirm,
+        workers=1,
+    )
+    for name in ("a", "b"):
+        path = study / f"{name}.dcm"
+        spool.reserve(10)
+        path.write_bytes(b"x" * 10)
+        forwarder.put(path)
+    forwarder.withhold("identifier moved")
+    forwarder.finish()
+
+    # No association is opened: port 9 has no DICOM node, and nothing is sent there.
+    forwarder.run_worker()
+
+    assert spool.pending(study) == []
+    assert spool.used_bytes == 0
+    assert (forwarder.outcome.stored, forwarder.outcome.withheld) == (0, 2)
+    assert forwarder.outcome.error is None
 
 
 def test_spool_open_counts_and_drops_partials(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ from engine.jobs.prefetch import Prefetch, Source, StudyResult
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, Store, StoreError, StudyState
+from engine.jobs.sweep import SpoolSweep
 from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
 from engine.model import MessageOrigin, StudyCandidate
@@ -133,6 +134,7 @@ class Engine:
         self.job_counts = JobCountRefresh(
             self.db, self.metrics, reactor, settings.web.refresh_seconds
         )
+        self.spool_sweep = SpoolSweep(self.spool, self.db, reactor)
         self.web_port: IListeningPort | None = None
         self.scp = StorageSCP(
             settings.dicom.ae_title,
@@ -346,6 +348,7 @@ class Engine:
                 f" (dicom.host, dicom.port) failed: {error.strerror or error}"
             ) from error
         yield self.worker.start()
+        self.spool_sweep.start()
         self.worklist.start()
         if settings.rules_reload_seconds > 0:
             self.rule_watcher.start()
@@ -393,6 +396,7 @@ class Engine:
         if self.mllp_port is not None:
             yield defer.maybeDeferred(self.mllp_port.stopListening)
         self.job_counts.stop()
+        self.spool_sweep.stop()
         if self.web_port is not None:
             yield defer.maybeDeferred(self.web_port.stopListening)
         work_ended = defer.DeferredList(

@@ -115,6 +115,26 @@ class Spool:
             except OSError:
                 return
 
+    def job_ids(self) -> list[int]:
+        """Return the ids of the jobs that have a folder in the spool."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for folder in self.root.iterdir():
+            prefix, _, number = folder.name.partition("-")
+            if prefix == "job" and number.isdigit() and folder.is_dir():
+                found.append(int(number))
+        return sorted(found)
+
+    def discard_job(self, job_id: int) -> int:
+        """Delete a job's folder whatever it holds; return how many objects were in it."""
+        folder = self.root / f"job-{job_id}"
+        files = [path for path in folder.rglob("*") if path.is_file()]
+        size = sum(file_size(path) for path in files)
+        shutil.rmtree(folder, ignore_errors=True)
+        self.release(size)
+        return sum(1 for path in files if path.name.endswith(SPOOL_SUFFIX))
+
     def discard_study(self, study_dir: Path) -> None:
         """Delete a study folder whatever it holds (only for objects that must not be sent)."""
         size = sum(path.stat().st_size for path in study_dir.glob("*") if path.is_file())

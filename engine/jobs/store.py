@@ -850,6 +850,17 @@ class Store:
         finished = _ids([int(row["id"]) for row in matching])
         return "; ".join(parts) or f"job(s) {finished} already finished"
 
+    def job_states(self, job_ids: Sequence[int]) -> dict[int, JobState]:
+        """Return the state of each of the jobs that exists."""
+        states: dict[int, JobState] = {}
+        for start in range(0, len(job_ids), 500):
+            chunk = list(job_ids[start : start + 500])
+            rows = self._db.execute(
+                f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            states.update({row["id"]: JobState(row["state"]) for row in rows})
+        return states
+
     def cancel_job(self, job_id: int, reason: str, now: dt.datetime) -> str | None:
         """Cancel one job, as cancel_order cancels an order's jobs; return what was done.
 

@@ -612,6 +612,30 @@ def test_spooled_objects_deleted_when_identifier_moved_between_attempts(site: Si
     )
 
 
+def test_spooled_objects_of_cancelled_job_deleted(site: Site) -> None:
+    site.network.start()
+    site.load(ct_study("t-ct-cancel", 10))
+    site.destination.stop()
+    site.configure(lambda settings: None)
+    site.start_engine()
+    job_id = site.order("SWEEP1")
+    wait_for_state(site.store, job_id, JobState.WAITING)
+    assert len(spooled(site.spool)) == 10
+
+    cancel = order_message(LOCAL, "SWEEP2", "ACC-SWEEP1", dt.datetime.now(), order_control="CA")
+    assert send(site.network.ports.mllp, cancel)[1] == "MSA|AA|SWEEP2"
+    assert wait_for_job(site.store, job_id).state == JobState.CANCELLED
+    assert site.engine is not None
+    site.engine.stop()
+    site.start_engine()
+
+    deadline = time.monotonic() + 30
+    while spooled(site.spool):
+        assert time.monotonic() < deadline, site.log()[-3000:]
+        time.sleep(0.2)
+    assert f"spool: deleted 10 objects of job {job_id}, which is cancelled" in site.log()
+
+
 def test_missing_instances_fetched_again(site: Site) -> None:
     study = ct_study("t-ct-repair", 30)
     site.network.start()

@@ -166,15 +166,20 @@ def acknowledgements(
 
     Original mode always returns one application acknowledgement. Enhanced
     mode returns the accept acknowledgement and then the application
-    acknowledgement, each only when MSH-15 or MSH-16 asks for it; an empty
-    one of the two counts as AL, so the sender always hears about a problem.
+    acknowledgement, each only when MSH-15 or MSH-16 requests it; an empty
+    one of the two counts as AL. A message not accepted (CE or CR) is not
+    processed, so it gets no application acknowledgement after its accept
+    acknowledgement; it gets one only when MSH-15 requests no accept
+    acknowledgement, so the sender learns of the problem.
     """
     if not header.enhanced_mode:
         return [build_ack(header, verdict.application_code, errors, now)]
     answers = []
     if _wanted(header.accept_ack_type, verdict):
         answers.append(build_ack(header, verdict.commit_code, errors, now))
-    if _wanted(header.application_ack_type, verdict):
+    if _wanted(header.application_ack_type, verdict) and (
+        verdict is Verdict.ACCEPT or not answers
+    ):
         answers.append(build_ack(header, verdict.application_code, errors, now))
     return answers
 

@@ -130,8 +130,14 @@ class Intake:
         try:
             message = self.interpreter.parse(content)
         except HL7Error as error:
-            logger.warning("rejected unparsable message from %s: %s", peer, error.log_text)
-            return defer.succeed(self._error_acks(AckHeader.from_raw(content), error))
+            header = AckHeader.from_raw(content)
+            logger.warning(
+                "rejected unparsable message %s from %s: %s",
+                header.control_id or "(no MSH-10)",
+                peer,
+                error.log_text,
+            )
+            return defer.succeed(self._error_acks(header, error))
 
         header = AckHeader.from_message(message)
         invalid_mode = header.invalid_ack_type()

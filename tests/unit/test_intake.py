@@ -144,6 +144,18 @@ def test_rejection_log_leaves_out_misplaced_values(
     assert f"MSH-{field}" in record.getMessage() or "message type" in record.getMessage()
 
 
+def test_undecodable_message_logged_with_control_id(
+    db: ImmediateStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    intake, _ = make_intake(db)
+    text = order(control_id="T209").replace(b"DOE^JANE", "DOÉ^JANE".encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="engine.hl7.intake"):
+        segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|AE|T209"
+    [record] = caplog.records
+    assert record.getMessage().startswith("rejected unparsable message T209 from peer: ")
+
+
 def test_control_id_read_whole(db: ImmediateStore) -> None:
     intake, _ = make_intake(db)
     first = answer(intake.handle_message(order(control_id="CTL^X"), "peer"))
@@ -246,7 +258,8 @@ def test_enhanced_mode_accepted(
 @pytest.mark.parametrize(
     ("accept", "application", "expected"),
     [
-        ("AL", "AL", ["MSA|CE|MSG1", "MSA|AE|MSG1"]),
+        ("AL", "AL", ["MSA|CE|MSG1"]),
+        ("ER", "AL", ["MSA|CE|MSG1"]),
         ("ER", "NE", ["MSA|CE|MSG1"]),
         ("SU", "ER", ["MSA|AE|MSG1"]),
         ("SU", "SU", []),
@@ -265,11 +278,11 @@ def test_enhanced_mode_error(
     assert db.store.list_messages() == []
 
 
-def test_enhanced_mode_reject_is_cr_then_ar(db: ImmediateStore) -> None:
+def test_enhanced_mode_reject_is_cr_alone(db: ImmediateStore) -> None:
     intake, _ = make_intake(db)
     text = with_ack_modes(order().replace(b"ORM^O01", b"ORU^R01"), "AL", "AL")
     acks = answers(intake.handle_message(text, "peer"))
-    assert [segments[1] for segments in acks] == ["MSA|CR|MSG1", "MSA|AR|MSG1"]
+    assert [segments[1] for segments in acks] == ["MSA|CR|MSG1"]
     assert all("|200^Unsupported message type^HL70357|" in segments[2] for segments in acks)
 
 

@@ -29,6 +29,7 @@ from engine.configfile import (
     validate,
 )
 from engine.federation.settings import FederationSettings, check_federation
+from engine.hl7.events import PROCESSING_IDS
 from engine.hl7.message import CharsetDefaults, codec_for_charset
 from engine.hl7.tls import TLSConfigError, server_options
 from engine.identity.build import check_identity
@@ -101,6 +102,9 @@ class MLLPSettings(Settings):
     # Character set per sender for an empty MSH-18, keyed by "APPLICATION^FACILITY"
     # (MSH-3 and MSH-4, first components) or "APPLICATION" for any facility.
     sender_charsets: dict[str, str] = Field(default_factory=dict)
+    # MSH-11 processing IDs accepted (HL7 Table 0103: P production, T training,
+    # D debugging); a message with another one gets AR 202.
+    processing_ids: list[str] = Field(default_factory=lambda: ["P"], min_length=1)
     tls: MLLPTLSSettings | None = None
 
     @pydantic.field_validator("listen")
@@ -116,6 +120,14 @@ class MLLPSettings(Settings):
     def _charset(cls, value: str) -> str:
         if codec_for_charset(value) is None:
             raise ValueError(f"unknown character set '{value}' (use e.g. UNICODE UTF-8, 8859/1)")
+        return value
+
+    @pydantic.field_validator("processing_ids")
+    @classmethod
+    def _processing_ids(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item not in PROCESSING_IDS:
+                raise ValueError(f"unknown processing ID '{item}' (use P, T or D, HL7 Table 0103)")
         return value
 
     @pydantic.field_validator("sender_charsets")

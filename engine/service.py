@@ -228,6 +228,7 @@ class Engine:
             on_answered=self.metrics.answered,
             on_duplicate=self.metrics.hl7_duplicates.inc,
             on_patient_records=self._patient_records_changed,
+            processing_ids=settings.mllp.processing_ids,
         )
         self.worklist = WorklistPoller(
             settings.worklist,

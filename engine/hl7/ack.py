@@ -177,9 +177,7 @@ def acknowledgements(
     answers = []
     if _wanted(header.accept_ack_type, verdict):
         answers.append(build_ack(header, verdict.commit_code, errors, now))
-    if _wanted(header.application_ack_type, verdict) and (
-        verdict is Verdict.ACCEPT or not answers
-    ):
+    if _wanted(header.application_ack_type, verdict) and (verdict is Verdict.ACCEPT or not answers):
         answers.append(build_ack(header, verdict.application_code, errors, now))
     return answers
 

@@ -195,6 +195,7 @@ def interpreter_for(config: config_module.Config, now: dt.datetime) -> Interpret
         policy,
         settings.mllp.charsets(),
         lambda origin: ignore_reason(config.rule_set, origin),
+        tuple(settings.mllp.processing_ids),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from engine.hl7.codes import AckCode, ErrorCode
 from engine.hl7.message import HL7Error, Message, Segment, parse_timestamp
@@ -82,6 +82,41 @@ def check_control_id(message: Message) -> None:
             ErrorCode.REQUIRED_FIELD_MISSING,
             ("MSH", 1, 10),
             AckCode.APPLICATION_ERROR,
+        )
+
+
+# HL7 Table 0103: production, training, debugging.
+PROCESSING_IDS = ("P", "T", "D")
+# HL7 v2 versions as MSH-12 writes them: 2.3, 2.5.1.
+_VERSION = re.compile(r"2\.[1-9](\.[0-9]+)?")
+
+
+def check_environment(message: Message, processing_ids: Collection[str]) -> None:
+    """Reject a message of another processing mode (MSH-11) or of an HL7 version other than v2.
+
+    A test system pointed at production sends training or debugging messages,
+    which must not start retrievals into the production PACS. An empty field
+    is accepted.
+    """
+    processing = message.get("MSH", 11, 1)
+    if processing and processing not in processing_ids:
+        shown = f"'{processing}'" if processing in PROCESSING_IDS else "that value"
+        accepted = ", ".join(processing_ids)
+        raise HL7Error(
+            f"processing ID {shown} is not accepted here (accepted: {accepted})",
+            ErrorCode.UNSUPPORTED_PROCESSING_ID,
+            ("MSH", 1, 11),
+            AckCode.APPLICATION_REJECT,
+            log_text=f"MSH-11 processing ID {shown} is not in mllp.processing_ids ({accepted})",
+        )
+    version = message.get("MSH", 12, 1)
+    if version and not _VERSION.fullmatch(version):
+        raise HL7Error(
+            "unsupported HL7 version in MSH-12 (HL7 v2.1 to v2.9 are supported)",
+            ErrorCode.UNSUPPORTED_VERSION_ID,
+            ("MSH", 1, 12),
+            AckCode.APPLICATION_REJECT,
+            log_text=f"unsupported HL7 version in MSH-12 (a value of {len(version)} characters)",
         )
 
 

@@ -22,6 +22,7 @@ from engine.hl7.events import (
     IdentifierPolicy,
     Unhandled,
     check_control_id,
+    check_environment,
     check_supported,
     is_acknowledgement,
     origin_of,
@@ -67,6 +68,8 @@ class Interpreter:
     policy: IdentifierPolicy
     charsets: CharsetDefaults = dataclasses.field(default_factory=CharsetDefaults)
     ignored: IgnoreCheck = lambda origin: None
+    # MSH-11 values accepted (HL7 Table 0103); others get AR 202.
+    processing_ids: tuple[str, ...] = ("P",)
 
     def parse(self, content: bytes) -> Message:
         return parse(content, self.charsets)
@@ -74,6 +77,7 @@ class Interpreter:
     def plan(self, message: Message) -> Plan:
         """Plan what a message makes the engine do. Raises HL7Error if it cannot be accepted."""
         check_control_id(message)
+        check_environment(message, self.processing_ids)
         reason = self.ignored(origin_of(message))
         if reason is not None:
             return Plan((), reason)
@@ -104,11 +108,12 @@ class Intake:
         on_answered: Callable[[Sequence[bytes]], None] = lambda acks: None,
         on_duplicate: Callable[[], None] = lambda: None,
         on_patient_records: PatientRecordHook = lambda origin, peer, changes: None,
+        processing_ids: Sequence[str] = ("P",),
     ) -> None:
         self.db = db
         if isinstance(charsets, str):
             charsets = CharsetDefaults(charsets)
-        self.interpreter = Interpreter(planner, policy, charsets, ignored)
+        self.interpreter = Interpreter(planner, policy, charsets, ignored, tuple(processing_ids))
         self.now = now
         self.on_jobs_created = on_jobs_created
         # Metrics hooks: the acknowledgements sent for each message, and each duplicate.

@@ -379,6 +379,16 @@ def test_sender_charsets_unknown_name_reported(layout: Path) -> None:
     assert problem.line is not None
 
 
+def test_processing_ids_default_and_unknown_reported(layout: Path) -> None:
+    assert config.load(layout).settings.mllp.processing_ids == ["P"]
+    edit(layout, {"mllp.processing_ids": ["P", "X"]})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.processing_ids"
+    assert "unknown processing ID 'X' (use P, T or D, HL7 Table 0103)" in problem.message
+
+
 def test_memory_store_path_kept(layout: Path) -> None:
     edit(layout, {"store.path": ":memory:"})
     assert str(config.load(layout).store_path) == ":memory:"

@@ -156,6 +156,40 @@ def test_undecodable_message_logged_with_control_id(
     assert record.getMessage().startswith("rejected unparsable message T209 from peer: ")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        (11, b"T", "|MSH^1^11|202^Unsupported processing id^HL70357|"),
+        (11, b"D", "|MSH^1^11|202^Unsupported processing id^HL70357|"),
+        (12, b"9.9", "|MSH^1^12|203^Unsupported version id^HL70357|"),
+        (12, b"3.0", "|MSH^1^12|203^Unsupported version id^HL70357|"),
+    ],
+)
+def test_other_environment_rejected_ar(
+    db: ImmediateStore, field: int, value: bytes, expected: str
+) -> None:
+    intake, _ = make_intake(db)
+    segments = answer(intake.handle_message(misplaced(field, value), "peer"))
+    assert segments[1] == "MSA|AR|MSG1"
+    assert expected in segments[2]
+    assert db.store.list_messages() == []
+
+
+@pytest.mark.parametrize(("field", "value"), [(11, b"P"), (11, b""), (12, b"2.3"), (12, b"")])
+def test_production_and_v2_versions_accepted(db: ImmediateStore, field: int, value: bytes) -> None:
+    intake, _ = make_intake(db)
+    segments = answer(intake.handle_message(misplaced(field, value), "peer"))
+    assert segments[1] == "MSA|AA|MSG1"
+    assert len(db.store.list_jobs()) == 1
+
+
+def test_training_accepted_when_configured(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    intake.interpreter = dataclasses.replace(intake.interpreter, processing_ids=("P", "T"))
+    segments = answer(intake.handle_message(misplaced(11, b"T"), "peer"))
+    assert segments[1] == "MSA|AA|MSG1"
+
+
 def test_control_id_read_whole(db: ImmediateStore) -> None:
     intake, _ = make_intake(db)
     first = answer(intake.handle_message(order(control_id="CTL^X"), "peer"))

@@ -152,7 +152,7 @@ class Engine:
                 self.registry,
                 self.tracker,
                 identity=lambda: self.resolver,
-                spool_root=config.spool_path / "federation",
+                spool=self.spool,
                 demographics=lambda patient: self.db.run(
                     lambda store: known_demographics(store, patient)
                 ),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import shutil
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +31,7 @@ from engine.federation.matching import values_of
 from engine.federation.request import FindRequest, RetrieveRequest
 from engine.federation.sitefind import SiteHandle, SitePlan, run_site_find
 from engine.jobs.receiving import NO_JOB, Expectation, ExpectationRegistry
+from engine.jobs.spool import FEDERATION_FOLDER, Spool
 from engine.model import Demographics, PatientIdentifier
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Retrieval:
     clients: dict[str, NodeClient]
     count_instances: InstanceCounter
     move: SiteMover
-    spool_root: Path
+    spool: Spool
 
 
 class FederatedRetrieve:
@@ -103,7 +103,7 @@ class FederatedRetrieve:
         self.retrieval = retrieval
         self.request = request
         self.request_id = request_id
-        self.spool_dir = retrieval.spool_root / f"retrieve-{next(self._ids)}"
+        self.spool_dir = retrieval.spool.root / FEDERATION_FOLDER / f"retrieve-{next(self._ids)}"
         self.cancelled = False
         self._expectation: Expectation | None = None
         self._demographics: dict[PatientIdentifier, Demographics] = {}
@@ -328,7 +328,8 @@ class FederatedRetrieve:
             self.retrieval.registry.forget(self._expectation)
 
     def clean_up(self) -> None:
-        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        """Delete this retrieve's objects and free their space in the spool."""
+        self.retrieval.spool.discard(self.spool_dir)
 
 
 def count_instances_at_site(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from engine.audit import Auditor, Node
@@ -17,6 +16,7 @@ from engine.federation.retrieve import Retrieval, site_runners
 from engine.federation.settings import site_issuer
 from engine.identity.resolver import IdentityResolver
 from engine.jobs.receiving import ExpectationRegistry
+from engine.jobs.spool import Spool
 
 
 def build_qr_service(
@@ -27,7 +27,7 @@ def build_qr_service(
     registry: ExpectationRegistry,
     tracker: AssociationTracker,
     identity: Callable[[], IdentityResolver],
-    spool_root: Path,
+    spool: Spool,
     demographics: DemographicsLookup,
     audit: Auditor | None = None,
 ) -> QRService:
@@ -63,7 +63,7 @@ def build_qr_service(
         clients=clients,
         count_instances=count_instances,
         move=move,
-        spool_root=spool_root,
+        spool=spool,
     )
     return QRService(
         reactor,

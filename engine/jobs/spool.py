@@ -19,6 +19,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SPOOL_SUFFIX = ".dcm"
+# The folder of the federated Q/R SCP's retrieves, under the spool's root.
+FEDERATION_FOLDER = "federation"
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -37,8 +39,19 @@ class Spool:
         self._condition = threading.Condition()
 
     def open(self) -> None:
-        """Create the root, remove partial files a crash left, and count what is spooled."""
+        """Create the root, remove what a crash left, and count what is spooled.
+
+        A crash leaves partial files, and the folders of federated retrieves:
+        their callers' associations ended with the process, so nothing would
+        send those objects (and a later retrieve must not send them either).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
+        federation = self.root / FEDERATION_FOLDER
+        if federation.is_dir():
+            left = sum(1 for path in federation.rglob(f"*{SPOOL_SUFFIX}") if path.is_file())
+            shutil.rmtree(federation, ignore_errors=True)
+            if left:
+                logger.info("spool: deleted %d objects of federated retrieves that ended", left)
         used = 0
         for path in self.root.rglob("*"):
             if not path.is_file():
@@ -128,7 +141,10 @@ class Spool:
 
     def discard_job(self, job_id: int) -> int:
         """Delete a job's folder whatever it holds; return how many objects were in it."""
-        folder = self.root / f"job-{job_id}"
+        return self.discard(self.root / f"job-{job_id}")
+
+    def discard(self, folder: Path) -> int:
+        """Delete a folder of the spool and free its space; return how many objects were in it."""
         files = [path for path in folder.rglob("*") if path.is_file()]
         size = sum(file_size(path) for path in files)
         shutil.rmtree(folder, ignore_errors=True)

@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import io
 import time
+import urllib.request
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,6 +340,19 @@ def test_move_delivers_stamped_study_with_counts(federated: Federated) -> None:
         "MOVESCU": ("", "true"),
     }
     assert object_ids(record) == [study_uid("b-ct-head-3y"), "L12345^^^LOCAL"]
+    # The retrieve's objects left the spool, and so did the space they took there.
+    deadline = time.monotonic() + 10
+    while spool_bytes(federated.network.ports.web) != 0:
+        assert time.monotonic() < deadline, spool_bytes(federated.network.ports.web)
+        time.sleep(0.2)
+    assert not list((federated.engine.config.parent / "spool").rglob("*.dcm"))
+
+
+def spool_bytes(web_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    [line] = [line for line in text.splitlines() if line.startswith("fdqr_spool_bytes ")]
+    return float(line.split()[1])
 
 
 def test_local_record_in_answers_and_objects(federated: Federated, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from engine.federation.sitefind import SiteHandle, SitePlan
 from engine.identity.resolver import TableResolver
 from engine.identity.table import CrossReferenceTable
 from engine.jobs.receiving import ExpectationRegistry
+from engine.jobs.spool import Spool
 from engine.model import PatientIdentifier
 from tests.unit.test_federation_fanout import FakeReactor, member
 
@@ -106,7 +107,7 @@ def retrieval(sites: Sites, tmp_path: Path) -> Retrieval:
         clients={"hospital_a": FakeClient("HOSP_A"), "hospital_b": FakeClient("HOSP_B")},  # type: ignore[dict-item]
         count_instances=sites.count,
         move=sites.move,
-        spool_root=tmp_path,
+        spool=Spool(tmp_path, max_bytes=1 << 40),
     )
 
 
@@ -178,6 +179,22 @@ def test_retrieve_pull_tries_next_site(retrieval: Retrieval, sites: Sites) -> No
     assert sites.moves == [("hospital_a", AT_A), ("hospital_b", AT_B)]
     assert spool == retrieve.spool_dir / "1.1"
     assert sites.registry._active == []
+
+
+def test_retrieve_clean_up_frees_spool(retrieval: Retrieval) -> None:
+    retrieval.federation.locations.remember("1.1", AT_A_LOCATION)
+    retrieve = FederatedRetrieve(retrieval, study_request(), "t#1")
+    [item] = result_of(retrieve.plan()).items
+    spool = result_of(retrieve.pull(item))
+    # The Storage SCP reserves each received object's size in the spool.
+    spool.mkdir(parents=True)
+    retrieval.spool.reserve(10)
+    (spool / "1.1.1.dcm").write_bytes(b"x" * 10)
+
+    retrieve.clean_up()
+
+    assert not retrieve.spool_dir.exists()
+    assert retrieval.spool.used_bytes == 0
 
 
 def test_retrieve_pull_fails_when_every_site_fails(retrieval: Retrieval, sites: Sites) -> None:

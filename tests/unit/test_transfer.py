@@ -161,6 +161,17 @@ def test_spool_open_counts_and_drops_partials(tmp_path: Path) -> None:
     assert not (tmp_path / "job-1").exists()
 
 
+def test_spool_open_deletes_federated_retrieves(tmp_path: Path) -> None:
+    # A crash left a federated retrieve's objects; no caller waits for them any more.
+    left = tmp_path / "federation" / "retrieve-8" / "1.2.3"
+    left.mkdir(parents=True)
+    (left / "a.dcm").write_bytes(b"x" * 10)
+    spool = Spool(tmp_path, max_bytes=1000)
+    spool.open()
+    assert not (tmp_path / "federation").exists()
+    assert spool.used_bytes == 0
+
+
 class FakeDUL:
     def __init__(self) -> None:
         self._kill_thread = False

@@ -663,6 +663,8 @@ class Prefetch:
         report: StudyReport = yield self.transfer.fetch(
             job, candidate, stamp, lambda text, level=logging.INFO: self.note(job, text, level)
         )
+        # The study's folder, and the job's, go once every object left them.
+        self.spool.remove_if_empty(self.spool.study_dir(job.id, uid))
         if report.failed_instances:
             yield self.db.run(
                 lambda store: store.record_failed_instances(

@@ -643,6 +643,8 @@ def test_missing_instances_fetched_again(site: Site) -> None:
     site.configure(lambda s: None)
     site.start_engine()
     assert wait_for_job(site.store, site.order("REP1")).state == JobState.DONE
+    # The job's and the study's folders went with the last object.
+    assert list(site.spool.iterdir()) == []
 
     # The destination loses ten instances; the next order must fetch only those.
     [stored] = site.destination.studies()

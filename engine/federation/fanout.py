@@ -28,7 +28,7 @@ from engine.dimse.queries import patient_demographics
 from engine.federation.levels import Level
 from engine.federation.locations import Location, LocationMemory
 from engine.federation.matching import matches, values_of
-from engine.federation.merging import Merger, Origin, build_row, localize
+from engine.federation.merging import Merger, Origin, build_row, localize, other_ids
 from engine.federation.request import FindRequest
 from engine.federation.sitefind import QueryCancelled, SiteHandle, SitePlan
 from engine.identity.check import differences
@@ -157,6 +157,8 @@ class FederatedFind:
         self.uid_lookup = uid_lookup
         self.summary = FindSummary()
         self.merger = Merger(request.level, federation.max_answers)
+        # PATIENT level rows wait for every site, so each lists every site's identifier.
+        self._patient_rows: dict[tuple[str, ...], Dataset] = {}
         self.cancelled = False
         self.finished = False
         self._running: dict[str, SiteHandle | None] = {}
@@ -449,7 +451,10 @@ class FederatedFind:
             _blank_patient_counts(row)
         if self.merger.add(row, origin):
             self.summary.rows += 1
-            self.sink(Row(row))
+            if self.request.level is Level.PATIENT:
+                self._patient_rows[self.merger.key_of(row, origin)] = row
+            else:
+                self.sink(Row(row))
 
     def _finish_if_done(self) -> None:
         if self.finished or self._starting or self._running or self._lookups:
@@ -458,6 +463,11 @@ class FederatedFind:
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
+        for key, row in self._patient_rows.items():
+            if "OtherPatientIDsSequence" in self.request.identifier:
+                row.OtherPatientIDsSequence = other_ids(self.merger.sites_by_key[key])
+            self.sink(Row(row))
+        self._patient_rows.clear()
         self.summary.duplicates = self.merger.duplicates
         self.summary.over_limit = self.merger.dropped_over_limit
         if self.summary.over_limit:

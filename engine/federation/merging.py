@@ -98,8 +98,17 @@ def localize(answer: Dataset, origin: Origin, record: Demographics | None = None
 
 
 def _other_ids(origin: Origin) -> Sequence:
+    return other_ids([origin])
+
+
+def other_ids(origins: list[Origin]) -> Sequence:
+    """Return the Other Patient IDs Sequence of the sites' identifiers, each once."""
     items = Sequence()
-    if origin.remote != origin.local:
+    listed: set[PatientIdentifier] = set()
+    for origin in origins:
+        if origin.remote == origin.local or origin.remote in listed:
+            continue
+        listed.add(origin.remote)
         item = Dataset()
         item.PatientID = origin.remote.value
         item.IssuerOfPatientID = origin.remote.issuer

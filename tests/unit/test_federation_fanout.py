@@ -424,8 +424,35 @@ def test_fanout_patient_level_counts_sent_empty(
     network.sites["hospital_a"].answer(
         PatientID="HA-1", NumberOfPatientRelatedStudies="3", NumberOfPatientRelatedInstances="90"
     )
+    for site in network.sites.values():
+        site.finish()
     [row] = rows(events)
     assert row.PatientID == "L1"
     assert "NumberOfPatientRelatedStudies" in row
     assert row.NumberOfPatientRelatedStudies is None
     assert row.NumberOfPatientRelatedInstances is None
+
+
+def test_fanout_patient_row_lists_every_site_id(
+    setup: tuple[FakeReactor, Network, Federation],
+) -> None:
+    _, network, federation = setup
+    query = Dataset()
+    query.QueryRetrieveLevel = "PATIENT"
+    query.PatientID = "L1"
+    query.OtherPatientIDsSequence = []
+    events: list[FindEvent] = []
+    request = read_find(Model.PATIENT_ROOT, query, "LOCAL")
+    FederatedFind(federation, request, "ISO_IR 192", events.append, "test#3").start()
+    network.sites["hospital_b"].answer(PatientID="HB-1")
+    network.sites["hospital_a"].answer(PatientID="HA-1")
+    network.sites["local_pacs"].answer(PatientID="L1")
+    # The row waits until every site answered, so it lists each site's identifier.
+    assert rows(events) == []
+    for site in network.sites.values():
+        site.finish()
+
+    [row] = rows(events)
+    listed = [(item.PatientID, item.IssuerOfPatientID) for item in row.OtherPatientIDsSequence]
+    assert listed == [("HB-1", "HOSP_B"), ("HA-1", "HOSP_A")]
+    assert isinstance(events[-1], Done)

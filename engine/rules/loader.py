@@ -7,11 +7,14 @@ from collections.abc import Collection
 from pathlib import Path
 
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
+from engine.hl7.events import ORDER_TYPES, SCHEDULE_TYPE
 from engine.rules.anatomy import Anatomy, compile_pattern
 from engine.rules.conditions import Always, ConditionParser
 from engine.rules.facts import FACT_NAMES, UPPER_CASE_FACTS
+from engine.rules.modalities import DICOM_HINT, DICOM_MODALITIES, ORDERED_HINT, ORDERED_MODALITIES
 from engine.rules.model import (
     DEFAULT_ROUTE_MESSAGE_TYPES,
+    SAME,
     IgnoredMessages,
     Procedure,
     ProcedureSchema,
@@ -21,6 +24,7 @@ from engine.rules.model import (
     RuleSet,
     RulesFile,
 )
+from engine.worklist.orders import WORKLIST_MESSAGE_TYPE
 
 
 def yaml_files(folder: Path) -> list[Path]:
@@ -63,6 +67,15 @@ def load_rule_set(
     )
 
 
+# The message types that reach routes: HL7 orders and schedules, and worklist steps.
+ROUTED_TYPES = frozenset({*ORDER_TYPES, SCHEDULE_TYPE, WORKLIST_MESSAGE_TYPE})
+ROUTED_TYPES_HINT = (
+    "routes take " + ", ".join(sorted(ROUTED_TYPES)) + ", written as MSH-9.1^MSH-9.2"
+)
+# A message type as the engine reads MSH-9: TYPE^TRIGGER.
+_MESSAGE_TYPE = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{3}")
+
+
 class _Loader:
     def __init__(self, anatomy: Anatomy) -> None:
         self.anatomy = anatomy
@@ -75,7 +88,10 @@ class _Loader:
         self.ignored: list[IgnoredMessages] = []
 
     def parser(self, document: Document) -> ConditionParser:
-        known: dict[str, tuple[Collection[str], str]] = {}
+        known: dict[str, tuple[Collection[str], str]] = {
+            "ordered_modality": (ORDERED_MODALITIES, ORDERED_HINT),
+            "message_type": (ROUTED_TYPES, ROUTED_TYPES_HINT),
+        }
         if self.anatomy:
             known["body_part"] = (self.anatomy.regions, self.region_hint())
         return ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS, known)
@@ -113,6 +129,15 @@ class _Loader:
             when = Always() if spec.when is None else parser.parse(spec.when, (*base, "when"))
             self.problems.extend(parser.problems)
             selection = spec.select
+            for position, modality in enumerate(selection.modalities):
+                if modality != SAME and modality not in DICOM_MODALITIES:
+                    self.problems.append(
+                        document.problem(
+                            (*base, "select", "modalities", position),
+                            f"unknown modality '{modality}'",
+                            f"{DICOM_HINT}, or same",
+                        )
+                    )
             if isinstance(selection.body_part, list):
                 for position, region in enumerate(selection.body_part):
                     self.check_region(document, (*base, "select", "body_part", position), region)
@@ -135,6 +160,11 @@ class _Loader:
             coding_system=spec.coding_system,
             origin=document.file,
         )
+        if procedure.modality and procedure.modality not in DICOM_MODALITIES:
+            where = path if isinstance(entry, str) else (*path, "modality")
+            self.problems.append(
+                document.problem(where, f"unknown modality '{procedure.modality}'", DICOM_HINT)
+            )
         if procedure.body_part:
             self.check_region(document, (*path, "body_part"), procedure.body_part)
         known = self.procedures.get(code)
@@ -181,7 +211,17 @@ class _Loader:
             self.check_preferred_sources(route)
             self.routes.append(route)
         for index, match in enumerate(parsed.accept_and_ignore):
-            self.ignored.append(IgnoredMessages(document, ("accept_and_ignore", index), match))
+            base = ("accept_and_ignore", index)
+            for position, message_type in enumerate(match.message_type):
+                if not _MESSAGE_TYPE.fullmatch(message_type):
+                    self.problems.append(
+                        document.problem(
+                            (*base, "message_type", position),
+                            f"invalid message type '{message_type}'",
+                            "write MSH-9.1 and MSH-9.2 in capitals, such as ORU^R01",
+                        )
+                    )
+            self.ignored.append(IgnoredMessages(document, base, match))
 
     def check_preferred_sources(self, route: Route) -> None:
         names = route.spec.rules if route.spec.rules is not None else list(self.rules)

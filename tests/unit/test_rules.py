@@ -133,6 +133,39 @@ def test_load_reports_unknown_rule(tmp_path: Path) -> None:
     ]
 
 
+def test_load_reports_unknown_modalities(tmp_path: Path) -> None:
+    rules = (
+        RULES.replace("CTCHEST: CT", "CTCHEST: CT\n  CTFOO: {modality: XX}\n  MRX: MRI")
+        .replace("ordered_modality: [CT]", "ordered_modality: [CTT, RAD]")
+        .replace("modalities: [CT, MR]", "modalities: [CT, MRI, same, ct]")
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(*write_rule_set(tmp_path, ROUTES, rules))
+    messages = [str(problem).split(" (use ")[0] for problem in raised.value.problems]
+    assert messages == [
+        "rules/priors.yaml:4: procedure_codes.CTFOO.modality: unknown modality 'XX'",
+        "rules/priors.yaml:5: procedure_codes.MRX: unknown modality 'MRI'",
+        "rules/priors.yaml:8: rules[0].when.ordered_modality: unknown ordered_modality 'CTT'",
+        "rules/priors.yaml:9: rules[0].select.modalities[1]: unknown modality 'MRI'",
+    ]
+    assert "or an HL7 Table 0074 code of OBR-24 such as RAD" in str(raised.value.problems[2])
+
+
+def test_load_reports_message_types_never_seen(tmp_path: Path) -> None:
+    routes = ROUTES.replace("message_type: [ORM^O01]", "message_type: [ORM^O01^ORM_O01, ADT^A01]")
+    routes += "accept_and_ignore:\n  - {message_type: [ORU^R01, orm^o01, ORM-O01]}\n"
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(*write_rule_set(tmp_path, routes, RULES))
+    messages = [str(problem).split(" (")[0] for problem in raised.value.problems]
+    assert messages == [
+        "routes/orders.yaml:4: routes[0].match.message_type: unknown message_type 'ORM^O01^ORM_O01'",
+        "routes/orders.yaml:4: routes[0].match.message_type: unknown message_type 'ADT^A01'",
+        "routes/orders.yaml:13: accept_and_ignore[0].message_type[1]: invalid message type 'orm^o01'",
+        "routes/orders.yaml:13: accept_and_ignore[0].message_type[2]: invalid message type 'ORM-O01'",
+    ]
+    assert "routes take MWL, OMI^O23, ORM^O01, SIU^S12" in str(raised.value.problems[0])
+
+
 def test_load_rejects_unknown_setting(tmp_path: Path) -> None:
     rules = RULES.replace("max_studies: 2", "max_studies: 2, max_age: 3")
     with pytest.raises(ConfigError) as raised:

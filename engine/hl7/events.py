@@ -100,14 +100,14 @@ def check_environment(message: Message, processing_ids: Collection[str]) -> None
     """
     processing = message.get("MSH", 11, 1)
     if processing and processing not in processing_ids:
-        shown = f"'{processing}'" if processing in PROCESSING_IDS else "that value"
+        quoted = f"'{processing}'" if processing in PROCESSING_IDS else "that value"
         accepted = ", ".join(processing_ids)
         raise HL7Error(
-            f"processing ID {shown} is not accepted here (accepted: {accepted})",
+            f"processing ID {quoted} is not accepted here (accepted: {accepted})",
             ErrorCode.UNSUPPORTED_PROCESSING_ID,
             ("MSH", 1, 11),
             AckCode.APPLICATION_REJECT,
-            log_text=f"MSH-11 processing ID {shown} is not in mllp.processing_ids ({accepted})",
+            log_text=f"MSH-11 processing ID {quoted} is not in mllp.processing_ids ({accepted})",
         )
     version = message.get("MSH", 12, 1)
     if version and not _VERSION.fullmatch(version):

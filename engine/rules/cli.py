@@ -88,7 +88,7 @@ def check(config_path: Path) -> None:
     cases = 0
     if loaded is not None:
         try:
-            cases = len(load_cases(case_files(_tests_folder(loaded))))
+            cases = len(load_cases(case_files(_tests_folder(loaded)), loaded.rule_set))
         except ConfigError as error:
             problems += error.problems
     if problems or loaded is None:
@@ -310,7 +310,7 @@ def test_command(
     for path in case_paths or (_tests_folder(loaded),):
         paths += case_files(path) if path.is_dir() else [path]
     try:
-        cases = load_cases(paths)
+        cases = load_cases(paths, loaded.rule_set)
     except ConfigError as error:
         _report(error.problems)
         raise SystemExit(2) from None

@@ -42,6 +42,7 @@ from engine.model import Decision, OrderPlaced, PatientIdentifier
 from engine.rules.candidates import CandidateSchema, read_candidates
 from engine.rules.evaluate import evaluate_order
 from engine.rules.explain import Explanation, RuleExplanation, explain
+from engine.rules.facts import FACT_NAMES
 from engine.rules.loader import yaml_files
 from engine.rules.model import RuleSet
 from engine.rules.timing import LocalZone
@@ -109,8 +110,11 @@ def case_files(folder: Path) -> list[Path]:
     return yaml_files(folder) if folder.is_dir() else []
 
 
-def load_cases(paths: list[Path]) -> list[LoadedCase]:
-    """Load and check case files. Raises ConfigError listing every problem."""
+def load_cases(paths: list[Path], rule_set: RuleSet | None = None) -> list[LoadedCase]:
+    """Load and check case files. Raises ConfigError listing every problem.
+
+    With a rule set, each expectation must name its routes, rules and facts.
+    """
     problems: list[Problem] = []
     loaded: list[LoadedCase] = []
     for path in paths:
@@ -128,12 +132,52 @@ def load_cases(paths: list[Path]) -> list[LoadedCase]:
             except ConfigError as error:
                 problems += error.problems
                 continue
+            if rule_set is not None:
+                problems += _unknown_names(document, (*base, "expect"), case.expect, rule_set)
             message = _message(document, path, case, base, problems)
             if message is not None:
                 loaded.append(LoadedCase(document, index, case, candidates, message))
     if problems:
         raise ConfigError(problems)
     return loaded
+
+
+def _unknown_names(
+    document: Document, path: tuple[str | int, ...], expect: _Expect, rule_set: RuleSet
+) -> list[Problem]:
+    """Return a problem for each route, rule or fact an expectation names that does not exist."""
+    problems = []
+    routes = [route.name for route in rule_set.routes]
+    if expect.route not in ("(any)", None, *routes):
+        problems.append(
+            document.problem(
+                (*path, "route"),
+                f"unknown route '{expect.route}'",
+                f"known routes: {', '.join(routes)}, or null for none",
+            )
+        )
+    rule_hint = f"known rules: {', '.join(rule_set.rules)}"
+    for position, name in enumerate(expect.rules or []):
+        if name not in rule_set.rules:
+            problems.append(
+                document.problem((*path, "rules", position), f"unknown rule '{name}'", rule_hint)
+            )
+    for section in ("selected", "skipped"):
+        for name in getattr(expect, section):
+            if name not in rule_set.rules:
+                problems.append(
+                    document.problem((*path, section, name), f"unknown rule '{name}'", rule_hint)
+                )
+    for name in expect.facts:
+        if name not in FACT_NAMES:
+            problems.append(
+                document.problem(
+                    (*path, "facts", name),
+                    f"unknown fact '{name}'",
+                    f"known facts: {', '.join(FACT_NAMES)}",
+                )
+            )
+    return problems
 
 
 def _message(

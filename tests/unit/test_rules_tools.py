@@ -284,9 +284,21 @@ def test_rules_test_names_unknown_rule(layout: Path) -> None:
         text.replace("      selected:\n        ct-priors:", "      selected:\n        ct-prior:", 1)
     )
     code, output = invoke("rules", "test", "--config", str(layout), "--json")
-    assert code == 1
-    failures = [item for result in json.loads(output) for item in result["failures"]]
-    assert failures[0].startswith("rule ct-prior: no rule has this name (known: ct-priors,")
+    assert code == 2
+    assert "cases[0].expect.selected.ct-prior: unknown rule 'ct-prior'" in output
+    assert "known rules: ct-priors," in output
+
+
+def test_rules_check_names_unknown_route_and_fact(layout: Path) -> None:
+    cases = layout.parent.parent / "rules" / "tests" / "worked-examples.yaml"
+    text = cases.read_text()
+    text = text.replace("route: ris-orders", "route: ris-ordrs", 1)
+    text = text.replace("facts: {ordered_modality:", "facts: {ordered_modalty:", 1)
+    cases.write_text(text)
+    code, output = invoke("rules", "check", "--config", str(layout))
+    assert code == 2
+    assert "cases[0].expect.route: unknown route 'ris-ordrs'" in output
+    assert "cases[0].expect.facts.ordered_modalty: unknown fact 'ordered_modalty'" in output
 
 
 def test_rules_test_without_cases_fails(layout: Path, tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable, load_table
 from engine.jobs.policy import SourcePolicy
 from engine.rules.anatomy import Anatomy, load_anatomy
-from engine.rules.loader import load_rule_set, yaml_files
+from engine.rules.loader import read_rule_set, yaml_files
 from engine.rules.model import RuleSet
 from engine.rules.timing import LocalZone, QuietWindow, check_zone, parse_days, parse_hours
 
@@ -476,7 +476,11 @@ def load_settings(path: Path) -> EngineSettings:
 def load(path: Path) -> Config:
     """Load conf/engine.yaml and everything it names. Raises ConfigError listing every problem."""
     document = load_document(path)
-    settings = validate(document, EngineSettings)
+    try:
+        settings = validate(document, EngineSettings)
+    except ConfigError as error:
+        # The rule files are checked as well, so every problem shows at once.
+        raise ConfigError(error.problems + _rule_file_problems(document, path)) from None
     problems = _missing_paths(document, path, settings)
     missing = {problem.path for problem in problems}
 
@@ -604,6 +608,32 @@ def _unusable_data_paths(document: Document, path: Path, settings: EngineSetting
     return problems
 
 
+def _rule_file_problems(document: Document, path: Path) -> list[Problem]:
+    """Return the problems of the rule files of an engine.yaml that failed validation.
+
+    The folders and the anatomy table are read from the raw file, where it names
+    them as text, and nodes are not checked, because the settings did not load.
+    """
+    data = document.data if isinstance(document.data, dict) else {}
+    fields = EngineSettings.model_fields
+    folders = {}
+    for key in ("routes", "rules", "anatomy"):
+        value = data.get(key, fields[key].default)
+        folders[key] = resolve(path, Path(value)) if isinstance(value, str | Path) else None
+    if folders["routes"] is None or folders["rules"] is None:
+        return []
+    anatomy = Anatomy.empty()
+    problems: list[Problem] = []
+    if folders["anatomy"] is not None and folders["anatomy"].is_file():
+        anatomy_path = folders["anatomy"]
+        try:
+            anatomy = load_anatomy(anatomy_path, f"{anatomy_path.parent.name}/{anatomy_path.name}")
+        except ConfigError as error:
+            problems += error.problems
+    _, found = read_rule_set(folders["routes"], folders["rules"], anatomy)
+    return problems + found
+
+
 def load_rules(path: Path, settings: EngineSettings) -> RuleSet:
     """Load the anatomy table, routes and rules named by engine settings, and check the
     nodes routes name. Raises ConfigError listing every problem; used at start and on reload.
@@ -616,13 +646,11 @@ def load_rules(path: Path, settings: EngineSettings) -> RuleSet:
             anatomy = load_anatomy(anatomy_path, f"{anatomy_path.parent.name}/{anatomy_path.name}")
         except ConfigError as error:
             problems += error.problems
-    try:
-        rule_set = load_rule_set(
-            resolve(path, settings.routes), resolve(path, settings.rules), anatomy
-        )
-    except ConfigError as error:
-        raise ConfigError(problems + error.problems) from None
-    problems += _check_references(str(path), settings, rule_set)
+    rule_set, found = read_rule_set(
+        resolve(path, settings.routes), resolve(path, settings.rules), anatomy
+    )
+    # The nodes of the routes that loaded are checked too, so every problem shows at once.
+    problems += found + _check_references(str(path), settings, rule_set)
     if problems:
         raise ConfigError(problems)
     return rule_set

@@ -6,6 +6,8 @@ import re
 from collections.abc import Collection
 from pathlib import Path
 
+import pydantic
+
 from engine.configfile import ConfigError, Document, Problem, load_document, validate
 from engine.hl7.events import ORDER_TYPES, SCHEDULE_TYPE
 from engine.rules.anatomy import Anatomy, compile_pattern
@@ -19,8 +21,10 @@ from engine.rules.model import (
     Procedure,
     ProcedureSchema,
     Route,
+    RouteSchema,
     RoutesFile,
     Rule,
+    RuleSchema,
     RuleSet,
     RulesFile,
 )
@@ -39,25 +43,37 @@ def load_rule_set(
     Body regions named in rules must exist in `anatomy` when one is given. Without
     one, any region name is accepted, and regions relate only to themselves.
     """
+    rule_set, problems = read_rule_set(routes_folder, rules_folder, anatomy)
+    if problems:
+        raise ConfigError(problems)
+    return rule_set
+
+
+def read_rule_set(
+    routes_folder: Path, rules_folder: Path, anatomy: Anatomy | None = None
+) -> tuple[RuleSet, list[Problem]]:
+    """Load both folders as load_rule_set does; return the rule set and every problem.
+
+    With problems, the rule set contains what loaded: the routes and rules of the
+    files without schema errors, so further checks can run on them at once.
+    """
     anatomy = anatomy if anatomy is not None else Anatomy.empty()
     loader = _Loader(anatomy)
     for folder in (routes_folder, rules_folder):
         if not folder.is_dir():
             loader.problems.append(Problem(str(folder), "", "folder not found"))
 
-    for document, parsed in _load_all(rules_folder, RulesFile, loader.problems):
+    for document, parsed, positions in _load_all(rules_folder, RulesFile, loader.problems):
         assert isinstance(parsed, RulesFile)
-        loader.add_rules_file(document, parsed)
+        loader.add_rules_file(document, parsed, positions)
     # Unknown-rule errors would only repeat an error in a rules file that did not load,
     # or a missing folder.
     rules_loaded = not loader.problems
-    for document, parsed in _load_all(routes_folder, RoutesFile, loader.problems):
+    for document, parsed, positions in _load_all(routes_folder, RoutesFile, loader.problems):
         assert isinstance(parsed, RoutesFile)
-        loader.add_routes_file(document, parsed, rules_loaded)
+        loader.add_routes_file(document, parsed, rules_loaded, positions)
 
-    if loader.problems:
-        raise ConfigError(loader.problems)
-    return RuleSet(
+    rule_set = RuleSet(
         tuple(loader.routes),
         loader.rules,
         loader.procedures,
@@ -65,6 +81,7 @@ def load_rule_set(
         anatomy,
         tuple(loader.ignored),
     )
+    return rule_set, loader.problems
 
 
 # The message types that reach routes: HL7 orders and schedules, and worklist steps.
@@ -107,7 +124,7 @@ class _Loader:
                 document.problem(path, f"unknown body region '{name}'", self.region_hint())
             )
 
-    def add_rules_file(self, document: Document, parsed: RulesFile) -> None:
+    def add_rules_file(self, document: Document, parsed: RulesFile, positions: list[int]) -> None:
         for code, entry in parsed.procedure_codes.items():
             self.add_procedure(document, code, entry)
         for region, texts in parsed.body_parts.items():
@@ -115,7 +132,7 @@ class _Loader:
             patterns = tuple(compile_pattern(text) for text in texts)
             self.body_patterns[region] = self.body_patterns.get(region, ()) + patterns
 
-        for index, spec in enumerate(parsed.rules):
+        for index, spec in zip(positions, parsed.rules, strict=True):
             base = ("rules", index)
             if spec.name in self.rules:
                 first = self.rules[spec.name].document.file
@@ -183,8 +200,10 @@ class _Loader:
             return
         self.procedures[code] = procedure
 
-    def add_routes_file(self, document: Document, parsed: RoutesFile, rules_loaded: bool) -> None:
-        for index, spec in enumerate(parsed.routes):
+    def add_routes_file(
+        self, document: Document, parsed: RoutesFile, rules_loaded: bool, positions: list[int]
+    ) -> None:
+        for index, spec in zip(positions, parsed.routes, strict=True):
             base = ("routes", index)
             parser = self.parser(document)
             data = spec.match
@@ -247,12 +266,21 @@ def _describe(procedure: Procedure) -> str:
     return "'" + ", ".join(parts) + "'"
 
 
+Loaded = tuple[Document, RoutesFile | RulesFile, list[int]]
+
+
 def _load_all(
     folder: Path, model: type[RoutesFile] | type[RulesFile], problems: list[Problem]
-) -> list[tuple[Document, RoutesFile | RulesFile]]:
-    loaded: list[tuple[Document, RoutesFile | RulesFile]] = []
+) -> list[Loaded]:
+    """Load every file of a folder, each with the positions of its routes or rules.
+
+    In a file with schema errors, the routes or rules without any are kept, so
+    their names and nodes are checked in the same run.
+    """
+    loaded: list[Loaded] = []
     if not folder.is_dir():
         return loaded
+    section = "routes" if model is RoutesFile else "rules"
     for path in yaml_files(folder):
         try:
             document = load_document(path, _display_name(path))
@@ -260,24 +288,60 @@ def _load_all(
             problems.extend(error.problems)
             continue
         try:
-            loaded.append((document, validate(document, model)))
+            parsed = validate(document, model)
+            loaded.append((document, parsed, list(range(len(getattr(parsed, section))))))
         except ConfigError as error:
             problems.extend(error.problems)
-            # The schema leaves conditions alone, so check them too: every error at once.
-            problems.extend(_condition_problems(document, model))
+            salvaged = _valid_items(document, model, section)
+            kept = salvaged[1] if salvaged is not None else []
+            # The schema leaves conditions alone, so check those of the items not kept
+            # (the loader checks the rest): every error at once.
+            problems.extend(_condition_problems(document, model, set(kept)))
+            if salvaged is not None:
+                loaded.append((document, *salvaged))
     return loaded
 
 
+def _valid_items(
+    document: Document, model: type[RoutesFile] | type[RulesFile], section: str
+) -> tuple[RoutesFile | RulesFile, list[int]] | None:
+    """Return a file's routes or rules that have no schema error, with their positions.
+
+    None when the rest of the file has errors too.
+    """
+    data = document.data if isinstance(document.data, dict) else None
+    items = data.get(section) if data is not None else None
+    if data is None or not isinstance(items, list):
+        return None
+    item_model = RouteSchema if model is RoutesFile else RuleSchema
+    kept: list[object] = []
+    positions: list[int] = []
+    for position, item in enumerate(items):
+        try:
+            item_model.model_validate(item)
+        except pydantic.ValidationError:
+            continue
+        kept.append(item)
+        positions.append(position)
+    try:
+        return model.model_validate({**data, section: kept}), positions
+    except pydantic.ValidationError:
+        return None
+
+
 def _condition_problems(
-    document: Document, model: type[RoutesFile] | type[RulesFile]
+    document: Document, model: type[RoutesFile] | type[RulesFile], skipped: set[int]
 ) -> list[Problem]:
-    """Check the conditions of a file that failed validation, from its raw data."""
+    """Check the conditions of a file that failed validation, from its raw data.
+
+    The items at the `skipped` positions are left out.
+    """
     section, key = ("routes", "match") if model is RoutesFile else ("rules", "when")
     data = document.data if isinstance(document.data, dict) else {}
     items = data.get(section)
     parser = ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS)
     for index, item in enumerate(items if isinstance(items, list) else []):
-        if isinstance(item, dict) and item.get(key) is not None:
+        if index not in skipped and isinstance(item, dict) and item.get(key) is not None:
             parser.parse(item[key], (section, index, key))
     return parser.problems
 

@@ -590,3 +590,35 @@ def test_issuer_spaces_dropped(layout: Path) -> None:
         problem.message == "issuer 'HOSP_A' is also the issuer of node 'hospital_a'"
         for problem in raised.value.problems
     )
+
+
+def test_engine_and_rule_errors_reported_together(layout: Path) -> None:
+    edit(layout, {"nodes.hospital_a.port": "27x301"})
+    rules = layout.parent.parent / "rules" / "priors.yaml"
+    rules.write_text(rules.read_text().replace("lookback: 5y", "lookback: 5 yrs", 1))
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    paths = [problem.path for problem in raised.value.problems]
+    assert paths == ["nodes.hospital_a.port", "rules[0].select.lookback"]
+
+
+def test_schema_name_and_node_errors_of_one_file_together(layout: Path) -> None:
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        "routes:\n"
+        "  - name: broken\n"
+        "    sources: hospital_a\n"
+        "    destination: local_pacs\n"
+        "  - name: typos\n"
+        "    sources: [hospital_c]\n"
+        "    destination: local_pacs\n"
+        "    rules: [nonexistent-rule]\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    problems = [(problem.path, problem.message) for problem in raised.value.problems]
+    assert problems == [
+        ("routes[0].sources", "input should be a valid list (value 'hospital_a')"),
+        ("routes[1].rules[0]", "unknown rule 'nonexistent-rule'"),
+        ("routes[1].sources[0]", "unknown node 'hospital_c'"),
+    ]

@@ -167,8 +167,7 @@ class _Loader:
                 tuple(compile_pattern(text) for text in selection.exclude_descriptions),
             )
 
-    def add_procedure(self, document: Document, code: str, entry: str | ProcedureSchema) -> None:
-        spec = ProcedureSchema(modality=entry) if isinstance(entry, str) else entry
+    def add_procedure(self, document: Document, code: str, spec: ProcedureSchema) -> None:
         path = ("procedure_codes", code)
         procedure = Procedure(
             code=code,
@@ -178,7 +177,9 @@ class _Loader:
             origin=document.file,
         )
         if procedure.modality and procedure.modality not in DICOM_MODALITIES:
-            where = path if isinstance(entry, str) else (*path, "modality")
+            # The short form (CTCHEST: CT) has no modality key to point at.
+            raw = document.data.get("procedure_codes", {}).get(code)
+            where = path if isinstance(raw, str) else (*path, "modality")
             self.problems.append(
                 document.problem(where, f"unknown modality '{procedure.modality}'", DICOM_HINT)
             )

@@ -191,8 +191,22 @@ class ProcedureSchema(Schema):
     coding_system: str = ""
 
 
+def _procedure(value: object) -> object:
+    """Read the short form of a procedure code (the modality alone) as the long one."""
+    if isinstance(value, str):
+        return {"modality": value}
+    if not isinstance(value, dict):
+        raise ValueError(
+            "a procedure code maps to a modality such as CT, or to"
+            " {modality, body_part, coding_system}"
+        )
+    return value
+
+
 class RulesFile(Schema):
-    procedure_codes: dict[str, str | ProcedureSchema] = Field(default_factory=dict)
+    procedure_codes: dict[str, Annotated[ProcedureSchema, BeforeValidator(_procedure)]] = Field(
+        default_factory=dict
+    )
     # Extra patterns that name body regions in procedure texts and study descriptions.
     body_parts: dict[str, list[Pattern]] = Field(default_factory=dict)
     rules: list[RuleSchema] = Field(default_factory=list)

@@ -236,6 +236,12 @@ class _Selector:
             return reason, None
         if candidate.study_date is None:
             return "no study date returned by the source", None
+        # A day of leeway for a site in a time zone ahead of the engine's.
+        if candidate.study_date > self.today + dt.timedelta(days=1):
+            return (
+                f"study date {candidate.study_date} is in the future (today is {self.today})",
+                None,
+            )
         return "", _Eligible(candidate, note, kind)
 
     def _modality_kind(self, candidate: StudyCandidate) -> tuple[str, str]:

@@ -166,6 +166,16 @@ def test_load_reports_message_types_never_seen(tmp_path: Path) -> None:
     assert "routes take MWL, OMI^O23, ORM^O01, SIU^S12" in str(raised.value.problems[0])
 
 
+def test_load_reports_procedure_code_of_wrong_type(tmp_path: Path) -> None:
+    rules = RULES.replace("CTCHEST: CT", "CTCHEST: CT\n  MRX: 42")
+    with pytest.raises(ConfigError) as raised:
+        load_rule_set(*write_rule_set(tmp_path, ROUTES, rules))
+    assert [str(problem) for problem in raised.value.problems] == [
+        "rules/priors.yaml:4: procedure_codes.MRX: a procedure code maps to a modality such as"
+        " CT, or to {modality, body_part, coding_system} (value 42)"
+    ]
+
+
 def test_load_rejects_unknown_setting(tmp_path: Path) -> None:
     rules = RULES.replace("max_studies: 2", "max_studies: 2, max_age: 3")
     with pytest.raises(ConfigError) as raised:
@@ -304,6 +314,22 @@ def test_select_modality_and_lookback(rule_set: RuleSet) -> None:
     assert decisions["edge"].selected
     assert decisions["nodate"].reason == "no study date returned by the source"
     assert decisions["nomod"].reason == "no modalities in study returned by the source"
+
+
+def test_select_skips_future_dates(rule_set: RuleSet) -> None:
+    # A site one time zone ahead may date a study of today tomorrow; later dates are errors.
+    candidates = [
+        candidate("tomorrow", TODAY + dt.timedelta(days=1)),
+        candidate("later", TODAY + dt.timedelta(days=2)),
+    ]
+    decisions = {
+        d.candidate.study_instance_uid: d
+        for d in select_priors(rule_set.rules["ct"], OrderFacts(), candidates, TODAY)
+    }
+    assert decisions["tomorrow"].selected
+    assert (
+        decisions["later"].reason == "study date 2026-03-16 is in the future (today is 2026-03-14)"
+    )
 
 
 def test_select_never_the_ordered_study(rule_set: RuleSet) -> None:

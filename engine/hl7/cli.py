@@ -125,7 +125,9 @@ def messages_show(config_path: Path, message_id: int, unredacted: bool) -> None:
 @click.argument("message_id", type=ROW_ID)
 @click.option("--dry-run", is_flag=True, help="Show what the replay would do; change nothing.")
 @click.option(
-    "--force", is_flag=True, help="Replay even if jobs of the message have not finished yet."
+    "--force",
+    is_flag=True,
+    help="Replay even if jobs of the message have not finished yet, or its order was cancelled.",
 )
 def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bool) -> None:
     """Process a stored message again with the current routes and rules.
@@ -165,11 +167,29 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         )
         raise SystemExit(1) from None
 
+    cancelled = {
+        earlier.id: earlier
+        for planned in plan.jobs
+        for earlier in store.cancelled_jobs(planned.patient, planned.order)
+    }
+    for earlier in sorted(cancelled.values(), key=lambda record: record.id):
+        click.echo(
+            f"  note: job {earlier.id} of this order was cancelled ({earlier.summary}); a replay"
+            " fetches the priors of a cancelled order",
+            err=True,
+        )
     if dry_run:
         click.echo(f"message {message_id} would be replayed: {plan.outcome}")
         for job in plan.jobs:
             click.echo(f"  would create a job: route {job.route}, rule {job.rule}, {job.patient}")
         return
+    if cancelled and not force:
+        click.echo(
+            f"message {message_id} was not replayed: its order was cancelled. Replay it"
+            " anyway with --force.",
+            err=True,
+        )
+        raise SystemExit(1)
     replay = store.record_replay(message_id, plan.outcome, plan.jobs, now, plan.actions)
     click.echo(f"message {message_id} replayed (replay {replay.id}): {replay.outcome}")
     if not replay.job_ids:

@@ -850,6 +850,19 @@ class Store:
         finished = _ids([int(row["id"]) for row in matching])
         return "; ".join(parts) or f"job(s) {finished} already finished"
 
+    def cancelled_jobs(self, patient: PatientIdentifier, order: OrderFacts) -> list[JobRecord]:
+        """Return the patient's cancelled jobs of the same order (see same_order)."""
+        keys = order_keys(order)
+        if not keys:
+            return []
+        rows = self._db.execute(
+            "SELECT DISTINCT j.* FROM job_orders o CROSS JOIN jobs j ON j.id = o.job_id"
+            f" WHERE o.key IN ({','.join('?' * len(keys))})"
+            " AND j.patient_id = ? AND j.patient_issuer = ? AND j.state = ? ORDER BY j.id",
+            (*keys, patient.value, patient.issuer, JobState.CANCELLED),
+        ).fetchall()
+        return [self._job(row) for row in rows if _same_order_row(row, order)]
+
     def job_states(self, job_ids: Sequence[int]) -> dict[int, JobState]:
         """Return the state of each of the jobs that exists."""
         states: dict[int, JobState] = {}

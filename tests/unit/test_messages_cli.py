@@ -184,6 +184,26 @@ def test_replay_with_force_and_dry_run(layout: Path) -> None:
     assert len(read_jobs(layout)) == 2
 
 
+def test_replay_of_cancelled_order_needs_force(layout: Path) -> None:
+    receive(layout, order("ORD1"))
+    cancel = order_message(
+        PATIENT, "ORD1-CA", "ACC1", dt.datetime(2026, 3, 14, 9, 5), order_control="CA"
+    )
+    receive(layout, cancel)
+    assert [job.state for job in read_jobs(layout)] == [JobState.CANCELLED]
+
+    status, output = run(layout, "replay", "1", "--dry-run")
+    assert status == 0, output
+    assert "note: job 1 of this order was cancelled (" in output
+    status, output = run(layout, "replay", "1")
+    assert status == 1
+    assert "message 1 was not replayed: its order was cancelled" in output
+    assert len(read_jobs(layout)) == 1
+    status, output = run(layout, "replay", "1", "--force")
+    assert status == 0, output
+    assert "created job 2: queued" in output
+
+
 def test_replay_uses_current_rules(layout: Path) -> None:
     receive(layout, order())
     finish_all(layout)

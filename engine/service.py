@@ -15,7 +15,7 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, endpoints, threads
+from twisted.internet import defer, endpoints, task, threads
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 
@@ -64,6 +64,8 @@ from engine.worklist.poller import WorklistPoller
 
 logger = logging.getLogger(__name__)
 
+# How often the retrieves in progress are checked for a cancel of their job.
+CANCEL_CHECK_SECONDS = 2.0
 # Running jobs get this long to end after their associations were aborted.
 STOP_GRACE_SECONDS = 15.0
 # How long a stopping engine waits for node threads after the grace, before it exits without them.
@@ -135,6 +137,9 @@ class Engine:
             self.db, self.metrics, reactor, settings.web.refresh_seconds
         )
         self.spool_sweep = SpoolSweep(self.spool, self.db, reactor)
+        # A cancel requested while a study is retrieved stops the retrieve within this interval.
+        self.cancel_check = task.LoopingCall(self._stop_cancelled_retrievals)
+        self.cancel_check.clock = reactor
         self.web_port: IListeningPort | None = None
         self.scp = StorageSCP(
             settings.dicom.ae_title,
@@ -261,6 +266,15 @@ class Engine:
             result.problem,
         )
 
+    def _stop_cancelled_retrievals(self) -> defer.Deferred[None]:
+        checked = self.prefetch.stop_cancelled_retrievals()
+        checked.addErrback(
+            lambda failure: logger.error(
+                "checking running retrieves for cancels failed: %s", failure.getErrorMessage()
+            )
+        )
+        return checked
+
     def _patient_records_changed(
         self, origin: MessageOrigin, peer: str, changes: Sequence[PatientChange]
     ) -> None:
@@ -350,6 +364,7 @@ class Engine:
             ) from error
         yield self.worker.start()
         self.spool_sweep.start()
+        self.cancel_check.start(CANCEL_CHECK_SECONDS, now=False)
         self.worklist.start()
         if settings.rules_reload_seconds > 0:
             self.rule_watcher.start()
@@ -398,6 +413,8 @@ class Engine:
             yield defer.maybeDeferred(self.mllp_port.stopListening)
         self.job_counts.stop()
         self.spool_sweep.stop()
+        if self.cancel_check.running:
+            self.cancel_check.stop()
         if self.web_port is not None:
             yield defer.maybeDeferred(self.web_port.stopListening)
         work_ended = defer.DeferredList(

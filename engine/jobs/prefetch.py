@@ -36,7 +36,7 @@ from engine.identity.check import differences
 from engine.identity.resolver import ChainResolver, IdentityResolver
 from engine.identity.settings import CheckSettings
 from engine.jobs.policy import RetrieveSlots, SourcePolicy, StudyTurns
-from engine.jobs.receiving import Expectation, ExpectationRegistry, Receiver
+from engine.jobs.receiving import NO_JOB, Expectation, ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyRecord, StudyState
 from engine.jobs.transfer import SourceNode, StudyReport, StudyTransfer, TransferSettings
@@ -74,6 +74,8 @@ class StudyResult:
     stored_in_attempt: int = 0
     # Objects the engine refused, and why; kept also when the study is complete.
     refused: str = ""
+    # Why the retrieval was stopped before its end, or "".
+    stopped: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +259,14 @@ class Prefetch:
             if result.stored_in_attempt:
                 stored_from.append(candidate.patient)
 
+        stopped = [result for result in results if result.stopped]
+        if stopped:
+            cancel = yield self._cancel_reason(job)
+            if cancel:
+                return Outcome(
+                    JobState.CANCELLED,
+                    f"{cancel} (a retrieve stopped, after {len(results)} studies)",
+                )
         outcome = self._summarize(results, failed_sources)
         if any(result.stored for result in results):
             yield self._warn_if_merged(job)
@@ -389,6 +399,27 @@ class Prefetch:
         if not moved:
             return ""
         return f"{len(moved)} identifier(s) moved to another patient during the attempt"
+
+    def stop_cancelled_retrievals(self) -> defer.Deferred[None]:
+        """Stop each retrieval whose job a person or an order cancel asked to cancel.
+
+        The rest of the study is rejected and its spooled objects are deleted
+        unsent; the job then ends cancelled.
+        """
+        running = [e for e in self.registry.active() if e.job_id != NO_JOB]
+        if not running:
+            return defer.succeed(None)
+
+        def stop(reasons: dict[int, str]) -> None:
+            for expectation in running:
+                reason = reasons.get(expectation.job_id)
+                if reason is not None:
+                    self.registry.stop(
+                        expectation, f"its job was cancelled ({reason})", stored_suspect=False
+                    )
+
+        job_ids = sorted({expectation.job_id for expectation in running})
+        return self.db.run(lambda store: store.cancellations(job_ids)).addCallback(stop)
 
     def stop_moved_retrievals(self) -> defer.Deferred[None]:
         """Stop each retrieval whose remote patient now belongs to another local patient.
@@ -684,6 +715,7 @@ class Prefetch:
             failed=report.failed,
             stored_in_attempt=report.stored,
             refused=report.refused,
+            stopped=report.stopped,
         )
 
     def _summarize(self, results: list[StudyResult], failed_sources: list[str]) -> Outcome:

@@ -68,6 +68,8 @@ class Expectation:
     # remote patient to another local patient; "" while it runs. Objects that arrive
     # after that are rejected.
     stopped: str = ""
+    # Whether the objects stored before the stop may belong to another patient.
+    stored_suspect: bool = False
     # Called once with that reason, so spooled objects are not sent on.
     on_stopped: Callable[[str], None] | None = None
 
@@ -103,12 +105,17 @@ class ExpectationRegistry:
         with self._lock:
             return [e for e in self._active if not e.stopped]
 
-    def stop(self, expectation: Expectation, reason: str) -> None:
-        """Stop a retrieval: reject its further objects and withhold those not yet sent."""
+    def stop(self, expectation: Expectation, reason: str, stored_suspect: bool = True) -> None:
+        """Stop a retrieval: reject its further objects and withhold those not yet sent.
+
+        stored_suspect tells whether the objects already stored may be another
+        patient's (an identifier moved), not merely unwanted (a cancelled job).
+        """
         with self._lock:
             if expectation.stopped:
                 return
             expectation.stopped = reason
+            expectation.stored_suspect = stored_suspect
         logger.warning(
             "%s: retrieval of study %s from %s stopped: %s",
             expectation.owner,

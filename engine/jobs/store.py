@@ -926,6 +926,17 @@ class Store:
             )
         return [revived]
 
+    def cancellations(self, job_ids: Sequence[int]) -> dict[int, str]:
+        """Return the reason of each cancel requested for the running jobs among job_ids."""
+        if not job_ids:
+            return {}
+        rows = self._db.execute(
+            "SELECT job_id, reason FROM job_cancellations"
+            f" WHERE job_id IN ({','.join('?' * len(job_ids))})",
+            list(job_ids),
+        ).fetchall()
+        return {int(row["job_id"]): str(row["reason"]) for row in rows}
+
     def cancellation(self, job_id: int) -> str | None:
         """Return the reason a cancel was requested for a running job, or None."""
         row = self._db.execute(

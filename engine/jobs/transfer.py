@@ -424,7 +424,7 @@ class StudyTransfer:
             self.spool.discard_study(expectation.spool_dir)
         deleted = forwarded.withheld + len(left)
         text = f"retrieval stopped: {expectation.stopped}; {deleted} spooled objects deleted unsent"
-        if report.stored:
+        if report.stored and expectation.stored_suspect:
             text += (
                 f"; {report.stored} objects stored before that carry {expectation.stamp.local}:"
                 f" check them at {job.destination}"

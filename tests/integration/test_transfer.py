@@ -612,6 +612,36 @@ def test_spooled_objects_deleted_when_identifier_moved_between_attempts(site: Si
     )
 
 
+def test_cancel_stops_retrieval_in_progress(site: Site) -> None:
+    # As above: the retrieve waits on a full spool while the destination is down.
+    site.network.start()
+    site.load(ct_study("t-ct-stop", 60))
+    site.destination.stop()
+
+    def small_spool(settings: dict[str, Any]) -> None:
+        settings["spool"].update(max_bytes=1024 * 1024, full_wait_seconds=5)
+
+    site.configure(small_spool)
+    site.start_engine()
+    job_id = site.order("STOP1")
+    deadline = time.monotonic() + 60
+    while len(spooled(site.spool)) < 5:
+        assert time.monotonic() < deadline, site.log()[-3000:]
+        time.sleep(0.05)
+    cancel = order_message(LOCAL, "STOP2", "ACC-STOP1", dt.datetime.now(), order_control="CA")
+    assert send(site.network.ports.mllp, cancel)[1] == "MSA|AA|STOP2"
+
+    job = wait_for_job(site.store, job_id, timeout=60)
+
+    assert job.state == JobState.CANCELLED, job.summary
+    assert "(a retrieve stopped, after 1 studies)" in job.summary
+    assert job.attempts == 1
+    assert not spooled(site.spool)
+    [study] = [s for s in read_studies(site.store, job_id) if s.selected]
+    assert study.reason.startswith("retrieval stopped: its job was cancelled ("), study.reason
+    assert "check them" not in study.reason
+
+
 def test_spooled_objects_of_cancelled_job_deleted(site: Site) -> None:
     site.network.start()
     site.load(ct_study("t-ct-cancel", 10))

@@ -22,7 +22,7 @@ from engine.identity.settings import IdentitySettings
 from engine.identity.table import CrossReferenceTable
 from engine.jobs.policy import SourcePolicy, StudyTurns
 from engine.jobs.prefetch import Prefetch, Source, StudyResult
-from engine.jobs.receiving import Expectation, ExpectationRegistry
+from engine.jobs.receiving import NO_JOB, Expectation, ExpectationRegistry
 from engine.jobs.store import JobRecord, JobState, NewJob, StudyState
 from engine.model import Demographics, OrderFacts, PatientIdentifier, StudyCandidate
 from engine.rules.loader import load_rule_set
@@ -481,3 +481,54 @@ def test_retrieval_of_moved_identifier_stopped(
     assert running[REMOTE].stopped == MOVED
     assert running[other_remote].stopped == ""
     assert pipeline.registry.active() == [running[other_remote]]
+
+
+def test_retrieval_of_cancelled_job_stopped(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    pipeline, _ = make_pipeline(db, rule_set, FakeClient([]), SourcePolicy(), NOW, tmp_path)
+    job = claimed_job(db)
+    expectations = [
+        Expectation(
+            job_id=job_id,
+            source="a",
+            source_ae_title="HOSP_A",
+            study_instance_uid=f"1.{job_id}",
+            remote=REMOTE,
+            stamp=Stamp(LOCAL, REMOTE, Demographics()),
+            spool_dir=tmp_path / str(job_id),
+            message_id=1,
+        )
+        for job_id in (job.id, job.id + 1, NO_JOB)
+    ]
+    for expectation in expectations:
+        pipeline.registry.expect(expectation)
+    db.store.cancel_job(job.id, "order cancelled by ORC-1 CA", NOW)
+
+    done: list[Any] = []
+    pipeline.stop_cancelled_retrievals().addBoth(done.append)
+
+    assert done == [None]
+    assert expectations[0].stopped == "its job was cancelled (order cancelled by ORC-1 CA)"
+    assert not expectations[0].stored_suspect
+    assert [e.stopped for e in expectations[1:]] == ["", ""]
+
+
+def test_cancel_that_stopped_last_study_ends_job_cancelled(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path
+) -> None:
+    client = FakeClient(STUDIES[:1])
+    pipeline, _ = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path)
+    job = claimed_job(db)
+
+    def fetch_stopped(job: JobRecord, candidate: StudyCandidate) -> defer.Deferred[StudyResult]:
+        db.store.cancel_job(job.id, "wrong order", NOW)
+        return defer.succeed(
+            StudyResult(StudyState.FAILED, received=3, stopped="its job was cancelled")
+        )
+
+    pipeline._fetch_study = fetch_stopped  # type: ignore[method-assign]
+    outcome = run(pipeline, job)
+
+    assert outcome.state == JobState.CANCELLED
+    assert outcome.summary == "wrong order (a retrieve stopped, after 1 studies)"

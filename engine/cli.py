@@ -19,8 +19,10 @@ from engine.clitools import (
     open_store,
 )
 from engine.hl7.cli import messages_group
+from engine.identity import records
 from engine.identity.cli import identity_group
-from engine.jobs.store import JobState
+from engine.jobs.store import JobState, Store
+from engine.model import PatientIdentifier
 from engine.rules.cli import rules_group
 from engine.worklist.cli import worklist_group
 
@@ -118,7 +120,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
                 job.not_before.astimezone().strftime("%Y-%m-%d %H:%M:%S")
                 if job.state.pending
                 else "",
-                str(job.patient),
+                patient_label(store, job.patient),
                 job.rule,
                 str(len(studies)),
                 str(sum(study.found or 0 for study in studies)),
@@ -130,6 +132,12 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
     click.echo(format_table(rows))
 
 
+def patient_label(store: Store, patient: PatientIdentifier) -> str:
+    """Return a job's patient ID, with the ID it lives on as when a merge retired it."""
+    active, path = records.active_patient(store, patient)
+    return f"{patient} (merged into {active})" if path else str(patient)
+
+
 @jobs_group.command(name="show")
 @click.argument("job_id", type=ROW_ID)
 @config_option
@@ -138,7 +146,7 @@ def jobs_show(config_path: Path, job_id: int) -> None:
     store = open_store(config_path)
     job = job_or_exit(store, job_id)
     click.echo(f"job {job.id}: {job.state} after {job.attempts} attempt(s): {job.summary}")
-    click.echo(f"  patient {job.patient}, route {job.route}, rule {job.rule}")
+    click.echo(f"  patient {patient_label(store, job.patient)}, route {job.route}, rule {job.rule}")
     click.echo(f"  sources {', '.join(job.sources)}, destination {job.destination}")
     order = job.order
     click.echo(
@@ -193,7 +201,8 @@ def jobs_show(config_path: Path, job_id: int) -> None:
 )
 @config_option
 def jobs_cancel(config_path: Path, job_id: int, reason: str) -> None:
-    """Cancel a pending job, or ask a running job to stop before its next study."""
+    """Cancel a pending job, or stop a running one: its retrieve in progress stops within
+    seconds, and its objects waiting in the spool are deleted unsent."""
     store = open_store(config_path)
     job = job_or_exit(store, job_id)
     if job.state.finished and job.state != JobState.QUARANTINED:

@@ -7,9 +7,11 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from engine.cli import main
+from engine.identity import records
 from engine.jobs.store import JobState, Store
+from engine.model import PatientIdentifier
 from tests.conftest import NOW, shipped_layout
-from tests.unit.test_jobs import new_job, order_job
+from tests.unit.test_jobs import PATIENT, new_job, order_job
 
 
 def layout(tmp_path: Path) -> Path:
@@ -142,3 +144,20 @@ def test_cancel_quarantined_job(tmp_path: Path) -> None:
     result = jobs(config, "cancel", str(job_id), "--reason", "order withdrawn")
     assert result.exit_code == 0, result.output
     assert state_of(tmp_path, job_id) == JobState.CANCELLED
+
+
+def test_list_and_show_name_merge_of_job_patient(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    surviving = PatientIdentifier("L9", PATIENT.issuer)
+    records.merge(store, surviving, PATIENT, NOW, "A40-1")
+    store.close()
+    merged = f"{PATIENT} (merged into {surviving})"
+
+    listed = jobs(config)
+    shown = jobs(config, "show", str(job_id))
+
+    assert listed.exit_code == 0, listed.output
+    assert merged in listed.output
+    assert f"  patient {merged}, route ris, rule ct" in shown.output

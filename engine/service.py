@@ -46,6 +46,7 @@ from engine.identity.adt import IdentityEvents
 from engine.identity.build import build_resolver
 from engine.identity.domains import DomainDirectory
 from engine.identity.records import known_demographics
+from engine.jobs.guard import RetrievalGuard
 from engine.jobs.planner import PatientChange, Planner
 from engine.jobs.prefetch import Prefetch, Source, StudyResult
 from engine.jobs.receiving import ExpectationRegistry, Receiver
@@ -120,6 +121,7 @@ class Engine:
             self.now,
         )
         self.registry = ExpectationRegistry(settings.dicom.ae_title)
+        self.guard = RetrievalGuard(self.db, self.registry)
         self.spool = Spool(
             config.spool_path, settings.spool.max_bytes, settings.spool.full_wait_seconds
         )
@@ -155,6 +157,7 @@ class Engine:
                 self.pools,
                 self.clients,
                 self.registry,
+                self.guard,
                 self.tracker,
                 identity=lambda: self.resolver,
                 spool=self.spool,
@@ -175,6 +178,7 @@ class Engine:
                 if node.issuer is not None
             },
             registry=self.registry,
+            guard=self.guard,
             identity=lambda: self.resolver,
             rule_set=self.rules.current,
             engine_ae_title=settings.dicom.ae_title,
@@ -267,7 +271,7 @@ class Engine:
         )
 
     def _stop_cancelled_retrievals(self) -> defer.Deferred[None]:
-        checked = self.prefetch.stop_cancelled_retrievals()
+        checked = self.guard.stop_cancelled()
         checked.addErrback(
             lambda failure: logger.error(
                 "checking running retrieves for cancels failed: %s", failure.getErrorMessage()
@@ -279,7 +283,7 @@ class Engine:
         self, origin: MessageOrigin, peer: str, changes: Sequence[PatientChange]
     ) -> None:
         # A learned remote ID may have moved to another patient while its study is retrieved.
-        stopping = self.prefetch.stop_moved_retrievals()
+        stopping = self.guard.stop_moved()
         stopping.addErrback(
             lambda failure: logger.error(
                 "checking retrievals after message %s failed: %s",

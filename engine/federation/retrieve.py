@@ -30,6 +30,7 @@ from engine.federation.locations import Location
 from engine.federation.matching import values_of
 from engine.federation.request import FindRequest, RetrieveRequest
 from engine.federation.sitefind import SiteHandle, SitePlan, run_site_find
+from engine.jobs.guard import RetrievalGuard
 from engine.jobs.receiving import NO_JOB, Expectation, ExpectationRegistry
 from engine.jobs.spool import FEDERATION_FOLDER, Spool
 from engine.model import Demographics, PatientIdentifier
@@ -92,6 +93,12 @@ class Retrieval:
     count_instances: InstanceCounter
     move: SiteMover
     spool: Spool
+    # Stops a pull whose remote patient an ADT message moved to another local patient.
+    guard: RetrievalGuard | None = None
+
+
+class RetrievalStopped(Exception):
+    """A pull was stopped before the site's C-MOVE, for the reason given."""
 
 
 class FederatedRetrieve:
@@ -106,6 +113,8 @@ class FederatedRetrieve:
         self.spool_dir = retrieval.spool.root / FEDERATION_FOLDER / f"retrieve-{next(self._ids)}"
         self.cancelled = False
         self._expectation: Expectation | None = None
+        # Pulled studies whose objects are being sent on, by Study Instance UID.
+        self._sending: dict[str, Expectation] = {}
         self._demographics: dict[PatientIdentifier, Demographics] = {}
 
     @property
@@ -281,8 +290,14 @@ class FederatedRetrieve:
             message_id=client.next_message_id(),
         )
         self._expectation = expectation
-        self.retrieval.registry.expect(expectation)
+        registry = self.retrieval.registry
+        registry.expect(expectation)
         try:
+            # Registered first, so an ADT that moves the identifier from now on stops it too.
+            if self.retrieval.guard is not None:
+                yield self.retrieval.guard.stop_moved([expectation])
+            if expectation.stopped:
+                raise RetrievalStopped(expectation.stopped)
             outcome = yield self.retrieval.move(
                 location.site,
                 item.identifier,
@@ -290,8 +305,11 @@ class FederatedRetrieve:
                 expectation.message_id,
             )
         finally:
-            self.retrieval.registry.forget(expectation)
+            registry.forget(expectation)
             self._expectation = None
+        # Until its objects are sent on, a move of the identifier still stops them.
+        registry.watch(expectation)
+        self._sending[item.study_instance_uid] = expectation
         logger.info(
             "federated retrieve %s: study %s from %s: %d received, %d rejected, site status 0x%04X",
             self.request_id,
@@ -327,8 +345,21 @@ class FederatedRetrieve:
         if self._expectation is not None:
             self.retrieval.registry.forget(self._expectation)
 
+    def stopped(self, study_instance_uid: str) -> str:
+        """Return why the objects of a pulled study must not be sent on, or ""."""
+        expectation = self._sending.get(study_instance_uid)
+        return expectation.stopped if expectation is not None else ""
+
+    def sent(self, study_instance_uid: str) -> None:
+        """Forget a pulled study whose objects were sent on; safe from any thread."""
+        expectation = self._sending.pop(study_instance_uid, None)
+        if expectation is not None:
+            self.retrieval.registry.unwatch(expectation)
+
     def clean_up(self) -> None:
         """Delete this retrieve's objects and free their space in the spool."""
+        for study_instance_uid in list(self._sending):
+            self.sent(study_instance_uid)
         self.retrieval.spool.discard(self.spool_dir)
 
 

@@ -306,8 +306,12 @@ class Transfer:
         self.destination_problem = self.destination_problem or self.sender.problem
         sent = failed = 0
         try:
-            for path in files:
+            for position, path in enumerate(files):
                 if self._check_cancel():
+                    break
+                stopped = self.retrieve.stopped(item.study_instance_uid)
+                if stopped:
+                    failed += self._withhold(item, files[position:], stopped)
                     break
                 status = self.sender.send(path)
                 self.counts.record(status, path.stem)
@@ -318,6 +322,7 @@ class Transfer:
                 self._pending()
         finally:
             self.sender.close()
+            self.retrieve.sent(item.study_instance_uid)
         if self.cancelled:
             if sent or failed:
                 self.on_study_sent(item, sent, failed)
@@ -337,6 +342,20 @@ class Transfer:
                 item.location.site,
             )
             self._pending()
+
+    def _withhold(self, item: WorkItem, files: list[Path], reason: str) -> int:
+        """Count the study's objects not yet sent as failed; return how many they are."""
+        logger.warning(
+            "retrieve %s: %d objects of study %s not sent: %s",
+            self.request_id,
+            len(files),
+            item.study_instance_uid,
+            reason,
+        )
+        for path in files:
+            self.counts.record(None, path.stem)
+        self._pending()
+        return len(files)
 
     def _pull(self, item: WorkItem) -> Path | None:
         """Run the site's C-MOVE to the engine; watch for C-CANCEL while it runs."""

@@ -15,6 +15,7 @@ from engine.federation.qrscp import QRService
 from engine.federation.retrieve import Retrieval, site_runners
 from engine.federation.settings import site_issuer
 from engine.identity.resolver import IdentityResolver
+from engine.jobs.guard import RetrievalGuard
 from engine.jobs.receiving import ExpectationRegistry
 from engine.jobs.spool import Spool
 
@@ -25,6 +26,7 @@ def build_qr_service(
     pools: NodePools,
     clients: dict[str, NodeClient],
     registry: ExpectationRegistry,
+    guard: RetrievalGuard,
     tracker: AssociationTracker,
     identity: Callable[[], IdentityResolver],
     spool: Spool,
@@ -60,6 +62,7 @@ def build_qr_service(
     retrieval = Retrieval(
         federation=federation,
         registry=registry,
+        guard=guard,
         clients=clients,
         count_instances=count_instances,
         move=move,

@@ -100,10 +100,11 @@ def check_environment(message: Message, processing_ids: Collection[str]) -> None
     """
     processing = message.get("MSH", 11, 1)
     if processing and processing not in processing_ids:
+        # The log shows only table values; the sender's ACK shows what it sent.
         quoted = f"'{processing}'" if processing in PROCESSING_IDS else "that value"
         accepted = ", ".join(processing_ids)
         raise HL7Error(
-            f"processing ID {quoted} is not accepted here (accepted: {accepted})",
+            f"processing ID '{processing[:20]}' is not accepted here (accepted: {accepted})",
             ErrorCode.UNSUPPORTED_PROCESSING_ID,
             ("MSH", 1, 11),
             AckCode.APPLICATION_REJECT,

@@ -51,7 +51,9 @@ class DomainDirectory:
     def issuer_for_authority(self, namespace_id: str, universal_id: str = "") -> str | None:
         """Return the issuer an HL7 assigning authority denotes, None if it is ambiguous.
 
-        The universal id decides when given; an unconfigured namespace is its own issuer.
+        The universal id decides when given: a namespace id of a domain configured
+        with another universal id denotes none (another authority that uses the
+        same namespace). An unconfigured namespace is its own issuer.
         """
         if universal_id:
             for domain in self._domains.values():
@@ -60,6 +62,8 @@ class DomainDirectory:
         if namespace_id:
             for domain in self._domains.values():
                 if domain.namespace_id == namespace_id:
+                    if universal_id and domain.universal_id:
+                        return None
                     return domain.issuer
             return namespace_id
         return universal_id or None

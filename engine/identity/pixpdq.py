@@ -324,7 +324,11 @@ class PixSource(_QuerySource):
             return Answer.not_found("QAK-2 NF")
         if response.status != QUERY_OK:
             return error_answer(response, target_field=4)
-        pid = response.message.segment("PID")
+        pids = list(response.message.segments_of("PID"))
+        if len(pids) > 1:
+            # A PIX response is about one patient; several are no answer.
+            return Answer.failed(f"ambiguous: {len(pids)} PID segments in the response", False)
+        pid = pids[0] if pids else None
         found = identifiers_in(
             response.message, pid.raw_field(3) if pid else "", self.directory, domain
         )

@@ -35,8 +35,9 @@ from engine.identity import records
 from engine.identity.check import differences
 from engine.identity.resolver import ChainResolver, IdentityResolver
 from engine.identity.settings import CheckSettings
+from engine.jobs.guard import RetrievalGuard
 from engine.jobs.policy import RetrieveSlots, SourcePolicy, StudyTurns
-from engine.jobs.receiving import NO_JOB, Expectation, ExpectationRegistry, Receiver
+from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyRecord, StudyState
 from engine.jobs.transfer import SourceNode, StudyReport, StudyTransfer, TransferSettings
@@ -115,6 +116,7 @@ class Prefetch:
         sources: dict[str, Source],
         registry: ExpectationRegistry,
         identity: Callable[[], IdentityResolver],
+        guard: RetrievalGuard | None = None,
         rule_set: Callable[[], RuleSet],
         engine_ae_title: str,
         spool_root: Path,
@@ -150,7 +152,9 @@ class Prefetch:
         self.slots = RetrieveSlots(self.policies)
         self.turns = StudyTurns()
         self.spool = spool or Spool(spool_root, max_bytes=1 << 62)
+        self.guard = guard or RetrievalGuard(db, registry)
         self.transfer = StudyTransfer(
+            guard=self.guard,
             pools=pools,
             clients=clients,
             sources={
@@ -399,57 +403,6 @@ class Prefetch:
         if not moved:
             return ""
         return f"{len(moved)} identifier(s) moved to another patient during the attempt"
-
-    def stop_cancelled_retrievals(self) -> defer.Deferred[None]:
-        """Stop each retrieval whose job a person or an order cancel asked to cancel.
-
-        The rest of the study is rejected and its spooled objects are deleted
-        unsent; the job then ends cancelled.
-        """
-        running = [e for e in self.registry.active() if e.job_id != NO_JOB]
-        if not running:
-            return defer.succeed(None)
-
-        def stop(reasons: dict[int, str]) -> None:
-            for expectation in running:
-                reason = reasons.get(expectation.job_id)
-                if reason is not None:
-                    self.registry.stop(
-                        expectation, f"its job was cancelled ({reason})", stored_suspect=False
-                    )
-
-        job_ids = sorted({expectation.job_id for expectation in running})
-        return self.db.run(lambda store: store.cancellations(job_ids)).addCallback(stop)
-
-    def stop_moved_retrievals(self) -> defer.Deferred[None]:
-        """Stop each retrieval whose remote patient now belongs to another local patient.
-
-        Called after an ADT message changed patient records: it can give a
-        learned remote ID to another local patient while that ID's study is
-        retrieved and stamped with the job's patient. The rest of the study is
-        then rejected, and its spooled objects are deleted unsent.
-        """
-        running = self.registry.active()
-        if not running:
-            return defer.succeed(None)
-
-        def owners(store: Store) -> list[tuple[Expectation, PatientIdentifier]]:
-            found = [
-                (
-                    expectation,
-                    records.moved_owner(store, expectation.stamp.local, expectation.remote),
-                )
-                for expectation in running
-            ]
-            return [(expectation, owner) for expectation, owner in found if owner is not None]
-
-        def stop(found: list[tuple[Expectation, PatientIdentifier]]) -> None:
-            for expectation, owner in found:
-                self.registry.stop(
-                    expectation, f"identifier {expectation.remote} was moved to patient {owner}"
-                )
-
-        return self.db.run(owners).addCallback(stop)
 
     @defer.inlineCallbacks
     def _discard_moved_leftovers(self, job: JobRecord) -> Generator[defer.Deferred[Any], Any, int]:

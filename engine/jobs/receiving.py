@@ -88,6 +88,8 @@ class ExpectationRegistry:
     def __init__(self, our_ae_title: str) -> None:
         self.our_ae_title = our_ae_title
         self._active: list[Expectation] = []
+        # Retrievals whose objects are all received but still being sent on.
+        self._watched: list[Expectation] = []
         self._lock = threading.Lock()
         self.unmatched = 0
 
@@ -100,10 +102,20 @@ class ExpectationRegistry:
             if expectation in self._active:
                 self._active.remove(expectation)
 
-    def active(self) -> list[Expectation]:
-        """Return the retrievals in progress that were not stopped."""
+    def watch(self, expectation: Expectation) -> None:
+        """Keep a retrieval that receives no more objects stoppable while they are sent on."""
         with self._lock:
-            return [e for e in self._active if not e.stopped]
+            self._watched.append(expectation)
+
+    def unwatch(self, expectation: Expectation) -> None:
+        with self._lock:
+            if expectation in self._watched:
+                self._watched.remove(expectation)
+
+    def active(self) -> list[Expectation]:
+        """Return the retrievals in progress that were not stopped, watched ones too."""
+        with self._lock:
+            return [e for e in (*self._active, *self._watched) if not e.stopped]
 
     def stop(self, expectation: Expectation, reason: str, stored_suspect: bool = True) -> None:
         """Stop a retrieval: reject its further objects and withhold those not yet sent.

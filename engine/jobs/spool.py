@@ -125,6 +125,8 @@ class Spool:
         for folder in (study_dir, study_dir.parent):
             try:
                 folder.rmdir()
+            except FileNotFoundError:
+                continue
             except OSError:
                 return
 

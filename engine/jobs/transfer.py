@@ -40,6 +40,7 @@ from engine.dimse.queries import (
 )
 from engine.dimse.scu import DimseError, MoveOutcome, NodeClient, RetrieveNotSupported
 from engine.dimse.status import Status, describe, is_success_or_warning
+from engine.jobs.guard import RetrievalGuard
 from engine.jobs.receiving import Expectation, ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool, file_size
 from engine.jobs.store import JobRecord, StudyState
@@ -131,7 +132,9 @@ class StudyTransfer:
         engine_ae_title: str,
         settings: TransferSettings,
         stopping: Callable[[], bool] = lambda: False,
+        guard: RetrievalGuard | None = None,
     ) -> None:
+        self.guard = guard
         self.pools = pools
         self.clients = clients
         self.sources = sources
@@ -159,8 +162,9 @@ class StudyTransfer:
             # They were stamped by an earlier attempt: a merge or a demographics update
             # since then must reach them before the destination does.
             yield threads.deferToThread(self._restamp, leftovers, stamp)
-            forwarded = yield self._forward_leftovers(job, uid)
-            report.stored += forwarded.stored
+            forwarded = yield self._deliver_leftovers(job, candidate, stamp, report, note)
+            if report.stopped:
+                return report
             if forwarded.error is not None:
                 return self._destination_down(report, forwarded, job, uid)
 
@@ -350,25 +354,19 @@ class StudyTransfer:
         client = self.clients[source.name]
         uid = candidate.study_instance_uid
         forwarder = self._forwarder(job)
-        expectation = Expectation(
-            job_id=job.id,
-            source=source.name,
-            source_ae_title=source.ae_title,
-            study_instance_uid=uid,
-            remote=candidate.patient,
-            stamp=stamp,
-            spool_dir=self.spool.study_dir(job.id, uid),
-            message_id=client.next_message_id(),
-            on_spooled=forwarder.put,
-            on_stopped=forwarder.withhold,
-            demographics=candidate.demographics if self.settings.check_objects else None,
-        )
+        expectation = self._expectation(job, candidate, stamp, forwarder)
+        expectation.message_id = client.next_message_id()
         workers = [
             self.pools.run(job.destination, forwarder.run_worker) for _ in range(forwarder.workers)
         ]
         self.registry.expect(expectation)
         try:
+            # Registered first, so an ADT that moves the identifier from now on stops it too.
+            if self.guard is not None:
+                yield self.guard.stop_moved([expectation])
             for identifier in identifiers:
+                if expectation.stopped:
+                    break
                 expectation.message_id = client.next_message_id()
                 outcome = yield self._retrieve_one(
                     source, client, identifier, expectation, deadline, note
@@ -491,11 +489,54 @@ class StudyTransfer:
             stopping=self.stopping,
         )
 
+    def _expectation(
+        self, job: JobRecord, candidate: StudyCandidate, stamp: Stamp, forwarder: Forwarder
+    ) -> Expectation:
+        source = self.sources[candidate.source]
+        return Expectation(
+            job_id=job.id,
+            source=source.name,
+            source_ae_title=source.ae_title,
+            study_instance_uid=candidate.study_instance_uid,
+            remote=candidate.patient,
+            stamp=stamp,
+            spool_dir=self.spool.study_dir(job.id, candidate.study_instance_uid),
+            message_id=0,
+            on_spooled=forwarder.put,
+            on_stopped=forwarder.withhold,
+            demographics=candidate.demographics if self.settings.check_objects else None,
+        )
+
+    @defer.inlineCallbacks
+    def _deliver_leftovers(
+        self,
+        job: JobRecord,
+        candidate: StudyCandidate,
+        stamp: Stamp,
+        report: StudyReport,
+        note: Note,
+    ) -> Generator[defer.Deferred[Any], Any, ForwardOutcome]:
+        """Send what an earlier attempt left in the spool; a cancel or an ID move stops it."""
+        forwarder = self._forwarder(job)
+        watched = self._expectation(job, candidate, stamp, forwarder)
+        self.registry.watch(watched)
+        try:
+            if self.guard is not None:
+                yield self.guard.stop_moved([watched])
+            forwarded: ForwardOutcome = yield self._forward_leftovers(
+                forwarder, job, candidate.study_instance_uid
+            )
+        finally:
+            self.registry.unwatch(watched)
+        report.stored += forwarded.stored
+        if watched.stopped:
+            yield self._stopped(report, watched, forwarded, job, note)
+        return forwarded
+
     @defer.inlineCallbacks
     def _forward_leftovers(
-        self, job: JobRecord, uid: str
+        self, forwarder: Forwarder, job: JobRecord, uid: str
     ) -> Generator[defer.Deferred[Any], Any, ForwardOutcome]:
-        forwarder = self._forwarder(job)
         study_dir = self.spool.study_dir(job.id, uid)
         for path in self.spool.pending(study_dir):
             forwarder.put(path)

@@ -591,6 +591,27 @@ def test_retrieval_stopped_when_identifier_moves_during_it(site: Site) -> None:
     assert site.destination.instance_count() == 0
 
 
+def test_job_waiting_for_study_stops_when_identifier_moves(site: Site) -> None:
+    # A second order of the patient selects the same study and waits for the first job.
+    first = start_with_learned_patient(site, ct_study("t-ct-move-3", 60), 1024 * 1024)
+    message = order_message(LEARNED, "MOVE-ORM2", "ACC-MOVE2", dt.datetime.now())
+    second = place_order(site.network.ports.mllp, site.store, message, "MOVE-ORM2")
+    deadline = time.monotonic() + 60
+    while len(spooled(site.spool)) < 5:
+        assert time.monotonic() < deadline, site.log()[-3000:]
+        time.sleep(0.05)
+    move_identifier(site)
+
+    for job_id in (first, second):
+        job = wait_for_job(site.store, job_id)
+        assert job.state == JobState.FAILED, job.summary
+        [study] = [s for s in read_studies(site.store, job_id) if s.selected]
+        assert study.reason.startswith(f"retrieval stopped: {MOVED}; "), study.reason
+    [waiting] = [s for s in read_studies(site.store, second) if s.selected]
+    assert waiting.received == 0
+    assert not spooled(site.spool)
+
+
 def test_spooled_objects_deleted_when_identifier_moved_between_attempts(site: Site) -> None:
     job_id = start_with_learned_patient(site, ct_study("t-ct-move-2", 10), 10 * 1024 * 1024)
     waiting = wait_for_state(site.store, job_id, JobState.WAITING)

@@ -49,6 +49,15 @@ class FakeRetrieve:
         self.failing = failing
         self.cancelled = False
         self.cleaned = False
+        # Why each study's objects must not be sent on (an identifier moved), by study UID.
+        self.stops: dict[str, str] = {}
+        self.sent_studies: list[str] = []
+
+    def stopped(self, study_instance_uid: str) -> str:
+        return self.stops.get(study_instance_uid, "")
+
+    def sent(self, study_instance_uid: str) -> None:
+        self.sent_studies.append(study_instance_uid)
 
     def pull(self, item: WorkItem) -> defer.Deferred[Path]:
         if item.study_instance_uid in self.failing:
@@ -120,10 +129,13 @@ def transfer(
     failing: set[str] | None = None,
     cancel_after: int | None = None,
     reports: list[tuple[str, int, int]] | None = None,
+    stops: dict[str, str] | None = None,
+    sender: FakeSender | None = None,
 ) -> tuple[FakeResponder, FakeRetrieve]:
     """Run a transfer; reports collects (study, sent, failed) for each study sent on."""
     responder = FakeResponder()
     retrieve = FakeRetrieve(tmp_path, arrived, failing or set())
+    retrieve.stops = stops or {}
     request = Dataset()
     request.MessageID = 7
     Transfer(
@@ -132,7 +144,7 @@ def transfer(
         request,
         retrieve,  # type: ignore[arg-type]
         plan,
-        FakeSender(statuses or {}),
+        sender or FakeSender(statuses or {}),
         responder,  # type: ignore[arg-type]
         "test#7",
         on_study_sent=lambda done, sent, failed: (reports if reports is not None else []).append(
@@ -264,3 +276,23 @@ def test_find_final_status(summary: FindSummary, expected: tuple[int, str] | Non
 def test_find_summary_comment_fits_lo() -> None:
     summary = FindSummary(failed={f"site_{i}": "timed out after 20 s" for i in range(5)})
     assert len(summary.failure_comment()) <= 64
+
+
+def test_transfer_stopped_study_not_sent(tmp_path: Path) -> None:
+    # An ADT message moved the site's identifier to another local patient after the pull.
+    plan = RetrievePlan([item("1.1", "1.1.1", "1.1.2"), item("1.2", "1.2.1")])
+    sender = FakeSender({})
+    reports: list[tuple[str, int, int]] = []
+    responder, retrieve = transfer(
+        tmp_path,
+        plan,
+        {"1.1": ["1.1.1", "1.1.2"], "1.2": ["1.2.1"]},
+        reports=reports,
+        stops={"1.1": "identifier HA-1^^^HOSP_A was moved to patient L2^^^LOCAL"},
+        sender=sender,
+    )
+    assert sender.sent == ["1.2.1"]
+    assert reports == [("1.1", 0, 2), ("1.2", 1, 0)]
+    final = responder.responses[-1]
+    assert (final["completed"], final["failed"]) == (1, 2)
+    assert retrieve.sent_studies == ["1.1", "1.2"]

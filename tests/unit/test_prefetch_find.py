@@ -475,7 +475,7 @@ def test_retrieval_of_moved_identifier_stopped(
     records.learn(db.store, LOCAL, other_remote, NOW, "ADT-SAME")
 
     done: list[Any] = []
-    pipeline.stop_moved_retrievals().addBoth(done.append)
+    pipeline.guard.stop_moved().addBoth(done.append)
 
     assert done == [None]
     assert running[REMOTE].stopped == MOVED
@@ -506,7 +506,7 @@ def test_retrieval_of_cancelled_job_stopped(
     db.store.cancel_job(job.id, "order cancelled by ORC-1 CA", NOW)
 
     done: list[Any] = []
-    pipeline.stop_cancelled_retrievals().addBoth(done.append)
+    pipeline.guard.stop_cancelled().addBoth(done.append)
 
     assert done == [None]
     assert expectations[0].stopped == "its job was cancelled (order cancelled by ORC-1 CA)"

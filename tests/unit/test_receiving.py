@@ -226,3 +226,16 @@ def test_stopped_retrieval_rejects_further_objects(
     assert reasons == [moved]
     assert (wanted.received, wanted.rejected, wanted.rejected_again_on_retry) == (1, 1, 1)
     assert registry.active() == []
+
+
+def test_watched_retrieval_stoppable_but_not_matched(tmp_path: Path) -> None:
+    registry = ExpectationRegistry("FDQR")
+    sending = expectation(tmp_path, "1.2.3")
+    registry.watch(sending)
+    assert registry.active() == [sending]
+    assert registry.match("1.2.3", "HOSP_A", "FDQR", 7) is None
+    registry.stop(sending, "identifier moved")
+    assert sending.stopped == "identifier moved"
+    assert registry.active() == []
+    registry.unwatch(sending)
+    registry.unwatch(sending)

@@ -174,8 +174,8 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
     }
     for earlier in sorted(cancelled.values(), key=lambda record: record.id):
         click.echo(
-            f"  note: job {earlier.id} of this order was cancelled ({earlier.summary}); a replay"
-            " fetches the priors of a cancelled order",
+            f"  note: the order of job {earlier.id} was cancelled ({earlier.state}:"
+            f" {earlier.summary}); a replay fetches the priors of a cancelled order",
             err=True,
         )
     if dry_run:

@@ -120,7 +120,7 @@ class ExpectationRegistry:
     def stop(self, expectation: Expectation, reason: str, stored_suspect: bool = True) -> None:
         """Stop a retrieval: reject its further objects and withhold those not yet sent.
 
-        stored_suspect tells whether the objects already stored may be another
+        stored_suspect is True when the objects already stored may be another
         patient's (an identifier moved), not merely unwanted (a cancelled job).
         """
         with self._lock:

@@ -833,6 +833,14 @@ class Store:
                     )
                     self._event(db, job_id, now, f"cancel requested: {reason}")
                     requested.append(job_id)
+                elif state.finished and state != JobState.CANCELLED and not replaced:
+                    # Kept, so a replay of the order's message can name the cancel.
+                    db.execute(
+                        "INSERT OR IGNORE INTO job_cancellations (job_id, at, reason)"
+                        " VALUES (?,?,?)",
+                        (job_id, _iso(now), reason),
+                    )
+                    self._event(db, job_id, now, f"order cancelled after the job ended: {reason}")
             for job_id in cancelled:
                 revived += self._revive_suppressed(db, job_id, now)
 
@@ -851,14 +859,16 @@ class Store:
         return "; ".join(parts) or f"job(s) {finished} already finished"
 
     def cancelled_jobs(self, patient: PatientIdentifier, order: OrderFacts) -> list[JobRecord]:
-        """Return the patient's cancelled jobs of the same order (see same_order)."""
+        """Return the patient's jobs of the same order (see same_order) whose order was
+        cancelled: cancelled jobs, and jobs that had ended when the cancel came."""
         keys = order_keys(order)
         if not keys:
             return []
         rows = self._db.execute(
             "SELECT DISTINCT j.* FROM job_orders o CROSS JOIN jobs j ON j.id = o.job_id"
             f" WHERE o.key IN ({','.join('?' * len(keys))})"
-            " AND j.patient_id = ? AND j.patient_issuer = ? AND j.state = ? ORDER BY j.id",
+            " AND j.patient_id = ? AND j.patient_issuer = ? AND (j.state = ? OR EXISTS"
+            " (SELECT 1 FROM job_cancellations c WHERE c.job_id = j.id)) ORDER BY j.id",
             (*keys, patient.value, patient.issuer, JobState.CANCELLED),
         ).fetchall()
         return [self._job(row) for row in rows if _same_order_row(row, order)]

@@ -194,7 +194,7 @@ def test_replay_of_cancelled_order_needs_force(layout: Path) -> None:
 
     status, output = run(layout, "replay", "1", "--dry-run")
     assert status == 0, output
-    assert "note: job 1 of this order was cancelled (" in output
+    assert "note: the order of job 1 was cancelled (cancelled: " in output
     status, output = run(layout, "replay", "1")
     assert status == 1
     assert "message 1 was not replayed: its order was cancelled" in output
@@ -202,6 +202,22 @@ def test_replay_of_cancelled_order_needs_force(layout: Path) -> None:
     status, output = run(layout, "replay", "1", "--force")
     assert status == 0, output
     assert "created job 2: queued" in output
+
+
+def test_replay_of_order_cancelled_after_its_job_ended_needs_force(layout: Path) -> None:
+    receive(layout, order("ORD1"))
+    finish_all(layout)
+    cancel = order_message(
+        PATIENT, "ORD1-CA", "ACC1", dt.datetime(2026, 3, 14, 9, 5), order_control="CA"
+    )
+    receive(layout, cancel)
+
+    status, output = run(layout, "replay", "1", "--dry-run")
+    assert status == 0, output
+    assert "note: the order of job 1 was cancelled (done: " in output
+    status, output = run(layout, "replay", "1")
+    assert status == 1
+    assert "its order was cancelled" in output
 
 
 def test_replay_uses_current_rules(layout: Path) -> None:

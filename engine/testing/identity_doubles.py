@@ -46,7 +46,12 @@ class DoublePatient:
 
 @dataclasses.dataclass
 class Registry:
-    """What the doubles know; `behaviour` is normal, garbled, silent or wrong-control-id."""
+    """What the doubles know.
+
+    `behaviour` is normal, garbled, silent or wrong-control-id, or for PIX
+    two-pids (a second PID segment with another patient's identifier) or
+    foreign-oid (the identifiers' authority carries another universal id).
+    """
 
     domains: list[DoubleDomain]
     patients: list[DoublePatient]
@@ -152,7 +157,12 @@ class _Managers(protocol.Protocol):
         if not found:
             return _response(message, "RSP^K23^RSP_K23", "AA", "NF", [])
         pid3 = "~".join(self._cx(identifier) for identifier in found)
-        return _response(message, "RSP^K23^RSP_K23", "AA", "OK", [f"PID|||{pid3}||~^^^^^^S"])
+        body = [f"PID|||{pid3}||~^^^^^^S"]
+        if self.registry.behaviour == "two-pids":
+            body.append(f"PID|||OTHER-{pid3}||~^^^^^^S")
+        if self.registry.behaviour == "foreign-oid":
+            body = [body[0].replace("&1.2.3.", "&9.9.9.")]
+        return _response(message, "RSP^K23^RSP_K23", "AA", "OK", body)
 
     def _cx(self, identifier: PatientIdentifier) -> str:
         domain = next(d for d in self.registry.domains if d.issuer == identifier.issuer)

@@ -269,6 +269,25 @@ def test_pix_several_identifiers_in_domain_is_no_answer() -> None:
     assert result.detail == "ambiguous: 2 identifiers (HA-1^^^HOSP_A, HA-2^^^HOSP_A)"
 
 
+def test_pix_two_patients_is_no_answer() -> None:
+    world = MLLPWorld("two-pids")
+    answer = world.pix().lookup(LOCAL, "HOSP_A", None)
+    world.connect()
+    result = result_of(answer)
+    assert result.kind == AnswerKind.FAILED
+    assert result.detail == "ambiguous: 2 PID segments in the response"
+
+
+def test_pix_identifier_of_other_universal_id_ignored() -> None:
+    # The namespace is HOSP_A's, but the universal id names another authority.
+    world = MLLPWorld("foreign-oid")
+    answer = world.pix().lookup(LOCAL, "HOSP_A", None)
+    world.connect()
+    result = result_of(answer)
+    assert result.kind == AnswerKind.NOT_FOUND
+    assert result.identifier is None
+
+
 # PDQ Query (ITI-21)
 
 JANE = Demographics("DOE^JANE^M", "19650312", "F")

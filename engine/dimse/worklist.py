@@ -7,11 +7,12 @@ import datetime as dt
 import logging
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from engine.dimse.scu import NodeClient
-from engine.model import Demographics
+from engine.model import Demographics, patient_id_problem
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +53,19 @@ class WorklistItem:
         return self.step_id or self.accession_number
 
     def same_order(self, other: WorklistItem) -> bool:
-        """Tell whether other is this step unchanged: same start, patient and study."""
+        """Tell whether other is this step unchanged: same start, patient, study, modality
+        and procedure, the facts that rules decide on."""
         return (
             self.start == other.start
             and self.patient_id == other.patient_id
             and self.issuer_of_patient_id == other.issuer_of_patient_id
             and self.accession_number == other.accession_number
             and self.study_instance_uid == other.study_instance_uid
+            and self.modality == other.modality
+            and self.procedure_code == other.procedure_code
+            and self.procedure_coding_system == other.procedure_coding_system
+            and self.procedure_text == other.procedure_text
+            and self.body_part == other.body_part
         )
 
 
@@ -129,6 +136,14 @@ def read_item(answer: Dataset) -> WorklistItem:
     patient_id = _text(answer, "PatientID")
     if not patient_id:
         raise MalformedItem("no Patient ID")
+    problem = (
+        "has more than one value"
+        if isinstance(answer.get("PatientID"), MultiValue)
+        else patient_id_problem(patient_id)
+    )
+    if problem:
+        # The value itself stays out of the message: it may be anything.
+        raise MalformedItem(f"Patient ID {problem}")
     step_id = _text(step, "ScheduledProcedureStepID")
     accession = _text(answer, "AccessionNumber")
     if not step_id and not accession:

@@ -858,6 +858,15 @@ class Store:
         finished = _ids([int(row["id"]) for row in matching])
         return "; ".join(parts) or f"job(s) {finished} already finished"
 
+    def has_message(self, origin: MessageOrigin) -> bool:
+        """Tell whether a message of this sender with this control id is stored."""
+        row = self._db.execute(
+            "SELECT 1 FROM messages WHERE sending_application = ? AND sending_facility = ?"
+            " AND control_id = ?",
+            (origin.sending_application, origin.sending_facility, origin.control_id),
+        ).fetchone()
+        return row is not None
+
     def cancelled_jobs(self, patient: PatientIdentifier, order: OrderFacts) -> list[JobRecord]:
         """Return the patient's jobs of the same order (see same_order) whose order was
         cancelled: cancelled jobs, and jobs that had ended when the cancel came."""

@@ -51,10 +51,13 @@ def order_facts(item: WorklistItem) -> OrderFacts:
     )
 
 
-def placed(node: str, item: WorklistItem, policy: IdentifierPolicy) -> OrderPlaced:
+def placed(
+    node: str, item: WorklistItem, policy: IdentifierPolicy, suffix: str = ""
+) -> OrderPlaced:
+    """Return the order of a step; suffix makes its control id differ from earlier versions'."""
     patient = local_patient(item, policy)
     return OrderPlaced(
-        origin=origin_of(node, item),
+        origin=origin_of(node, item, suffix),
         patient=patient,
         demographics=item.demographics,
         order=order_facts(item),

@@ -182,6 +182,8 @@ class WorklistPoller:
                 found = yield self.pools.run(source.node, find_worklist, client, query)
                 answers.extend(found)
             select_items(source, answers, start, end, result)
+            # Applying the items finds more malformed ones (an issuer of another domain).
+            yield self._apply(result, start, end, dry_run)
             for reason in sorted(set(result.malformed)):
                 logger.warning(
                     "worklist %s: skipped %d malformed item(s): %s",
@@ -189,7 +191,6 @@ class WorklistPoller:
                     result.malformed.count(reason),
                     reason,
                 )
-            yield self._apply(result, start, end, dry_run)
         except Exception as error:
             result.error = str(error)
             logger.warning(
@@ -245,6 +246,11 @@ class WorklistPoller:
                 continue
             try:
                 event = orders.placed(node, item, self.policy)
+                if known is not None and store.has_message(event.origin):
+                    # This version repeats an earlier one (a removed step is back, a
+                    # patient corrected back), whose order ended: it needs one of its own.
+                    again = f"/again@{now:%Y%m%d%H%M%S}"
+                    event = orders.placed(node, item, self.policy, again)
             except MalformedItem as error:
                 result.malformed.append(str(error))
                 continue

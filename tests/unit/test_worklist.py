@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ def test_read_item_fields() -> None:
             ),
             "neither",
         ),
+        (lambda ds: setattr(ds, "PatientID", ["L1", "L2"]), "Patient ID has more than one"),
+        (lambda ds: setattr(ds, "PatientID", "L" * 65), "Patient ID is longer than 64"),
+        (lambda ds: setattr(ds, "PatientID", "L1\x07"), "Patient ID contains a control"),
     ],
 )
 def test_read_item_malformed(change: Callable[[Dataset], Any], reason: str) -> None:
@@ -352,3 +356,54 @@ def test_step_turned_malformed_keeps_its_order(
     # Once it is gone from the worklist, its order is cancelled.
     pools.answers = []
     assert [item.key for item, _ in poll(worklist).removed] == ["S1|ACC-S1"]
+
+
+def test_removed_step_back_is_ordered_again(
+    poller: tuple[WorklistPoller, ScriptedPools], db: ImmediateStore
+) -> None:
+    worklist, pools = poller
+    pools.answers = [step_dataset(step("S1", 2))]
+    poll(worklist)
+    pools.answers = []
+    poll(worklist)
+    assert [job.state for job in db.store.list_jobs()] == [JobState.CANCELLED]
+
+    pools.answers = [step_dataset(step("S1", 2))]
+    result = poll(worklist)
+
+    assert [item.key for item, _ in result.new_orders] == ["S1|ACC-S1"]
+    states = sorted(job.state.value for job in db.store.list_jobs())
+    assert states == ["cancelled", "queued"]
+    newest = db.store.list_messages()[0]
+    assert newest.origin.control_id == "S1|ACC-S1@202603141100/L12345/again@20260314090000"
+
+
+def test_changed_modality_orders_step_again(
+    poller: tuple[WorklistPoller, ScriptedPools], db: ImmediateStore
+) -> None:
+    worklist, pools = poller
+    pools.answers = [step_dataset(step("S1", 2))]
+    poll(worklist)
+    pools.answers = [step_dataset(step("S1", 2, modality="MR"))]
+
+    result = poll(worklist)
+
+    assert [item.key for item, _ in result.new_orders] == ["S1|ACC-S1"]
+    assert [job.order.ordered_modality for job in db.store.list_jobs()] == ["CT"]
+    assert [job.state for job in db.store.list_jobs()] == [JobState.CANCELLED]
+
+
+def test_malformed_reason_found_when_applied_is_logged(
+    poller: tuple[WorklistPoller, ScriptedPools], caplog: pytest.LogCaptureFixture
+) -> None:
+    worklist, pools = poller
+    foreign = step_dataset(step("S1", 2))
+    foreign.IssuerOfPatientID = "HOSP_A"
+    pools.answers = [foreign]
+    with caplog.at_level(logging.WARNING, logger="engine.worklist.poller"):
+        result = poll(worklist)
+    assert result.malformed == ["patient ID issuer 'HOSP_A' is not the local domain"]
+    assert (
+        "worklist ris_mwl: skipped 1 malformed item(s): patient ID issuer 'HOSP_A' is not the"
+        " local domain"
+    ) in caplog.messages

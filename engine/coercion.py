@@ -156,6 +156,9 @@ class Header:
     patient_sex: str = ""
 
 
+QUALIFIERS = 0x00100024  # Issuer of Patient ID Qualifiers Sequence
+
+
 def stamp_dataset(ds: Dataset, stamp: Stamp) -> None:
     """Set the local identity on a dataset in place; pixel data is not touched.
 
@@ -164,10 +167,18 @@ def stamp_dataset(ds: Dataset, stamp: Stamp) -> None:
     profile = stamp.profile
     name = _fit_character_set(ds, stamp)
 
+    # The source's qualifiers name the source's domain: they go with its ID among the others.
+    source_qualifiers = ds.get(QUALIFIERS)
     ds.PatientID = stamp.local.value
     ds.IssuerOfPatientID = stamp.local.issuer
     _set_qualifiers(ds, profile.qualifier(stamp.local.issuer))
-    _add_other_patient_id(ds, stamp.remote, profile.qualifier(stamp.remote.issuer), stamp.local)
+    _add_other_patient_id(
+        ds,
+        stamp.remote,
+        profile.qualifier(stamp.remote.issuer),
+        stamp.local,
+        source_qualifiers.value if source_qualifiers is not None else None,
+    )
     if OTHER_PATIENT_IDS in ds:
         del ds[OTHER_PATIENT_IDS]
 
@@ -206,7 +217,13 @@ def _fit_character_set(ds: Dataset, stamp: Stamp) -> str:
 
 
 def _set_qualifiers(ds: Dataset, entity: UniversalEntity | None) -> None:
+    """Set the Issuer of Patient ID Qualifiers to entity, or remove them when it is None.
+
+    Left in place, another domain's qualifiers would put the ID in that domain.
+    """
     if entity is None:
+        if QUALIFIERS in ds:
+            del ds[QUALIFIERS]
         return
     item = Dataset()
     item.UniversalEntityID = entity.id
@@ -219,6 +236,7 @@ def _add_other_patient_id(
     identifier: PatientIdentifier,
     entity: UniversalEntity | None,
     local: PatientIdentifier,
+    source_qualifiers: Sequence | None = None,
 ) -> None:
     seen: set[tuple[object, object]] = set()
     items = Sequence()
@@ -241,6 +259,8 @@ def _add_other_patient_id(
         item.TypeOfPatientID = "TEXT"
         if entity is not None:
             _set_qualifiers(item, entity)
+        elif source_qualifiers:
+            item.IssuerOfPatientIDQualifiersSequence = source_qualifiers
         items.append(item)
     if items:
         ds.OtherPatientIDsSequence = items

@@ -123,6 +123,28 @@ def test_stamp_from_local_domain_adds_no_other_id(tmp_path: Path) -> None:
     assert (ds.PatientID, ds.IssuerOfPatientID) == (local.value, local.issuer)
 
 
+def test_source_domain_qualifiers_move_to_its_other_id(tmp_path: Path) -> None:
+    # The source's qualifiers name its own domain: left on the stamped ID, they would put
+    # L12345 in HOSP_A's domain.
+    ds = dcmread(sample("CT_small.dcm"))
+    ds.PatientID, ds.IssuerOfPatientID = "HA-1", "HOSP_A"
+    qualifier = Dataset()
+    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = "1.2.3.4.5.2", "ISO"
+    ds.IssuerOfPatientIDQualifiersSequence = [qualifier]
+    del ds.OtherPatientIDsSequence
+    source = tmp_path / "source.dcm"
+    ds.save_as(source)
+    stamped = tmp_path / "stamped.dcm"
+
+    stamp_file(source, stamped, STAMP)
+
+    result = dcmread(stamped)
+    assert "IssuerOfPatientIDQualifiersSequence" not in result
+    [other] = result.OtherPatientIDsSequence
+    assert (other.PatientID, other.IssuerOfPatientID) == ("HA-1", "HOSP_A")
+    assert other.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID == "1.2.3.4.5.2"
+
+
 def test_stamp_switches_to_utf8_when_needed(tmp_path: Path) -> None:
     stamp = Stamp(STAMP.local, STAMP.remote, Demographics("ŁUKASZ^ŻÓŁW", "19650312", "M"))
     for name in ("MR_small.dcm", "CT_small.dcm"):

@@ -279,6 +279,9 @@ class FederatedRetrieve:
     ) -> Generator[defer.Deferred[Any], Any, Path]:
         client = self.retrieval.clients[location.site]
         demographics = yield self._local_demographics(location.local)
+        # Each object must carry the local record's birth date and sex, where both have
+        # one: another person filed under the site's patient ID is rejected.
+        checked = demographics if self.federation.check.strictness != "off" else None
         expectation = Expectation(
             job_id=NO_JOB,
             source=location.site,
@@ -288,6 +291,7 @@ class FederatedRetrieve:
             stamp=Stamp(local=location.local, remote=location.remote, demographics=demographics),
             spool_dir=self.spool_dir / item.study_instance_uid,
             message_id=client.next_message_id(),
+            demographics=checked,
         )
         self._expectation = expectation
         registry = self.retrieval.registry

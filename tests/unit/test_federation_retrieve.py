@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from engine.identity.resolver import TableResolver
 from engine.identity.table import CrossReferenceTable
 from engine.jobs.receiving import ExpectationRegistry
 from engine.jobs.spool import Spool
-from engine.model import PatientIdentifier
+from engine.model import Demographics, PatientIdentifier
 from tests.unit.test_federation_fanout import FakeReactor, member
 
 LOCAL = PatientIdentifier("L1", "LOCAL")
@@ -195,6 +196,29 @@ def test_retrieve_clean_up_frees_spool(retrieval: Retrieval) -> None:
 
     assert not retrieve.spool_dir.exists()
     assert retrieval.spool.used_bytes == 0
+
+
+def test_retrieve_pull_checks_objects_against_local_record(
+    retrieval: Retrieval, sites: Sites
+) -> None:
+    record = Demographics("DOE^JANE", "19650312", "F")
+    retrieval.federation = dataclasses.replace(
+        retrieval.federation, demographics=lambda patient: defer.succeed(record)
+    )
+    retrieval.federation.locations.remember("1.1", AT_A_LOCATION)
+    checked: list[Demographics | None] = []
+    move = sites.move
+
+    def move_and_look(*args: Any) -> defer.Deferred[MoveOutcome]:
+        [expectation] = sites.registry._active
+        checked.append(expectation.demographics)
+        return move(*args)
+
+    retrieval.move = move_and_look
+    retrieve = FederatedRetrieve(retrieval, study_request(), "t#1")
+    [item] = result_of(retrieve.plan()).items
+    result_of(retrieve.pull(item))
+    assert checked == [record]
 
 
 def test_retrieve_pull_fails_when_every_site_fails(retrieval: Retrieval, sites: Sites) -> None:

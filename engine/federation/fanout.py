@@ -468,6 +468,15 @@ class FederatedFind:
                 row.OtherPatientIDsSequence = other_ids(self.merger.sites_by_key[key])
             self.sink(Row(row))
         self._patient_rows.clear()
+        for key in sorted(self.merger.several_patients):
+            patients = sorted({str(origin.local) for origin in self.merger.sites_by_key[key]})
+            logger.warning(
+                "federated query %s: %s is held for patients %s; one row was sent, and a"
+                " retrieve of it without a Patient ID is refused",
+                self.query_id,
+                "/".join(key),
+                ", ".join(patients),
+            )
         self.summary.duplicates = self.merger.duplicates
         self.summary.over_limit = self.merger.dropped_over_limit
         if self.summary.over_limit:

@@ -194,6 +194,8 @@ class Merger:
         self.sites_by_key: dict[tuple[str, ...], list[Origin]] = {}
         self.duplicates = 0
         self.dropped_over_limit = 0
+        # Unique keys that sites hold for more than one local patient.
+        self.several_patients: set[tuple[str, ...]] = set()
 
     def key_of(self, row: Dataset, origin: Origin) -> tuple[str, ...]:
         if self.level is Level.PATIENT:
@@ -206,6 +208,8 @@ class Merger:
         known = self.sites_by_key.get(key)
         if known is not None:
             if origin not in known:
+                if any(other.local != origin.local for other in known):
+                    self.several_patients.add(key)
                 known.append(origin)
             self.duplicates += 1
             return False

@@ -38,6 +38,7 @@ from engine.model import Demographics, PatientIdentifier
 logger = logging.getLogger(__name__)
 
 NOT_FOUND = "not found at any member site"
+SEVERAL_PATIENTS = "held for more than one patient; retrieve it with a Patient ID"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,18 @@ class FederatedRetrieve:
             locations = yield self._locate(study)
             if not locations:
                 plan.unavailable[study] = NOT_FOUND
+                continue
+            patients = sorted({str(location.local) for location in locations})
+            if len(patients) > 1:
+                # Sites hold this UID for different patients: sending either could be
+                # the wrong patient's study for this caller.
+                logger.warning(
+                    "federated retrieve %s: study %s is held for patients %s; not sent",
+                    self.request_id,
+                    study,
+                    ", ".join(patients),
+                )
+                plan.unavailable[study] = SEVERAL_PATIENTS
                 continue
             item = yield self._count_at_first(study, locations, plan)
             if item is not None:

@@ -34,7 +34,13 @@ from engine.dimse.forward import TRANSCODED_SUFFIX
 from engine.dimse.scu import MAX_CONTEXTS, DimseError, NodeClient
 from engine.dimse.status import Status, is_success_or_warning
 from engine.dimse.transcode import TranscodeError, transcode
-from engine.federation.retrieve import NOT_FOUND, FederatedRetrieve, RetrievePlan, WorkItem
+from engine.federation.retrieve import (
+    NOT_FOUND,
+    SEVERAL_PATIENTS,
+    FederatedRetrieve,
+    RetrievePlan,
+    WorkItem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -388,6 +394,8 @@ class Transfer:
         comment = ""
         if self.plan.unavailable:
             comment = "unavailable: " + ", ".join(sorted(self.plan.unavailable))
+        if SEVERAL_PATIENTS in self.plan.unavailable.values():
+            comment = "a study is held for several patients; add the PatientID"
         if self.destination_problem:
             comment = self.destination_problem
         if self.cancelled:

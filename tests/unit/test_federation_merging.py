@@ -150,6 +150,17 @@ def test_merger_one_row_per_study() -> None:
     assert merger.rows == 1
     assert merger.duplicates == 1
     assert merger.sites_by_key[("1.2.3",)] == [ORIGIN, other_origin]
+    assert merger.several_patients == set()
+
+
+def test_merger_notes_study_held_for_two_patients() -> None:
+    merger = Merger(Level.STUDY, max_rows=10)
+    stranger = Origin(
+        "hospital_b", PatientIdentifier("HB-7", "HOSP_B"), PatientIdentifier("L2", "LOCAL")
+    )
+    assert merger.add(site_answer(), ORIGIN)
+    assert not merger.add(site_answer(), stranger)
+    assert merger.several_patients == {("1.2.3",)}
 
 
 def test_merger_patient_level_by_local_id() -> None:

@@ -17,7 +17,13 @@ from engine.federation.fanout import Federation
 from engine.federation.levels import Model
 from engine.federation.locations import Location, LocationMemory
 from engine.federation.request import read_retrieve
-from engine.federation.retrieve import NOT_FOUND, FederatedRetrieve, Instance, Retrieval
+from engine.federation.retrieve import (
+    NOT_FOUND,
+    SEVERAL_PATIENTS,
+    FederatedRetrieve,
+    Instance,
+    Retrieval,
+)
 from engine.federation.sitefind import SiteHandle, SitePlan
 from engine.identity.resolver import TableResolver
 from engine.identity.table import CrossReferenceTable
@@ -160,6 +166,16 @@ def test_retrieve_plan_unknown_study(retrieval: Retrieval) -> None:
     plan = result_of(FederatedRetrieve(retrieval, study_request(), "t#1").plan())
     assert plan.items == []
     assert plan.unavailable == {"1.1": NOT_FOUND}
+
+
+def test_retrieve_by_uid_held_for_two_patients_not_sent(retrieval: Retrieval) -> None:
+    # Two sites hold one Study Instance UID for two different local patients.
+    other = Location("hospital_b", AT_B, PatientIdentifier("L2", "LOCAL"))
+    retrieval.federation.locations.remember("1.1", AT_A_LOCATION)
+    retrieval.federation.locations.remember("1.1", other)
+    plan = result_of(FederatedRetrieve(retrieval, study_request(), "t#1").plan())
+    assert plan.items == []
+    assert plan.unavailable == {"1.1": SEVERAL_PATIENTS}
 
 
 def test_retrieve_plan_other_patient_not_sent(retrieval: Retrieval) -> None:

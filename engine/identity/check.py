@@ -2,8 +2,9 @@
 
 exact compares values as they are, apart from PN padding and trailing empty
 components. normalised ignores letter case, accents and punctuation, compares
-only family and given name, in either order, and reads birth dates by their
-digits. An attribute empty in the local record is not compared.
+only family and given name, in either order, in the first component group
+both names have (alphabetic, ideographic or phonetic), and reads birth dates
+by their digits. An attribute empty in the local record is not compared.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def same_value(attribute: str, ours: str, theirs: str, exact: bool) -> bool:
     if attribute == "name":
         if exact:
             return _exact_name(ours) == _exact_name(theirs)
-        return _name_key(ours) == _name_key(theirs)
+        return _same_name(ours, theirs)
     if exact:
         return ours == theirs
     if attribute == "birth_date":
@@ -55,10 +56,25 @@ def _exact_name(name: str) -> str:
     return "=".join(groups).rstrip("=")
 
 
-def _name_key(name: str) -> tuple[str, ...]:
-    parts = [*name.split("=")[0].split("^"), ""]
-    family, given = _fold(parts[0]), _fold(parts[1])
-    return tuple(sorted(part for part in (family, given) if part))
+def _same_name(ours: str, theirs: str) -> bool:
+    """Compare two names by the first component group both have (alphabetic, ideographic,
+    phonetic); without one in common, by the alphabetic group."""
+    mine, other = _name_keys(ours), _name_keys(theirs)
+    for first, second in zip(mine, other, strict=True):
+        if first and second:
+            return first == second
+    return mine[0] == other[0]
+
+
+def _name_keys(name: str) -> list[tuple[str, ...]]:
+    """Return the family and given name of each component group, folded and in any order."""
+    groups = [*name.split("="), "", ""][:3]
+    keys = []
+    for group in groups:
+        parts = [*group.split("^"), ""]
+        family, given = _fold(parts[0]), _fold(parts[1])
+        keys.append(tuple(sorted(part for part in (family, given) if part)))
+    return keys
 
 
 def _fold(text: str) -> str:

@@ -370,6 +370,23 @@ def test_demographics_check(remote: Demographics, strictness: str, expected: lis
     assert differences(local, remote, CheckSettings(strictness=strictness)) == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("ours", "theirs", "same"),
+    [
+        ("=山田^太郎", "=鈴木^花子", False),
+        ("=山田^太郎", "=山田^太郎", True),
+        ("YAMADA^TARO=山田^太郎", "=山田^太郎", True),
+        ("YAMADA^TARO=山田^太郎", "YAMADA^TARO=鈴木^花子", True),
+        ("=山田^太郎", "YAMADA^TARO", False),
+        ("==やまだ^たろう", "==すずき^はなこ", False),
+    ],
+)
+def test_names_compared_in_common_component_group(ours: str, theirs: str, same: bool) -> None:
+    from engine.identity.check import same_value
+
+    assert same_value("name", ours, theirs, False) is same
+
+
 def test_demographics_check_missing_values_can_quarantine() -> None:
     from engine.identity.check import differences
     from engine.identity.settings import CheckSettings

@@ -167,6 +167,14 @@ def spooled(spool: Path) -> list[Path]:
     return sorted(spool.glob("job-*/*/*.dcm"))
 
 
+def wait_for_spooled(site: Site, count: int) -> None:
+    """Wait until the engine's spool holds at least count objects."""
+    deadline = time.monotonic() + 60
+    while len(spooled(site.spool)) < count:
+        assert time.monotonic() < deadline, site.log()[-3000:]
+        time.sleep(0.05)
+
+
 def test_compressed_study_decompressed_for_storescp(site: Site) -> None:
     storescp = StoreSCP(site.folder / "storescp", ae_title="LOCAL_PACS")
     site.network.sites["local_pacs"] = storescp  # type: ignore[assignment]
@@ -564,10 +572,7 @@ def test_retrieval_stopped_when_identifier_moves_during_it(site: Site) -> None:
     # 60 objects of about 40 KB and room for about 26: the retrieve waits on a full spool
     # while the destination is down, and the ADT arrives during that wait.
     job_id = start_with_learned_patient(site, ct_study("t-ct-move", 60), 1024 * 1024)
-    deadline = time.monotonic() + 60
-    while len(spooled(site.spool)) < 5:
-        assert time.monotonic() < deadline, site.log()[-3000:]
-        time.sleep(0.05)
+    wait_for_spooled(site, 5)
     move_identifier(site)
 
     job = wait_for_job(site.store, job_id)
@@ -596,10 +601,7 @@ def test_job_waiting_for_study_stops_when_identifier_moves(site: Site) -> None:
     first = start_with_learned_patient(site, ct_study("t-ct-move-3", 60), 1024 * 1024)
     message = order_message(LEARNED, "MOVE-ORM2", "ACC-MOVE2", dt.datetime.now())
     second = place_order(site.network.ports.mllp, site.store, message, "MOVE-ORM2")
-    deadline = time.monotonic() + 60
-    while len(spooled(site.spool)) < 5:
-        assert time.monotonic() < deadline, site.log()[-3000:]
-        time.sleep(0.05)
+    wait_for_spooled(site, 5)
     move_identifier(site)
 
     for job_id in (first, second):
@@ -645,10 +647,7 @@ def test_cancel_stops_retrieval_in_progress(site: Site) -> None:
     site.configure(small_spool)
     site.start_engine()
     job_id = site.order("STOP1")
-    deadline = time.monotonic() + 60
-    while len(spooled(site.spool)) < 5:
-        assert time.monotonic() < deadline, site.log()[-3000:]
-        time.sleep(0.05)
+    wait_for_spooled(site, 5)
     cancel = order_message(LOCAL, "STOP2", "ACC-STOP1", dt.datetime.now(), order_control="CA")
     assert send(site.network.ports.mllp, cancel)[1] == "MSA|AA|STOP2"
 

@@ -262,7 +262,7 @@ def test_rules_check_reports_every_error(layout: Path) -> None:
 def test_rules_test_command(layout: Path) -> None:
     code, output = invoke("rules", "test", "--config", str(layout))
     assert code == 0, output
-    assert output.splitlines()[-1] == "5 cases: 5 passed, 0 failed"
+    assert output.splitlines()[-1] == "6 cases: 6 passed, 0 failed"
 
     cases = layout.parent.parent / "rules" / "tests" / "worked-examples.yaml"
     cases.write_text(cases.read_text().replace("max_studies 4", "max_studies 3"))

@@ -770,6 +770,21 @@ def _check_worklist_nodes(document: Document, settings: EngineSettings) -> list[
 def _check_references(file: str, settings: EngineSettings, rule_set: RuleSet) -> list[Problem]:
     problems: list[Problem] = []
     nodes = settings.nodes
+    local_issuer = settings.local_patient.issuer
+    # The nodes a route may name there: sources have an issuer, destinations none or the
+    # local one and are no worklist.
+    worklists = {source.node for source in settings.worklist.sources}
+    sources = ", ".join(sorted(name for name, node in nodes.items() if node.issuer)) or "none"
+    destinations = (
+        ", ".join(
+            sorted(
+                name
+                for name, node in nodes.items()
+                if node.issuer in (None, local_issuer) and name not in worklists
+            )
+        )
+        or "none"
+    )
     for route in rule_set.routes:
         for index, source in enumerate(route.sources):
             if source not in nodes:
@@ -777,7 +792,7 @@ def _check_references(file: str, settings: EngineSettings, rule_set: RuleSet) ->
                     route.problem(
                         ("sources", index),
                         f"unknown node '{source}'",
-                        f"define it under nodes in {file}; known: {', '.join(sorted(nodes))}",
+                        f"define it under nodes in {file}; source nodes: {sources}",
                     )
                 )
             elif nodes[source].issuer is None:
@@ -789,13 +804,13 @@ def _check_references(file: str, settings: EngineSettings, rule_set: RuleSet) ->
                     )
                 )
         destination = nodes.get(route.destination)
-        local_issuer = settings.local_patient.issuer
         if destination is None:
             problems.append(
                 route.problem(
                     ("destination",),
                     f"unknown node '{route.destination}'",
-                    f"define it under nodes in {file}; known: {', '.join(sorted(nodes))}",
+                    f"define it under nodes in {file}; nodes that can be destinations:"
+                    f" {destinations}",
                 )
             )
         elif destination.issuer not in (None, local_issuer):

@@ -80,7 +80,20 @@ def test_route_naming_unknown_node(layout: Path) -> None:
     assert problem.file == "routes/orders.yaml"
     assert problem.path == "routes[0].destination"
     assert problem.message == "unknown node 'pacs_typo'"
-    assert "known: hospital_a, hospital_b, local_pacs, ris_mwl" in problem.hint
+    # Sources of another domain cannot be destinations; the worklist node is none yet.
+    assert problem.hint.endswith("; nodes that can be destinations: local_pacs, ris_mwl")
+
+
+def test_worklist_node_not_offered_as_destination(layout: Path) -> None:
+    edit(layout, {"worklist.sources": [{"node": "ris_mwl"}]})
+    routes = layout.parent.parent / "routes" / "orders.yaml"
+    routes.write_text(
+        routes.read_text().replace("destination: local_pacs", "destination: pacs_typo", 1)
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.hint.endswith("; nodes that can be destinations: local_pacs")
 
 
 def test_source_without_issuer(layout: Path) -> None:

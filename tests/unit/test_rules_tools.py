@@ -247,14 +247,19 @@ def test_rules_check_reports_every_error(layout: Path) -> None:
     code, output = invoke("rules", "check", "--config", str(layout))
     assert code == 2
     lines = output.splitlines()
-    assert lines[0] == "3 problem(s):"
-    assert "rules/priors.yaml:61: rules[2].select.lookback: invalid duration '3 years'" in output
+    # The bad pattern is in two rules: ct-priors excludes what oncology-ct-cap takes.
+    assert lines[0] == "4 problem(s):"
+    assert "rules/priors.yaml:63: rules[2].select.lookback: invalid duration '3 years'" in output
     assert (
-        "rules/priors.yaml:43: rules[1].when.any[1].all[1].regex: invalid regular expression '^(ONC'"
+        "rules/priors.yaml:31: rules[0].when.all[2].not.regex: invalid regular expression '^(ONC'"
         in output
     )
     assert (
-        "rules/priors.yaml:85: rules[4].when.all[1].not.body_prt: unknown condition 'body_prt'"
+        "rules/priors.yaml:45: rules[1].when.any[1].all[1].regex: invalid regular expression '^(ONC'"
+        in output
+    )
+    assert (
+        "rules/priors.yaml:87: rules[4].when.all[1].not.body_prt: unknown condition 'body_prt'"
         in output
     )
 

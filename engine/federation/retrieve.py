@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 NOT_FOUND = "not found at any member site"
 SEVERAL_PATIENTS = "held for more than one patient; retrieve it with a Patient ID"
+UNREACHABLE = "sites not reachable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,8 @@ class FederatedRetrieve:
         # Pulled studies whose objects are being sent on, by Study Instance UID.
         self._sending: dict[str, Expectation] = {}
         self._demographics: dict[PatientIdentifier, Demographics] = {}
+        # The sites the last lookup could not ask.
+        self._unreachable: list[str] = []
 
     @property
     def federation(self) -> Federation:
@@ -129,7 +132,12 @@ class FederatedRetrieve:
         if self.request.level is Level.PATIENT:
             studies = yield self._studies_of_patient()
         for study in studies:
+            self._unreachable = []
             locations = yield self._locate(study)
+            if not locations and self._unreachable:
+                # Not found where sites answered; the others could hold it.
+                plan.unavailable[study] = f"{UNREACHABLE}: {', '.join(self._unreachable)}"
+                continue
             if not locations:
                 plan.unavailable[study] = NOT_FOUND
                 continue
@@ -209,6 +217,7 @@ class FederatedRetrieve:
 
         def sink(event: FindEvent) -> None:
             if isinstance(event, Done):
+                self._unreachable = list(event.summary.failed)
                 done.callback(rows)
             else:
                 rows.append(event.dataset)

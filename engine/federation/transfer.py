@@ -37,6 +37,7 @@ from engine.dimse.transcode import TranscodeError, transcode
 from engine.federation.retrieve import (
     NOT_FOUND,
     SEVERAL_PATIENTS,
+    UNREACHABLE,
     FederatedRetrieve,
     RetrievePlan,
     WorkItem,
@@ -394,6 +395,9 @@ class Transfer:
         comment = ""
         if self.plan.unavailable:
             comment = "unavailable: " + ", ".join(sorted(self.plan.unavailable))
+        unreachable = [r for r in self.plan.unavailable.values() if r.startswith(UNREACHABLE)]
+        if unreachable:
+            comment = unreachable[0][:64]
         if SEVERAL_PATIENTS in self.plan.unavailable.values():
             comment = "a study is held for several patients; add the PatientID"
         if self.destination_problem:

@@ -20,6 +20,7 @@ from engine.federation.request import read_retrieve
 from engine.federation.retrieve import (
     NOT_FOUND,
     SEVERAL_PATIENTS,
+    UNREACHABLE,
     FederatedRetrieve,
     Instance,
     Retrieval,
@@ -54,6 +55,7 @@ class Sites:
 
     def __init__(self) -> None:
         self.matches: dict[str, list[dict[str, str]]] = {}
+        self.find_fails: set[str] = set()
         self.count_fails: set[str] = set()
         self.move_fails: set[str] = set()
         self.moves: list[tuple[str, PatientIdentifier]] = []
@@ -62,6 +64,8 @@ class Sites:
     def run_site(
         self, site: str, plan: SitePlan, handle: SiteHandle, emit: Callable[[Dataset], None]
     ) -> defer.Deferred[int]:
+        if site in self.find_fails:
+            return defer.fail(DimseError(f"association with {site} failed"))
         for values in self.matches.get(site, []):
             match = Dataset()
             for keyword, value in values.items():
@@ -176,6 +180,14 @@ def test_retrieve_by_uid_held_for_two_patients_not_sent(retrieval: Retrieval) ->
     plan = result_of(FederatedRetrieve(retrieval, study_request(), "t#1").plan())
     assert plan.items == []
     assert plan.unavailable == {"1.1": SEVERAL_PATIENTS}
+
+
+def test_retrieve_plan_names_sites_not_reachable(retrieval: Retrieval, sites: Sites) -> None:
+    # Nothing remembered, and the lookup by Study Instance UID reaches no site.
+    sites.find_fails.update({"hospital_a", "hospital_b"})
+    plan = result_of(FederatedRetrieve(retrieval, study_request(), "t#1").plan())
+    assert plan.items == []
+    assert plan.unavailable == {"1.1": f"{UNREACHABLE}: hospital_a, hospital_b"}
 
 
 def test_retrieve_plan_other_patient_not_sent(retrieval: Retrieval) -> None:

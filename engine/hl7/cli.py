@@ -182,6 +182,11 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         click.echo(f"message {message_id} would be replayed: {plan.outcome}")
         for job in plan.jobs:
             click.echo(f"  would create a job: route {job.route}, rule {job.rule}, {job.patient}")
+        if unfinished:
+            listed = ", ".join(f"{job.id} ({job.state})" for job in unfinished)
+            click.echo(f"  note: jobs {listed} have not finished, so the replay needs --force")
+        elif cancelled:
+            click.echo("  note: the order was cancelled, so the replay needs --force")
         return
     if cancelled and not force:
         click.echo(

@@ -177,6 +177,7 @@ def test_replay_with_force_and_dry_run(layout: Path) -> None:
     status, output = run(layout, "replay", "1", "--dry-run")
     assert status == 0, output
     assert "would create a job: route ris-orders, rule ct-priors, L12345^^^LOCAL" in output
+    assert "note: jobs 1 (queued) have not finished, so the replay needs --force" in output
     assert len(read_jobs(layout)) == 1
     status, output = run(layout, "replay", "1", "--force")
     assert status == 0, output

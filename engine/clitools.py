@@ -42,8 +42,20 @@ config_option = click.option(
 )
 
 
+def require_config(config_path: Path) -> None:
+    """Exit with status 2 and say how to name the configuration when the file is missing."""
+    if not config_path.is_file():
+        click.echo(
+            f"{config_path}: configuration file not found; give one with --config FILE or"
+            " the FDQR_CONFIG variable, or run the command in the project folder",
+            err=True,
+        )
+        raise SystemExit(2)
+
+
 def load_settings_or_exit(config_path: Path) -> config_module.EngineSettings:
     """Load conf/engine.yaml alone, or print its problems and exit with status 2."""
+    require_config(config_path)
     try:
         return config_module.load_settings(config_path)
     except ConfigError as error:
@@ -53,6 +65,7 @@ def load_settings_or_exit(config_path: Path) -> config_module.EngineSettings:
 
 def load_or_exit(config_path: Path) -> config_module.Config:
     """Load the configuration, or print every problem and exit with status 2."""
+    require_config(config_path)
     try:
         return config_module.load(config_path)
     except ConfigError as error:

@@ -161,3 +161,11 @@ def test_list_and_show_name_merge_of_job_patient(tmp_path: Path) -> None:
     assert listed.exit_code == 0, listed.output
     assert merged in listed.output
     assert f"  patient {merged}, route ris, rule ct" in shown.output
+
+
+def test_missing_configuration_names_the_ways_to_give_one(tmp_path: Path) -> None:
+    result = jobs(tmp_path / "nowhere.yaml")
+    assert result.exit_code == 2
+    assert "nowhere.yaml: configuration file not found; give one with --config FILE" in (
+        result.output
+    )

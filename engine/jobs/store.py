@@ -1058,10 +1058,15 @@ class Store:
         """Queue a finished or quarantined job for a new attempt now; False if it is not one."""
         with self._transaction() as db:
             finished = [state.value for state in JobState if state.finished]
+            before = db.execute(
+                "SELECT state, summary FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            # The summary of the attempt that ended no longer describes the job.
+            summary = f"{note} (was {before['state']}: {before['summary']})" if before else note
             cursor = db.execute(
-                "UPDATE jobs SET state = ?, not_before = ?, attempts = 0, updated_at = ?"
-                f" WHERE id = ? AND state IN ({','.join('?' * len(finished))})",
-                (JobState.QUEUED, _iso(now), _iso(now), job_id, *finished),
+                "UPDATE jobs SET state = ?, not_before = ?, attempts = 0, updated_at = ?,"
+                f" summary = ? WHERE id = ? AND state IN ({','.join('?' * len(finished))})",
+                (JobState.QUEUED, _iso(now), _iso(now), summary, job_id, *finished),
             )
             if cursor.rowcount == 0:
                 return False

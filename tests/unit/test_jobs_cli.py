@@ -99,6 +99,13 @@ def test_requeue_failed_job(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.output == f"job {job_id} queued (was failed)\n"
     assert state_of(tmp_path, job_id) == JobState.QUEUED
+    store = Store(tmp_path / "fdqr.sqlite")
+    requeued = store.get_job(job_id)
+    store.close()
+    assert requeued is not None
+    assert requeued.summary == (
+        "queued again by an operator (was failed: destination not reachable)"
+    )
     again = jobs(config, "requeue", str(job_id))
     assert again.exit_code == 1
     assert f"job {job_id} is queued; only a finished job can be queued again" in again.output

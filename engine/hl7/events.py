@@ -113,11 +113,15 @@ def check_environment(message: Message, processing_ids: Collection[str]) -> None
     version = message.get("MSH", 12, 1)
     if version and not _VERSION.fullmatch(version):
         raise HL7Error(
-            "unsupported HL7 version in MSH-12 (HL7 v2.1 to v2.9 are supported)",
+            f"unsupported HL7 version '{version[:20]}' in MSH-12 (HL7 v2.1 to v2.9 are supported)",
             ErrorCode.UNSUPPORTED_VERSION_ID,
             ("MSH", 1, 12),
             AckCode.APPLICATION_REJECT,
-            log_text=f"unsupported HL7 version in MSH-12 (a value of {len(version)} characters)",
+            log_text=(
+                f"unsupported HL7 version '{version}' in MSH-12"
+                if re.fullmatch(r"[0-9.]{1,10}", version)
+                else f"unsupported HL7 version in MSH-12 (a value of {len(version)} characters)"
+            ),
         )
 
 

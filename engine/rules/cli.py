@@ -174,11 +174,15 @@ def explain_command(
             raise SystemExit(2) from None
 
     identities: list[IdentityLookup] = []
+    # Sources whose live query failed.
+    failures: list[str] = []
     candidates: dict[str, list[StudyCandidate]] | None = None
     source = "none"
     route = evaluation.routing.route
     if route is not None:
-        identities, found = _explain_lookups(loaded, event.patient, evaluation, today, live)
+        identities, found = _explain_lookups(
+            loaded, event.patient, evaluation, today, live, failures
+        )
         if file_candidates is not None:
             patients = {item.source: item.identifier for item in identities if item.identifier}
             studies = [item.to_candidate(patients) for item in file_candidates]
@@ -188,6 +192,8 @@ def explain_command(
         elif live:
             candidates = found
             source = "live queries"
+            if failures:
+                source += f"; failed at {', '.join(sorted(set(failures)))}"
 
     explanation = explain(
         evaluation,
@@ -204,6 +210,9 @@ def explain_command(
         click.echo(json.dumps(explanation.to_dict(), indent=2))
     else:
         click.echo(render_text(explanation))
+    if failures:
+        # The candidates are incomplete, so the explanation may not be what the engine does.
+        raise SystemExit(1)
 
 
 @defer.inlineCallbacks
@@ -214,6 +223,7 @@ def _gather(
     evaluation: OrderEvaluation,
     today: dt.date,
     live: bool,
+    failures: list[str],
 ) -> Generator[defer.Deferred[Any], Any, tuple[list[IdentityLookup], dict[str, Any]]]:
     """Look the patient up at every source of the route, then query them if `live`."""
     assert evaluation.routing.route is not None
@@ -221,7 +231,7 @@ def _gather(
     found: dict[str, list[StudyCandidate]] = {}
     if live:
         patients = {item.source: item.identifier for item in identities if item.identifier}
-        found = yield _live(loaded, evaluation, patients, today)
+        found = yield _live(loaded, evaluation, patients, today, failures)
     return identities, found
 
 
@@ -251,8 +261,10 @@ def _live(
     evaluation: OrderEvaluation,
     patients: dict[str, PatientIdentifier],
     today: dt.date,
+    failures: list[str],
 ) -> Generator[defer.Deferred[Any], Any, dict[str, list[StudyCandidate]]]:
-    """Query every source of the route with each applicable rule's query."""
+    """Query every source of the route with each applicable rule's query; the sources
+    whose query failed are added to failures."""
     settings = loaded.settings
     tracker = AssociationTracker()
     policies = settings.source_policies()
@@ -287,6 +299,7 @@ def _live(
                     answers += yield threads.deferToThread(client.find, identifier)
                 except Exception as error:
                     click.echo(f"query at {name} failed: {error}", err=True)
+                    failures.append(name)
             seen: set[str] = set()
             for candidate in read_study_answers(name, remote, answers).candidates:
                 if candidate.study_instance_uid not in seen:
@@ -342,6 +355,7 @@ def _explain_lookups(
     evaluation: Any,
     today: dt.date,
     live: bool,
+    failures: list[str],
 ) -> Any:
     """Look identities up for explain: offline with the cross-reference table only,
     live with the engine's whole identity chain (PIX, PDQ, PIXm, learned identifiers)."""
@@ -350,7 +364,7 @@ def _explain_lookups(
         resolver: IdentityResolver = TableResolver(
             loaded.identity_table, settings.local_patient.issuer
         )
-        return _run(lambda: _gather(loaded, resolver, patient, evaluation, today, live))
+        return _run(lambda: _gather(loaded, resolver, patient, evaluation, today, live, failures))
 
     from twisted.internet import reactor
 
@@ -365,7 +379,7 @@ def _explain_lookups(
             reactor,
             lambda: dt.datetime.now(dt.UTC),
         )
-        return _run(lambda: _gather(loaded, chain, patient, evaluation, today, live))
+        return _run(lambda: _gather(loaded, chain, patient, evaluation, today, live, failures))
     finally:
         db.stop()
 

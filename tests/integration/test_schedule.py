@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from engine.jobs.store import JobState, Store
+from engine.testing.ports import free_port
 from engine.testing.scenario import order_message, prefetch_scenario
 from engine.testing.sites import REPOSITORY, EngineProcess, Network
 from tests.integration.conftest import read_jobs, read_studies, send, wait_for_job
@@ -178,3 +180,39 @@ def test_sighup_reloads_rules_and_keeps_them_on_error(tmp_path: Path) -> None:
         assert job.not_before == scheduled.replace(microsecond=0) - dt.timedelta(seconds=30)
     finally:
         assert engine.stop() == 0, engine.log_text()[-3000:]
+
+
+def test_explain_live_with_sources_down_fails(tmp_path: Path) -> None:
+    for folder in ("conf", "routes", "rules"):
+        shutil.copytree(REPOSITORY / folder, tmp_path / folder)
+    config = tmp_path / "conf" / "engine.yaml"
+    settings = yaml.safe_load(config.read_text())
+    for node in settings["nodes"].values():
+        # Nothing listens there.
+        node["port"] = free_port()
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    (tmp_path / "var").mkdir()
+
+    explained = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "rules",
+            "explain",
+            str(REPOSITORY / "rules" / "tests" / "orders" / "ct-chest.hl7"),
+            "--live",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPOSITORY,
+        timeout=120,
+    )
+
+    assert explained.returncode == 1, explained.stdout + explained.stderr
+    assert "query at hospital_a failed" in explained.stderr
+    assert "no candidate studies (live queries; failed at hospital_a, hospital_b)" in (
+        explained.stdout
+    )

@@ -412,6 +412,9 @@ class Prefetch:
         with now belongs to another local patient, so they must not be sent.
         Returns the number of studies whose objects were deleted.
         """
+        if not self.spool.job_dir(job.id).is_dir():
+            # Most attempts find nothing left: no store work for them.
+            return 0
         waiting = [
             study
             for study in (yield self.db.run(lambda store: store.studies(job.id)))

@@ -69,8 +69,11 @@ class Spool:
         with self._condition:
             return self._used
 
+    def job_dir(self, job_id: int) -> Path:
+        return self.root / f"job-{job_id}"
+
     def study_dir(self, job_id: int, study_instance_uid: str) -> Path:
-        return self.root / f"job-{job_id}" / study_instance_uid
+        return self.job_dir(job_id) / study_instance_uid
 
     def reserve(self, size: int, stopping: Callable[[], bool] = lambda: False) -> None:
         """Account `size` bytes for an object about to be written; wait while the spool is full.
@@ -143,7 +146,7 @@ class Spool:
 
     def discard_job(self, job_id: int) -> int:
         """Delete a job's folder whatever it holds; return how many objects were in it."""
-        return self.discard(self.root / f"job-{job_id}")
+        return self.discard(self.job_dir(job_id))
 
     def discard(self, folder: Path) -> int:
         """Delete a folder of the spool and free its space; return how many objects were in it."""

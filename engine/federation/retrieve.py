@@ -383,7 +383,8 @@ class FederatedRetrieve:
             self.retrieval.registry.unwatch(expectation)
 
     def clean_up(self) -> None:
-        """Delete this retrieve's objects and free their space in the spool."""
+        """Delete this retrieve's objects and free their space in the spool; safe from any
+        thread."""
         for study_instance_uid in list(self._sending):
             self.sent(study_instance_uid)
         self.retrieval.spool.discard(self.spool_dir)

@@ -288,7 +288,8 @@ class Transfer:
             self.counts.failed += self.counts.remaining
         finally:
             self.sender.close()
-            self.reactor.callFromThread(self.retrieve.clean_up)
+            # Here in the transfer's thread: deleting a large study must not block the reactor.
+            self.retrieve.clean_up()
         self._final()
 
     def _check_cancel(self) -> bool:

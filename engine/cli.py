@@ -213,14 +213,24 @@ def jobs_cancel(config_path: Path, job_id: int, reason: str) -> None:
 
 @jobs_group.command(name="requeue")
 @click.argument("job_id", type=ROW_ID)
+@click.option("--force", is_flag=True, help="Queue it even though its order was cancelled.")
 @config_option
-def jobs_requeue(config_path: Path, job_id: int) -> None:
+def jobs_requeue(config_path: Path, job_id: int, force: bool) -> None:
     """Queue a finished job for a new attempt now.
 
     A running engine claims it within jobs.poll_seconds.
     """
     store = open_store(config_path)
     job = job_or_exit(store, job_id)
+    if not force and job.id in {
+        cancelled.id for cancelled in store.cancelled_jobs(job.patient, job.order)
+    }:
+        click.echo(
+            f"job {job_id} was not queued: its order was cancelled ({job.state}: {job.summary})."
+            " Queue it anyway with --force.",
+            err=True,
+        )
+        raise SystemExit(1)
     if not store.requeue_job(job_id, "queued again by an operator", dt.datetime.now(dt.UTC)):
         click.echo(
             f"job {job_id} is {job.state.value}; only a finished job can be queued again",

@@ -53,8 +53,9 @@ class Expectation:
     stamp: Stamp
     spool_dir: Path
     message_id: int
-    # The patient's birth date and sex in the source's C-FIND response. An object
-    # with other values belongs to another person. None turns the check off.
+    # The requested patient's birth date and sex: those of the source's C-FIND response
+    # for a job, those of the local record for a federated retrieve. An object with
+    # other values belongs to another person. None turns the check off.
     demographics: Demographics | None = None
     received: int = 0
     rejected: int = 0
@@ -299,7 +300,7 @@ def _check_object(header: Header, expectation: Expectation) -> str:
 
 
 def _other_person(header: Header, expected: Demographics | None) -> str:
-    """Return why an object's birth date or sex shows another person than the C-FIND response.
+    """Return why an object's birth date or sex shows another person than the requested one.
 
     Names are not compared here: their encoding differs between character sets.
     """
@@ -311,5 +312,5 @@ def _other_person(header: Header, expected: Demographics | None) -> str:
     ):
         ours = str(getattr(expected, attribute)).strip()
         if ours and theirs.strip() and not same_value(attribute, ours, theirs.strip(), False):
-            return f"patient {label} differs from the source's C-FIND response"
+            return f"patient {label} differs from the requested patient's"
     return ""

@@ -912,7 +912,7 @@ class Store:
                     (job_id, _iso(now), reason),
                 )
                 self._event(db, job_id, now, f"cancel requested: {reason}")
-                return f"job {job_id} is running: it stops before its next study"
+                return f"job {job_id} is running: its retrieve stops within seconds"
             db.execute(
                 "UPDATE jobs SET state = ?, summary = ?, updated_at = ? WHERE id = ?",
                 (JobState.CANCELLED, reason, _iso(now), job_id),
@@ -1073,6 +1073,11 @@ class Store:
             # A cancel requested while an earlier attempt ran is spent; left in place
             # it would cancel the new attempt at once.
             db.execute("DELETE FROM job_cancellations WHERE job_id = ?", (job_id,))
+            # The new attempts count afresh, as for a new job.
+            db.execute(
+                "UPDATE job_studies SET received = 0, stored = 0, failed = 0 WHERE job_id = ?",
+                (job_id,),
+            )
             db.execute(
                 "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
                 (job_id, _iso(now), note),

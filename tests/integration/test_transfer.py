@@ -777,4 +777,4 @@ def test_objects_of_another_person_under_same_id_refused(site: Site) -> None:
     assert site.destination.instance_count() == 3, job.summary
     assert "objects refused in 1 study" in job.summary, job.summary
     events = "\n".join(site.events(job.id))
-    assert "birth date differs from the source's C-FIND response" in events, events
+    assert "birth date differs from the requested patient's" in events, events

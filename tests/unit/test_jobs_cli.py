@@ -8,8 +8,8 @@ from click.testing import CliRunner, Result
 
 from engine.cli import main
 from engine.identity import records
-from engine.jobs.store import JobState, Store
-from engine.model import PatientIdentifier
+from engine.jobs.store import JobState, Store, StudyState
+from engine.model import Decision, PatientIdentifier, StudyCandidate
 from tests.conftest import NOW, shipped_layout
 from tests.unit.test_jobs import PATIENT, new_job, order_job
 
@@ -67,7 +67,7 @@ def test_cancel_running_job_requests_stop(tmp_path: Path) -> None:
     store.close()
     result = jobs(config, "cancel", str(claimed.id))
     assert result.exit_code == 0, result.output
-    assert result.output == f"job {job_id} is running: it stops before its next study\n"
+    assert result.output == f"job {job_id} is running: its retrieve stops within seconds\n"
     assert state_of(tmp_path, job_id) == JobState.RUNNING
     store = Store(tmp_path / "fdqr.sqlite")
     assert store.cancellation(job_id) == "cancelled by an operator"
@@ -125,7 +125,10 @@ def test_requeue_after_cancel_while_running(tmp_path: Path) -> None:
     store = Store(tmp_path / "fdqr.sqlite")
     store.finish_job(job_id, JobState.CANCELLED, "cancelled by an operator (after 1 study)", NOW)
     store.close()
-    result = jobs(config, "requeue", str(job_id))
+    refused = jobs(config, "requeue", str(job_id))
+    assert refused.exit_code == 1
+    assert "its order was cancelled (cancelled: cancelled by an operator" in refused.output
+    result = jobs(config, "requeue", str(job_id), "--force")
     assert result.exit_code == 0, result.output
     store = Store(tmp_path / "fdqr.sqlite")
     assert store.cancellation(job_id) is None
@@ -176,3 +179,19 @@ def test_missing_configuration_names_the_ways_to_give_one(tmp_path: Path) -> Non
     assert "nowhere.yaml: configuration file not found; give one with --config FILE" in (
         result.output
     )
+
+
+def test_requeue_counts_attempts_afresh(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    job_id = store.add_job(new_job(), NOW)
+    candidate = StudyCandidate("a", "1.2.3", PatientIdentifier("HA-1", "HOSP_A"))
+    store.record_decisions(job_id, [Decision(candidate, True, "rank 1")])
+    store.update_study(job_id, "a", "1.2.3", StudyState.STORED, received=100, stored=100)
+    store.finish_job(job_id, JobState.DONE, "1 studies stored (100 instances)", NOW)
+    store.close()
+    assert jobs(config, "requeue", str(job_id)).exit_code == 0
+    store = Store(tmp_path / "fdqr.sqlite")
+    [study] = store.studies(job_id)
+    store.close()
+    assert (study.received, study.stored) == (0, 0)

@@ -178,8 +178,8 @@ def file_of_person(tmp_path: Path, birth_date: str, sex: str) -> Path:
 @pytest.mark.parametrize(
     ("birth_date", "sex", "comment"),
     [
-        ("19450707", "F", "patient birth date differs from the source's C-FIND response"),
-        ("19650312", "M", "patient sex differs from the source's C-FIND response"),
+        ("19450707", "F", "patient birth date differs from the requested patient's"),
+        ("19650312", "M", "patient sex differs from the requested patient's"),
         ("19650312", "F", ""),
         ("", "", ""),
     ],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pydantic
@@ -13,10 +13,9 @@ from engine.hl7.events import ORDER_TYPES, SCHEDULE_TYPE
 from engine.rules.anatomy import Anatomy, compile_pattern
 from engine.rules.conditions import Always, ConditionParser
 from engine.rules.facts import FACT_NAMES, UPPER_CASE_FACTS
-from engine.rules.modalities import DICOM_HINT, DICOM_MODALITIES, ORDERED_HINT, ORDERED_MODALITIES
+from engine.rules.modalities import ORDERED_HINT, ORDERED_MODALITIES
 from engine.rules.model import (
     DEFAULT_ROUTE_MESSAGE_TYPES,
-    SAME,
     IgnoredMessages,
     Procedure,
     ProcedureSchema,
@@ -63,13 +62,17 @@ def read_rule_set(
         if not folder.is_dir():
             loader.problems.append(Problem(str(folder), "", "folder not found"))
 
-    for document, parsed, positions in _load_all(rules_folder, RulesFile, loader.problems):
+    for document, parsed, positions in _load_all(
+        rules_folder, RulesFile, loader.problems, loader.parser
+    ):
         assert isinstance(parsed, RulesFile)
         loader.add_rules_file(document, parsed, positions)
     # Unknown-rule errors would only repeat an error in a rules file that did not load,
     # or a missing folder.
     rules_loaded = not loader.problems
-    for document, parsed, positions in _load_all(routes_folder, RoutesFile, loader.problems):
+    for document, parsed, positions in _load_all(
+        routes_folder, RoutesFile, loader.problems, loader.parser
+    ):
         assert isinstance(parsed, RoutesFile)
         loader.add_routes_file(document, parsed, rules_loaded, positions)
 
@@ -146,15 +149,6 @@ class _Loader:
             when = Always() if spec.when is None else parser.parse(spec.when, (*base, "when"))
             self.problems.extend(parser.problems)
             selection = spec.select
-            for position, modality in enumerate(selection.modalities):
-                if modality != SAME and modality not in DICOM_MODALITIES:
-                    self.problems.append(
-                        document.problem(
-                            (*base, "select", "modalities", position),
-                            f"unknown modality '{modality}'",
-                            f"{DICOM_HINT}, or same",
-                        )
-                    )
             if isinstance(selection.body_part, list):
                 for position, region in enumerate(selection.body_part):
                     self.check_region(document, (*base, "select", "body_part", position), region)
@@ -176,13 +170,6 @@ class _Loader:
             coding_system=spec.coding_system,
             origin=document.file,
         )
-        if procedure.modality and procedure.modality not in DICOM_MODALITIES:
-            # The short form (CTCHEST: CT) has no modality key to point at.
-            raw = document.data.get("procedure_codes", {}).get(code)
-            where = path if isinstance(raw, str) else (*path, "modality")
-            self.problems.append(
-                document.problem(where, f"unknown modality '{procedure.modality}'", DICOM_HINT)
-            )
         if procedure.body_part:
             self.check_region(document, (*path, "body_part"), procedure.body_part)
         known = self.procedures.get(code)
@@ -271,7 +258,10 @@ Loaded = tuple[Document, RoutesFile | RulesFile, list[int]]
 
 
 def _load_all(
-    folder: Path, model: type[RoutesFile] | type[RulesFile], problems: list[Problem]
+    folder: Path,
+    model: type[RoutesFile] | type[RulesFile],
+    problems: list[Problem],
+    parser_for: Callable[[Document], ConditionParser],
 ) -> list[Loaded]:
     """Load every file of a folder, each with the positions of its routes or rules.
 
@@ -297,7 +287,7 @@ def _load_all(
             kept = salvaged[1] if salvaged is not None else []
             # The schema leaves conditions alone, so check those of the items not kept
             # (the loader checks the rest): every error at once.
-            problems.extend(_condition_problems(document, model, set(kept)))
+            problems.extend(_condition_problems(parser_for(document), model, set(kept)))
             if salvaged is not None:
                 loaded.append((document, *salvaged))
     return loaded
@@ -331,16 +321,15 @@ def _valid_items(
 
 
 def _condition_problems(
-    document: Document, model: type[RoutesFile] | type[RulesFile], skipped: set[int]
+    parser: ConditionParser, model: type[RoutesFile] | type[RulesFile], skipped: set[int]
 ) -> list[Problem]:
     """Check the conditions of a file that failed validation, from its raw data.
 
     The items at the `skipped` positions are left out.
     """
     section, key = ("routes", "match") if model is RoutesFile else ("rules", "when")
-    data = document.data if isinstance(document.data, dict) else {}
+    data = parser.document.data if isinstance(parser.document.data, dict) else {}
     items = data.get(section)
-    parser = ConditionParser(document, FACT_NAMES, UPPER_CASE_FACTS)
     for index, item in enumerate(items if isinstance(items, list) else []):
         if index not in skipped and isinstance(item, dict) and item.get(key) is not None:
             parser.parse(item[key], (section, index, key))

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from engine.configfile import Document, PathKey, Problem
 from engine.rules.anatomy import Anatomy
 from engine.rules.conditions import Condition
+from engine.rules.modalities import DICOM_HINT, DICOM_MODALITIES
 from engine.rules.timing import parse_timespan
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -162,7 +163,12 @@ class Selection(Schema):
     @pydantic.field_validator("modalities")
     @classmethod
     def _upper(cls, value: list[str]) -> list[str]:
-        return [modality.upper() for modality in value]
+        modalities = [modality.upper() for modality in value]
+        unknown = [m for m in modalities if m != SAME and m not in DICOM_MODALITIES]
+        if unknown:
+            listed = ", ".join(f"'{modality}'" for modality in unknown)
+            raise ValueError(f"unknown modality {listed} ({DICOM_HINT}, or same)")
+        return modalities
 
     @pydantic.field_validator("body_part", mode="before")
     @classmethod
@@ -189,6 +195,13 @@ class ProcedureSchema(Schema):
     modality: str = ""
     body_part: str = ""
     coding_system: str = ""
+
+    @pydantic.field_validator("modality")
+    @classmethod
+    def _modality(cls, value: str) -> str:
+        if value and value.upper() not in DICOM_MODALITIES:
+            raise ValueError(f"unknown modality '{value}' ({DICOM_HINT})")
+        return value
 
 
 def _procedure(value: object) -> object:

@@ -133,21 +133,22 @@ def read_item(answer: Dataset) -> WorklistItem:
     if len(steps) == 0:
         raise MalformedItem("no Scheduled Procedure Step Sequence item")
     step = steps[0]
+    step_id = _text(step, "ScheduledProcedureStepID")
+    accession = _text(answer, "AccessionNumber")
+    if not step_id and not accession:
+        raise MalformedItem("neither Scheduled Procedure Step ID nor Accession Number")
+    # The step's IDs name the item in the log; the patient's values stay out of it.
+    step_name = f"step {step_id or '-'}|{accession or '-'}"
     patient_id = _text(answer, "PatientID")
     if not patient_id:
-        raise MalformedItem("no Patient ID")
+        raise MalformedItem(f"{step_name}: no Patient ID")
     problem = (
         "has more than one value"
         if isinstance(answer.get("PatientID"), MultiValue)
         else patient_id_problem(patient_id)
     )
     if problem:
-        # The value itself stays out of the message: it may be anything.
-        raise MalformedItem(f"Patient ID {problem}")
-    step_id = _text(step, "ScheduledProcedureStepID")
-    accession = _text(answer, "AccessionNumber")
-    if not step_id and not accession:
-        raise MalformedItem("neither Scheduled Procedure Step ID nor Accession Number")
+        raise MalformedItem(f"{step_name}: Patient ID {problem}")
 
     codes = answer.get("RequestedProcedureCodeSequence") or []
     code = codes[0] if len(codes) else Dataset()

@@ -31,7 +31,9 @@ def local_patient(item: WorklistItem, policy: IdentifierPolicy) -> PatientIdenti
     """
     issuer = item.issuer_of_patient_id
     if issuer and issuer != policy.issuer and issuer not in policy.authorities:
-        raise MalformedItem(f"patient ID issuer '{issuer}' is not the local domain")
+        raise MalformedItem(
+            f"step {item.key}: patient ID issuer '{issuer}' is not the local domain"
+        )
     return PatientIdentifier(item.patient_id, policy.issuer)
 
 

@@ -178,7 +178,10 @@ def test_worklist_down_then_back(tmp_path: Path) -> None:
         wait_for_jobs(store, 1, timeout=POLL_SECONDS * 4)
         [job] = read_jobs(store)
         assert job.order.accession_number == "ACC-SPS-LATE"
-        assert "skipped 1 malformed item(s): no Patient ID" in engine.log_text()
+        assert (
+            "skipped 1 malformed item(s): step SPS-BAD|ACC-SPS-BAD: no Patient ID"
+            in engine.log_text()
+        )
     finally:
         if engine is not None:
             assert engine.stop() == 0

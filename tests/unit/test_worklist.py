@@ -183,7 +183,7 @@ def test_poll_creates_jobs_for_steps_in_window(
     assert result.error == ""
     assert [item.key for item in result.items] == ["S1|ACC-S1"]
     assert result.outside_window == 2
-    assert result.malformed == ["no Patient ID"]
+    assert result.malformed == ["step S5|ACC-S5: no Patient ID"]
     [job] = db.store.list_jobs()
     assert job.route == "worklist-orders"
     assert job.rule == "ct-priors"
@@ -349,7 +349,7 @@ def test_step_turned_malformed_keeps_its_order(
     edited.PatientID = ""
     pools.answers = [edited]
     result = poll(worklist)
-    assert result.malformed == ["no Patient ID"]
+    assert result.malformed == ["step S1|ACC-S1: no Patient ID"]
     assert result.removed == []
     [job] = db.store.list_jobs()
     assert job.state == JobState.QUEUED
@@ -402,8 +402,10 @@ def test_malformed_reason_found_when_applied_is_logged(
     pools.answers = [foreign]
     with caplog.at_level(logging.WARNING, logger="engine.worklist.poller"):
         result = poll(worklist)
-    assert result.malformed == ["patient ID issuer 'HOSP_A' is not the local domain"]
+    assert result.malformed == [
+        "step S1|ACC-S1: patient ID issuer 'HOSP_A' is not the local domain"
+    ]
     assert (
-        "worklist ris_mwl: skipped 1 malformed item(s): patient ID issuer 'HOSP_A' is not the"
-        " local domain"
+        "worklist ris_mwl: skipped 1 malformed item(s): step S1|ACC-S1: patient ID issuer"
+        " 'HOSP_A' is not the local domain"
     ) in caplog.messages

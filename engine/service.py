@@ -256,8 +256,8 @@ class Engine:
 
     def _study_ended(self, job: JobRecord, candidate: StudyCandidate, result: StudyResult) -> None:
         self.metrics.study_ended(result.state, result.stored_in_attempt)
-        outcome = _TRANSFER_OUTCOMES.get(result.state)
-        if outcome is None or (result.state is StudyState.FAILED and not result.received):
+        outcome = transfer_outcome(result)
+        if outcome is None:
             return
         nodes = self.config.settings.nodes
         source, destination = nodes[candidate.source], nodes[job.destination]
@@ -464,6 +464,19 @@ _TRANSFER_OUTCOMES = {
     StudyState.INCOMPLETE: Outcome.MINOR_FAILURE,
     StudyState.FAILED: Outcome.SERIOUS_FAILURE,
 }
+
+
+def transfer_outcome(result: StudyResult) -> Outcome | None:
+    """Return the outcome of the transfer record a study's attempt gets, or None for none.
+
+    An attempt that stored nothing at the destination moved nothing there: a
+    retry that finds the study complete, or a destination that is down. A
+    failed study is recorded when objects arrived from the source.
+    """
+    outcome = _TRANSFER_OUTCOMES.get(result.state)
+    if result.state is StudyState.FAILED:
+        return outcome if result.received else None
+    return outcome if result.stored_in_attempt else None
 
 
 def run(config: Config, reactor: Any = None) -> int:

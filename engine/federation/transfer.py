@@ -433,13 +433,16 @@ class Transfer:
         else:
             self.responder.send(Status.SUCCESS, counts)
             status_text = "success"
-        logger.info(
-            "retrieve %s %s: %d completed, %d failed, %d warning",
+        unsuccessful = status_text in ("failed", "complete with failures")
+        logger.log(
+            logging.WARNING if unsuccessful else logging.INFO,
+            "retrieve %s %s: %d completed, %d failed, %d warning%s",
             self.request_id,
             status_text,
             counts.completed,
             counts.failed,
             counts.warning,
+            f" ({comment})" if unsuccessful and comment else "",
         )
 
     def _unavailable_by_failure(self) -> bool:

@@ -513,7 +513,7 @@ class Prefetch:
         )
         return Outcome(
             JobState.QUARANTINED,
-            f"quarantined, nothing retrieved: {text} (see fdqr identity release)",
+            f"nothing retrieved: {text} (see fdqr identity release)",
         )
 
     @defer.inlineCallbacks

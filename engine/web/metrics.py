@@ -55,7 +55,7 @@ class EngineMetrics:
 
         self.jobs_finished = Counter(
             "fdqr_jobs_finished",
-            "Jobs that reached a final state since the engine started, by state",
+            "Jobs the engine ended in a final state since it started, by state",
             ["state"],
             registry=self.registry,
         )

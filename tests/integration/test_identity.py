@@ -236,7 +236,7 @@ def test_remote_demographic_mismatch_quarantines(site: Site, tmp_path: Path) -> 
 
     assert job.state == JobState.QUARANTINED
     assert job.summary == (
-        "quarantined, nothing retrieved: source hospital_b patient HA-778899^^^HOSP_B:"
+        "nothing retrieved: source hospital_b patient HA-778899^^^HOSP_B:"
         " name differs, birth date differs, sex differs (see fdqr identity release)"
     )
     assert site.local_pacs.instance_count() == 0

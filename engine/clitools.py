@@ -43,7 +43,7 @@ config_option = click.option(
 
 
 def require_config(config_path: Path) -> None:
-    """Exit with status 2 and say how to name the configuration when the file is missing."""
+    """Exit with status 2, naming the ways to give a configuration, when the file is missing."""
     if not config_path.is_file():
         click.echo(
             f"{config_path}: configuration file not found; give one with --config FILE or"

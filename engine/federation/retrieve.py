@@ -135,7 +135,7 @@ class FederatedRetrieve:
             self._unreachable = []
             locations = yield self._locate(study)
             if not locations and self._unreachable:
-                # Not found where sites answered; the others could hold it.
+                # Not found at the sites that responded; the others could hold it.
                 plan.unavailable[study] = f"{UNREACHABLE}: {', '.join(self._unreachable)}"
                 continue
             if not locations:

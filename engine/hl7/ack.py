@@ -168,9 +168,9 @@ def acknowledgements(
     mode returns the accept acknowledgement and then the application
     acknowledgement, each only when MSH-15 or MSH-16 requests it; an empty
     one of the two counts as AL. A message not accepted (CE or CR) is not
-    processed, so it gets no application acknowledgement after its accept
-    acknowledgement; it gets one only when MSH-15 requests no accept
-    acknowledgement, so the sender learns of the problem.
+    processed, so no application acknowledgement follows its accept
+    acknowledgement. It gets one only when MSH-15 requests no accept
+    acknowledgement, so that the sender learns of the problem.
     """
     if not header.enhanced_mode:
         return [build_ack(header, verdict.application_code, errors, now)]

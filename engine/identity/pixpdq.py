@@ -326,7 +326,7 @@ class PixSource(_QuerySource):
             return error_answer(response, target_field=4)
         pids = list(response.message.segments_of("PID"))
         if len(pids) > 1:
-            # A PIX response is about one patient; several are no answer.
+            # A PIX response names one patient, so a response with several gives no identifier.
             return Answer.failed(f"ambiguous: {len(pids)} PID segments in the response", False)
         pid = pids[0] if pids else None
         found = identifiers_in(

@@ -46,7 +46,7 @@ class DoublePatient:
 
 @dataclasses.dataclass
 class Registry:
-    """What the doubles know.
+    """The patients and domains the doubles serve, and how they respond.
 
     `behaviour` is normal, garbled, silent or wrong-control-id, or for PIX
     two-pids (a second PID segment with another patient's identifier) or

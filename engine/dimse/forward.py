@@ -31,7 +31,7 @@ from engine.dimse.contexts import (
 )
 from engine.dimse.scu import INTERRUPT_POLL_SECONDS, DimseError, NodeClient, _status_code
 from engine.dimse.status import describe, is_success_or_warning
-from engine.dimse.storesend import accepted_context_id, send_c_store
+from engine.dimse.storesend import accepted_context_id, pause_reactor, send_c_store
 from engine.dimse.transcode import TranscodeError, transcode
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ class StoreSession:
         if meta is not None and context_id:
             status = send_c_store(association, path, meta, context_id, message_id)
         else:
+            # pynetdicom pauses its thread too, but may take a turn of its loop for a pause.
+            pause_reactor(association)
             status = association.send_c_store(path, msg_id=message_id)
         code = _status_code(self.client.node, "C-STORE", status)
         if is_success_or_warning(code):

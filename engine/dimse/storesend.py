@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from contextlib import AbstractContextManager
 from io import BufferedReader
@@ -85,11 +86,23 @@ def send_c_store(
 def pause_reactor(association: Association) -> None:
     """Stop the association's own thread, so that it does not take the response off the queue.
 
-    pynetdicom's own send_c_store pauses it the same way for each request.
+    pynetdicom's own send_c_store waits for `_is_paused` alone. But its thread
+    sets that flag on every turn of its loop, also when it then goes on, and a
+    response it takes off the queue then is lost: the request waits for the
+    whole DIMSE timeout. So the wait here ends only when the thread is blocked
+    on the cleared checkpoint.
     """
-    association._reactor_checkpoint.clear()
-    while not association._is_paused and association.is_alive():
+    checkpoint = association._reactor_checkpoint
+    checkpoint.clear()
+    while association.is_alive() and not (association._is_paused and _waited_on(checkpoint)):
         time.sleep(0.0001)
+
+
+def _waited_on(event: threading.Event) -> bool:
+    """Tell whether a thread is blocked in event.wait() (CPython's Condition keeps waiters)."""
+    waiters = getattr(getattr(event, "_cond", None), "_waiters", None)
+    # Without that detail, the flag alone decides, as in pynetdicom.
+    return bool(waiters) if waiters is not None else True
 
 
 def _write_request(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from engine.dimse.scu import (
     make_interruptible,
 )
 from engine.dimse.status import Status
+from engine.dimse.storesend import pause_reactor
 from engine.dimse.transcode import TranscodeError, transcode
 from engine.dimse.transport import BoundedPDataQueue
 from engine.jobs.prefetch import study_counts
@@ -503,3 +505,48 @@ def test_study_counts_after_crash_use_confirmed() -> None:
     # the job's own count.
     lower = StudyReport(StudyState.STORED, received=100, stored=100, confirmed=90)
     assert study_counts(lower, None) == (100, 100)
+
+
+class LoopingAssociation:
+    """The turn of pynetdicom's association loop, with the GIL slowing it between steps."""
+
+    def __init__(self) -> None:
+        self._reactor_checkpoint = threading.Event()
+        self._reactor_checkpoint.set()
+        self._is_paused = False
+        self.turns = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.running
+
+    def _loop(self) -> None:
+        while self.running:
+            time.sleep(0.001)
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            time.sleep(0.0005)
+            self._is_paused = False
+            self.turns += 1
+
+
+def test_pause_waits_until_association_thread_is_blocked() -> None:
+    association = LoopingAssociation()
+    # The pause comes at every point of the thread's loop; without waiting for the thread
+    # to block, about half of these pauses end while it is still turning.
+    delays = random.Random(7)
+    try:
+        for _ in range(40):
+            pause_reactor(association)  # type: ignore[arg-type]
+            turns = association.turns
+            time.sleep(0.003)
+            # A thread that only passed the checkpoint would take the response off the queue.
+            assert association.turns == turns
+            association._reactor_checkpoint.set()
+            time.sleep(delays.uniform(0, 0.002))
+    finally:
+        association.running = False
+        association._reactor_checkpoint.set()
+        association.thread.join(timeout=5)

@@ -87,10 +87,10 @@ def pause_reactor(association: Association) -> None:
     """Stop the association's own thread, so that it does not take the response off the queue.
 
     pynetdicom's own send_c_store waits for `_is_paused` alone. But its thread
-    sets that flag on every turn of its loop, also when it then goes on, and a
-    response it takes off the queue then is lost: the request waits for the
-    whole DIMSE timeout. So the wait here ends only when the thread is blocked
-    on the cleared checkpoint.
+    sets that flag on every turn of its loop, also when it then goes on. A
+    response it takes off the queue in that turn is lost, and the request waits
+    for the whole DIMSE timeout. So this wait ends only when the thread is
+    blocked on the cleared checkpoint.
     """
     checkpoint = association._reactor_checkpoint
     checkpoint.clear()

@@ -118,7 +118,7 @@ class FederatedRetrieve:
         # Pulled studies whose objects are being sent on, by Study Instance UID.
         self._sending: dict[str, Expectation] = {}
         self._demographics: dict[PatientIdentifier, Demographics] = {}
-        # The sites the last lookup could not ask.
+        # The sites the last lookup could not query.
         self._unreachable: list[str] = []
 
     @property

@@ -66,8 +66,8 @@ class Expectation:
     # written, so the pipeline can forward it while the rest is still arriving.
     on_spooled: Callable[[Path], None] | None = None
     # Why the retrieval was stopped, for example because an ADT message gave the
-    # remote patient to another local patient; "" while it runs. Objects that arrive
-    # after that are rejected.
+    # remote patient to another local patient, or "" while it runs. Objects that
+    # arrive after that are rejected.
     stopped: str = ""
     # Whether the objects stored before the stop may belong to another patient.
     stored_suspect: bool = False

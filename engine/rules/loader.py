@@ -284,10 +284,10 @@ def _load_all(
         except ConfigError as error:
             problems.extend(error.problems)
             salvaged = _valid_items(document, model, section)
-            kept = salvaged[1] if salvaged is not None else []
+            valid_positions = salvaged[1] if salvaged is not None else []
             # The schema leaves conditions alone, so check those of the items not kept
             # (the loader checks the rest): every error at once.
-            problems.extend(_condition_problems(parser_for(document), model, set(kept)))
+            problems.extend(_condition_problems(parser_for(document), model, set(valid_positions)))
             if salvaged is not None:
                 loaded.append((document, *salvaged))
     return loaded

@@ -276,7 +276,7 @@ def test_find_patient_level_one_row(federated: Federated, tmp_path: Path) -> Non
     run, rows = findscu(federated.port, "FINDSCU", "PATIENT", pairs, tmp_path, root="-P")
     assert run.final.status == 0x0000
     assert [(row.PatientID, row.IssuerOfPatientID) for row in rows] == [("L12345", "LOCAL")]
-    # Every site's identifier of the patient, whichever site answered first.
+    # Every site's identifier of the patient, whichever site responded first.
     listed = {(item.PatientID, item.IssuerOfPatientID) for item in rows[0].OtherPatientIDsSequence}
     assert listed == {("HA-778899", "HOSP_A"), ("HB-4455", "HOSP_B")}
 

@@ -168,7 +168,7 @@ def spooled(spool: Path) -> list[Path]:
 
 
 def wait_for_spooled(site: Site, count: int) -> None:
-    """Wait until the engine's spool holds at least count objects."""
+    """Wait until the engine's spool contains at least count objects."""
     deadline = time.monotonic() + 60
     while len(spooled(site.spool)) < count:
         assert time.monotonic() < deadline, site.log()[-3000:]
@@ -538,7 +538,7 @@ MOVED = "identifier HA-MOVE-1^^^HOSP_A was moved to patient L-MOVE-2^^^LOCAL"
 def start_with_learned_patient(site: Site, study: StudySpec, spool_bytes: int) -> int:
     """Load the study of LEARNED at hospital A, stop the destination, and order it.
 
-    Returns the job id. The spool holds spool_bytes, and the receiver waits up to
+    Returns the job id. The spool takes spool_bytes, and the receiver waits up to
     5 s for room before it rejects an object.
     """
     site.network.start()

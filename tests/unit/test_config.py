@@ -80,7 +80,7 @@ def test_route_naming_unknown_node(layout: Path) -> None:
     assert problem.file == "routes/orders.yaml"
     assert problem.path == "routes[0].destination"
     assert problem.message == "unknown node 'pacs_typo'"
-    # Sources of another domain cannot be destinations; the worklist node is none yet.
+    # Sources of another domain cannot be destinations. The worklist node is not polled yet.
     assert problem.hint.endswith("; nodes that can be destinations: local_pacs, ris_mwl")
 
 
@@ -615,7 +615,7 @@ def test_engine_and_rule_errors_reported_together(layout: Path) -> None:
     assert paths == ["nodes.hospital_a.port", "rules[0].select.lookback"]
 
 
-def test_schema_name_and_node_errors_of_one_file_together(layout: Path) -> None:
+def test_one_file_errors_reported_together(layout: Path) -> None:
     routes = layout.parent.parent / "routes" / "orders.yaml"
     routes.write_text(
         "routes:\n"

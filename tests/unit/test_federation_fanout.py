@@ -447,7 +447,7 @@ def test_fanout_patient_row_lists_every_site_id(
     network.sites["hospital_b"].answer(PatientID="HB-1")
     network.sites["hospital_a"].answer(PatientID="HA-1")
     network.sites["local_pacs"].answer(PatientID="L1")
-    # The row waits until every site answered, so it lists each site's identifier.
+    # The row waits until every site responded, so it lists each site's identifier.
     assert rows(events) == []
     for site in network.sites.values():
         site.finish()

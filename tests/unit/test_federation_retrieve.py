@@ -172,7 +172,7 @@ def test_retrieve_plan_unknown_study(retrieval: Retrieval) -> None:
     assert plan.unavailable == {"1.1": NOT_FOUND}
 
 
-def test_retrieve_by_uid_held_for_two_patients_not_sent(retrieval: Retrieval) -> None:
+def test_retrieve_uid_of_two_patients_refused(retrieval: Retrieval) -> None:
     # Two sites hold one Study Instance UID for two different local patients.
     other = Location("hospital_b", AT_B, PatientIdentifier("L2", "LOCAL"))
     retrieval.federation.locations.remember("1.1", AT_A_LOCATION)

@@ -205,7 +205,7 @@ def test_replay_of_cancelled_order_needs_force(layout: Path) -> None:
     assert "created job 2: queued" in output
 
 
-def test_replay_of_order_cancelled_after_its_job_ended_needs_force(layout: Path) -> None:
+def test_replay_after_late_cancel_needs_force(layout: Path) -> None:
     receive(layout, order("ORD1"))
     finish_all(layout)
     cancel = order_message(

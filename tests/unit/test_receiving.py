@@ -210,21 +210,21 @@ def test_stopped_retrieval_rejects_further_objects(
     tmp_path: Path, receiver_and_registry: tuple[Receiver, ExpectationRegistry]
 ) -> None:
     receiver, registry = receiver_and_registry
-    wanted = expectation(tmp_path, "1.2.3")
+    running = expectation(tmp_path, "1.2.3")
     reasons: list[str] = []
-    wanted.on_stopped = reasons.append
-    registry.expect(wanted)
+    running.on_stopped = reasons.append
+    registry.expect(running)
     assert receiver(arrival(received_file(tmp_path, "HA-1"))).status == Status.SUCCESS
 
     moved = "identifier HA-1^^^HOSP_A was moved to patient L2^^^LOCAL"
-    registry.stop(wanted, moved)
-    registry.stop(wanted, "a second reason")
+    registry.stop(running, moved)
+    registry.stop(running, "a second reason")
     verdict = receiver(arrival(received_file(tmp_path, "HA-1")))
 
     assert verdict.status == Status.REFUSED_NOT_AUTHORIZED
     assert verdict.comment == f"retrieval stopped: {moved}"
     assert reasons == [moved]
-    assert (wanted.received, wanted.rejected, wanted.rejected_again_on_retry) == (1, 1, 1)
+    assert (running.received, running.rejected, running.rejected_again_on_retry) == (1, 1, 1)
     assert registry.active() == []
 
 

@@ -534,7 +534,7 @@ class LoopingAssociation:
 
 def test_pause_waits_until_association_thread_is_blocked() -> None:
     association = LoopingAssociation()
-    # The pause comes at every point of the thread's loop; without waiting for the thread
+    # The pause comes at every point of the thread's loop. Without waiting for the thread
     # to block, about half of these pauses end while it is still turning.
     delays = random.Random(7)
     try:

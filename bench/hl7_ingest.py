@@ -1,8 +1,12 @@
 """HL7 intake benchmark: concurrent MLLP senders against a real `fdqr run`.
 
-Runs the engine with its store on disk (WAL, fsync on every commit) and then
-with the store in memory (store.path ":memory:"), --repeat times each,
-alternating, and for each run measures:
+Runs the engine with its store on disk (WAL, every commit that stores
+messages synced before their ACKs) and then with the store in memory as the
+reference, --repeat times each, alternating. By default the engine runs its
+intake in --processes 2 intake processes (mllp.processes), and the reference
+store is then a file in /dev/shm, since those processes share one store file;
+with --processes 0 the intake runs in the engine process and the reference
+store is ":memory:". For each run it measures:
 
 - throughput: --senders connections send --messages ORM^O01 orders in total,
   each connection waiting for the ACK before its next message, as MLLP requires;
@@ -18,11 +22,13 @@ acknowledged message. The last line of output is JSON with the medians over
 the runs: {"durable_msgs_per_s", "memory_msgs_per_s", "ratio", "p99_ack_ms"}.
 
     .venv/bin/python bench/hl7_ingest.py [--senders 8] [--messages 20000] [--repeat 3]
+        [--processes 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -33,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +155,7 @@ def build_frames(
 
 
 def measure(folder: Path, store: str, options: argparse.Namespace, label: str) -> tuple[Run, Run]:
-    config, port = write_intake_config(folder, store)
+    config, port = write_intake_config(folder, store, {"processes": options.processes})
     engine = EngineProcess(config, port, folder / "engine.log", options.log_level)
     engine.start()
     try:
@@ -164,6 +171,21 @@ def measure(folder: Path, store: str, options: argparse.Namespace, label: str) -
     if status != 0:
         raise SystemExit(f"fdqr run exited with status {status}; see {folder / 'engine.log'}")
     return throughput, paced
+
+
+@contextlib.contextmanager
+def memory_store(options: argparse.Namespace) -> Iterator[str]:
+    """Yield the reference run's store: in memory, or a file in RAM for intake processes.
+
+    Intake processes share the engine's store file, which ":memory:" is not. So
+    with --processes the reference store is a file in /dev/shm (tmpfs): the same
+    processes and SQLite work, with writes and syncs that never reach a disk.
+    """
+    if not options.processes:
+        yield ":memory:"
+        return
+    with tempfile.TemporaryDirectory(prefix="fdqr-bench-", dir="/dev/shm") as folder:
+        yield str(Path(folder) / "fdqr.sqlite")
 
 
 def stored_messages(path: Path) -> int:
@@ -201,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="alternate durable and in-memory runs this many times and report medians",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="mllp.processes of the engine (0: intake in the engine process)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the engine folders and logs here")
     options = parser.parse_args(argv)
 
@@ -218,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(
                     f"store contains {found} messages but {expected} were acknowledged"
                 )
-            memory_runs.append(
-                measure(root / f"memory-{attempt}", ":memory:", options, f"M{attempt}")
-            )
+            with memory_store(options) as store:
+                memory_runs.append(
+                    measure(root / f"memory-{attempt}", store, options, f"M{attempt}")
+                )
 
     for (durable, durable_paced), (memory, memory_paced) in zip(
         durable_runs, memory_runs, strict=True

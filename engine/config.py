@@ -8,6 +8,7 @@ every problem at once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -106,6 +107,9 @@ class MLLPSettings(Settings):
     # D debugging); a message with another one gets AR 202.
     processing_ids: list[str] = Field(default_factory=lambda: ["P"], min_length=1)
     tls: MLLPTLSSettings | None = None
+    # Processes of their own that read, plan and store HL7 messages, sharing the
+    # listening socket; 0 does it in the engine process.
+    processes: int = Field(default=0, ge=0, le=16)
 
     @pydantic.field_validator("listen")
     @classmethod
@@ -150,6 +154,15 @@ class MLLPSettings(Settings):
         if self.tls is not None and not self.listen.startswith("tcp:"):
             raise ValueError(
                 f"mllp.tls needs a tcp: listen endpoint (it adds TLS itself); got '{self.listen}'"
+            )
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _processes_over_tcp(self) -> MLLPSettings:
+        if self.processes and not self.listen.startswith("tcp:"):
+            raise ValueError(
+                f"mllp.processes needs a tcp: listen endpoint (use mllp.tls for TLS);"
+                f" got '{self.listen}'"
             )
         return self
 
@@ -524,6 +537,7 @@ def load(path: Path) -> Config:
     problems += _check_sources(document, settings)
     problems += check_federation(document, settings)
     problems += _check_mllp_tls(document, path, settings)
+    problems += _check_intake_processes(document, settings)
     problems += _check_audit_tls(document, path, settings)
     if problems:
         raise ConfigError(problems)
@@ -863,6 +877,23 @@ def _check_mllp_tls(document: Document, path: Path, settings: EngineSettings) ->
         mllp_tls_options(path, tls)
     except TLSConfigError as error:
         return [document.problem(("mllp", "tls"), str(error))]
+    return []
+
+
+def settings_digest(settings: EngineSettings) -> str:
+    """Return a digest of the settings, which tells an intake process the engine's from others."""
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()
+
+
+def _check_intake_processes(document: Document, settings: EngineSettings) -> list[Problem]:
+    if settings.mllp.processes and str(settings.store.path) == MEMORY_STORE:
+        return [
+            document.problem(
+                ("mllp", "processes"),
+                f"intake processes share the store file; store.path '{MEMORY_STORE}' has none"
+                " (use 0, or a store file)",
+            )
+        ]
     return []
 
 

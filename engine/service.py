@@ -32,6 +32,7 @@ from engine.config import (
     load_rules,
     mllp_tls_options,
     rule_files,
+    settings_digest,
     syslog_address,
 )
 from engine.dimse.pools import NodePools
@@ -41,6 +42,7 @@ from engine.federation.wiring import build_qr_service
 from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
+from engine.hl7.processes import ChildCommand, Dispatcher, IntakeEvents, IntakeProcesses
 from engine.hl7.tls import wrap
 from engine.identity.adt import IdentityEvents
 from engine.identity.build import build_resolver
@@ -250,6 +252,8 @@ class Engine:
             on_jobs_created=self.worker.wake,
         )
         self.mllp_port: IListeningPort | None = None
+        self.intake_processes: IntakeProcesses | None = None
+        self.dispatcher: Dispatcher | None = None
 
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.reactor.seconds(), dt.UTC)
@@ -392,10 +396,13 @@ class Engine:
         if settings.mllp.tls is not None:
             factory = wrap(factory, mllp_tls_options(self.config.path, settings.mllp.tls))
         self.mllp_port = yield _listen(endpoint, factory, "mllp.listen", settings.mllp.listen)
+        if settings.mllp.processes:
+            self._start_intake_processes(self.mllp_port, factory)
         logger.info(
-            "engine started: MLLP on %s%s, DICOM %s on %s:%d%s, %d routes, %d rules",
+            "engine started: MLLP on %s%s%s, DICOM %s on %s:%d%s, %d routes, %d rules",
             settings.mllp.listen,
             _describe_tls(settings.mllp.tls),
+            f" ({settings.mllp.processes} intake processes)" if settings.mllp.processes else "",
             settings.dicom.ae_title,
             settings.dicom.host,
             settings.dicom.port,
@@ -409,10 +416,44 @@ class Engine:
             logger.info("audit records to %s", ", ".join(sink.name for sink in self.audit.sinks))
         self.audit.application_started()
 
+    def _start_intake_processes(self, port: Any, factory: Any) -> None:
+        """Accept MLLP connections here and pass them to intake processes to serve."""
+        # No connection was accepted yet: the reactor has not run since the listen.
+        port.stopReading()
+        self.intake_processes = IntakeProcesses(
+            self.reactor,
+            ChildCommand(
+                self.config.path,
+                logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                port.addressFamily,
+                settings_digest(self.config.settings),
+            ),
+            self.config.settings.mllp.processes,
+            IntakeEvents(
+                jobs_created=self.worker.wake,
+                answered=self.metrics.answered_code,
+                duplicates=self.metrics.hl7_duplicates.inc,
+                patient_records=self._patient_records_changed,
+            ),
+            serve_here=factory,
+        )
+        self.intake_processes.start()
+        self.dispatcher = Dispatcher(port.socket, self.intake_processes)
+        self.reactor.addReader(self.dispatcher)
+
+    def reload_rules(self, reason: str) -> None:
+        self.rules.reload(reason)
+        if self.intake_processes is not None:
+            self.intake_processes.signal(signal.SIGHUP)
+
     @defer.inlineCallbacks
     def stop(self) -> Generator[defer.Deferred[Any], Any, None]:
         logger.info("engine stopping")
         self.rule_watcher.stop()
+        if self.dispatcher is not None:
+            self.reactor.removeReader(self.dispatcher)
+        if self.intake_processes is not None:
+            yield self.intake_processes.stop()
         if self.mllp_port is not None:
             yield defer.maybeDeferred(self.mllp_port.stopListening)
         self.job_counts.stop()
@@ -501,7 +542,7 @@ def run(config: Config, reactor: Any = None) -> int:
     reactor.callWhenRunning(lambda: engine.start().addErrback(failed_to_start))
     signal.signal(
         signal.SIGHUP,
-        lambda number, frame: reactor.callFromThread(engine.rules.reload, "SIGHUP"),
+        lambda number, frame: reactor.callFromThread(engine.reload_rules, "SIGHUP"),
     )
     reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
     reactor.run()

@@ -4,6 +4,21 @@ Store is synchronous and must be used from one thread at a time: the engine
 runs it on a dedicated thread through AsyncStore, the CLI uses it directly.
 Each public method is one transaction, except record_messages, which writes a
 batch of messages in one transaction (group commit).
+
+Several processes may write one store file: the engine, its intake processes
+(mllp.processes) and the CLI. Each write transaction first takes an flock on a
+file next to the store. Waiters then queue in the kernel instead of sleeping in
+SQLite's busy handler, which retries after sleeps of up to 100 ms.
+
+Every transaction commits at synchronous=NORMAL, which writes the WAL without
+an fsync. A durable transaction (one that stores messages, before their ACK)
+then calls fdatasync on the WAL file, after the write lock is released, so
+other writers go on while the disk syncs. The commit is then on disk in the
+WAL. A checkpoint may have copied it into the database file already. A
+checkpoint at NORMAL syncs the database file before the WAL can be reused, so
+the commit is on disk in either case. A commit is visible to the other
+connections before its sync ends. After a power loss that erases it, its
+sender has no ACK and sends the message again.
 """
 
 from __future__ import annotations
@@ -11,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -362,6 +379,12 @@ def _ids(ids: Sequence[int]) -> str:
     return ", ".join(str(job_id) for job_id in ids)
 
 
+def write_lock_file(path: Path | str) -> Path:
+    """Return the file whose flock the store's writers take, e.g. fdqr.sqlite.write-lock."""
+    path = Path(path)
+    return path.with_name(path.name + ".write-lock")
+
+
 class Store:
     """Messages, jobs, their studies and their event log, in one SQLite file."""
 
@@ -373,21 +396,33 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
+            journal = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             # Job bookkeeping commits at NORMAL: it survives a crash of the engine, and
             # after a power loss a job only repeats a step. Messages commit durably
             # (FULL, fsync before the ACK), which also syncs every earlier commit.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # Statement journals stay in memory: a temporary file per transaction costs a
+            # create and an unlink in the folder of temporary files.
+            self._db.execute("PRAGMA temp_store=MEMORY")
             self._db.executescript(SCHEMA)
             self._db.executescript(IDENTITY_SCHEMA)
+            # A file of its own: `fdqr run` holds the .lock file for as long as it runs.
+            self._write_lock = (
+                None if str(path) == ":memory:" else open(write_lock_file(path), "ab")  # noqa: SIM115
+            )
+            # The WAL file a durable commit syncs. Without one (a file system that
+            # cannot share memory keeps the rollback journal), such commits run at FULL.
+            self._wal = Path(f"{path}-wal") if journal == "wal" and self._write_lock else None
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open the store {path}: {error}") from error
         self._depth = 0
 
     def close(self) -> None:
         self._db.close()
+        if self._write_lock is not None:
+            self._write_lock.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -421,21 +456,39 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        if durable:
+        full = durable and self._wal is None
+        if full:
             self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("BEGIN IMMEDIATE")
-        self._depth = 1
+        if self._write_lock is not None:
+            fcntl.flock(self._write_lock.fileno(), fcntl.LOCK_EX)
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
-            self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
         finally:
             self._depth = 0
-            if durable:
+            if self._write_lock is not None:
+                fcntl.flock(self._write_lock.fileno(), fcntl.LOCK_UN)
+            if full:
                 self._db.execute("PRAGMA synchronous=NORMAL")
+        if durable and self._wal is not None:
+            self._sync_wal(self._wal)
+
+    @staticmethod
+    def _sync_wal(wal: Path) -> None:
+        """Put every commit written to the WAL so far on disk."""
+        # Opened each time: SQLite deletes the WAL when its last connection closes.
+        fd = os.open(wal, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     # Messages
 
@@ -499,8 +552,14 @@ class Store:
                 self._insert_job(db, message_id, job, now)
             return message_id, ack, False
 
-    def record_messages(self, writes: Sequence[MessageWrite]) -> list[Recorded | Exception]:
+    def record_messages(
+        self, writes: Sequence[MessageWrite] | Callable[[], Sequence[MessageWrite]]
+    ) -> list[Recorded | Exception]:
         """Store a batch of messages in one transaction, so one commit (fsync) covers all.
+
+        writes is the batch, or a function that returns it once the write lock
+        is held: messages that arrive while another process writes then join
+        the batch instead of waiting for a commit of their own.
 
         Each message is written as record_message writes it, in order, so a
         duplicate of an earlier message of the same batch is found. A message
@@ -508,6 +567,8 @@ class Store:
         place in the result. A failed commit raises and keeps none of them.
         """
         with self._transaction(durable=True):
+            if callable(writes):
+                writes = writes()
             # The batch is first written without a savepoint per message, to save two
             # statements per message (see record_message). When a message fails, the
             # batch is written again with one savepoint per message.
@@ -1338,13 +1399,22 @@ class AsyncStore:
         # Runs on the store thread. Queued behind any run() work already waiting,
         # and queued again at the back when more messages arrived, so a steady
         # stream of messages cannot starve the other users of the store.
-        with self._lock:
-            batch = self._pending[:MAX_BATCH_MESSAGES]
-            del self._pending[:MAX_BATCH_MESSAGES]
+        batch: list[tuple[MessageWrite, defer.Deferred[Recorded]]] = []
+
+        def take() -> list[MessageWrite]:
+            # Called once the write lock is held, so the batch has every message
+            # that arrived while another process wrote.
+            with self._lock:
+                batch.extend(self._pending[:MAX_BATCH_MESSAGES])
+                del self._pending[:MAX_BATCH_MESSAGES]
+            return [write for write, _ in batch]
+
         outcomes: list[Recorded | Exception]
         try:
-            outcomes = self.store.record_messages([write for write, _ in batch])
+            outcomes = self.store.record_messages(take)
         except Exception as error:
+            if not batch:
+                take()
             outcomes = [error] * len(batch)
         self._reactor.callFromThread(_fire, [result for _, result in batch], outcomes)
         with self._lock:

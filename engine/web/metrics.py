@@ -93,13 +93,16 @@ class EngineMetrics:
 
     def answered(self, acks: Any) -> None:
         """Count one HL7 message by the MSA-1 code of its first acknowledgement."""
-        if not acks:
-            self._no_ack.inc()
+        self.answered_code(ack_code(acks[0]) if acks else None)
+
+    def answered_code(self, code: str | None, count: int = 1) -> None:
+        """Count HL7 messages by the MSA-1 code of their first acknowledgement, None for none."""
+        if code is None:
+            self._no_ack.inc(count)
             return
-        code = ack_code(acks[0])
         counter = self._by_code.get(code)
         if counter is not None:
-            counter.inc()
+            counter.inc(count)
 
     def job_finished(self, state: JobState) -> None:
         self.jobs_finished.labels(state.value).inc()

@@ -76,11 +76,18 @@ def stop_engine(engine: RunningEngine) -> None:
     assert status == 0, engine.process.log_text()[-3000:]
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEngine]:
+# Intake in the engine process, and in two intake processes of its own (mllp.processes).
+@pytest.fixture(scope="module", params=[0, 2], ids=["in-engine", "two-processes"])
+def engine(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[RunningEngine]:
     running = start_engine(
         tmp_path_factory.mktemp("intake"),
-        {"max_message_bytes": MAX_MESSAGE_BYTES, "idle_timeout_seconds": 3},
+        {
+            "max_message_bytes": MAX_MESSAGE_BYTES,
+            "idle_timeout_seconds": 3,
+            "processes": request.param,
+        },
     )
     yield running
     stop_engine(running)

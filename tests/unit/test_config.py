@@ -477,6 +477,32 @@ def test_mllp_tls_needs_tcp_listen(layout: Path) -> None:
     assert "mllp.tls needs a tcp: listen endpoint" in problem.message
 
 
+def test_intake_processes_need_tcp_listen(layout: Path) -> None:
+    edit(layout, {"mllp.listen": "unix:/tmp/fdqr-mllp.sock", "mllp.processes": 2})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp"
+    assert "mllp.processes needs a tcp: listen endpoint" in problem.message
+
+
+def test_intake_processes_need_a_store_file(layout: Path) -> None:
+    edit(layout, {"store.path": ":memory:", "mllp.processes": 2})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.processes"
+    assert "store.path ':memory:' has none" in problem.message
+
+
+def test_intake_processes_bounded(layout: Path) -> None:
+    edit(layout, {"mllp.processes": 17})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.processes"
+
+
 def test_mllp_tls_client_ca_without_certificates(layout: Path) -> None:
     pki = layout.parent / "pki"
     authority = certificate_authority(pki)

@@ -307,25 +307,6 @@ def test_worker_stop_leaves_running_job_for_restart(db: ImmediateStore, clock: t
     assert clock.getDelayedCalls() == []
 
 
-def test_store_messages_commit_durably(store: Store) -> None:
-    seen: list[int] = []
-
-    def read_synchronous(target: Store, now: dt.datetime) -> str:
-        with target.transaction() as db:
-            seen.append(int(db.execute("PRAGMA synchronous").fetchone()[0]))
-        return "checked"
-
-    origin = MessageOrigin("RIS", "RAD", "ORM^O01", "C9")
-    store.record_message(origin, "peer", b"msg", b"ACK", "ok", [], NOW, [read_synchronous])
-    job_id = store.add_job(new_job(), NOW)
-    store.add_event(job_id, "bookkeeping", NOW)
-    with store.transaction() as db:
-        bookkeeping = int(db.execute("PRAGMA synchronous").fetchone()[0])
-    # SQLite's synchronous levels: 1 NORMAL, 2 FULL (fsync at every commit).
-    assert seen == [2]
-    assert bookkeeping == 1
-
-
 class InlinePool:
     """A thread pool that runs each call at once on the calling thread."""
 

@@ -1,0 +1,316 @@
+"""An intake process: it reads, plans and stores HL7 messages and acknowledges them.
+
+`fdqr run` starts mllp.processes of these with `python -m engine.hl7.child`.
+The engine accepts MLLP connections and passes each to one child over a
+socket pair (descriptor 3 in the child). The child serves the connection to
+its end. It stores messages and jobs in the engine's store file with its own
+SQLite connection, so its work does not wait for the engine process's GIL.
+
+The child writes events for the engine to its channel (its standard output at
+start), one JSON line each: it is ready, jobs were created, a message changed
+patient records, and the counts behind the metrics. It stops when its
+standard input ends, which is when the engine process is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import error, protocol, stdio
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from engine.hl7.ack import ack_code
+from engine.hl7.events import IdentifierPolicy
+from engine.hl7.intake import Intake, ignore_reason
+from engine.hl7.mllp import MLLPFactory
+from engine.hl7.tls import wrap
+from engine.identity.adt import IdentityEvents
+from engine.identity.domains import DomainDirectory
+from engine.jobs.planner import PatientChange, Planner
+from engine.jobs.store import AsyncStore, Store, StoreError
+from engine.model import MessageOrigin, PatientIdentifier
+
+logger = logging.getLogger(__name__)
+
+
+def encode_event(kind: str, **fields: Any) -> bytes:
+    """Return one line of the channel from a child to the engine."""
+    return json.dumps({"kind": kind, **fields}, separators=(",", ":")).encode() + b"\n"
+
+
+def patient_records_event(
+    origin: MessageOrigin, peer: str, changes: Sequence[PatientChange]
+) -> bytes:
+    return encode_event(
+        "patient_records",
+        origin=dataclasses.asdict(origin),
+        peer=peer,
+        changes=[
+            {
+                "value": change.patient.value,
+                "issuer": change.patient.issuer,
+                "retired": change.retired,
+            }
+            for change in changes
+        ],
+    )
+
+
+def read_patient_records(
+    event: dict[str, Any],
+) -> tuple[MessageOrigin, str, list[PatientChange]]:
+    """Return what patient_records_event encoded. Raises KeyError or TypeError if malformed."""
+    changes = [
+        PatientChange(PatientIdentifier(item["value"], item["issuer"]), bool(item["retired"]))
+        for item in event["changes"]
+    ]
+    return MessageOrigin(**event["origin"]), str(event["peer"]), changes
+
+
+class EngineLink(protocol.Protocol):
+    """The child's end of the link to the engine: events out, end of input means stop.
+
+    Counts (acknowledgements by code, duplicates, messages that created jobs)
+    are summed over a reactor turn and sent as one line at its end.
+    """
+
+    def __init__(self, reactor: Any, on_lost: Any) -> None:
+        self.reactor = reactor
+        self.on_lost = on_lost
+        self._answered: dict[str, int] = {}
+        self._unanswered = 0
+        self._duplicates = 0
+        self._jobs = 0
+        self._flush_queued = False
+
+    def send(self, line: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(line)
+
+    def answered(self, acks: Sequence[bytes]) -> None:
+        if acks:
+            code = ack_code(acks[0])
+            self._answered[code] = self._answered.get(code, 0) + 1
+        else:
+            self._unanswered += 1
+        self._queue_flush()
+
+    def duplicate(self) -> None:
+        self._duplicates += 1
+        self._queue_flush()
+
+    def jobs_created(self) -> None:
+        self._jobs += 1
+        self._queue_flush()
+
+    def _queue_flush(self) -> None:
+        if not self._flush_queued:
+            self._flush_queued = True
+            self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._flush_queued = False
+        self.send(
+            encode_event(
+                "counts",
+                answered=self._answered,
+                unanswered=self._unanswered,
+                duplicates=self._duplicates,
+                jobs=self._jobs,
+            )
+        )
+        self._answered = {}
+        self._unanswered = self._duplicates = self._jobs = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        """Ignore input: the engine sends nothing on the link."""
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.on_lost()
+
+
+@implementer(IReadDescriptor)
+class ConnectionReceiver:
+    """Takes the connections the engine passes and hands them to the MLLP factory."""
+
+    def __init__(self, reactor: Any, connections: socket.socket, family: int, factory: Any) -> None:
+        self.reactor = reactor
+        self.connections = connections
+        self.family = family
+        self.factory = factory
+
+    def fileno(self) -> int:
+        return self.connections.fileno()
+
+    def doRead(self) -> Failure | None:
+        while True:
+            try:
+                data, fds, _flags, _address = socket.recv_fds(self.connections, 16, 1)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as problem:
+                return Failure(problem)  # type: ignore[no-untyped-call]
+            if not data and not fds:
+                return Failure(error.ConnectionDone())  # type: ignore[no-untyped-call]
+            for fd in fds:
+                try:
+                    self.reactor.adoptStreamConnection(fd, self.family, self.factory)
+                except OSError as problem:
+                    logger.error("taking a connection from the engine failed: %s", problem)
+                finally:
+                    os.close(fd)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.connections.close()
+        _engine_gone(self.reactor)
+
+    def logPrefix(self) -> str:
+        return "intake"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.hl7.child")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--number", type=int, default=1)
+    parser.add_argument("--connections-fd", type=int, default=3)
+    parser.add_argument("--family", type=int, required=True)
+    parser.add_argument("--settings", required=True, help="the engine's settings_digest")
+    args = parser.parse_args(argv)
+
+    # The channel keeps the pipe; anything printed by mistake goes to the log.
+    channel = os.dup(1)
+    os.dup2(2, 1)
+    _setup_logging(args.log_level, args.number)
+
+    from pathlib import Path
+
+    from twisted.internet import reactor as default_reactor
+
+    from engine.clitools import load_or_exit
+    from engine.config import load_rules, mllp_tls_options, rule_files, settings_digest
+    from engine.rules.reload import RuleFileWatcher, RuleSetHolder
+
+    reactor: Any = default_reactor
+    config = load_or_exit(Path(args.config))
+    settings = config.settings
+    if settings_digest(settings) != args.settings:
+        logger.error(
+            "intake process %d cannot start: %s changed since the engine started;"
+            " restart the engine to use the new settings",
+            args.number,
+            config.path,
+        )
+        return 2
+    try:
+        db = AsyncStore(reactor, Store(config.store_path))
+    except StoreError as problem:
+        logger.error("intake process %d cannot start: %s", args.number, problem)
+        return 1
+    rules = RuleSetHolder(
+        config.rule_set,
+        load=lambda: load_rules(config.path, config.settings),
+        files=lambda: rule_files(config.path, config.settings),
+    )
+    watcher = RuleFileWatcher(rules, reactor, settings.rules_reload_seconds)
+    local = settings.local_patient
+
+    def now() -> dt.datetime:
+        return dt.datetime.fromtimestamp(reactor.seconds(), dt.UTC)
+
+    link = EngineLink(reactor, on_lost=lambda: _engine_gone(reactor))
+    intake = Intake(
+        db,
+        Planner(
+            rules.current,
+            now=now,
+            identity=IdentityEvents(
+                local.issuer, DomainDirectory(settings.identity.domains), config.identity_table
+            ),
+            zone=settings.zone,
+        ),
+        IdentifierPolicy(
+            issuer=local.issuer,
+            authorities=tuple(local.authorities or [local.issuer]),
+            unqualified_ids_are_local=local.unqualified_ids_are_local,
+        ),
+        charsets=settings.mllp.charsets(),
+        now=now,
+        on_jobs_created=link.jobs_created,
+        ignored=lambda origin: ignore_reason(rules.current(), origin),
+        on_answered=link.answered,
+        on_duplicate=link.duplicate,
+        on_patient_records=lambda origin, peer, changes: link.send(
+            patient_records_event(origin, peer, changes)
+        ),
+        processing_ids=settings.mllp.processing_ids,
+    )
+    factory: Any = MLLPFactory(
+        intake,
+        max_message_bytes=settings.mllp.max_message_bytes,
+        idle_timeout=settings.mllp.idle_timeout_seconds,
+    )
+    if settings.mllp.tls is not None:
+        factory = wrap(factory, mllp_tls_options(config.path, settings.mllp.tls))
+
+    db.start()
+    # POSIX StandardIO takes the descriptors; mypy reads the Windows signature.
+    standard_io: Any = stdio.StandardIO
+    standard_io(link, stdin=0, stdout=channel, reactor=reactor)
+    connections = socket.socket(fileno=args.connections_fd)
+    connections.setblocking(False)
+    receiver = ConnectionReceiver(reactor, connections, args.family, factory)
+    reactor.addReader(receiver)
+    link.send(encode_event("ready"))
+    if settings.rules_reload_seconds > 0:
+        watcher.start()
+    signal.signal(
+        signal.SIGHUP,
+        lambda number, frame: reactor.callFromThread(rules.reload, "SIGHUP"),
+    )
+
+    def stop() -> None:
+        watcher.stop()
+        reactor.removeReader(receiver)
+        db.stop()
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    # Ctrl-C in a terminal reaches the whole process group: the engine stops its children.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    logger.info("intake process %d started (process id %d)", args.number, os.getpid())
+    reactor.run()
+    logger.info("intake process %d stopped", args.number)
+    return 0
+
+
+def _engine_gone(reactor: Any) -> None:
+    if reactor.running:
+        logger.info("the engine process closed the link; intake process stopping")
+        reactor.stop()
+
+
+def _setup_logging(level: str, number: int) -> None:
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s [intake {number}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

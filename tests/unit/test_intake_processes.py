@@ -1,0 +1,446 @@
+"""Intake processes (mllp.processes): the engine's side and the child's, with Twisted fakes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import error, protocol, task
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from engine.hl7.child import (
+    ConnectionReceiver,
+    EngineLink,
+    encode_event,
+    patient_records_event,
+    read_patient_records,
+)
+from engine.hl7.processes import ChildCommand, ChildProtocol, IntakeEvents, IntakeProcesses
+from engine.jobs.planner import PatientChange
+from engine.model import MessageOrigin, PatientIdentifier
+
+ORIGIN = MessageOrigin("HIS", "ADT", "ADT^A40", "M1")
+CHANGES = [
+    PatientChange(PatientIdentifier("L1", "LOCAL")),
+    PatientChange(PatientIdentifier("L2", "LOCAL"), retired=True),
+]
+
+
+class Recorder:
+    """IntakeEvents that record each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def events(self) -> IntakeEvents:
+        return IntakeEvents(
+            jobs_created=lambda: self.calls.append(("jobs",)),
+            answered=lambda code, count: self.calls.append(("answered", code, count)),
+            duplicates=lambda count: self.calls.append(("duplicates", count)),
+            patient_records=lambda origin, peer, changes: self.calls.append(
+                ("patient_records", origin, peer, list(changes))
+            ),
+        )
+
+
+class ProcessTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def signalProcess(self, number: int) -> None:
+        if self.pid == 0:
+            raise error.ProcessExitedAlready()
+        self.signals.append(number)
+
+
+class ProcessReactor(task.Clock):
+    """spawnProcess and adoptStreamConnection on a Clock; children keep their socket end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[ChildProtocol, list[str], socket.socket]] = []
+        self.adopted: list[tuple[int, int, Any]] = []
+
+    def spawnProcess(
+        self, child: ChildProtocol, executable: str, args: list[str], **options: Any
+    ) -> ProcessTransport:
+        theirs = socket.socket(fileno=os.dup(options["childFDs"][3]))
+        self.spawned.append((child, args, theirs))
+        transport = ProcessTransport(1000 + len(self.spawned))
+        child.makeConnection(transport)  # type: ignore[arg-type]
+        return transport
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+        self.adopted.append((os.fstat(fd).st_ino, family, factory))
+
+
+def ended(child: ChildProtocol, status: int | None = None, number: int | None = None) -> None:
+    child.processEnded(Failure(error.ProcessTerminated(status, number)))  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def reactor() -> Iterator[ProcessReactor]:
+    fake = ProcessReactor()
+    yield fake
+    for child, _, theirs in fake.spawned:
+        theirs.close()
+        child.connections.close()
+
+
+def ready(reactor: ProcessReactor) -> None:
+    for child, _, _ in reactor.spawned:
+        child.outReceived(encode_event("ready"))
+
+
+def processes(reactor: ProcessReactor, recorder: Recorder, count: int = 2) -> IntakeProcesses:
+    command = ChildCommand(Path("/etc/fdqr/engine.yaml"), "INFO", socket.AF_INET, "d1")
+    return IntakeProcesses(reactor, command, count, recorder.events(), protocol.Factory())
+
+
+def test_children_started_with_engine_config(reactor: ProcessReactor) -> None:
+    processes(reactor, Recorder()).start()
+
+    args = [arguments for _, arguments, _ in reactor.spawned]
+    assert [argument[argument.index("--number") + 1] for argument in args] == ["1", "2"]
+    assert all(argument[1:3] == ["-m", "engine.hl7.child"] for argument in args)
+    assert all("/etc/fdqr/engine.yaml" in argument for argument in args)
+    assert all(argument[-2:] == ["--settings", "d1"] for argument in args)
+
+
+def test_child_spawn_failure_retried(
+    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture
+) -> None:
+    spawn = reactor.spawnProcess
+    failures = [OSError(24, "Too many open files")]
+
+    def failing(*args: Any, **options: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return spawn(*args, **options)
+
+    reactor.spawnProcess = failing  # type: ignore[method-assign]
+    intake = processes(reactor, Recorder(), count=1)
+    intake.start()
+    assert intake.children == {}
+    reactor.advance(1)
+
+    assert sorted(intake.children) == [1]
+    assert (
+        "starting intake process 1 failed: [Errno 24] Too many open files; trying again in 1 s"
+        in (caplog.text)
+    )
+
+
+def test_events_split_over_reads(reactor: ProcessReactor) -> None:
+    recorder = Recorder()
+    processes(reactor, recorder).start()
+    child = reactor.spawned[0][0]
+    stream = encode_event(
+        "counts", answered={"AA": 3, "AE": 1}, unanswered=2, duplicates=1, jobs=3
+    ) + patient_records_event(ORIGIN, "10.0.0.5:4000", CHANGES)
+
+    for start in range(0, len(stream), 7):
+        child.outReceived(stream[start : start + 7])
+
+    assert recorder.calls == [
+        ("answered", "AA", 3),
+        ("answered", "AE", 1),
+        ("answered", None, 2),
+        ("duplicates", 1),
+        ("jobs",),
+        ("patient_records", ORIGIN, "10.0.0.5:4000", CHANGES),
+    ]
+
+
+def test_unreadable_event_logged_and_skipped(
+    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    processes(reactor, recorder).start()
+    child = reactor.spawned[0][0]
+
+    child.outReceived(b'not json\n{"kind": "restart"}\n{"kind": "patient_records"}\n')
+    child.outReceived(encode_event("counts", answered={}, unanswered=0, duplicates=0, jobs=1))
+
+    assert recorder.calls == [("jobs",)]
+    problems = [record.getMessage() for record in caplog.records]
+    assert len(problems) == 3
+    assert all("intake process 1 sent an event that cannot be read" in text for text in problems)
+
+
+def test_failing_event_handler_logged(
+    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("worker gone")
+
+    command = ChildCommand(Path("engine.yaml"), "INFO", socket.AF_INET, "d1")
+    events = IntakeEvents(broken, lambda code, count: None, lambda count: None, print)
+    IntakeProcesses(reactor, command, 1, events, protocol.Factory()).start()
+
+    reactor.spawned[0][0].outReceived(
+        encode_event("counts", answered={}, unanswered=0, duplicates=0, jobs=1)
+    )
+
+    assert "handling an event of intake process 1 failed" in caplog.text
+
+
+def test_ended_child_restart_delay_grows(
+    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture
+) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    first = reactor.spawned[0][0]
+
+    ended(first, number=signal.SIGKILL)
+    assert sorted(intake.children) == [2]
+    reactor.advance(0.9)
+    assert len(reactor.spawned) == 2
+    reactor.advance(0.1)
+    assert len(reactor.spawned) == 3
+    assert sorted(intake.children) == [1, 2]
+    # It ended again at once: the next start waits twice as long.
+    ended(reactor.spawned[2][0], status=1)
+    reactor.advance(1.9)
+    assert len(reactor.spawned) == 3
+    reactor.advance(0.1)
+    assert len(reactor.spawned) == 4
+    # After a steady run the delay is back to its first value.
+    reactor.advance(60)
+    ended(reactor.spawned[3][0], status=1)
+    reactor.advance(1)
+    assert len(reactor.spawned) == 5
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors[0] == "intake process 1 ended (signal 9) after 0 s; starting it again in 1 s"
+    assert errors[1] == "intake process 1 ended (exit status 1) after 0 s; starting it again in 2 s"
+
+
+def test_stop_terminates_then_kills(
+    reactor: ProcessReactor,
+) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    first, second = (child for child, _, _ in reactor.spawned)
+    ended(first, status=1)  # its start again is pending
+
+    stopped = intake.stop()
+    assert second.transport.signals == [signal.SIGTERM]  # type: ignore[union-attr]
+    reactor.advance(10)
+    assert second.transport.signals == [signal.SIGTERM, signal.SIGKILL]  # type: ignore[union-attr]
+    assert not stopped.called
+    ended(second, number=signal.SIGKILL)
+    assert stopped.called
+    reactor.advance(60)
+    assert len(reactor.spawned) == 2
+
+
+def received_inode(theirs: socket.socket) -> int:
+    _, fds, _, _ = socket.recv_fds(theirs, 16, 1)
+    [fd] = fds
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def test_connections_passed_in_turn(reactor: ProcessReactor) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    ready(reactor)
+    connections = [socket.socketpair() for _ in range(4)]
+    try:
+        inodes = [os.fstat(ours.fileno()).st_ino for ours, _ in connections]
+        for ours, _ in connections:
+            intake.dispatch(ours)
+            assert ours.fileno() == -1  # the engine's copy is closed
+        first, second = (theirs for _, _, theirs in reactor.spawned)
+        got = [received_inode(first), received_inode(second)]
+        got += [received_inode(first), received_inode(second)]
+        assert got == inodes
+        assert reactor.adopted == []
+    finally:
+        for ours, peer in connections:
+            ours.close()
+            peer.close()
+
+
+def test_untaken_connection_served_by_engine(
+    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture
+) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    ready(reactor)
+    first, second = (child for child, _, _ in reactor.spawned)
+    ended(first, status=1)
+    second.connections.close()  # as when the child's end is gone
+    ours, peer = socket.socketpair()
+    try:
+        inode = os.fstat(ours.fileno()).st_ino
+        intake.dispatch(ours)
+        reactor.advance(10)
+        assert reactor.adopted == [(inode, socket.AF_INET, intake.serve_here)]
+        assert ours.fileno() == -1
+    finally:
+        ours.close()
+        peer.close()
+    assert "passing a connection to intake process 2 failed" in caplog.text
+    assert "no intake process can take a connection; the engine process serves it" in caplog.text
+
+
+def test_connection_waits_for_starting_children(reactor: ProcessReactor) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    ours, peer = socket.socketpair()
+    try:
+        inode = os.fstat(ours.fileno()).st_ino
+        intake.dispatch(ours)
+        assert ours.fileno() != -1  # held until a child is ready
+
+        first, second = reactor.spawned
+        second[0].outReceived(encode_event("ready"))
+        # It waits until every starting child is ready, so that waiting ones spread evenly.
+        assert ours.fileno() != -1
+        first[0].outReceived(encode_event("ready"))
+
+        assert received_inode(first[2]) == inode
+        assert ours.fileno() == -1
+        reactor.advance(60)
+        assert reactor.adopted == []
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_connection_wait_ends_in_engine(
+    reactor: ProcessReactor,
+) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    ours, peer = socket.socketpair()
+    try:
+        inode = os.fstat(ours.fileno()).st_ino
+        intake.dispatch(ours)
+        reactor.advance(9.9)
+        assert reactor.adopted == []
+        reactor.advance(0.1)
+        assert reactor.adopted == [(inode, socket.AF_INET, intake.serve_here)]
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_waiting_connections_closed_at_stop(reactor: ProcessReactor) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    ours, peer = socket.socketpair()
+    try:
+        intake.dispatch(ours)
+        intake.stop()
+        assert ours.fileno() == -1
+        peer.settimeout(5)
+        assert peer.recv(10) == b""
+        reactor.advance(60)
+        assert reactor.adopted == []
+    finally:
+        ours.close()
+        peer.close()
+
+
+# The child's side.
+
+
+def test_patient_records_event_round_trip() -> None:
+    line = patient_records_event(ORIGIN, "10.0.0.5:4000", CHANGES)
+
+    assert read_patient_records(json.loads(line)) == (ORIGIN, "10.0.0.5:4000", CHANGES)
+
+
+def test_link_counts_one_line_per_turn() -> None:
+    clock = task.Clock()
+    link = EngineLink(clock, on_lost=lambda: None)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    ack = b"MSH|^~\\&|FDQR|LOCAL|RIS|RAD|20260314||ACK^O01|A1|P|2.5\rMSA|%s|C1\r"
+
+    link.answered([ack % b"AA"])
+    link.answered([ack % b"AA"])
+    link.answered([ack % b"AE"])
+    link.answered([])
+    link.duplicate()
+    link.jobs_created()
+    link.jobs_created()
+    assert transport.value() == b""
+    clock.advance(0)
+    link.jobs_created()
+    clock.advance(0)
+
+    first, second = transport.value().splitlines()
+    assert json.loads(first) == {
+        "kind": "counts",
+        "answered": {"AA": 2, "AE": 1},
+        "unanswered": 1,
+        "duplicates": 1,
+        "jobs": 2,
+    }
+    assert json.loads(second)["jobs"] == 1
+
+
+def test_link_end_stops_child() -> None:
+    lost: list[bool] = []
+    link = EngineLink(task.Clock(), on_lost=lambda: lost.append(True))
+    link.makeConnection(StringTransport())
+
+    link.connectionLost(Failure(error.ConnectionDone()))  # type: ignore[no-untyped-call]
+
+    assert lost == [True]
+
+
+class AdoptingReactor:
+    running = True
+
+    def __init__(self) -> None:
+        self.adopted: list[tuple[int, int, Any]] = []
+        self.stopped = False
+
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+        self.adopted.append((os.fstat(fd).st_ino, family, factory))
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_receiver_adopts_passed_connections() -> None:
+    reactor = AdoptingReactor()
+    factory = protocol.Factory()
+    engine_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child_end.setblocking(False)
+    receiver = ConnectionReceiver(reactor, child_end, socket.AF_INET, factory)
+    connections = [socket.socketpair() for _ in range(2)]
+    try:
+        for ours, _ in connections:
+            socket.send_fds(engine_end, [b"c"], [ours.fileno()])
+        assert receiver.doRead() is None
+        expected = [os.fstat(ours.fileno()).st_ino for ours, _ in connections]
+        assert reactor.adopted == [(inode, socket.AF_INET, factory) for inode in expected]
+
+        engine_end.close()
+        ending = receiver.doRead()
+        assert ending is not None and ending.check(error.ConnectionDone)
+        receiver.connectionLost(ending)
+        assert reactor.stopped
+    finally:
+        engine_end.close()
+        child_end.close()
+        for ours, peer in connections:
+            ours.close()
+            peer.close()

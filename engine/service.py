@@ -39,17 +39,15 @@ from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient, RetryPolicy
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.federation.wiring import build_qr_service
-from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
 from engine.hl7.processes import ChildCommand, Dispatcher, IntakeEvents, IntakeProcesses
 from engine.hl7.tls import wrap
-from engine.identity.adt import IdentityEvents
+from engine.hl7.wiring import engine_planner, identifier_policy
 from engine.identity.build import build_resolver
-from engine.identity.domains import DomainDirectory
 from engine.identity.records import known_demographics
 from engine.jobs.guard import RetrievalGuard
-from engine.jobs.planner import PatientChange, Planner
+from engine.jobs.planner import PatientChange
 from engine.jobs.prefetch import Prefetch, Source, StudyResult
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
@@ -67,7 +65,11 @@ from engine.worklist.poller import WorklistPoller
 
 logger = logging.getLogger(__name__)
 
-# How often the retrieves in progress are checked for a cancel of their job.
+# How often the retrieves in progress are checked for a cancel of their job and
+# for a move of their remote ID. A move is also checked after each ADT message
+# that changes patient records; this check also finds moves written by another
+# process (`fdqr messages replay`) or whose event an intake process lost when it
+# ended.
 CANCEL_CHECK_SECONDS = 2.0
 # Running jobs get this long to end after their associations were aborted.
 STOP_GRACE_SECONDS = 15.0
@@ -141,8 +143,8 @@ class Engine:
             self.db, self.metrics, reactor, settings.web.refresh_seconds
         )
         self.spool_sweep = SpoolSweep(self.spool, self.db, reactor)
-        # A cancel requested while a study is retrieved stops the retrieve within this interval.
-        self.cancel_check = task.LoopingCall(self._stop_cancelled_retrievals)
+        # A cancel or an ID move while a study is retrieved stops the retrieve within this interval.
+        self.cancel_check = task.LoopingCall(self._check_running_retrievals)
         self.cancel_check.clock = reactor
         self.web_port: IListeningPort | None = None
         self.scp = StorageSCP(
@@ -214,20 +216,8 @@ class Engine:
             poll_seconds=jobs.poll_seconds,
             on_finished=self.metrics.job_finished,
         )
-        local = settings.local_patient
-        policy = IdentifierPolicy(
-            issuer=local.issuer,
-            authorities=tuple(local.authorities or [local.issuer]),
-            unqualified_ids_are_local=local.unqualified_ids_are_local,
-        )
-        self.planner = Planner(
-            self.rules.current,
-            now=self.now,
-            identity=IdentityEvents(
-                local.issuer, DomainDirectory(settings.identity.domains), config.identity_table
-            ),
-            zone=settings.zone,
-        )
+        policy = identifier_policy(settings)
+        self.planner = engine_planner(config, self.rules.current, self.now)
         self.intake = Intake(
             self.db,
             self.planner,
@@ -274,14 +264,21 @@ class Engine:
             result.problem,
         )
 
-    def _stop_cancelled_retrievals(self) -> defer.Deferred[None]:
-        checked = self.guard.stop_cancelled()
-        checked.addErrback(
-            lambda failure: logger.error(
-                "checking running retrieves for cancels failed: %s", failure.getErrorMessage()
-            )
-        )
-        return checked
+    def _check_running_retrievals(self) -> defer.Deferred[Any]:
+        checks = [
+            self.guard.stop_cancelled().addErrback(
+                lambda failure: logger.error(
+                    "checking running retrieves for cancels failed: %s", failure.getErrorMessage()
+                )
+            ),
+            self.guard.stop_moved().addErrback(
+                lambda failure: logger.error(
+                    "checking running retrieves for moved identifiers failed: %s",
+                    failure.getErrorMessage(),
+                )
+            ),
+        ]
+        return defer.gatherResults(checks)
 
     def _patient_records_changed(
         self, origin: MessageOrigin, peer: str, changes: Sequence[PatientChange]

@@ -32,13 +32,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from engine.hl7.ack import ack_code
-from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
 from engine.hl7.tls import wrap
-from engine.identity.adt import IdentityEvents
-from engine.identity.domains import DomainDirectory
-from engine.jobs.planner import PatientChange, Planner
+from engine.jobs.planner import PatientChange
 from engine.jobs.store import AsyncStore, Store, StoreError
 from engine.model import MessageOrigin, PatientIdentifier
 
@@ -201,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from engine.clitools import load_or_exit
     from engine.config import load_rules, mllp_tls_options, rule_files, settings_digest
+    from engine.hl7.wiring import engine_planner, identifier_policy
     from engine.rules.reload import RuleFileWatcher, RuleSetHolder
 
     reactor: Any = default_reactor
@@ -225,7 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         files=lambda: rule_files(config.path, config.settings),
     )
     watcher = RuleFileWatcher(rules, reactor, settings.rules_reload_seconds)
-    local = settings.local_patient
 
     def now() -> dt.datetime:
         return dt.datetime.fromtimestamp(reactor.seconds(), dt.UTC)
@@ -233,19 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     link = EngineLink(reactor, on_lost=lambda: _engine_gone(reactor))
     intake = Intake(
         db,
-        Planner(
-            rules.current,
-            now=now,
-            identity=IdentityEvents(
-                local.issuer, DomainDirectory(settings.identity.domains), config.identity_table
-            ),
-            zone=settings.zone,
-        ),
-        IdentifierPolicy(
-            issuer=local.issuer,
-            authorities=tuple(local.authorities or [local.issuer]),
-            unqualified_ids_are_local=local.unqualified_ids_are_local,
-        ),
+        engine_planner(config, rules.current, now),
+        identifier_policy(settings),
         charsets=settings.mllp.charsets(),
         now=now,
         on_jobs_created=link.jobs_created,

@@ -17,10 +17,9 @@ from engine.clitools import (
     open_store,
 )
 from engine.hl7.ack import split_acks
-from engine.hl7.events import IdentifierPolicy
 from engine.hl7.intake import Interpreter, ignore_reason
 from engine.hl7.message import CharsetDefaults, Delimiters, HL7Error, Message, parse
-from engine.jobs.planner import Planner
+from engine.hl7.wiring import engine_planner, identifier_policy
 from engine.jobs.store import JobRecord, MessageRecord
 
 # Fields that carry names, birth dates, addresses, phone numbers or national
@@ -209,15 +208,9 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
 def interpreter_for(config: config_module.Config, now: dt.datetime) -> Interpreter:
     """Build the interpreter the engine uses, from a loaded configuration."""
     settings = config.settings
-    local = settings.local_patient
-    policy = IdentifierPolicy(
-        issuer=local.issuer,
-        authorities=tuple(local.authorities or [local.issuer]),
-        unqualified_ids_are_local=local.unqualified_ids_are_local,
-    )
     return Interpreter(
-        Planner(lambda: config.rule_set, now=lambda: now),
-        policy,
+        engine_planner(config, lambda: config.rule_set, lambda: now),
+        identifier_policy(settings),
         settings.mllp.charsets(),
         lambda origin: ignore_reason(config.rule_set, origin),
         tuple(settings.mllp.processing_ids),

@@ -155,23 +155,36 @@ class IntakeProcesses:
             connection.close()
 
     def _child_ready(self, child: ChildProtocol) -> None:
-        if not all(other.ready for other in self.children.values()):
+        self._flush_waiting()
+
+    def _flush_waiting(self) -> None:
+        """Pass the waiting connections on once no child is starting; serve them without any."""
+        if not self._waiting:
+            return
+        if not self.children:
+            self._serve_waiting()
+            return
+        if not all(child.ready for child in self.children.values()):
             # Connections that waited go out once all are ready, to spread them evenly.
             return
         waiting, self._waiting = self._waiting, []
         for connection in waiting:
             if not self._pass(connection):
                 self._waiting.append(connection)
-        if not self._waiting and self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
+        if not self._waiting:
+            self._cancel_wait_timer()
 
     def _serve_waiting(self) -> None:
-        self._wait_timer = None
+        self._cancel_wait_timer()
         waiting, self._waiting = self._waiting, []
         for connection in waiting:
             if not self._pass(connection):
                 self._serve_here(connection)
+
+    def _cancel_wait_timer(self) -> None:
+        if self._wait_timer is not None and self._wait_timer.active():
+            self._wait_timer.cancel()
+        self._wait_timer = None
 
     def start(self) -> None:
         for number in range(1, self.count + 1):
@@ -230,6 +243,8 @@ class IntakeProcesses:
             delay,
         )
         self._restarts[child.number] = self.reactor.callLater(delay, self._spawn, child.number)
+        # Connections that waited for this child go to the others, or to the engine.
+        self._flush_waiting()
 
     def signal(self, number: int) -> None:
         """Send a signal to every running child, e.g. SIGHUP to reload the rules."""
@@ -243,9 +258,7 @@ class IntakeProcesses:
             if call.active():
                 call.cancel()
         self._restarts.clear()
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
+        self._cancel_wait_timer()
         for connection in self._waiting:
             # Nothing was read from it: its sender sends again to the next engine.
             connection.close()

@@ -27,6 +27,7 @@ from engine.hl7.events import (
 )
 from engine.hl7.intake import ignore_reason
 from engine.hl7.message import HL7Error, parse
+from engine.hl7.wiring import identifier_policy
 from engine.identity.build import build_resolver
 from engine.identity.resolver import IdentityResolver, TableResolver
 from engine.jobs.planner import Planner
@@ -66,12 +67,7 @@ def _tests_folder(config: config_module.Config) -> Path:
 
 
 def _policy(config: config_module.Config) -> IdentifierPolicy:
-    local = config.settings.local_patient
-    return IdentifierPolicy(
-        issuer=local.issuer,
-        authorities=tuple(local.authorities or [local.issuer]),
-        unqualified_ids_are_local=local.unqualified_ids_are_local,
-    )
+    return identifier_policy(config.settings)
 
 
 @rules_group.command(name="check")

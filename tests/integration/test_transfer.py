@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification
 
+from engine import config
 from engine.dimse.queries import move_study
 from engine.dimse.scu import (
     AssociationTracker,
@@ -27,7 +28,9 @@ from engine.dimse.scu import (
     NodeClient,
     RetryPolicy,
 )
+from engine.hl7.cli import interpreter_for
 from engine.jobs.store import JobRecord, JobState, Store, StudyState
+from engine.model import MessageOrigin
 from engine.testing.adt import demographics_message
 from engine.testing.dcmtk import QueryRetrieveSCP, StoreSCP
 from engine.testing.dicomgen import (
@@ -592,6 +595,35 @@ def test_retrieval_stopped_when_identifier_moves_during_it(site: Site) -> None:
         text.startswith(f"study {study.study_instance_uid}: retrieval stopped") for text in events
     )
     # Nothing of it reaches the destination when it is back.
+    site.destination.start()
+    assert site.destination.instance_count() == 0
+
+
+def test_move_written_by_other_process_stops_retrieval(site: Site) -> None:
+    # The move reaches the store without the ADT passing through this engine's
+    # intake, as with `fdqr messages replay` or an intake process that ended
+    # before it told the engine: the engine's periodic check must find it.
+    job_id = start_with_learned_patient(site, ct_study("t-ct-move-4", 60), 1024 * 1024)
+    wait_for_spooled(site, 5)
+    move = demographics_message(
+        NEW_OWNER, "MOVE-A08-3", dt.datetime.now(), "A08", ["HA-MOVE-1^^^HOSP_A"]
+    )
+    now = dt.datetime.now(dt.UTC)
+    interpreter = interpreter_for(config.load(site.config), now)
+    plan = interpreter.plan(interpreter.parse(move))
+    store = Store(site.store)
+    try:
+        origin = MessageOrigin("HIS", "HOSPITAL", "ADT^A08", "MOVE-A08-3")
+        store.record_message(origin, "test", move, b"", plan.outcome, plan.jobs, now, plan.actions)
+    finally:
+        store.close()
+
+    job = wait_for_job(site.store, job_id)
+
+    assert job.state == JobState.FAILED, job.summary
+    [study] = [s for s in read_studies(site.store, job_id) if s.selected]
+    assert study.reason.startswith(f"retrieval stopped: {MOVED}; "), study.reason
+    assert not spooled(site.spool)
     site.destination.start()
     assert site.destination.instance_count() == 0
 

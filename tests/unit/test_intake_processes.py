@@ -339,6 +339,26 @@ def test_connection_wait_ends_in_engine(
         peer.close()
 
 
+def test_connection_waiting_for_ended_child_served(reactor: ProcessReactor) -> None:
+    intake = processes(reactor, Recorder(), count=1)
+    intake.start()
+    ours, peer = socket.socketpair()
+    try:
+        inode = os.fstat(ours.fileno()).st_ino
+        intake.dispatch(ours)
+        assert reactor.adopted == []
+
+        # It refused to start (e.g. changed settings) before it was ready.
+        ended(reactor.spawned[0][0], status=2)
+
+        assert reactor.adopted == [(inode, socket.AF_INET, intake.serve_here)]
+        reactor.advance(60)
+        assert len(reactor.adopted) == 1
+    finally:
+        ours.close()
+        peer.close()
+
+
 def test_waiting_connections_closed_at_stop(reactor: ProcessReactor) -> None:
     intake = processes(reactor, Recorder())
     intake.start()

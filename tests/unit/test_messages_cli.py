@@ -15,6 +15,7 @@ from engine.hl7.cli import interpreter_for, render
 from engine.hl7.intake import Intake
 from engine.hl7.message import CharsetDefaults
 from engine.jobs.store import JobRecord, JobState, Store
+from engine.testing.adt import demographics_message
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
 from tests.conftest import NOW, shipped_layout
@@ -261,3 +262,16 @@ def finish_all(layout: Path) -> None:
             store.finish_job(job.id, JobState.DONE, "done", NOW)
     finally:
         store.close()
+
+
+def test_replay_applies_adt_to_patient_records(layout: Path) -> None:
+    adt = demographics_message(PATIENT, "ADT1", dt.datetime(2026, 3, 14, 9, 0), "A08")
+    receive(layout, adt)
+
+    status, output = run(layout, "replay", "1")
+
+    assert status == 0, output
+    assert (
+        "message 1 replayed (replay 1): ADT^A08 for L12345^^^LOCAL;"
+        " demographics of L12345^^^LOCAL updated" in output
+    )

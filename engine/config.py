@@ -109,7 +109,7 @@ class MLLPSettings(Settings):
     tls: MLLPTLSSettings | None = None
     # Processes of their own that read, plan and store HL7 messages, sharing the
     # listening socket; 0 does it in the engine process.
-    processes: int = Field(default=0, ge=0, le=16)
+    processes: int = Field(default=0, ge=0, le=16, strict=True)
 
     @pydantic.field_validator("listen")
     @classmethod
@@ -154,15 +154,6 @@ class MLLPSettings(Settings):
         if self.tls is not None and not self.listen.startswith("tcp:"):
             raise ValueError(
                 f"mllp.tls needs a tcp: listen endpoint (it adds TLS itself); got '{self.listen}'"
-            )
-        return self
-
-    @pydantic.model_validator(mode="after")
-    def _processes_over_tcp(self) -> MLLPSettings:
-        if self.processes and not self.listen.startswith("tcp:"):
-            raise ValueError(
-                f"mllp.processes needs a tcp: listen endpoint (use mllp.tls for TLS);"
-                f" got '{self.listen}'"
             )
         return self
 
@@ -880,21 +871,34 @@ def _check_mllp_tls(document: Document, path: Path, settings: EngineSettings) ->
     return []
 
 
-def settings_digest(settings: EngineSettings) -> str:
-    """Return a digest of the settings, which tells an intake process the engine's from others."""
-    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()
+def settings_digest(settings: EngineSettings, table: CrossReferenceTable) -> str:
+    """Return a digest of the settings and the identity table an intake process must share."""
+    text = settings.model_dump_json() + "\n" + table.canonical()
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_intake_processes(document: Document, settings: EngineSettings) -> list[Problem]:
-    if settings.mllp.processes and str(settings.store.path) == MEMORY_STORE:
-        return [
+    mllp = settings.mllp
+    if not mllp.processes:
+        return []
+    problems = []
+    if not mllp.listen.startswith("tcp:"):
+        problems.append(
+            document.problem(
+                ("mllp", "processes"),
+                f"intake processes need a tcp: listen endpoint; mllp.listen is '{mllp.listen}'"
+                " (use tcp: with mllp.tls for TLS, or processes: 0)",
+            )
+        )
+    if str(settings.store.path) == MEMORY_STORE:
+        problems.append(
             document.problem(
                 ("mllp", "processes"),
                 f"intake processes share the store file; store.path '{MEMORY_STORE}' has none"
                 " (use 0, or a store file)",
             )
-        ]
-    return []
+        )
+    return problems
 
 
 def _check_audit_tls(document: Document, path: Path, settings: EngineSettings) -> list[Problem]:

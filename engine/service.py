@@ -423,7 +423,7 @@ class Engine:
                 self.config.path,
                 logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                 port.addressFamily,
-                settings_digest(self.config.settings),
+                settings_digest(self.config.settings, self.config.identity_table),
             ),
             self.config.settings.mllp.processes,
             IntakeEvents(
@@ -433,15 +433,12 @@ class Engine:
                 patient_records=self._patient_records_changed,
             ),
             serve_here=factory,
+            rules=lambda: self.rules.digest,
         )
+        self.rules.listeners.append(self.intake_processes.rules_reloaded)
         self.intake_processes.start()
         self.dispatcher = Dispatcher(port.socket, self.intake_processes)
         self.reactor.addReader(self.dispatcher)
-
-    def reload_rules(self, reason: str) -> None:
-        self.rules.reload(reason)
-        if self.intake_processes is not None:
-            self.intake_processes.signal(signal.SIGHUP)
 
     @defer.inlineCallbacks
     def stop(self) -> Generator[defer.Deferred[Any], Any, None]:
@@ -539,7 +536,7 @@ def run(config: Config, reactor: Any = None) -> int:
     reactor.callWhenRunning(lambda: engine.start().addErrback(failed_to_start))
     signal.signal(
         signal.SIGHUP,
-        lambda number, frame: reactor.callFromThread(engine.reload_rules, "SIGHUP"),
+        lambda number, frame: reactor.callFromThread(engine.rules.reload, "SIGHUP"),
     )
     reactor.addSystemEventTrigger("before", "shutdown", engine.stop)
     reactor.run()

@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import error, protocol, stdio
@@ -83,9 +83,17 @@ class EngineLink(protocol.Protocol):
     are summed over a reactor turn and sent as one line at its end.
     """
 
-    def __init__(self, reactor: Any, on_lost: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        on_lost: Callable[[], None],
+        on_rules: Callable[[str], None] = lambda digest: None,
+    ) -> None:
         self.reactor = reactor
         self.on_lost = on_lost
+        # Called with the engine's new rules digest after the engine reloaded its rules.
+        self.on_rules = on_rules
+        self._input = b""
         self._answered: dict[str, int] = {}
         self._unanswered = 0
         self._duplicates = 0
@@ -132,7 +140,25 @@ class EngineLink(protocol.Protocol):
         self._unanswered = self._duplicates = self._jobs = 0
 
     def dataReceived(self, data: bytes) -> None:
-        """Ignore input: the engine sends nothing on the link."""
+        """Reply to the engine's pings and take its rules reloads, one JSON line each."""
+        self._input += data
+        *lines, self._input = self._input.split(b"\n")
+        for line in lines:
+            try:
+                event = json.loads(line)
+                kind = event["kind"]
+                if kind == "ping":
+                    self.send(encode_event("pong"))
+                elif kind == "rules":
+                    self.on_rules(str(event["digest"]))
+                else:
+                    raise KeyError(kind)
+            except (ValueError, KeyError, TypeError) as problem:
+                logger.error(
+                    "the engine sent an event that cannot be read (%s: %s); ignored it",
+                    type(problem).__name__,
+                    problem,
+                )
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.on_lost()
@@ -142,11 +168,19 @@ class EngineLink(protocol.Protocol):
 class ConnectionReceiver:
     """Takes the connections the engine passes and hands them to the MLLP factory."""
 
-    def __init__(self, reactor: Any, connections: socket.socket, family: int, factory: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        connections: socket.socket,
+        family: int,
+        factory: Any,
+        on_lost: Callable[[], None],
+    ) -> None:
         self.reactor = reactor
         self.connections = connections
         self.family = family
         self.factory = factory
+        self.on_lost = on_lost
 
     def fileno(self) -> int:
         return self.connections.fileno()
@@ -171,13 +205,17 @@ class ConnectionReceiver:
 
     def connectionLost(self, reason: Failure) -> None:
         self.connections.close()
-        _engine_gone(self.reactor)
+        self.on_lost()
 
     def logPrefix(self) -> str:
         return "intake"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The engine reloads the rules and stops its children itself: a SIGHUP from a
+    # log rotation or Ctrl-C in a terminal must not end a child, even while it starts.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="python -m engine.hl7.child")
     parser.add_argument("--config", required=True)
     parser.add_argument("--log-level", default="INFO")
@@ -185,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections-fd", type=int, default=3)
     parser.add_argument("--family", type=int, required=True)
     parser.add_argument("--settings", required=True, help="the engine's settings_digest")
+    parser.add_argument("--rules", required=True, help="the digest of the engine's rules")
     args = parser.parse_args(argv)
 
     # The channel keeps the pipe; anything printed by mistake goes to the log.
@@ -192,42 +231,91 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.dup2(2, 1)
     _setup_logging(args.log_level, args.number)
 
-    from pathlib import Path
-
     from twisted.internet import reactor as default_reactor
 
-    from engine.clitools import load_or_exit
-    from engine.config import load_rules, mllp_tls_options, rule_files, settings_digest
-    from engine.hl7.wiring import engine_planner, identifier_policy
-    from engine.rules.reload import RuleFileWatcher, RuleSetHolder
-
     reactor: Any = default_reactor
-    config = load_or_exit(Path(args.config))
-    settings = config.settings
-    if settings_digest(settings) != args.settings:
-        logger.error(
-            "intake process %d cannot start: %s changed since the engine started;"
-            " restart the engine to use the new settings",
-            args.number,
-            config.path,
-        )
+    config = _load_config(args.config, args.number, args.settings, args.rules)
+    if config is None:
         return 2
     try:
         db = AsyncStore(reactor, Store(config.store_path))
     except StoreError as problem:
         logger.error("intake process %d cannot start: %s", args.number, problem)
         return 1
+    return _serve(reactor, config, db, args, channel)
+
+
+def _load_config(path: str, number: int, settings: str, rules: str) -> Any:
+    """Return the configuration, or None (logged) when it is not the engine's."""
+    from pathlib import Path
+
+    from engine.config import load, rule_files, settings_digest
+    from engine.configfile import ConfigError
+    from engine.rules.reload import content_digest
+
+    try:
+        config = load(Path(path))
+    except ConfigError as error:
+        logger.error(
+            "intake process %d cannot start: the configuration is invalid, %d problem(s)",
+            number,
+            len(error.problems),
+        )
+        for problem in error.problems:
+            logger.error("  %s", problem)
+        return None
+    if settings_digest(config.settings, config.identity_table) != settings:
+        logger.error(
+            "intake process %d cannot start: %s or its identity table changed since the"
+            " engine started; restart the engine to use the new settings",
+            number,
+            config.path,
+        )
+        return None
+    if content_digest(rule_files(config.path, config.settings)) != rules:
+        logger.error(
+            "intake process %d cannot start: the route and rule files differ from the rules"
+            " the engine runs; the engine serves its connections until it loads them"
+            " (SIGHUP, or within rules_reload_seconds)",
+            number,
+        )
+        return None
+    return config
+
+
+def _serve(
+    reactor: Any, config: Any, db: AsyncStore, args: argparse.Namespace, channel: int
+) -> int:
+    from engine.config import load_rules, mllp_tls_options, rule_files
+    from engine.hl7.wiring import engine_planner, identifier_policy
+    from engine.rules.reload import RuleSetHolder
+
+    settings = config.settings
     rules = RuleSetHolder(
         config.rule_set,
         load=lambda: load_rules(config.path, config.settings),
         files=lambda: rule_files(config.path, config.settings),
     )
-    watcher = RuleFileWatcher(rules, reactor, settings.rules_reload_seconds)
+    exit_status = 0
+    stopping = _Stopping(reactor)
+
+    def engine_reloaded(digest: str) -> None:
+        nonlocal exit_status
+        rules.reload("the engine reloaded its rules")
+        if rules.digest != digest:
+            # The files changed again since the engine read them, or they are invalid here.
+            logger.error(
+                "intake process %d: the route and rule files differ from the rules the"
+                " engine runs; stopping, to start again with the engine's",
+                args.number,
+            )
+            exit_status = 3
+            stopping.stop()
 
     def now() -> dt.datetime:
         return dt.datetime.fromtimestamp(reactor.seconds(), dt.UTC)
 
-    link = EngineLink(reactor, on_lost=lambda: _engine_gone(reactor))
+    link = EngineLink(reactor, on_lost=stopping.engine_gone, on_rules=engine_reloaded)
     intake = Intake(
         db,
         engine_planner(config, rules.current, now),
@@ -257,34 +345,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     standard_io(link, stdin=0, stdout=channel, reactor=reactor)
     connections = socket.socket(fileno=args.connections_fd)
     connections.setblocking(False)
-    receiver = ConnectionReceiver(reactor, connections, args.family, factory)
+    receiver = ConnectionReceiver(reactor, connections, args.family, factory, stopping.engine_gone)
     reactor.addReader(receiver)
     link.send(encode_event("ready"))
-    if settings.rules_reload_seconds > 0:
-        watcher.start()
-    signal.signal(
-        signal.SIGHUP,
-        lambda number, frame: reactor.callFromThread(rules.reload, "SIGHUP"),
-    )
 
     def stop() -> None:
-        watcher.stop()
         reactor.removeReader(receiver)
         db.stop()
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
-    # Ctrl-C in a terminal reaches the whole process group: the engine stops its children.
+    # The reactor installs its own SIGINT handler when it runs; the engine stops the child.
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     logger.info("intake process %d started (process id %d)", args.number, os.getpid())
     reactor.run()
     logger.info("intake process %d stopped", args.number)
-    return 0
+    return exit_status
 
 
-def _engine_gone(reactor: Any) -> None:
-    if reactor.running:
-        logger.info("the engine process closed the link; intake process stopping")
-        reactor.stop()
+class _Stopping:
+    """Stops the child's reactor once, whichever of its causes comes first."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.requested = False
+
+    def engine_gone(self) -> None:
+        if not self.requested:
+            logger.info("the engine process closed the link; intake process stopping")
+        self.stop()
+
+    def stop(self) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        self.reactor.callWhenRunning(self.reactor.stop)
 
 
 def _setup_logging(level: str, number: int) -> None:

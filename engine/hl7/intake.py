@@ -260,6 +260,7 @@ class Intake:
     def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
         header = AckHeader.from_raw(head)
         if not header.control_id:
+            self.on_answered([])
             return []
         error = HL7Error(
             f"message of {size} bytes or more exceeds the size limit",
@@ -267,7 +268,7 @@ class Intake:
             ("", 0, 0),
             AckCode.APPLICATION_REJECT,
         )
-        return self._error_acks(header, error)
+        return self._counted(self._error_acks(header, error))
 
     def _error_acks(self, header: AckHeader, error: HL7Error) -> list[bytes]:
         return acknowledgements(header, verdict_of(error), [AckError.from_error(error)])

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -200,6 +200,11 @@ class MLLPProtocol(protocol.Protocol):
                 "MLLP connection from %s closed; %d bytes outside frames skipped in total",
                 self.peer,
                 self.decoder.skipped_bytes,
+            )
+        elif reason.check(error.ConnectionDone, error.ConnectionLost) is None:  # type: ignore[no-untyped-call]
+            # E.g. a TLS handshake that failed: no client certificate, an unknown CA.
+            logger.warning(
+                "MLLP connection from %s closed: %s", self.peer, reason.getErrorMessage()
             )
         else:
             logger.info("MLLP connection from %s closed", self.peer)

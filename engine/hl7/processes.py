@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from engine.hl7.child import read_patient_records
+from engine.hl7.child import encode_event, read_patient_records
 from engine.jobs.planner import PatientChange
 from engine.model import MessageOrigin
 
@@ -44,7 +44,13 @@ STEADY_SECONDS = 30.0
 FIRST_RESTART_SECONDS = 1.0
 MAX_RESTART_SECONDS = 30.0
 # How long an accepted connection waits for a starting child before the engine serves it.
-WAIT_FOR_CHILD_SECONDS = 10.0
+WAIT_FOR_CHILD_SECONDS = 3.0
+# Each ready child is pinged this often. One that has not responded to a ping
+# for UNANSWERED_SECONDS gets no new connection; after KILL_SILENT_SECONDS it is
+# killed and started again (a child stopped or stuck in a system call).
+PING_SECONDS = 1.0
+UNANSWERED_SECONDS = 3.0
+KILL_SILENT_SECONDS = 30.0
 # How long a stopping engine waits for its children before it kills them.
 STOP_WAIT_SECONDS = 10.0
 # A line of the channel longer than this is a broken child; it is logged and dropped.
@@ -73,7 +79,8 @@ class ChildCommand:
     # differently refuses to run (its store path or local issuer could differ).
     settings: str
 
-    def arguments(self, number: int) -> list[str]:
+    def arguments(self, number: int, rules: str) -> list[str]:
+        """Return the command line of child `number`; rules is the engine's rules digest."""
         return [
             sys.executable,
             "-m",
@@ -90,6 +97,8 @@ class ChildCommand:
             str(self.family),
             "--settings",
             self.settings,
+            "--rules",
+            rules,
         ]
 
 
@@ -101,9 +110,14 @@ class IntakeProcesses:
         count: int,
         events: IntakeEvents,
         serve_here: protocol.Factory,
+        rules: Callable[[], str] = lambda: "",
     ) -> None:
         self.reactor = reactor
         self.command = command
+        # The digest of the engine's current rules (RuleSetHolder.digest).
+        self.rules = rules
+        self._pings = task.LoopingCall(self._ping)
+        self._pings.clock = reactor
         self.count = count
         self.events = events
         # Serves a connection in the engine process while no child can take it.
@@ -136,7 +150,12 @@ class IntakeProcesses:
         self._serve_here(connection)
 
     def _pass(self, connection: socket.socket) -> bool:
-        ready = [number for number in sorted(self.children) if self.children[number].ready]
+        now = self.reactor.seconds()
+        ready = [
+            number
+            for number in sorted(self.children)
+            if self.children[number].ready and self.children[number].answering(now)
+        ]
         for offset in range(len(ready)):
             child = self.children[ready[(self._turn + offset) % len(ready)]]
             if child.take(connection):
@@ -189,6 +208,30 @@ class IntakeProcesses:
     def start(self) -> None:
         for number in range(1, self.count + 1):
             self._spawn(number)
+        self._pings.start(PING_SECONDS, now=False)
+
+    def rules_reloaded(self) -> None:
+        """Tell every child the engine's new rules digest; each loads the rules again."""
+        line = encode_event("rules", digest=self.rules())
+        for child in self.children.values():
+            child.send(line)
+
+    def _ping(self) -> None:
+        now = self.reactor.seconds()
+        for child in list(self.children.values()):
+            if not child.ready:
+                continue
+            if child.ping_sent is None:
+                child.ping_sent = now
+                child.send(encode_event("ping"))
+            elif now - child.ping_sent >= KILL_SILENT_SECONDS:
+                logger.error(
+                    "intake process %d has not responded for %.0f s; killing it",
+                    child.number,
+                    now - child.ping_sent,
+                )
+                child.ping_sent = None
+                child.signal(signal.SIGKILL)
 
     def _spawn(self, number: int) -> None:
         self._restarts.pop(number, None)
@@ -201,7 +244,7 @@ class IntakeProcesses:
             self.reactor.spawnProcess(
                 child,
                 sys.executable,
-                self.command.arguments(number),
+                self.command.arguments(number, self.rules()),
                 env=os.environ.copy(),
                 childFDs={0: "w", 1: "r", 2: 2, 3: theirs.fileno()},
             )
@@ -254,6 +297,8 @@ class IntakeProcesses:
     def stop(self) -> defer.Deferred[None]:
         """Stop every child: SIGTERM, then SIGKILL after STOP_WAIT_SECONDS."""
         self.stopping = True
+        if self._pings.running:
+            self._pings.stop()
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
@@ -312,6 +357,17 @@ class ChildProtocol(protocol.ProcessProtocol):
         # Set by the child's "ready" event; no connection is passed to it before.
         self.ready = False
         self.on_ready = on_ready
+        # When the ping still without a response was sent.
+        self.ping_sent: float | None = None
+
+    def answering(self, now: float) -> bool:
+        """Return False while a ping waits for a response longer than UNANSWERED_SECONDS."""
+        return self.ping_sent is None or now - self.ping_sent < UNANSWERED_SECONDS
+
+    def send(self, line: bytes) -> None:
+        """Write an event to the child's standard input."""
+        if self.transport is not None and not self.ended.called:
+            self.transport.write(line)
 
     def take(self, connection: socket.socket) -> bool:
         """Pass a connection to the child; False when it cannot take it now."""
@@ -354,6 +410,8 @@ class ChildProtocol(protocol.ProcessProtocol):
             elif kind == "ready":
                 self.ready = True
                 self.on_ready(self)
+            elif kind == "pong":
+                self.ping_sent = None
             elif kind == "patient_records":
                 self.events.patient_records(*read_patient_records(event))
             else:

@@ -68,6 +68,16 @@ class CrossReferenceTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def canonical(self) -> str:
+        """Return the entries as one text, the same for the same entries in any order."""
+        return "\n".join(
+            sorted(
+                f"{local}\t{issuer}\t{remote}"
+                for local, mapped in self._entries.items()
+                for issuer, remote in mapped.items()
+            )
+        )
+
     def lookup(self, local: PatientIdentifier, issuer: str) -> PatientIdentifier | None:
         if local.issuer == issuer:
             return local

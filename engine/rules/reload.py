@@ -8,6 +8,7 @@ set stays in place.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,8 +37,28 @@ def file_state(paths: Sequence[Path]) -> FileState:
     return tuple(state)
 
 
+def content_digest(paths: Sequence[Path]) -> str:
+    """Return a digest of the files' names and contents; a missing file counts as empty."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        try:
+            content = path.read_bytes()
+        except OSError:
+            content = b""
+        digest.update(f"{path}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()
+
+
 class RuleSetHolder:
-    """The current rule set, replaced as a whole by reload()."""
+    """The current rule set, replaced as a whole by reload().
+
+    digest is content_digest of the files the current set was loaded from, read
+    just after they were loaded. Intake processes compare it with their own, so
+    that they never plan with other rules than the engine's. A file changed
+    during a load makes the digest newer than the set; the next check of the
+    files loads it again.
+    """
 
     def __init__(
         self,
@@ -49,8 +70,11 @@ class RuleSetHolder:
         self._load = load
         self._files = files
         self._state = file_state(files())
+        self.digest = content_digest(files())
         self.reloads = 0
         self.rejected = 0
+        # Called after each reload that swapped in a new set.
+        self.listeners: list[Callable[[], None]] = []
 
     def current(self) -> RuleSet:
         return self._current
@@ -85,10 +109,13 @@ class RuleSetHolder:
             )
             return False
         self._current = new
+        self.digest = content_digest(self._files())
         self.reloads += 1
         logger.info(
             "rules reloaded (%s): %d routes, %d rules", reason, len(new.routes), len(new.rules)
         )
+        for listener in self.listeners:
+            listener()
         return True
 
     def check_files(self) -> bool:

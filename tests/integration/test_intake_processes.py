@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import shutil
 import signal
 import socket
 import time
@@ -22,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.audit import event_code
 from engine.testing.adt import demographics_message
-from engine.testing.intake import INTAKE_PATIENT
+from engine.testing.intake import INTAKE_PATIENT, write_intake_config
+from engine.testing.sites import EngineProcess
 from tests.conftest import audit_file_messages
 from tests.integration.test_hl7_intake import (
     END_BLOCK,
@@ -225,12 +227,60 @@ def test_sighup_reloads_child_rules(engine: RunningEngine) -> None:
 
         engine.process.send_signal(signal.SIGHUP)
 
-        def reloaded() -> list[str]:
-            return [line for line in log(engine) if "rules reloaded (SIGHUP)" in line]
+        def reloaded(marker: str) -> list[str]:
+            return [line for line in log(engine) if f"rules reloaded ({marker})" in line]
 
-        wait_until(lambda: len(reloaded()) == 3, "the engine and both children reload")
-        assert sum("[intake 1]" in line for line in reloaded()) == 1
-        assert sum("[intake 2]" in line for line in reloaded()) == 1
+        wait_until(
+            lambda: len(reloaded("the engine reloaded its rules")) == 2, "both children reload"
+        )
+        assert len(reloaded("SIGHUP")) == 1
+        children = reloaded("the engine reloaded its rules")
+        assert sum("[intake 1]" in line for line in children) == 1
+        assert sum("[intake 2]" in line for line in children) == 1
+    finally:
+        stop_engine(engine)
+
+
+def test_child_refuses_rules_engine_has_not_loaded(tmp_path: Path) -> None:
+    folder = tmp_path / "engine"
+    config, port = write_intake_config(folder, str(folder / "fdqr.sqlite"), {"processes": 2})
+    settings = yaml.safe_load(config.read_text())
+    # Copies of the shipped routes and rules, which this test edits.
+    for key in ("routes", "rules"):
+        shutil.copytree(settings[key], tmp_path / key)
+        settings[key] = str(tmp_path / key)
+    settings["rules_reload_seconds"] = 0
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    engine = RunningEngine(
+        EngineProcess(config, port, folder / "engine.log"), port, folder / "fdqr.sqlite"
+    )
+    engine.process.start()
+    try:
+        children = intake_children(engine)
+        wait_until(lambda: started_lines(engine) == 2, "both intake processes started")
+        orders = tmp_path / "routes" / "orders.yaml"
+        orders.write_text(
+            orders.read_text().replace("sending_application: RIS", "sending_application: RISX")
+        )
+
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda: (
+                sum("differ from the rules the engine runs" in line for line in log(engine)) >= 2
+            ),
+            "both children refuse the files the engine has not loaded",
+        )
+        # The engine serves the order with the rules it runs, which still take RIS orders.
+        assert send_orders(engine, "OLD-RULES", connections=1, each=1) == ["MSA|AA|OLD-RULES-0-0"]
+        assert engine.jobs_of("OLD-RULES-0-0") == 1
+
+        engine.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: started_lines(engine) == 4, "both children start with the new rules")
+        answers = send_orders(engine, "NEW-RULES", connections=2, each=1)
+        assert answers == ["MSA|AA|NEW-RULES-0-0", "MSA|AA|NEW-RULES-1-0"]
+        assert engine.jobs_of("NEW-RULES-0-0") == 0
+        assert engine.jobs_of("NEW-RULES-1-0") == 0
     finally:
         stop_engine(engine)
 
@@ -262,3 +312,31 @@ def test_changed_settings_refused_by_children(
         assert engine.jobs_of("MEANWHILE-1-1") == 1
     finally:
         stop_engine(engine)
+
+
+def started_pid(engine: RunningEngine, number: int) -> int:
+    """The process id that intake process `number` logged at its last start."""
+    marker = f"intake process {number} started (process id "
+    [*_, line] = [line for line in log(engine) if marker in line]
+    return int(line.split(marker)[1].rstrip(")"))
+
+
+def test_stopped_child_gets_no_connections(engine: RunningEngine) -> None:
+    intake_children(engine)
+    wait_until(lambda: started_lines(engine) == 2, "both intake processes started")
+    first, second = started_pid(engine, 1), started_pid(engine, 2)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        # Longer than the 3 s a ping may wait for its response.
+        time.sleep(4.5)
+
+        answers = send_orders(engine, "STOPPED", connections=4, each=1)
+
+        assert answers == [f"MSA|AA|STOPPED-{n}-0" for n in range(4)]
+        stored = [line for line in log(engine) if "stored ORM^O01 STOPPED-" in line]
+        assert len(stored) == 4
+        assert all("[intake 2]" in line for line in stored)
+    finally:
+        os.kill(first, signal.SIGCONT)
+        stop_engine(engine)
+    assert not alive(second)

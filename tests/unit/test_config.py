@@ -482,8 +482,10 @@ def test_intake_processes_need_tcp_listen(layout: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         config.load(layout)
     [problem] = raised.value.problems
-    assert problem.path == "mllp"
-    assert "mllp.processes needs a tcp: listen endpoint" in problem.message
+    assert problem.path == "mllp.processes"
+    assert "need a tcp: listen endpoint; mllp.listen is 'unix:/tmp/fdqr-mllp.sock'" in (
+        problem.message
+    )
 
 
 def test_intake_processes_need_a_store_file(layout: Path) -> None:
@@ -495,8 +497,9 @@ def test_intake_processes_need_a_store_file(layout: Path) -> None:
     assert "store.path ':memory:' has none" in problem.message
 
 
-def test_intake_processes_bounded(layout: Path) -> None:
-    edit(layout, {"mllp.processes": 17})
+@pytest.mark.parametrize("value", [17, -1, "2", True, 2.5])
+def test_intake_processes_invalid_values(layout: Path, value: object) -> None:
+    edit(layout, {"mllp.processes": value})
     with pytest.raises(ConfigError) as raised:
         config.load(layout)
     [problem] = raised.value.problems

@@ -257,9 +257,13 @@ def test_cancel_is_stored_without_job(db: ImmediateStore) -> None:
 
 def test_oversize_reject_needs_msh() -> None:
     intake, _ = make_intake(ImmediateStore.__new__(ImmediateStore))
+    counted: list[Sequence[bytes]] = []
+    intake.on_answered = counted.append
     [ack] = intake.reject_oversize(order()[:200], 20_000_000, "peer")
     assert b"\rMSA|AR|MSG1\r" in ack
     assert intake.reject_oversize(b"\x00\x01garbage", 20_000_000, "peer") == []
+    # Both count in the metrics: one AR, one without an ACK.
+    assert counted == [[ack], []]
 
 
 def with_ack_modes(text: bytes, accept: str, application: str) -> bytes:

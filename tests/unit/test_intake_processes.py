@@ -55,6 +55,10 @@ class ProcessTransport:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.signals: list[int] = []
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
 
     def signalProcess(self, number: int) -> None:
         if self.pid == 0:
@@ -103,7 +107,9 @@ def ready(reactor: ProcessReactor) -> None:
 
 def processes(reactor: ProcessReactor, recorder: Recorder, count: int = 2) -> IntakeProcesses:
     command = ChildCommand(Path("/etc/fdqr/engine.yaml"), "INFO", socket.AF_INET, "d1")
-    return IntakeProcesses(reactor, command, count, recorder.events(), protocol.Factory())
+    return IntakeProcesses(
+        reactor, command, count, recorder.events(), protocol.Factory(), rules=lambda: "r1"
+    )
 
 
 def test_children_started_with_engine_config(reactor: ProcessReactor) -> None:
@@ -113,7 +119,7 @@ def test_children_started_with_engine_config(reactor: ProcessReactor) -> None:
     assert [argument[argument.index("--number") + 1] for argument in args] == ["1", "2"]
     assert all(argument[1:3] == ["-m", "engine.hl7.child"] for argument in args)
     assert all("/etc/fdqr/engine.yaml" in argument for argument in args)
-    assert all(argument[-2:] == ["--settings", "d1"] for argument in args)
+    assert all(argument[-4:] == ["--settings", "d1", "--rules", "r1"] for argument in args)
 
 
 def test_child_spawn_failure_retried(
@@ -330,7 +336,7 @@ def test_connection_wait_ends_in_engine(
     try:
         inode = os.fstat(ours.fileno()).st_ino
         intake.dispatch(ours)
-        reactor.advance(9.9)
+        reactor.advance(2.9)
         assert reactor.adopted == []
         reactor.advance(0.1)
         assert reactor.adopted == [(inode, socket.AF_INET, intake.serve_here)]
@@ -444,7 +450,10 @@ def test_receiver_adopts_passed_connections() -> None:
     factory = protocol.Factory()
     engine_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     child_end.setblocking(False)
-    receiver = ConnectionReceiver(reactor, child_end, socket.AF_INET, factory)
+    lost: list[bool] = []
+    receiver = ConnectionReceiver(
+        reactor, child_end, socket.AF_INET, factory, lambda: lost.append(True)
+    )
     connections = [socket.socketpair() for _ in range(2)]
     try:
         for ours, _ in connections:
@@ -457,10 +466,70 @@ def test_receiver_adopts_passed_connections() -> None:
         ending = receiver.doRead()
         assert ending is not None and ending.check(error.ConnectionDone)
         receiver.connectionLost(ending)
-        assert reactor.stopped
+        assert lost == [True]
     finally:
         engine_end.close()
         child_end.close()
         for ours, peer in connections:
             ours.close()
             peer.close()
+
+
+def test_silent_child_skipped_then_killed(
+    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture
+) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    ready(reactor)
+    (first, _, _), (second, _, second_end) = reactor.spawned
+    reactor.advance(1)
+    assert first.transport.written.endswith(b'{"kind":"ping"}\n')  # type: ignore[union-attr]
+    second.outReceived(encode_event("pong"))
+    reactor.advance(3)
+    second.outReceived(encode_event("pong"))
+
+    # The first has not answered for 3 s: new connections go to the second only.
+    connections = [socket.socketpair() for _ in range(2)]
+    try:
+        inodes = [os.fstat(ours.fileno()).st_ino for ours, _ in connections]
+        for ours, _ in connections:
+            intake.dispatch(ours)
+        assert [received_inode(second_end), received_inode(second_end)] == inodes
+    finally:
+        for ours, peer in connections:
+            ours.close()
+            peer.close()
+
+    reactor.advance(26)
+    assert first.transport.signals == []  # type: ignore[union-attr]
+    reactor.advance(1)
+    assert first.transport.signals == [signal.SIGKILL]  # type: ignore[union-attr]
+    assert second.transport.signals == []  # type: ignore[union-attr]
+    assert "intake process 1 has not responded for 30 s; killing it" in caplog.text
+
+
+def test_rules_reload_sent_to_children(reactor: ProcessReactor) -> None:
+    digests = iter(["r1", "r1", "r2"])
+    command = ChildCommand(Path("engine.yaml"), "INFO", socket.AF_INET, "d1")
+    intake = IntakeProcesses(
+        reactor, command, 2, Recorder().events(), protocol.Factory(), rules=lambda: next(digests)
+    )
+    intake.start()
+
+    intake.rules_reloaded()
+
+    for child, _, _ in reactor.spawned:
+        assert json.loads(child.transport.written) == {"kind": "rules", "digest": "r2"}  # type: ignore[union-attr]
+
+
+def test_link_answers_pings_and_takes_rules() -> None:
+    rules: list[str] = []
+    link = EngineLink(task.Clock(), on_lost=lambda: None, on_rules=rules.append)
+    transport = StringTransport()
+    link.makeConnection(transport)
+
+    link.dataReceived(b'{"kind":"ping"}\n{"kind":"rul')
+    link.dataReceived(b'es","digest":"abc"}\nnot json\n')
+
+    assert transport.value() == b'{"kind":"pong"}\n'
+    assert rules == ["abc"]

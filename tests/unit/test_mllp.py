@@ -10,8 +10,10 @@ from collections.abc import Iterator, Sequence
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, task
+from OpenSSL import SSL
+from twisted.internet import defer, error, task
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from engine.hl7.ack import AckHeader
 from engine.hl7.events import IdentifierPolicy, Unhandled
@@ -474,3 +476,25 @@ def test_listener_oversize_answers_ar_and_closes(memory_intake: Intake) -> None:
     assert [segments[1] for segments in answers] == ["MSA|AR|BIG"]
     assert "exceeds the size limit" in answers[0][2]
     assert transport.disconnecting
+
+
+def test_protocol_logs_why_connection_failed(caplog: pytest.LogCaptureFixture) -> None:
+    protocol, _ = connect(RecordingHandler())
+    refused = Failure(SSL.Error([("SSL routines", "", "peer did not return a certificate")]))
+
+    with caplog.at_level(logging.INFO, logger="engine.hl7.mllp"):
+        protocol.connectionLost(refused)
+
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "peer did not return a certificate" in record.getMessage()
+
+
+def test_protocol_logs_plain_close_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    protocol, _ = connect(RecordingHandler())
+
+    with caplog.at_level(logging.INFO, logger="engine.hl7.mllp"):
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+
+    [record] = caplog.records
+    assert record.levelno == logging.INFO

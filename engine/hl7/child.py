@@ -15,6 +15,7 @@ standard input ends, which is when the engine process is gone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -378,7 +379,12 @@ class _Stopping:
         if self.requested:
             return
         self.requested = True
-        self.reactor.callWhenRunning(self.reactor.stop)
+        self.reactor.callWhenRunning(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        # A SIGTERM from the engine may have stopped it already.
+        with contextlib.suppress(error.ReactorNotRunning):
+            self.reactor.stop()
 
 
 def _setup_logging(level: str, number: int) -> None:

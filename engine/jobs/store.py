@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
@@ -379,6 +379,16 @@ def _ids(ids: Sequence[int]) -> str:
     return ", ".join(str(job_id) for job_id in ids)
 
 
+def _open_lock(path: Path | str) -> IO[bytes]:
+    """Open the write lock file, creating it; an flock needs no write access to it."""
+    lock = write_lock_file(path)
+    try:
+        return open(lock, "ab")
+    except PermissionError:
+        # Created by another user (e.g. a CLI run as root) and readable by this one.
+        return open(lock, "rb")
+
+
 def write_lock_file(path: Path | str) -> Path:
     """Return the file whose flock the store's writers take, e.g. fdqr.sqlite.write-lock."""
     path = Path(path)
@@ -409,9 +419,7 @@ class Store:
             self._db.executescript(SCHEMA)
             self._db.executescript(IDENTITY_SCHEMA)
             # A file of its own: `fdqr run` holds the .lock file for as long as it runs.
-            self._write_lock = (
-                None if str(path) == ":memory:" else open(write_lock_file(path), "ab")  # noqa: SIM115
-            )
+            self._write_lock = None if str(path) == ":memory:" else _open_lock(path)
             # The WAL file a durable commit syncs. Without one (a file system that
             # cannot share memory keeps the rollback journal), such commits run at FULL.
             self._wal = Path(f"{path}-wal") if journal == "wal" and self._write_lock else None

@@ -146,3 +146,24 @@ def test_batch_gathers_messages_during_lock_wait(tmp_path: Path) -> None:
     finally:
         db.stop()
     assert store.batches == [3]
+
+
+def test_write_lock_file_without_write_access(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As when another user (a CLI run as root) created the lock file first.
+    real_open = open
+
+    def no_write_access(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(file).endswith(".write-lock") and "a" in mode:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    write_lock_file(tmp_path / "fdqr.sqlite").touch()
+    monkeypatch.setattr("builtins.open", no_write_access)
+    store = Store(tmp_path / "fdqr.sqlite")
+    try:
+        store.record_message(origin("C1"), "peer", b"msg", b"ACK", "ok", [], NOW)
+        assert [message.origin.control_id for message in store.list_messages()] == ["C1"]
+    finally:
+        store.close()

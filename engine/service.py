@@ -39,6 +39,7 @@ from engine.dimse.pools import NodePools
 from engine.dimse.scu import AssociationTracker, NodeAddress, NodeClient, RetryPolicy
 from engine.dimse.storescp import StorageSCP, configure_pynetdicom
 from engine.federation.wiring import build_qr_service
+from engine.hl7.ack import share_control_ids
 from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
 from engine.hl7.processes import ChildCommand, Dispatcher, IntakeEvents, IntakeProcesses
@@ -417,6 +418,9 @@ class Engine:
         """Accept MLLP connections here and pass them to intake processes to serve."""
         # No connection was accepted yet: the reactor has not run since the listen.
         port.stopReading()
+        # The engine's ACKs take residue 0 of the ACK control ids, child N residue N.
+        step = self.config.settings.mllp.processes + 1
+        share_control_ids(step, step)
         self.intake_processes = IntakeProcesses(
             self.reactor,
             ChildCommand(

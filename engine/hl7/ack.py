@@ -23,6 +23,18 @@ from engine.hl7.codes import AckCode, AckCondition, ErrorCode, Verdict
 from engine.hl7.message import Delimiters, HL7Error, Message, escape
 
 _sequence = itertools.count(1)
+
+
+def share_control_ids(first: int, step: int) -> None:
+    """Number this process's ACKs first, first + step, ...: one residue per process.
+
+    The engine and its intake processes each take another residue modulo
+    step, so ACKs built in the same second by two of them never share MSH-10.
+    """
+    global _sequence
+    _sequence = itertools.count(first, step)
+
+
 # The first HL7 version whose ERR segment has ERR-2 (location) and ERR-3 (code);
 # earlier versions carry both in ERR-1, and the error text in MSA-3.
 _ERR_LOCATION_VERSION = (2, 5)

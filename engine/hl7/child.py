@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from engine.hl7.ack import ack_code
+from engine.hl7.ack import ack_code, share_control_ids
 from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
 from engine.hl7.tls import wrap
@@ -200,7 +200,8 @@ class ConnectionReceiver:
                 try:
                     self.reactor.adoptStreamConnection(fd, self.family, self.factory)
                 except OSError as problem:
-                    logger.error("taking a connection from the engine failed: %s", problem)
+                    # Usually a peer that reset the connection before it was taken.
+                    logger.info("a connection ended before this process took it: %s", problem)
                 finally:
                     os.close(fd)
 
@@ -274,11 +275,14 @@ def _load_config(path: str, number: int, settings: str, rules: str) -> Any:
         )
         return None
     if content_digest(rule_files(config.path, config.settings)) != rules:
+        reload = "SIGHUP"
+        if config.settings.rules_reload_seconds > 0:
+            reload += f" or within {config.settings.rules_reload_seconds:g} s"
         logger.error(
             "intake process %d cannot start: the route and rule files differ from the rules"
-            " the engine runs; the engine serves its connections until it loads them"
-            " (SIGHUP, or within rules_reload_seconds)",
+            " the engine runs; the engine serves its connections until it loads them (%s)",
             number,
+            reload,
         )
         return None
     return config
@@ -292,6 +296,8 @@ def _serve(
     from engine.rules.reload import RuleSetHolder
 
     settings = config.settings
+    # The engine numbers its ACKs with residue 0; child N takes residue N.
+    share_control_ids(args.number, settings.mllp.processes + 1)
     rules = RuleSetHolder(
         config.rule_set,
         load=lambda: load_rules(config.path, config.settings),

@@ -155,7 +155,7 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         raise SystemExit(1)
 
     now = dt.datetime.now(dt.UTC)
-    interpreter = interpreter_for(config, now)
+    interpreter = interpreter_for(config, now, replay=True)
     try:
         plan = interpreter.plan(interpreter.parse(content))
     except HL7Error as error:
@@ -205,11 +205,16 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         click.echo(f"  created job {job_id}: {state}{reason}")
 
 
-def interpreter_for(config: config_module.Config, now: dt.datetime) -> Interpreter:
-    """Build the interpreter the engine uses, from a loaded configuration."""
+def interpreter_for(
+    config: config_module.Config, now: dt.datetime, replay: bool = False
+) -> Interpreter:
+    """Build the interpreter the engine uses, from a loaded configuration.
+
+    For a replay, ADT messages change no patient record.
+    """
     settings = config.settings
     return Interpreter(
-        engine_planner(config, lambda: config.rule_set, lambda: now),
+        engine_planner(config, lambda: config.rule_set, lambda: now, replay),
         identifier_policy(settings),
         settings.mllp.charsets(),
         lambda origin: ignore_reason(config.rule_set, origin),

@@ -46,8 +46,9 @@ MAX_RESTART_SECONDS = 30.0
 # How long an accepted connection waits for a starting child before the engine serves it.
 WAIT_FOR_CHILD_SECONDS = 3.0
 # Each ready child is pinged this often. One that has not responded to a ping
-# for UNANSWERED_SECONDS gets no new connection; after KILL_SILENT_SECONDS it is
-# killed and started again (a child stopped or stuck in a system call).
+# for UNANSWERED_SECONDS gets no new connection. One silent for
+# KILL_SILENT_SECONDS (stopped, or stuck in a system call) is killed and
+# started again.
 PING_SECONDS = 1.0
 UNANSWERED_SECONDS = 3.0
 KILL_SILENT_SECONDS = 30.0
@@ -215,6 +216,12 @@ class IntakeProcesses:
         line = encode_event("rules", digest=self.rules())
         for child in self.children.values():
             child.send(line)
+        # A child waiting to start again may have refused the files the engine now runs.
+        for number, call in list(self._restarts.items()):
+            if call.active():
+                call.cancel()
+            self._delays.pop(number, None)
+            self._spawn(number)
 
     def _ping(self) -> None:
         now = self.reactor.seconds()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from engine.config import Config, EngineSettings
 from engine.hl7.events import IdentifierPolicy
 from engine.identity.adt import IdentityEvents
 from engine.identity.domains import DomainDirectory
-from engine.jobs.planner import Planner
+from engine.jobs.planner import IdentityPlanner, Planner
+from engine.jobs.store import Action
+from engine.model import DemographicsUpdated, PatientsMerged
 from engine.rules.model import RuleSet
 
 
@@ -23,18 +25,31 @@ def identifier_policy(settings: EngineSettings) -> IdentifierPolicy:
     )
 
 
+# The outcome of an ADT message replayed: its effects were applied when it arrived,
+# and applying them again could put back older demographics over newer ones.
+REPLAYED_ADT = "patient records unchanged: a replay does not apply ADT messages again"
+
+
 def engine_planner(
-    config: Config, rule_set: Callable[[], RuleSet], now: Callable[[], dt.datetime]
+    config: Config,
+    rule_set: Callable[[], RuleSet],
+    now: Callable[[], dt.datetime],
+    replay: bool = False,
 ) -> Planner:
-    """Return the planner of the running engine: routes and rules, the time zone, ADT effects."""
+    """Return the planner of the running engine: routes and rules, the time zone, ADT effects.
+
+    For a replay, ADT messages change no patient record (REPLAYED_ADT).
+    """
     settings = config.settings
-    return Planner(
-        rule_set,
-        now=now,
-        identity=IdentityEvents(
-            settings.local_patient.issuer,
-            DomainDirectory(settings.identity.domains),
-            config.identity_table,
-        ),
-        zone=settings.zone,
+    identity: IdentityPlanner = IdentityEvents(
+        settings.local_patient.issuer,
+        DomainDirectory(settings.identity.domains),
+        config.identity_table,
     )
+    if replay:
+        identity = _replayed_adt
+    return Planner(rule_set, now=now, identity=identity, zone=settings.zone)
+
+
+def _replayed_adt(event: DemographicsUpdated | PatientsMerged) -> tuple[str, Sequence[Action]]:
+    return f"{event.origin.message_type}: {REPLAYED_ADT}", ()

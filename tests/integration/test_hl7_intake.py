@@ -546,3 +546,31 @@ def test_spool_inside_running_engines_spool_refused(tmp_path: Path) -> None:
         f"engine failed to start: the spool {first_spool / 'second'} is inside the spool"
         f" {first_spool} of another fdqr engine (process {first_pid}"
     ) in run.stderr
+
+
+def test_sighup_during_start_keeps_engine(tmp_path: Path) -> None:
+    # A reload or log rotation right after a start must not end the engine: a
+    # service manager counts death by SIGHUP as a clean exit and would not restart it.
+    config, port = write_intake_config(tmp_path, str(tmp_path / "fdqr.sqlite"))
+    log = tmp_path / "engine.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "run", "--config", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(0.3)
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while "engine started" not in log.read_text():
+                assert process.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the engine did not start"
+                time.sleep(0.1)
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                answer = exchange(connection, START_BLOCK + order("AFTER-HUP") + END_BLOCK)
+            assert msa(answer) == "MSA|AA|AFTER-HUP"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0

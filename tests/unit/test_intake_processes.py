@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from twisted.internet import error, protocol, task
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from engine.hl7.ack import AckHeader, build_ack, share_control_ids
 from engine.hl7.child import (
     ConnectionReceiver,
     EngineLink,
@@ -23,9 +25,16 @@ from engine.hl7.child import (
     patient_records_event,
     read_patient_records,
 )
+from engine.hl7.codes import AckCode
+from engine.hl7.message import parse
 from engine.hl7.processes import ChildCommand, ChildProtocol, IntakeEvents, IntakeProcesses
 from engine.jobs.planner import PatientChange
 from engine.model import MessageOrigin, PatientIdentifier
+from engine.testing.dicomgen import PatientSpec
+from engine.testing.scenario import order_message
+
+PATIENT = PatientSpec("L12345", "LOCAL", "DOE^JANE", "19650312", "F")
+NOW_LOCAL = dt.datetime(2026, 3, 14, 9, 0, tzinfo=dt.UTC)
 
 ORIGIN = MessageOrigin("HIS", "ADT", "ADT^A40", "M1")
 CHANGES = [
@@ -533,3 +542,34 @@ def test_link_answers_pings_and_takes_rules() -> None:
 
     assert transport.value() == b'{"kind":"pong"}\n'
     assert rules == ["abc"]
+
+
+def test_rules_reload_starts_waiting_child_at_once(reactor: ProcessReactor) -> None:
+    intake = processes(reactor, Recorder())
+    intake.start()
+    # It refused the rule files, which the engine had not loaded yet.
+    ended(reactor.spawned[0][0], status=2)
+    assert len(reactor.spawned) == 2
+
+    intake.rules_reloaded()
+
+    assert len(reactor.spawned) == 3
+    assert sorted(intake.children) == [1, 2]
+    reactor.advance(60)
+    assert len(reactor.spawned) == 3
+
+
+def test_ack_control_ids_differ_between_processes() -> None:
+    header = AckHeader.from_message(parse(order_message(PATIENT, "C1", "A1", NOW_LOCAL)))
+    control_ids = []
+    try:
+        # The engine (residue 0) and intake processes 1 and 2, in the same second.
+        for first in (3, 1, 2):
+            share_control_ids(first, 3)
+            for _ in range(4):
+                ack = build_ack(header, AckCode.APPLICATION_ACCEPT, now=NOW_LOCAL)
+                control_ids.append(ack.split(b"\r")[0].split(b"|")[9])
+    finally:
+        share_control_ids(1, 1)
+
+    assert len(set(control_ids)) == 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from engine.cli import main
 from engine.hl7.cli import interpreter_for, render
 from engine.hl7.intake import Intake
 from engine.hl7.message import CharsetDefaults
+from engine.identity import records
 from engine.jobs.store import JobRecord, JobState, Store
+from engine.model import PatientIdentifier
 from engine.testing.adt import demographics_message
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
@@ -264,14 +267,24 @@ def finish_all(layout: Path) -> None:
         store.close()
 
 
-def test_replay_applies_adt_to_patient_records(layout: Path) -> None:
-    adt = demographics_message(PATIENT, "ADT1", dt.datetime(2026, 3, 14, 9, 0), "A08")
-    receive(layout, adt)
+def test_replay_leaves_patient_records_unchanged(layout: Path) -> None:
+    # Replaying an older ADT^A08 would put its demographics back over newer ones.
+    older = demographics_message(PATIENT, "ADT1", dt.datetime(2026, 3, 14, 9, 0), "A08")
+    receive(layout, older)
+    newer_patient = dataclasses.replace(PATIENT, name="DOE^JANE^MARIE")
+    receive(layout, demographics_message(newer_patient, "ADT2", dt.datetime(2026, 3, 15), "A08"))
 
     status, output = run(layout, "replay", "1")
 
     assert status == 0, output
     assert (
-        "message 1 replayed (replay 1): ADT^A08 for L12345^^^LOCAL;"
-        " demographics of L12345^^^LOCAL updated" in output
+        "message 1 replayed (replay 1): ADT^A08: patient records unchanged: a replay does not"
+        " apply ADT messages again" in output
     )
+    store = Store(config.load(layout).store_path)
+    try:
+        demographics = records.local_demographics(store, PatientIdentifier("L12345", "LOCAL"))
+    finally:
+        store.close()
+    assert demographics is not None
+    assert demographics.name == "DOE^JANE^MARIE"

@@ -68,9 +68,8 @@ logger = logging.getLogger(__name__)
 
 # How often the retrieves in progress are checked for a cancel of their job and
 # for a move of their remote ID. A move is also checked after each ADT message
-# that changes patient records; this check also finds moves written by another
-# process (`fdqr messages replay`) or whose event an intake process lost when it
-# ended.
+# that changes patient records. This check also finds moves that another process
+# wrote, such as an intake process that ended before it reported the ADT.
 CANCEL_CHECK_SECONDS = 2.0
 # Running jobs get this long to end after their associations were aborted.
 STOP_GRACE_SECONDS = 15.0

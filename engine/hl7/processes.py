@@ -171,6 +171,9 @@ class IntakeProcesses:
             self.reactor.adoptStreamConnection(
                 connection.fileno(), self.command.family, self.serve_here
             )
+        except OSError as problem:
+            # Usually a peer that reset the connection while it waited.
+            logger.info("a connection ended before the engine process took it: %s", problem)
         finally:
             connection.close()
 
@@ -213,6 +216,8 @@ class IntakeProcesses:
 
     def rules_reloaded(self) -> None:
         """Tell every child the engine's new rules digest; each loads the rules again."""
+        if self.stopping:
+            return
         line = encode_event("rules", digest=self.rules())
         for child in self.children.values():
             child.send(line)
@@ -475,7 +480,13 @@ class Dispatcher:
                 # Out of file descriptors and the like: the connection waits in the backlog.
                 logger.error("accepting an MLLP connection failed: %s", problem)
                 return
-            self.processes.dispatch(connection)
+            try:
+                self.processes.dispatch(connection)
+            except Exception:
+                # An exception here would make the reactor drop this reader, and with it
+                # every later connection.
+                logger.exception("passing an MLLP connection on failed; it was closed")
+                connection.close()
 
     def connectionLost(self, reason: Failure) -> None:
         """Leave the listening socket open: the engine's port closes it."""

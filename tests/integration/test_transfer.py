@@ -601,8 +601,8 @@ def test_retrieval_stopped_when_identifier_moves_during_it(site: Site) -> None:
 
 def test_move_written_by_other_process_stops_retrieval(site: Site) -> None:
     # The move reaches the store without the ADT passing through this engine's
-    # intake, as with `fdqr messages replay` or an intake process that ended
-    # before it told the engine: the engine's periodic check must find it.
+    # intake, as from an intake process that ended before it reported the ADT.
+    # The engine's periodic check must find it.
     job_id = start_with_learned_patient(site, ct_study("t-ct-move-4", 60), 1024 * 1024)
     wait_for_spooled(site, 5)
     move = demographics_message(

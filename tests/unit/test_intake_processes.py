@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,13 @@ from engine.hl7.child import (
 )
 from engine.hl7.codes import AckCode
 from engine.hl7.message import parse
-from engine.hl7.processes import ChildCommand, ChildProtocol, IntakeEvents, IntakeProcesses
+from engine.hl7.processes import (
+    ChildCommand,
+    ChildProtocol,
+    Dispatcher,
+    IntakeEvents,
+    IntakeProcesses,
+)
 from engine.jobs.planner import PatientChange
 from engine.model import MessageOrigin, PatientIdentifier
 from engine.testing.dicomgen import PatientSpec
@@ -497,7 +504,7 @@ def test_silent_child_skipped_then_killed(
     reactor.advance(3)
     second.outReceived(encode_event("pong"))
 
-    # The first has not answered for 3 s: new connections go to the second only.
+    # The first has not responded for 3 s, so new connections go to the second only.
     connections = [socket.socketpair() for _ in range(2)]
     try:
         inodes = [os.fstat(ours.fileno()).st_ino for ours, _ in connections]
@@ -573,3 +580,51 @@ def test_ack_control_ids_differ_between_processes() -> None:
         share_control_ids(1, 1)
 
     assert len(set(control_ids)) == 12
+
+
+def test_reset_connection_served_here_logged(
+    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture
+) -> None:
+    def reset(fd: int, family: int, factory: Any) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+    caplog.set_level(logging.INFO)
+    intake = processes(reactor, Recorder(), count=1)
+    reactor.adoptStreamConnection = reset  # type: ignore[method-assign]
+    ours, peer = socket.socketpair()
+    peer.close()
+    try:
+        # No child runs (none was started), so the engine takes it.
+        intake.dispatch(ours)
+        assert ours.fileno() == -1
+    finally:
+        ours.close()
+    assert "a connection ended before the engine process took it" in caplog.text
+
+
+def test_dispatcher_keeps_accepting_after_failure(caplog: pytest.LogCaptureFixture) -> None:
+    class Failing:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def dispatch(self, connection: socket.socket) -> None:
+            self.calls += 1
+            raise RuntimeError("broken")
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.setblocking(False)
+    failing = Failing()
+    dispatcher = Dispatcher(listening, failing)  # type: ignore[arg-type]
+    clients = [socket.create_connection(listening.getsockname()) for _ in range(2)]
+    try:
+        time.sleep(0.1)
+        assert dispatcher.doRead() is None
+        assert failing.calls == 2
+        for client in clients:
+            client.settimeout(5)
+            assert client.recv(10) == b""
+    finally:
+        listening.close()
+        for client in clients:
+            client.close()
+    assert "passing an MLLP connection on failed; it was closed" in caplog.text

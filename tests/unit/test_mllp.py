@@ -480,10 +480,10 @@ def test_listener_oversize_answers_ar_and_closes(memory_intake: Intake) -> None:
 
 def test_protocol_logs_why_connection_failed(caplog: pytest.LogCaptureFixture) -> None:
     protocol, _ = connect(RecordingHandler())
-    refused = Failure(SSL.Error([("SSL routines", "", "peer did not return a certificate")]))
+    rejected = Failure(SSL.Error([("SSL routines", "", "peer did not return a certificate")]))
 
     with caplog.at_level(logging.INFO, logger="engine.hl7.mllp"):
-        protocol.connectionLost(refused)
+        protocol.connectionLost(rejected)
 
     [record] = caplog.records
     assert record.levelno == logging.WARNING

@@ -112,9 +112,9 @@ class RecordingStore(Store):
 
     def record_messages(self, writes: Any) -> Any:
         def counted() -> Sequence[MessageWrite]:
-            taken = writes() if callable(writes) else writes
-            self.batches.append(len(taken))
-            return taken
+            batch = writes() if callable(writes) else writes
+            self.batches.append(len(batch))
+            return batch
 
         return super().record_messages(counted)
 

@@ -107,8 +107,8 @@ class MLLPSettings(Settings):
     # D debugging); a message with another one gets AR 202.
     processing_ids: list[str] = Field(default_factory=lambda: ["P"], min_length=1)
     tls: MLLPTLSSettings | None = None
-    # Processes of their own that read, plan and store HL7 messages, sharing the
-    # listening socket; 0 does it in the engine process.
+    # Processes of their own that read, plan and store HL7 messages, each serving
+    # the connections the engine passes it. With 0 the engine process does it.
     processes: int = Field(default=0, ge=0, le=16, strict=True)
 
     @pydantic.field_validator("listen")

@@ -29,9 +29,7 @@ from engine.config import (
     Config,
     MLLPTLSSettings,
     audit_tls_options,
-    load_rules,
     mllp_tls_options,
-    rule_files,
     settings_digest,
     syslog_address,
 )
@@ -44,7 +42,7 @@ from engine.hl7.intake import Intake, ignore_reason
 from engine.hl7.mllp import MLLPFactory
 from engine.hl7.processes import ChildCommand, Dispatcher, IntakeEvents, IntakeProcesses
 from engine.hl7.tls import wrap
-from engine.hl7.wiring import engine_planner, identifier_policy
+from engine.hl7.wiring import engine_planner, engine_rules, identifier_policy
 from engine.identity.build import build_resolver
 from engine.identity.records import known_demographics
 from engine.jobs.guard import RetrievalGuard
@@ -57,7 +55,7 @@ from engine.jobs.sweep import SpoolSweep
 from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
 from engine.model import MessageOrigin, StudyCandidate
-from engine.rules.reload import RuleFileWatcher, RuleSetHolder
+from engine.rules.reload import RuleFileWatcher
 from engine.runlock import RunLock, other_engine_spool
 from engine.tlsfiles import TLSConfigError
 from engine.web.metrics import EngineMetrics, JobCountRefresh
@@ -83,11 +81,7 @@ class Engine:
         self.reactor = reactor
         settings = config.settings
         configure_pynetdicom()
-        self.rules = RuleSetHolder(
-            config.rule_set,
-            load=lambda: load_rules(config.path, config.settings),
-            files=lambda: rule_files(config.path, config.settings),
-        )
+        self.rules = engine_rules(config)
         self.rule_watcher = RuleFileWatcher(self.rules, reactor, settings.rules_reload_seconds)
 
         self.db = AsyncStore(reactor, Store(config.store_path))

@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(reactor, config, db, args, channel)
 
 
-def _load_config(path: str, number: int, settings: str, rules: str) -> Any:
+def _load_config(path: str, number: int, expected_settings: str, expected_rules: str) -> Any:
     """Return the configuration, or None (logged) when it is not the engine's."""
     from pathlib import Path
 
@@ -266,7 +266,7 @@ def _load_config(path: str, number: int, settings: str, rules: str) -> Any:
         for problem in error.problems:
             logger.error("  %s", problem)
         return None
-    if settings_digest(config.settings, config.identity_table) != settings:
+    if settings_digest(config.settings, config.identity_table) != expected_settings:
         logger.error(
             "intake process %d cannot start: %s or its identity table changed since the"
             " engine started; restart the engine to use the new settings",
@@ -274,7 +274,7 @@ def _load_config(path: str, number: int, settings: str, rules: str) -> Any:
             config.path,
         )
         return None
-    if content_digest(rule_files(config.path, config.settings)) != rules:
+    if content_digest(rule_files(config.path, config.settings)) != expected_rules:
         reload = "SIGHUP"
         if config.settings.rules_reload_seconds > 0:
             reload += f" or within {config.settings.rules_reload_seconds:g} s"
@@ -291,18 +291,13 @@ def _load_config(path: str, number: int, settings: str, rules: str) -> Any:
 def _serve(
     reactor: Any, config: Any, db: AsyncStore, args: argparse.Namespace, channel: int
 ) -> int:
-    from engine.config import load_rules, mllp_tls_options, rule_files
-    from engine.hl7.wiring import engine_planner, identifier_policy
-    from engine.rules.reload import RuleSetHolder
+    from engine.config import mllp_tls_options
+    from engine.hl7.wiring import engine_planner, engine_rules, identifier_policy
 
     settings = config.settings
     # The engine numbers its ACKs with residue 0; child N takes residue N.
     share_control_ids(args.number, settings.mllp.processes + 1)
-    rules = RuleSetHolder(
-        config.rule_set,
-        load=lambda: load_rules(config.path, config.settings),
-        files=lambda: rule_files(config.path, config.settings),
-    )
+    rules = engine_rules(config)
     exit_status = 0
     stopping = _Stopping(reactor)
 

@@ -301,11 +301,6 @@ class IntakeProcesses:
         # Connections that waited for this child go to the others, or to the engine.
         self._flush_waiting()
 
-    def signal(self, number: int) -> None:
-        """Send a signal to every running child, e.g. SIGHUP to reload the rules."""
-        for child in list(self.children.values()):
-            child.signal(number)
-
     def stop(self) -> defer.Deferred[None]:
         """Stop every child: SIGTERM, then SIGKILL after STOP_WAIT_SECONDS."""
         self.stopping = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Sequence
 
-from engine.config import Config, EngineSettings
+from engine.config import Config, EngineSettings, load_rules, rule_files
 from engine.hl7.events import IdentifierPolicy
 from engine.identity.adt import IdentityEvents
 from engine.identity.domains import DomainDirectory
@@ -13,6 +13,7 @@ from engine.jobs.planner import IdentityPlanner, Planner
 from engine.jobs.store import Action
 from engine.model import DemographicsUpdated, PatientsMerged
 from engine.rules.model import RuleSet
+from engine.rules.reload import RuleSetHolder
 
 
 def identifier_policy(settings: EngineSettings) -> IdentifierPolicy:
@@ -28,6 +29,15 @@ def identifier_policy(settings: EngineSettings) -> IdentifierPolicy:
 # The outcome of an ADT message replayed: its effects were applied when it arrived,
 # and applying them again could put back older demographics over newer ones.
 REPLAYED_ADT = "patient records unchanged: a replay does not apply ADT messages again"
+
+
+def engine_rules(config: Config) -> RuleSetHolder:
+    """Return the holder of the configuration's rule set, reloaded from its files."""
+    return RuleSetHolder(
+        config.rule_set,
+        load=lambda: load_rules(config.path, config.settings),
+        files=lambda: rule_files(config.path, config.settings),
+    )
 
 
 def engine_planner(

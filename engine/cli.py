@@ -16,6 +16,7 @@ from engine.clitools import (
     format_table,
     job_or_exit,
     load_or_exit,
+    load_settings_or_exit,
     open_store,
 )
 from engine.hl7.cli import messages_group
@@ -93,6 +94,7 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
     ctx.obj = config_path
     if ctx.invoked_subcommand is not None:
         return
+    zone = load_settings_or_exit(config_path).zone
     store = open_store(config_path)
     jobs = store.list_jobs(limit, [JobState(state) for state in states])
     rows = [
@@ -116,10 +118,8 @@ def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], lim
             (
                 str(job.id),
                 job.state.value,
-                job.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-                job.not_before.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-                if job.state.pending
-                else "",
+                zone.shown(job.created_at),
+                zone.shown(job.not_before) if job.state.pending else "",
                 patient_label(store, job.patient),
                 job.rule,
                 str(len(studies)),
@@ -143,6 +143,7 @@ def patient_label(store: Store, patient: PatientIdentifier) -> str:
 @config_option
 def jobs_show(config_path: Path, job_id: int) -> None:
     """Show one job: its studies with the rule's decisions, and its event log."""
+    zone = load_settings_or_exit(config_path).zone
     store = open_store(config_path)
     job = job_or_exit(store, job_id)
     click.echo(f"job {job.id}: {job.state} after {job.attempts} attempt(s): {job.summary}")
@@ -153,10 +154,10 @@ def jobs_show(config_path: Path, job_id: int) -> None:
         f"  order: accession {order.accession_number or '-'},"
         f" modality {order.ordered_modality or '-'}, procedure {order.procedure_code or '-'}"
     )
-    scheduled = order.scheduled_time.isoformat() if order.scheduled_time else "-"
+    scheduled = zone.shown(order.scheduled_time) if order.scheduled_time else "-"
     click.echo(
         f"  body part {', '.join(order.body_parts) or '-'}, scheduled {scheduled},"
-        f" not before {job.not_before.astimezone().isoformat(timespec='seconds')}"
+        f" not before {zone.shown(job.not_before)}"
     )
     rows = [
         (
@@ -188,7 +189,7 @@ def jobs_show(config_path: Path, job_id: int) -> None:
     click.echo(format_table(rows, indent="  "))
     click.echo("  events:")
     for at, text in store.events(job.id):
-        click.echo(f"    {at.astimezone().strftime('%H:%M:%S.%f')[:-3]} {text}")
+        click.echo(f"    {zone.shown(at, 'milliseconds')} {text}")
 
 
 @jobs_group.command(name="cancel")

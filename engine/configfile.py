@@ -211,5 +211,11 @@ def check_ae_title(value: str) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    # Booleans and null as YAML spells them (true, not Python's True).
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    else:
+        text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -21,6 +21,7 @@ from engine.hl7.intake import Interpreter, ignore_reason
 from engine.hl7.message import CharsetDefaults, Delimiters, HL7Error, Message, parse
 from engine.hl7.wiring import engine_planner, identifier_policy
 from engine.jobs.store import JobRecord, MessageRecord
+from engine.rules.timing import LocalZone
 
 # Fields that carry names, birth dates, addresses, phone numbers or national
 # ids, by segment: `messages show` replaces them unless asked not to.
@@ -62,6 +63,7 @@ def messages_list(
     control_id: str | None,
 ) -> None:
     """List stored messages, most recent first, with their ACK and outcome."""
+    zone = load_settings_or_exit(config_path).zone
     store = open_store(config_path)
     messages = store.list_messages(
         limit, message_type=message_type, sending_application=sender, control_id=control_id
@@ -72,7 +74,7 @@ def messages_list(
         rows.append(
             (
                 str(message.id),
-                _local_time(message.received_at),
+                zone.shown(message.received_at),
                 origin.message_type,
                 origin.control_id,
                 f"{origin.sending_application}/{origin.sending_facility}",
@@ -104,14 +106,15 @@ def messages_show(config_path: Path, message_id: int, unredacted: bool) -> None:
         click.echo(f"message {message_id} not found", err=True)
         raise SystemExit(1)
 
-    _echo_header(message)
+    zone = settings.zone
+    _echo_header(message, zone)
     for ack in split_acks(message.ack):
         click.echo(f"  ack: {_segments(ack.decode('utf-8', errors='replace'))[1]}")
     _echo_jobs(store.message_jobs(message_id))
     for replay in store.replays(message_id):
         jobs = ", ".join(str(job_id) for job_id in replay.job_ids) or "none"
         click.echo(
-            f"  replay {replay.id} at {_local_time(replay.replayed_at)}: {replay.outcome}"
+            f"  replay {replay.id} at {zone.shown(replay.replayed_at)}: {replay.outcome}"
             f" (jobs {jobs})"
         )
 
@@ -274,12 +277,12 @@ def _segments(text: str) -> list[str]:
     return text.rstrip("\r").split("\r")
 
 
-def _echo_header(message: MessageRecord) -> None:
+def _echo_header(message: MessageRecord, zone: LocalZone) -> None:
     origin = message.origin
     click.echo(
         f"message {message.id}: {origin.message_type} {origin.control_id} from"
         f" {origin.sending_application}/{origin.sending_facility} (peer {message.peer}),"
-        f" received {_local_time(message.received_at)}"
+        f" received {zone.shown(message.received_at)}"
     )
     click.echo(f"  outcome: {message.outcome}")
 
@@ -298,7 +301,3 @@ def _content_heading(unredacted: bool) -> str:
         "content (names, birth dates, addresses, phone numbers and national ids redacted;"
         " --unredacted shows them):"
     )
-
-
-def _local_time(value: dt.datetime) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")

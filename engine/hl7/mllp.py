@@ -18,6 +18,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IReactorTime,
 )
 from twisted.python.failure import Failure
@@ -155,7 +156,7 @@ class MessageHandler(TypingProtocol):
         """Return the rejections to send for an oversize message; none if MSH is unreadable."""
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class MLLPProtocol(protocol.Protocol):
     """One MLLP connection: frames in, acknowledgements out, one message at a time.
 
@@ -203,11 +204,24 @@ class MLLPProtocol(protocol.Protocol):
             )
         elif reason.check(error.ConnectionDone, error.ConnectionLost) is None:  # type: ignore[no-untyped-call]
             # E.g. a TLS handshake that failed: no client certificate, an unknown CA.
-            logger.warning(
-                "MLLP connection from %s closed: %s", self.peer, reason.getErrorMessage()
-            )
+            logger.warning("MLLP connection from %s closed: %s", self.peer, close_reason(reason))
         else:
             logger.info("MLLP connection from %s closed", self.peer)
+
+    def handshakeCompleted(self) -> None:
+        # Called for TLS connections only, by the TLS layer around this protocol.
+        peer_certificate = self._wire.getPeerCertificate()
+        if peer_certificate is None:
+            logger.info("MLLP connection from %s: TLS, no client certificate", self.peer)
+            return
+        certificate = peer_certificate.to_cryptography()
+        logger.info(
+            "MLLP connection from %s: TLS, client certificate %s, issued by %s, serial %X",
+            self.peer,
+            certificate.subject.rfc4514_string() or "(empty name)",
+            certificate.issuer.rfc4514_string() or "(empty name)",
+            certificate.serial_number,
+        )
 
     def readConnectionLost(self) -> None:
         self._input_ended = True
@@ -334,4 +348,21 @@ class MLLPFactory(protocol.Factory):
 def _describe(address: IAddress) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
-    return f"{host}:{port}" if host is not None else str(address)
+    if host is None:
+        return str(address)
+    # [::1]:4242, so the port stays apart from an IPv6 address.
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def close_reason(reason: Failure) -> str:
+    """Return why a connection closed, giving OpenSSL errors as their reason texts only."""
+    args = getattr(reason.value, "args", ())
+    if type(reason.value).__module__.startswith("OpenSSL") and args:
+        if not isinstance(args[0], list):
+            # E.g. SysCallError(-1, 'Unexpected EOF'): the peer closed during the handshake.
+            return "TLS failed: " + ", ".join(str(arg) for arg in args[1:] or args)
+        # Otherwise pyOpenSSL gives [(library, function, reason), ...].
+        texts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item and item[-1]]
+        if texts:
+            return "TLS failed: " + "; ".join(texts)
+    return reason.getErrorMessage()

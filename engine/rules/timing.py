@@ -63,6 +63,17 @@ class LocalZone:
             return value.replace(tzinfo=self._zone)
         return value.astimezone()
 
+    def shown(self, value: dt.datetime, timespec: str = "seconds") -> str:
+        """Return a time as the CLI prints it: in this zone, with the zone's abbreviation.
+
+        A naive time is taken as wall-clock time in this zone, as HL7 times without
+        an offset are.
+        """
+        aware = self.aware(value)
+        local = aware.astimezone(self._zone) if self._zone else aware.astimezone()
+        text = local.replace(tzinfo=None).isoformat(sep=" ", timespec=timespec)
+        return f"{text} {local.strftime('%Z')}"
+
     def local(self, value: dt.datetime) -> dt.datetime:
         """Return an aware time as naive local wall-clock time."""
         converted = value.astimezone(self._zone) if self._zone else value.astimezone()

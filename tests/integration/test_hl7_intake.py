@@ -283,7 +283,8 @@ def test_mllp_over_tls(tmp_path: Path) -> None:
         stop_engine(engine)
 
 
-def test_mllp_tls_requires_client_certificate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [0, 2], ids=["in-engine", "two-processes"])
+def test_mllp_tls_requires_client_certificate(tmp_path: Path, processes: int) -> None:
     pki = tmp_path / "pki"
     authority = certificate_authority(pki)
     server = issue(pki, authority, "engine", server=True)
@@ -296,7 +297,7 @@ def test_mllp_tls_requires_client_certificate(tmp_path: Path) -> None:
         "private_key": str(server.key_path),
         "client_ca": str(authority.certificate_path),
     }
-    engine = start_engine(tmp_path / "engine", {"tls": tls})
+    engine = start_engine(tmp_path / "engine", {"tls": tls, "processes": processes})
     try:
         context = ssl.create_default_context(cafile=str(authority.certificate_path))
         context.load_cert_chain(str(client.certificate_path), str(client.key_path))
@@ -324,6 +325,13 @@ def test_mllp_tls_requires_client_certificate(tmp_path: Path) -> None:
         assert engine.process.running
     finally:
         stop_engine(engine)
+    log = engine.process.log_text()
+    # Who connected, by certificate; why the others were refused, in OpenSSL's words only.
+    assert "TLS, client certificate CN=ris, issued by CN=fdqr test CA, serial " in log
+    refusals = [line for line in log.splitlines() if "closed: TLS failed: " in line]
+    assert len(refusals) == 2, log[-3000:]
+    assert "certificate" in refusals[0] and "certificate" in refusals[1]
+    assert "SSL routines" not in log
 
 
 def test_memory_store_engine_accepts_orders(tmp_path: Path) -> None:

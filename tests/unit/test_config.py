@@ -506,6 +506,15 @@ def test_intake_processes_invalid_values(layout: Path, value: object) -> None:
     assert problem.path == "mllp.processes"
 
 
+@pytest.mark.parametrize(("value", "spelled"), [(True, "true"), (False, "false"), (None, "null")])
+def test_problem_spells_value_as_yaml(layout: Path, value: object, spelled: str) -> None:
+    edit(layout, {"mllp.processes": value})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.message.endswith(f"(value {spelled})")
+
+
 def test_mllp_tls_client_ca_without_certificates(layout: Path) -> None:
     pki = layout.parent / "pki"
     authority = certificate_authority(pki)

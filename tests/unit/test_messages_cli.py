@@ -87,6 +87,25 @@ def test_list_filters_by_control_id(layout: Path) -> None:
     assert " ORD1 " not in output
 
 
+def test_times_shown_in_engine_time_zone_with_its_name(layout: Path) -> None:
+    settings = yaml.safe_load(layout.read_text())
+    settings["time_zone"] = "Asia/Tokyo"
+    layout.write_text(yaml.safe_dump(settings))
+    receive(layout, order())
+    shown = (NOW + dt.timedelta(hours=9)).strftime("%Y-%m-%d %H:%M:%S") + " JST"
+
+    status, listed = run(layout, "list")
+    assert status == 0, listed
+    assert f" {shown} " in listed.splitlines()[1]
+    status, output = run(layout, "show", "1")
+    assert status == 0, output
+    assert f"received {shown}" in output.splitlines()[0]
+    jobs = CliRunner().invoke(main, ["jobs", "show", "1", "--config", str(layout)])
+    assert jobs.exit_code == 0, jobs.output
+    assert f"not before {shown}" in jobs.output
+    assert f"    {shown[:-4]}.000 JST queued by route" in jobs.output
+
+
 def test_show_redacts_names_and_birth_dates(layout: Path) -> None:
     receive(layout, order())
     status, output = run(layout, "show", "1")

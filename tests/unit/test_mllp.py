@@ -6,12 +6,15 @@ import datetime as dt
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, error, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -26,11 +29,13 @@ from engine.hl7.mllp import (
     MLLPDecoder,
     MLLPProtocol,
     OversizeFrame,
+    close_reason,
     frame,
 )
 from engine.jobs.planner import Plan
 from engine.jobs.store import Store
 from engine.model import DomainEvent
+from engine.testing.certificates import certificate_authority, issue
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
 from tests.fakes import ImmediateStore
@@ -487,7 +492,61 @@ def test_protocol_logs_why_connection_failed(caplog: pytest.LogCaptureFixture) -
 
     [record] = caplog.records
     assert record.levelno == logging.WARNING
-    assert "peer did not return a certificate" in record.getMessage()
+    assert record.getMessage() == (
+        "MLLP connection from 192.168.1.1:54321 closed: TLS failed: peer did not return a"
+        " certificate"
+    )
+
+
+@pytest.mark.parametrize(
+    ("reason", "text"),
+    [
+        (
+            SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca"), ("x", "y", "bad mac")]),
+            "TLS failed: tlsv1 alert unknown ca; bad mac",
+        ),
+        (SSL.SysCallError(-1, "Unexpected EOF"), "TLS failed: Unexpected EOF"),
+        (SSL.Error([]), "[]"),
+        (error.ConnectionLost("reset by peer"), "Connection to the other side was lost"),
+    ],
+)
+def test_close_reason_texts(reason: Exception, text: str) -> None:
+    assert text in close_reason(Failure(reason))
+    assert "SSL routines" not in close_reason(Failure(reason))
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        (IPv4Address("TCP", "10.1.2.3", 2575), "10.1.2.3:2575"),
+        (IPv6Address("TCP", "::1", 2575), "[::1]:2575"),
+        (IPv6Address("TCP", "fe80::1%eth0", 2575), "[fe80::1%eth0]:2575"),
+    ],
+)
+def test_peer_text_keeps_ipv6_address_apart_from_port(address: IAddress, text: str) -> None:
+    protocol = MLLPProtocol(RecordingHandler())
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    assert protocol.peer == text
+
+
+def test_protocol_logs_client_certificate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    authority = certificate_authority(tmp_path)
+    client = issue(tmp_path, authority, "ris.example", server=False)
+    certificate = crypto.load_certificate(crypto.FILETYPE_PEM, client.certificate_path.read_bytes())
+    protocol, transport = connect(RecordingHandler())
+    transport.getPeerCertificate = lambda: certificate  # type: ignore[attr-defined]
+
+    with caplog.at_level(logging.INFO, logger="engine.hl7.mllp"):
+        protocol.handshakeCompleted()
+        transport.getPeerCertificate = lambda: None  # type: ignore[attr-defined]
+        protocol.handshakeCompleted()
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "MLLP connection from 192.168.1.1:54321: TLS, client certificate CN=ris.example,"
+        f" issued by CN=fdqr test CA, serial {certificate.to_cryptography().serial_number:X}",
+        "MLLP connection from 192.168.1.1:54321: TLS, no client certificate",
+    ]
 
 
 def test_protocol_logs_plain_close_at_info(caplog: pytest.LogCaptureFixture) -> None:

@@ -579,3 +579,14 @@ def test_cancel_after_fetch_is_noted(
         "2 studies stored; order cancelled (ORC-1 CA) by message M2 after the studies were fetched"
     )
     worker.stop()
+
+
+def test_shown_times_name_their_zone() -> None:
+    paris = LocalZone("Europe/Paris")
+    summer = dt.datetime(2026, 7, 1, 10, 0, 5, 123456, tzinfo=dt.UTC)
+    assert paris.shown(summer) == "2026-07-01 12:00:05 CEST"
+    assert paris.shown(summer, "milliseconds") == "2026-07-01 12:00:05.123 CEST"
+    assert paris.shown(dt.datetime(2026, 1, 1, 9, 0, tzinfo=dt.UTC)) == "2026-01-01 10:00:00 CET"
+    # A naive time (an HL7 time without an offset) is wall-clock time in the zone.
+    assert paris.shown(dt.datetime(2026, 1, 1, 9, 0)) == "2026-01-01 09:00:00 CET"
+    assert LocalZone("UTC").shown(summer) == "2026-07-01 10:00:05 UTC"

@@ -65,13 +65,13 @@ def save_demographics(
 
 def local_demographics(store: Store, patient: PatientIdentifier) -> Demographics | None:
     """Return the local record of a patient, or None if no ADT message registered it."""
-    with store.transaction() as db:
+    with store.reading() as db:
         return _demographics(db, patient)
 
 
 def latest_order_demographics(store: Store, patient: PatientIdentifier) -> Demographics | None:
     """Return the demographics of the patient's most recent job (from its order's PID)."""
-    with store.transaction() as db:
+    with store.reading() as db:
         row = db.execute(
             "SELECT demographics FROM jobs WHERE patient_id = ? AND patient_issuer = ?"
             " ORDER BY id DESC LIMIT 1",
@@ -159,7 +159,7 @@ def learn(
 
 
 def learned_remote(store: Store, local: PatientIdentifier, domain: str) -> PatientIdentifier | None:
-    with store.transaction() as db:
+    with store.reading() as db:
         row = db.execute(
             "SELECT remote_id FROM identity_learned WHERE local_id = ? AND local_issuer = ?"
             " AND domain = ?",
@@ -169,7 +169,7 @@ def learned_remote(store: Store, local: PatientIdentifier, domain: str) -> Patie
 
 
 def learned_local(store: Store, remote: PatientIdentifier) -> PatientIdentifier | None:
-    with store.transaction() as db:
+    with store.reading() as db:
         row = db.execute(
             "SELECT local_id, local_issuer FROM identity_learned"
             " WHERE domain = ? AND remote_id = ?",
@@ -194,7 +194,7 @@ def moved_owner(
 
 
 def learned_references(store: Store, limit: int = 200) -> list[LearnedReference]:
-    with store.transaction() as db:
+    with store.reading() as db:
         rows = db.execute(
             "SELECT * FROM identity_learned ORDER BY learned_at DESC LIMIT ?", (limit,)
         ).fetchall()
@@ -360,7 +360,7 @@ def active_patient(
     store: Store, patient: PatientIdentifier
 ) -> tuple[PatientIdentifier, list[PatientIdentifier]]:
     """Return the ID a patient lives on as after every merge, and the path to it."""
-    with store.transaction() as db:
+    with store.reading() as db:
         path = _merge_path(db, patient)
     return (path[-1] if path else patient), path
 
@@ -368,7 +368,7 @@ def active_patient(
 def retired_into(store: Store, patient: PatientIdentifier) -> list[PatientIdentifier]:
     """Return every ID merged into `patient`, directly or not, most recent merge first."""
     found: list[PatientIdentifier] = []
-    with store.transaction() as db:
+    with store.reading() as db:
         frontier = [patient]
         while frontier and len(found) < MAX_MERGE_DEPTH:
             current = frontier.pop(0)
@@ -386,7 +386,7 @@ def retired_into(store: Store, patient: PatientIdentifier) -> list[PatientIdenti
 
 
 def merges(store: Store, limit: int = 200) -> list[MergeRecord]:
-    with store.transaction() as db:
+    with store.reading() as db:
         rows = db.execute(
             "SELECT * FROM identity_merges ORDER BY merged_at DESC LIMIT ?", (limit,)
         ).fetchall()
@@ -416,7 +416,7 @@ class CachedAnswer:
 def cached_answer(
     store: Store, query: PatientIdentifier, domain: str, source: str, now: dt.datetime
 ) -> CachedAnswer | None:
-    with store.transaction() as db:
+    with store.reading() as db:
         row = db.execute(
             "SELECT answer_id, detail, expires_at FROM identity_cache WHERE query_id = ?"
             " AND query_issuer = ? AND domain = ? AND source = ? AND expires_at > ?",
@@ -478,7 +478,7 @@ def accept_remote_patients(
 
 
 def accepted_remote_patients(store: Store, job_id: int) -> set[PatientIdentifier]:
-    with store.transaction() as db:
+    with store.reading() as db:
         rows = db.execute(
             "SELECT remote_id, remote_issuer FROM identity_accepted WHERE job_id = ?", (job_id,)
         ).fetchall()

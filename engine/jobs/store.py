@@ -439,6 +439,30 @@ class Store:
             yield db
 
     @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """Run a block of another module's reads in one transaction, joining an open one.
+
+        The block sees one snapshot of the store. It takes no write lock, so it
+        neither waits for the writers of other processes nor delays them. Blocks
+        that write use transaction(): a write here would skip the write lock.
+        """
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self._db
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN")
+        self._depth = 1
+        try:
+            yield self._db
+        finally:
+            self._depth = 0
+            # Nothing to keep: a read transaction ends the same way either way.
+            self._db.execute("ROLLBACK")
+
+    @contextmanager
     def _savepoint(self, name: str) -> Iterator[None]:
         """Undo the block alone when it raises, keeping the rest of the open transaction."""
         self._db.execute(f"SAVEPOINT {name}")

@@ -37,7 +37,7 @@ class KnownStep:
 
 
 def known_step(store: Store, node: str, key: str) -> KnownStep | None:
-    with store.transaction() as db:
+    with store.reading() as db:
         row = db.execute(
             "SELECT item, removed_at FROM worklist_steps WHERE node = ? AND step_key = ?",
             (node, key),
@@ -84,7 +84,7 @@ def present_between(
     store: Store, node: str, start: dt.datetime, end: dt.datetime
 ) -> list[WorklistItem]:
     """Return the steps last seen at a node and scheduled within [start, end]."""
-    with store.transaction() as db:
+    with store.reading() as db:
         rows = db.execute(
             "SELECT item FROM worklist_steps WHERE node = ? AND removed_at IS NULL"
             " AND start >= ? AND start <= ?",

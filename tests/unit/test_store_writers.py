@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from engine.identity import records
 from engine.jobs import store as store_module
 from engine.jobs.store import AsyncStore, MessageWrite, Store, write_lock_file
-from engine.model import MessageOrigin
+from engine.model import MessageOrigin, PatientIdentifier
 from tests.conftest import NOW
 from tests.unit.test_jobs import new_job
 
@@ -103,6 +104,37 @@ def test_writer_waits_for_write_lock(store: Store) -> None:
     assert done.wait(5)
     writer.join()
     assert [message.origin.control_id for message in store.list_messages()] == ["C1"]
+
+
+def test_reader_does_not_wait_for_write_lock(store: Store) -> None:
+    patient = PatientIdentifier("L1", "LOCAL")
+    records.learn(store, patient, PatientIdentifier("R1", "HOSP_A"), NOW, "ADT1")
+    with open(write_lock_file(store.path), "ab") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        # Another process is writing; reads go on from the last commit.
+        found: list[object] = []
+        reader = threading.Thread(
+            target=lambda: found.append(records.learned_remote(store, patient, "HOSP_A"))
+        )
+        reader.start()
+        reader.join(5)
+        assert found == [PatientIdentifier("R1", "HOSP_A")]
+        fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+
+
+def test_reading_sees_one_snapshot_and_joins_transaction(store: Store, tmp_path: Path) -> None:
+    with store.reading() as db:
+        before = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        writer = Store(tmp_path / "fdqr.sqlite")
+        writer.record_message(origin("C1"), "peer", b"msg", b"ACK", "ok", [], NOW)
+        writer.close()
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == before
+    assert len(store.list_messages()) == before + 1
+    with store.transaction() as db:
+        db.execute("INSERT INTO worklist_steps VALUES ('n', 'k', NULL, '{}', 'a', 'a', NULL)")
+        with store.reading() as joined:
+            assert joined.execute("SELECT COUNT(*) FROM worklist_steps").fetchone()[0] == 1
+    assert store._db.execute("SELECT COUNT(*) FROM worklist_steps").fetchone()[0] == 1
 
 
 class RecordingStore(Store):

@@ -426,6 +426,7 @@ class Store:
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open the store {path}: {error}") from error
         self._depth = 0
+        self._reading = False
 
     def close(self) -> None:
         self._db.close()
@@ -447,20 +448,28 @@ class Store:
         that write use transaction(): a write here would skip the write lock.
         """
         if self._depth:
-            self._depth += 1
-            try:
-                yield self._db
-            finally:
-                self._depth -= 1
+            with self._joined() as db:
+                yield db
             return
         self._db.execute("BEGIN")
         self._depth = 1
+        self._reading = True
         try:
             yield self._db
         finally:
             self._depth = 0
+            self._reading = False
             # Nothing to keep: a read transaction ends the same way either way.
             self._db.execute("ROLLBACK")
+
+    @contextmanager
+    def _joined(self) -> Iterator[sqlite3.Connection]:
+        """Run a nested block inside the open transaction."""
+        self._depth += 1
+        try:
+            yield self._db
+        finally:
+            self._depth -= 1
 
     @contextmanager
     def _savepoint(self, name: str) -> Iterator[None]:
@@ -482,11 +491,10 @@ class Store:
         A durable transaction is on disk (fsync) when the block returns.
         """
         if self._depth:
-            self._depth += 1
-            try:
-                yield self._db
-            finally:
-                self._depth -= 1
+            if self._reading:
+                raise RuntimeError("a write transaction cannot run inside Store.reading()")
+            with self._joined() as db:
+                yield db
             return
         full = durable and self._wal is None
         if full:

@@ -137,6 +137,14 @@ def test_reading_sees_one_snapshot_and_joins_transaction(store: Store, tmp_path:
     assert store._db.execute("SELECT COUNT(*) FROM worklist_steps").fetchone()[0] == 1
 
 
+def test_write_inside_reading_raises(store: Store) -> None:
+    # It would write without the write lock that other processes take.
+    with store.reading(), pytest.raises(RuntimeError, match=r"inside Store\.reading"):
+        store.add_event(1, "text", NOW)
+    store.record_message(origin("C1"), "peer", b"msg", b"ACK", "ok", [], NOW)
+    assert len(store.list_messages()) == 1
+
+
 class RecordingStore(Store):
     """A Store that records the size of each batch of messages it writes."""
 

@@ -297,6 +297,8 @@ def syslog_address(value: str) -> tuple[str, str, int]:
 
 class StoreSettings(Settings):
     path: Path = Path("../var/fdqr.sqlite")
+    # Messages and finished jobs older than this are deleted; None keeps them all.
+    retention_days: int | None = Field(default=None, ge=1, le=36500)
 
 
 class SpoolSettings(Settings):

@@ -49,6 +49,7 @@ from engine.jobs.guard import RetrievalGuard
 from engine.jobs.planner import PatientChange
 from engine.jobs.prefetch import Prefetch, Source, StudyResult
 from engine.jobs.receiving import ExpectationRegistry, Receiver
+from engine.jobs.retention import Retention
 from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, Store, StoreError, StudyState
 from engine.jobs.sweep import SpoolSweep
@@ -137,6 +138,11 @@ class Engine:
             self.db, self.metrics, reactor, settings.web.refresh_seconds
         )
         self.spool_sweep = SpoolSweep(self.spool, self.db, reactor)
+        self.retention = (
+            Retention(self.db, settings.store.retention_days, reactor, self.now)
+            if settings.store.retention_days is not None
+            else None
+        )
         # A cancel or an ID move while a study is retrieved stops the retrieve within this interval.
         self.cancel_check = task.LoopingCall(self._check_running_retrievals)
         self.cancel_check.clock = reactor
@@ -363,6 +369,8 @@ class Engine:
             ) from error
         yield self.worker.start()
         self.spool_sweep.start()
+        if self.retention is not None:
+            self.retention.start()
         self.cancel_check.start(CANCEL_CHECK_SECONDS, now=False)
         self.worklist.start()
         if settings.rules_reload_seconds > 0:
@@ -449,6 +457,8 @@ class Engine:
             yield defer.maybeDeferred(self.mllp_port.stopListening)
         self.job_counts.stop()
         self.spool_sweep.stop()
+        if self.retention is not None:
+            self.retention.stop()
         if self.cancel_check.running:
             self.cancel_check.stop()
         if self.web_port is not None:

@@ -146,7 +146,8 @@ def jobs_show(config_path: Path, job_id: int) -> None:
     zone = load_settings_or_exit(config_path).zone
     store = open_store(config_path)
     job = job_or_exit(store, job_id)
-    click.echo(f"job {job.id}: {job.state} after {job.attempts} attempt(s): {job.summary}")
+    summary = f": {job.summary}" if job.summary else ""
+    click.echo(f"job {job.id}: {job.state} after {job.attempts} attempt(s){summary}")
     click.echo(f"  patient {patient_label(store, job.patient)}, route {job.route}, rule {job.rule}")
     click.echo(f"  sources {', '.join(job.sources)}, destination {job.destination}")
     order = job.order
@@ -172,7 +173,8 @@ def jobs_show(config_path: Path, job_id: int) -> None:
             "REASON",
         )
     ]
-    for study in store.studies(job.id):
+    studies = store.studies(job.id)
+    for study in studies:
         rows.append(
             (
                 study.source,
@@ -186,7 +188,10 @@ def jobs_show(config_path: Path, job_id: int) -> None:
                 study.reason,
             )
         )
-    click.echo(format_table(rows, indent="  "))
+    if studies:
+        click.echo(format_table(rows, indent="  "))
+    else:
+        click.echo("  studies: none found yet")
     click.echo("  events:")
     for at, text in store.events(job.id):
         click.echo(f"    {zone.shown(at, 'milliseconds')} {text}")

@@ -60,12 +60,12 @@ class DicomSettings(Settings):
 
 
 def endpoint_port(value: str) -> int | None:
-    """Return the port of a tcp: or ssl: endpoint string, None for other kinds.
+    """Return the port of a tcp:, tcp6: or ssl: endpoint string, None for other kinds.
 
     Raises ValueError when the port is missing, not a number, or out of range.
     """
     kind, _, rest = value.partition(":")
-    if kind not in ("tcp", "ssl"):
+    if kind not in ("tcp", "tcp6", "ssl"):
         return None
     parts = rest.split(":")
     text = next((part[len("port=") :] for part in parts if part.startswith("port=")), None)
@@ -74,6 +74,30 @@ def endpoint_port(value: str) -> int | None:
     if text is None or not text.isdigit() or not 1 <= int(text) <= 65535:
         raise ValueError(f"invalid port in '{value}': use a number from 1 to 65535")
     return int(text)
+
+
+def is_tcp(listen: str) -> bool:
+    """Tell whether an endpoint string listens on plain TCP, over IPv4 or IPv6."""
+    return listen.startswith(("tcp:", "tcp6:"))
+
+
+def check_listen(value: str, example: str) -> str:
+    """Return a listening endpoint string, or raise ValueError saying what is wrong with it."""
+    if not re.match(r"^(tcp|tcp6|ssl|unix):", value):
+        raise ValueError(
+            f"listen must be a Twisted endpoint string such as {example}"
+            " (tcp:, tcp6: for IPv6, ssl: or unix:)"
+        )
+    endpoint_port(value)
+    if value.startswith("ssl:"):
+        # Building the endpoint reads its certificate and key files; nothing listens yet.
+        from twisted.internet import endpoints
+
+        try:
+            endpoints.serverFromString(object(), value)  # type: ignore[no-untyped-call]
+        except Exception as error:
+            raise ValueError(f"cannot use '{value}': {error}") from None
+    return value
 
 
 def strip_text(value: object) -> object:
@@ -114,10 +138,7 @@ class MLLPSettings(Settings):
     @pydantic.field_validator("listen")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        if not re.match(r"^(tcp|ssl|unix|tls):", value):
-            raise ValueError("listen must be a Twisted endpoint string such as tcp:2575")
-        endpoint_port(value)
-        return value
+        return check_listen(value, "tcp:2575")
 
     @pydantic.field_validator("default_charset")
     @classmethod
@@ -151,9 +172,10 @@ class MLLPSettings(Settings):
 
     @pydantic.model_validator(mode="after")
     def _tls_over_tcp(self) -> MLLPSettings:
-        if self.tls is not None and not self.listen.startswith("tcp:"):
+        if self.tls is not None and not is_tcp(self.listen):
             raise ValueError(
-                f"mllp.tls needs a tcp: listen endpoint (it adds TLS itself); got '{self.listen}'"
+                f"mllp.tls needs a tcp: or tcp6: listen endpoint (it adds TLS itself);"
+                f" got '{self.listen}'"
             )
         return self
 
@@ -217,10 +239,7 @@ class WebSettings(Settings):
     def _endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if not re.match(r"^(tcp|ssl|unix|tls):", value):
-            raise ValueError("listen must be a Twisted endpoint string such as tcp:9464")
-        endpoint_port(value)
-        return value
+        return check_listen(value, "tcp:9464")
 
 
 class AuditTLSSettings(Settings):
@@ -884,11 +903,12 @@ def _check_intake_processes(document: Document, settings: EngineSettings) -> lis
     if not mllp.processes:
         return []
     problems = []
-    if not mllp.listen.startswith("tcp:"):
+    if not is_tcp(mllp.listen):
         problems.append(
             document.problem(
                 ("mllp", "processes"),
-                f"intake processes need a tcp: listen endpoint; mllp.listen is '{mllp.listen}'"
+                "intake processes need a tcp: or tcp6: listen endpoint; mllp.listen is"
+                f" '{mllp.listen}'"
                 " (use tcp: with mllp.tls for TLS, or processes: 0)",
             )
         )

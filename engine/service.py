@@ -367,26 +367,15 @@ class Engine:
                 f"the DICOM listener on {settings.dicom.host}:{settings.dicom.port}"
                 f" (dicom.host, dicom.port) failed: {error.strerror or error}"
             ) from error
-        yield self.worker.start()
-        self.spool_sweep.start()
-        if self.retention is not None:
-            self.retention.start()
-        self.cancel_check.start(CANCEL_CHECK_SECONDS, now=False)
-        self.worklist.start()
-        if settings.rules_reload_seconds > 0:
-            self.rule_watcher.start()
+        # The listeners first: a listener that fails stops the start before any job runs.
         if settings.web.listen is not None:
             self.job_counts.start()
-            web_endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
-                self.reactor, settings.web.listen
-            )
+            web_endpoint = _endpoint(self.reactor, "web.listen", settings.web.listen)
             self.web_port = yield _listen(
                 web_endpoint, build_site(self.metrics, self.db), "web.listen", settings.web.listen
             )
             logger.info("status page, API and metrics on %s", settings.web.listen)
-        endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
-            self.reactor, settings.mllp.listen
-        )
+        endpoint = _endpoint(self.reactor, "mllp.listen", settings.mllp.listen)
         factory: Any = MLLPFactory(
             self.intake,
             max_message_bytes=settings.mllp.max_message_bytes,
@@ -397,6 +386,14 @@ class Engine:
         self.mllp_port = yield _listen(endpoint, factory, "mllp.listen", settings.mllp.listen)
         if settings.mllp.processes:
             self._start_intake_processes(self.mllp_port, factory)
+        yield self.worker.start()
+        self.spool_sweep.start()
+        if self.retention is not None:
+            self.retention.start()
+        self.cancel_check.start(CANCEL_CHECK_SECONDS, now=False)
+        self.worklist.start()
+        if settings.rules_reload_seconds > 0:
+            self.rule_watcher.start()
         logger.info(
             "engine started: MLLP on %s%s%s, DICOM %s on %s:%d%s, %d routes, %d rules",
             settings.mllp.listen,
@@ -557,6 +554,15 @@ def run(config: Config, reactor: Any = None) -> int:
 
 class StartError(Exception):
     """A part of the engine could not start; the message names the part and its setting."""
+
+
+def _endpoint(reactor: Any, setting: str, value: str) -> Any:
+    """Build a listening endpoint; a StartError names the setting when that fails."""
+    try:
+        return endpoints.serverFromString(reactor, value)  # type: ignore[no-untyped-call]
+    except Exception as error:
+        # E.g. an ssl: endpoint whose key file is missing.
+        raise StartError(f"the listener {value} ({setting}) cannot be used: {error}") from error
 
 
 @defer.inlineCallbacks

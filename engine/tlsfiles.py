@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.error import VerifyError
 
@@ -21,12 +21,41 @@ class TLSConfigError(Exception):
 def load_private_certificate(certificate: Path, private_key: Path) -> ssl.PrivateCertificate:
     """Load a certificate with its private key."""
     try:
-        pem = certificate.read_text() + private_key.read_text()
+        certificate_pem = _pem_text(certificate, "CERTIFICATE", "x509")
+        key_pem = _pem_text(private_key, "PRIVATE KEY", "pkey")
+        pem = certificate_pem + key_pem
         return ssl.PrivateCertificate.loadPEM(pem)  # type: ignore[no-untyped-call,no-any-return]
-    except (OSError, ValueError, SSL.Error, VerifyError) as error:
+    except (OSError, ValueError, SSL.Error, crypto.Error, VerifyError) as error:
         raise TLSConfigError(
-            f"cannot load certificate {certificate} with key {private_key}: {error}"
+            f"cannot load certificate {certificate} with key {private_key}: {_reason(error)}"
         ) from None
+
+
+def _pem_text(path: Path, label: str, openssl_command: str) -> str:
+    """Return a PEM file's text; raise TLSConfigError when it has no PEM block of label."""
+    data = path.read_bytes()
+    if f"-----BEGIN {label}-----".encode() in data or (
+        label == "PRIVATE KEY" and re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", data)
+    ):
+        return data.decode("ascii", errors="replace")
+    if data[:1] == b"\x30":
+        # An ASN.1 SEQUENCE: the DER form of a certificate or key.
+        raise TLSConfigError(
+            f"{path} is in DER form, not PEM: convert it with"
+            f" `openssl {openssl_command} -inform DER -in {path} -out {path.name}.pem`"
+        )
+    blocks = sorted(set(re.findall(rb"-----BEGIN ([A-Z0-9 ]+)-----", data)))
+    found = ", ".join(block.decode() for block in blocks) or "no PEM block"
+    raise TLSConfigError(f"{path} contains no PEM {label.lower()} (found: {found})")
+
+
+def _reason(error: Exception) -> str:
+    """Return an error's text, with pyOpenSSL's error list as its reason texts only."""
+    args = getattr(error, "args", ())
+    if isinstance(error, SSL.Error | crypto.Error) and args and isinstance(args[0], list):
+        texts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
+        return "; ".join(texts) or str(error)
+    return str(error)
 
 
 def load_ca_certificates(path: Path) -> list[ssl.Certificate]:
@@ -34,8 +63,8 @@ def load_ca_certificates(path: Path) -> list[ssl.Certificate]:
     try:
         blocks = _PEM_CERTIFICATE.findall(path.read_bytes())
         authorities = [ssl.Certificate.loadPEM(block) for block in blocks]
-    except (OSError, ValueError, SSL.Error) as error:
-        raise TLSConfigError(f"cannot load CA certificates from {path}: {error}") from None
+    except (OSError, ValueError, SSL.Error, crypto.Error) as error:
+        raise TLSConfigError(f"cannot load CA certificates from {path}: {_reason(error)}") from None
     if not authorities:
         raise TLSConfigError(f"{path} contains no PEM certificate")
     return authorities

@@ -277,7 +277,9 @@ def _version(text: str) -> tuple[int, int]:
 def _err_segment(error: AckError, d: Delimiters) -> str:
     # ERR-2 location (ERL), ERR-3 code (CWE, Table 0357), ERR-4 severity, ERR-8 text.
     segment_id, sequence, field = error.location
-    location = d.component.join([segment_id, str(sequence), str(field)]) if segment_id else ""
+    # Field 0 locates a whole segment, e.g. a missing one: ORC^1.
+    parts = [segment_id, str(sequence), *([str(field)] if field else [])]
+    location = d.component.join(parts) if segment_id else ""
     condition = d.component.join([str(error.code.value), error.code.text, "HL70357"])
     return d.field.join(["ERR", "", location, condition, "E", "", "", "", escape(error.text, d)])
 
@@ -286,5 +288,7 @@ def _legacy_err_segment(error: AckError, d: Delimiters) -> str:
     # ERR-1 (ELD, HL7 2.1 to 2.4): segment^sequence^field^code&text&HL70357.
     segment_id, sequence, field = error.location
     code = d.subcomponent.join([str(error.code.value), error.code.text, "HL70357"])
-    location = [segment_id, str(sequence), str(field)] if segment_id else ["", "", ""]
+    location = ["", "", ""]
+    if segment_id:
+        location = [segment_id, str(sequence), str(field) if field else ""]
     return d.field.join(["ERR", d.component.join([*location, code])])

@@ -40,7 +40,8 @@ from engine.jobs.planner import PatientChange
 from engine.jobs.store import AsyncStore, Store, StoreError
 from engine.model import MessageOrigin, PatientIdentifier
 
-logger = logging.getLogger(__name__)
+# By name: run with python -m, the module is __main__.
+logger = logging.getLogger("engine.hl7.child")
 
 
 def encode_event(kind: str, **fields: Any) -> bytes:

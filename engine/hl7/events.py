@@ -249,6 +249,13 @@ def _part(message: Message, segments: list[Segment]) -> Message:
 def _order_event(
     message: Message, origin: MessageOrigin, policy: IdentifierPolicy, number: int
 ) -> DomainEvent | Unhandled:
+    if message.segment("ORC") is None:
+        raise HL7Error(
+            "the ORC segment (common order) is missing",
+            ErrorCode.SEGMENT_SEQUENCE_ERROR,
+            ("ORC", number, 0),
+            AckCode.APPLICATION_ERROR,
+        )
     order_control = message.get("ORC", 1)
     if not order_control:
         raise HL7Error(

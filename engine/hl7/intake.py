@@ -257,13 +257,16 @@ class Intake:
         )
         return self._error_acks(header, error)
 
-    def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
+    def reject_oversize(
+        self, head: bytes, size: int, peer: str, limit: int | None = None
+    ) -> Sequence[bytes]:
         header = AckHeader.from_raw(head)
         if not header.control_id:
             self.on_answered([])
             return []
         error = HL7Error(
-            f"message of {size} bytes or more exceeds the size limit",
+            f"message of {size} bytes or more exceeds the size limit"
+            + (f" of {limit} bytes (mllp.max_message_bytes)" if limit is not None else ""),
             ErrorCode.APPLICATION_INTERNAL_ERROR,
             ("", 0, 0),
             AckCode.APPLICATION_REJECT,

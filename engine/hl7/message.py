@@ -300,9 +300,14 @@ def parse(data: bytes, default_charset: str | CharsetDefaults = "utf-8") -> Mess
         try:
             text = raw.decode(codec)
         except UnicodeDecodeError as error:
+            source = (
+                f"MSH-18 '{charset_name}'"
+                if charset_name
+                else "MSH-18 is empty, so the sender's default character set applies"
+            )
             raise HL7Error(
-                f"segment {number} cannot be decoded as {codec} (MSH-18 "
-                f"'{charset_name or 'empty'}'): invalid byte at offset {error.start}",
+                f"segment {number} cannot be decoded as {codec} ({source}):"
+                f" invalid byte at offset {error.start}",
                 ErrorCode.DATA_TYPE_ERROR,
                 ("MSH", 1, 18),
                 AckCode.APPLICATION_ERROR,

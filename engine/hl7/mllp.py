@@ -24,6 +24,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from engine.hl7.tls import rejected_certificate
+
 logger = logging.getLogger(__name__)
 
 START_BLOCK = b"\x0b"
@@ -152,7 +154,9 @@ class MessageHandler(TypingProtocol):
         Usually one; none or two in enhanced acknowledgement mode, none for an ACK.
         """
 
-    def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
+    def reject_oversize(
+        self, head: bytes, size: int, peer: str, limit: int | None = None
+    ) -> Sequence[bytes]:
         """Return the rejections to send for an oversize message; none if MSH is unreadable."""
 
 
@@ -204,7 +208,11 @@ class MLLPProtocol(protocol.Protocol):
             )
         elif reason.check(error.ConnectionDone, error.ConnectionLost) is None:  # type: ignore[no-untyped-call]
             # E.g. a TLS handshake that failed: no client certificate, an unknown CA.
-            logger.warning("MLLP connection from %s closed: %s", self.peer, close_reason(reason))
+            text = close_reason(reason)
+            rejected = rejected_certificate(self._wire)
+            if rejected is not None:
+                text += f" ({rejected})"
+            logger.warning("MLLP connection from %s closed: %s", self.peer, text)
         else:
             logger.info("MLLP connection from %s closed", self.peer)
 
@@ -320,7 +328,9 @@ class MLLPProtocol(protocol.Protocol):
             self.decoder.max_message_bytes,
             event.size,
         )
-        acks = self.handler.reject_oversize(event.head, event.size, self.peer)
+        acks = self.handler.reject_oversize(
+            event.head, event.size, self.peer, self.decoder.max_message_bytes
+        )
         if acks:
             self._wire.write(b"".join(frame(ack) for ack in acks))
         self._closing = True
@@ -364,5 +374,16 @@ def close_reason(reason: Failure) -> str:
         # Otherwise pyOpenSSL gives [(library, function, reason), ...].
         texts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item and item[-1]]
         if texts:
-            return "TLS failed: " + "; ".join(texts)
+            hints = [_TLS_HINTS[text] for text in texts if text in _TLS_HINTS]
+            return "TLS failed: " + "; ".join(texts) + "".join(f" ({hint})" for hint in hints)
     return reason.getErrorMessage()
+
+
+# The usual meaning of OpenSSL's short reasons on an MLLP listener.
+_TLS_HINTS = {
+    "wrong version number": "not a TLS client: plain MLLP sent to the TLS port?",
+    "http request": "an HTTP client, not MLLP over TLS",
+    "unsupported protocol": "the client offers only TLS versions this listener refuses",
+    "unexpected message": "the client offers only TLS versions this listener refuses?",
+    "no shared cipher": "no cipher suite in common with the client",
+}

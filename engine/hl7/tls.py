@@ -6,15 +6,18 @@ string cannot: a required client certificate signed by a configured CA.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from engine.tlsfiles import TLSConfigError, load_ca_certificates, load_private_certificate
 
-__all__ = ["TLSConfigError", "server_options", "wrap"]
+__all__ = ["TLSConfigError", "rejected_certificate", "server_options", "wrap"]
 
 
 def server_options(
@@ -33,4 +36,60 @@ def server_options(
 
 def wrap(factory: IProtocolFactory, options: ssl.CertificateOptions) -> IProtocolFactory:
     """Return a factory whose connections speak TLS, then hand plain bytes to factory."""
-    return TLSMemoryBIOFactory(options, False, factory)
+    return TLSMemoryBIOFactory(_NotingRejections(options), False, factory)
+
+
+def rejected_certificate(transport: object) -> str | None:
+    """Describe the client certificate a TLS connection rejected, and why; None if none."""
+    return _rejections.get(transport)
+
+
+# The reason each connection rejected a client certificate, by its TLS protocol object.
+_rejections: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+# OpenSSL's texts of the verification errors a client certificate meets most.
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate (not signed by a CA in client_ca)",
+    21: "unable to verify the first certificate",
+    23: "certificate revoked",
+    24: "invalid CA certificate",
+    26: "unsupported certificate purpose (not for client authentication)",
+}
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _NotingRejections:
+    """Server TLS options that note which client certificate failed verification, and why."""
+
+    def __init__(self, options: ssl.CertificateOptions) -> None:
+        self._options = options
+        context = options.getContext()
+        # The verification itself is unchanged: the callback returns OpenSSL's verdict.
+        context.set_verify(context.get_verify_mode(), _note_verification)
+
+    def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
+        connection: SSL.Connection = self._options.serverConnectionForTLS(protocol)  # type: ignore[arg-type]
+        connection.set_app_data(protocol)
+        return connection
+
+
+def _note_verification(
+    connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int
+) -> bool:
+    protocol = connection.get_app_data()
+    if not ok and protocol is not None and protocol not in _rejections:
+        described = certificate.to_cryptography()
+        reason = _VERIFY_ERRORS.get(error, f"X509 verification error {error}")
+        where = "client certificate" if depth == 0 else f"certificate {depth} of the client's chain"
+        _rejections[protocol] = (
+            f"{where} {described.subject.rfc4514_string() or '(empty name)'},"
+            f" issued by {described.issuer.rfc4514_string() or '(empty name)'},"
+            f" serial {described.serial_number:X}: {reason}"
+        )
+    return bool(ok)

@@ -124,7 +124,7 @@ class Planner:
         def cancel(store: Store, now: dt.datetime) -> str:
             return store.cancel_order(_merged_ids(store, event.patient), event.order, reason, now)
 
-        return Plan((), f"OrderCancelled ({event.order_control})", [cancel])
+        return Plan((), f"order cancel (ORC-1 {event.order_control})", [cancel])
 
     def _plan_change(self, event: OrderChanged) -> Plan:
         """Replace the order's unfinished jobs with the jobs the changed order calls for.

@@ -1232,9 +1232,12 @@ class Store:
                 " WHERE id = ?",
                 (JobState.WAITING, _iso(not_before), summary, _iso(now), job_id),
             )
+            # A delay, not a time: the event log is shown in the engine's time zone.
+            delay = max(0, round((not_before - now).total_seconds()))
+            when = f"retry in {delay} s" if delay else "retry when the engine claims it again"
             db.execute(
                 "INSERT INTO job_events (job_id, at, text) VALUES (?,?,?)",
-                (job_id, _iso(now), f"retry at {_iso(not_before)}: {summary}"),
+                (job_id, _iso(now), f"{when}: {summary}"),
             )
 
     def requeue_job(self, job_id: int, note: str, now: dt.datetime) -> bool:

@@ -61,6 +61,7 @@ class Worker:
         self._claim_failures = 0
         self._claim_failure_logged_at = -CLAIM_ERROR_LOG_SECONDS
         self._wake_call: IDelayedCall | None = None
+        self._started = False
 
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock.seconds(), dt.UTC)
@@ -71,12 +72,19 @@ class Worker:
         requeued = yield self.db.run(lambda store: store.requeue_interrupted(now))
         if requeued:
             logger.info("requeued %d jobs left unfinished by the last run", len(requeued))
+        self._started = True
         self._poll = task.LoopingCall(self.wake)
         self._poll.clock = self.clock
         self._poll.start(self.poll_seconds, now=True)
 
     def wake(self) -> None:
-        """Claim due jobs soon; safe to call often and from any reactor callback."""
+        """Claim due jobs soon; safe to call often and from any reactor callback.
+
+        Before start() it does nothing: a job claimed then would be requeued by
+        start() while it runs. start() claims at once anyway.
+        """
+        if not self._started:
+            return
         if self._wake_call is None or not self._wake_call.active():
             self._wake_call = self.clock.callLater(0, self._claim)
 

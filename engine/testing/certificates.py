@@ -32,13 +32,18 @@ def certificate_authority(folder: Path, name: str = "fdqr test CA") -> Issued:
     return _write(folder, "ca", builder.sign(key, hashes.SHA256()), key)
 
 
-def issue(folder: Path, authority: Issued, name: str, *, server: bool) -> Issued:
-    """Issue a certificate for localhost and 127.0.0.1 (server) or a named client."""
+def issue(
+    folder: Path, authority: Issued, name: str, *, server: bool, expired: bool = False
+) -> Issued:
+    """Issue a certificate for localhost and 127.0.0.1 (server) or a named client.
+
+    expired issues one that was valid for a day until yesterday.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
-        _builder(subject, authority.certificate.subject, key)
+        _builder(subject, authority.certificate.subject, key, expired)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
@@ -53,9 +58,9 @@ def issue(folder: Path, authority: Issued, name: str, *, server: bool) -> Issued
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, expired: bool = False
 ) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(days=2 if expired else 0)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -120,10 +120,16 @@ class EngineProcess:
     """`fdqr run` as a separate process, as it runs in production."""
 
     def __init__(
-        self, config: Path, mllp_port: int, log_path: Path, log_level: str = "INFO"
+        self,
+        config: Path,
+        mllp_port: int,
+        log_path: Path,
+        log_level: str = "INFO",
+        mllp_host: str = "127.0.0.1",
     ) -> None:
         self.config = config
         self.mllp_port = mllp_port
+        self.mllp_host = mllp_host
         self.log_path = log_path
         self.log_level = log_level
         # The engine's temporary files (received objects too large for memory),
@@ -166,7 +172,7 @@ class EngineProcess:
                     f"fdqr run exited with status {self._process.returncode}; see {self.log_path}"
                 )
             try:
-                wait_for_port("127.0.0.1", self.mllp_port, timeout=0.5)
+                wait_for_port(self.mllp_host, self.mllp_port, timeout=0.5)
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:

@@ -63,10 +63,10 @@ class RunningEngine:
             store.close()
 
 
-def start_engine(folder: Path, mllp: dict[str, object]) -> RunningEngine:
+def start_engine(folder: Path, mllp: dict[str, object], host: str = "127.0.0.1") -> RunningEngine:
     store = folder / "fdqr.sqlite"
     config, port = write_intake_config(folder, str(store), mllp)
-    process = EngineProcess(config, port, folder / "engine.log")
+    process = EngineProcess(config, port, folder / "engine.log", mllp_host=host)
     process.start()
     return RunningEngine(process, port, store)
 
@@ -208,7 +208,7 @@ def test_oversize_message_rejected_and_closed(engine: RunningEngine) -> None:
     with socket.create_connection(("127.0.0.1", engine.port), timeout=30) as connection:
         ack = exchange(connection, frame_of(order("HUGE-1") + note))
         assert msa(ack) == "MSA|AR|HUGE-1"
-        assert "exceeds the size limit" in ack.decode()
+        assert f"exceeds the size limit of {MAX_MESSAGE_BYTES} bytes" in ack.decode()
         connection.settimeout(30)
         assert connection.recv(100) == b""
     assert engine.messages() == messages_before
@@ -292,6 +292,7 @@ def test_mllp_tls_requires_client_certificate(tmp_path: Path, processes: int) ->
     stranger = issue(
         pki, certificate_authority(pki / "other", "other CA"), "intruder", server=False
     )
+    expired = issue(pki, authority, "old-ris", server=False, expired=True)
     tls = {
         "certificate": str(server.certificate_path),
         "private_key": str(server.key_path),
@@ -307,7 +308,7 @@ def test_mllp_tls_requires_client_certificate(tmp_path: Path, processes: int) ->
         ):
             assert msa(exchange(connection, frame_of(order("MTLS-1")))) == "MSA|AA|MTLS-1"
 
-        for certificate in (None, stranger):
+        for certificate in (None, stranger, expired):
             refused = ssl.create_default_context(cafile=str(authority.certificate_path))
             if certificate is not None:
                 refused.load_cert_chain(
@@ -329,9 +330,35 @@ def test_mllp_tls_requires_client_certificate(tmp_path: Path, processes: int) ->
     # Who connected, by certificate; why the others were refused, in OpenSSL's words only.
     assert "TLS, client certificate CN=ris, issued by CN=fdqr test CA, serial " in log
     refusals = [line for line in log.splitlines() if "closed: TLS failed: " in line]
-    assert len(refusals) == 2, log[-3000:]
-    assert "certificate" in refusals[0] and "certificate" in refusals[1]
+    assert len(refusals) == 3, log[-3000:]
+    assert refusals[0].endswith("TLS failed: peer did not return a certificate")
+    assert (
+        "TLS failed: certificate verify failed (client certificate CN=intruder, issued by"
+        " CN=other CA, serial "
+    ) in refusals[1]
+    assert refusals[1].endswith(
+        ": unable to get local issuer certificate (not signed by a CA in client_ca))"
+    )
+    assert "(client certificate CN=old-ris, issued by CN=fdqr test CA, serial " in refusals[2]
+    assert refusals[2].endswith(": certificate has expired)")
     assert "SSL routines" not in log
+
+
+def test_ipv6_listener_with_intake_processes(tmp_path: Path) -> None:
+    engine = start_engine(
+        tmp_path / "engine", {"listen": "tcp6:{port}:interface=\\:\\:1", "processes": 2}, "::1"
+    )
+    try:
+        with socket.create_connection(("::1", engine.port), timeout=30) as connection:
+            assert msa(exchange(connection, frame_of(order("V6-1")))) == "MSA|AA|V6-1"
+        store = Store(engine.store)
+        try:
+            [message] = store.list_messages()
+        finally:
+            store.close()
+        assert message.peer.startswith("[::1]:")
+    finally:
+        stop_engine(engine)
 
 
 def test_memory_store_engine_accepts_orders(tmp_path: Path) -> None:

@@ -208,7 +208,7 @@ def test_bad_message_answered_and_connection_usable(prefetched: Prefetched) -> N
     with hl7.client.MLLPClient("127.0.0.1", prefetched.network.ports.mllp) as client:
         garbage = ack_segments(client.send_message(b"MSH|^~\\&|RIS|RAD\rP!D|broken"))
         assert garbage[1] == "MSA|AR|"
-        assert garbage[2].startswith("ERR||P!D^2^0|100^Segment sequence error^HL70357|E")
+        assert garbage[2].startswith("ERR||P!D^2|100^Segment sequence error^HL70357|E")
         no_control_id = ack_segments(
             client.send_message(b"MSH|^~\\&|RIS|RAD|F|L|2026||ORM^O01\rPID|1")
         )

@@ -8,6 +8,8 @@ from typing import TypeVar
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from twisted.internet.defer import Deferred
 
 from engine import config
@@ -462,11 +464,66 @@ def test_mllp_tls_missing_file_reported(layout: Path) -> None:
     assert "missing.pem" in problem.message
 
 
+def _pki_files(layout: Path) -> dict[str, Path]:
+    """Return the engine's certificate and key, their DER forms, a CSR and a CA file."""
+    pki = layout.parent / "pki"
+    authority = certificate_authority(pki)
+    server = issue(pki, authority, "engine", server=True)
+    certificate = x509.load_pem_x509_certificate(server.certificate_path.read_bytes())
+    key = serialization.load_pem_private_key(server.key_path.read_bytes(), None)
+    files = {
+        "certificate": server.certificate_path,
+        "key": server.key_path,
+        "der certificate": pki / "engine.crt.der",
+        "der key": pki / "engine.key.der",
+        "csr": pki / "engine.csr",
+    }
+    files["der certificate"].write_bytes(certificate.public_bytes(serialization.Encoding.DER))
+    files["der key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(certificate.subject)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    files["csr"].write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+@pytest.mark.parametrize(
+    ("certificate", "key", "expected"),
+    [
+        ("csr", "key", "engine.csr contains no PEM certificate (found: CERTIFICATE REQUEST)"),
+        ("certificate", "certificate", "engine.crt.pem contains no PEM private key"),
+        ("der certificate", "key", "engine.crt.der is in DER form, not PEM: convert it with"),
+        ("certificate", "der key", "`openssl pkey -inform DER -in"),
+    ],
+)
+def test_mllp_tls_file_of_wrong_kind_named(
+    layout: Path, certificate: str, key: str, expected: str
+) -> None:
+    files = _pki_files(layout)
+    edit(
+        layout,
+        {"mllp.tls": {"certificate": str(files[certificate]), "private_key": str(files[key])}},
+    )
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.tls"
+    assert expected in problem.message
+
+
 def test_mllp_tls_needs_tcp_listen(layout: Path) -> None:
     edit(
         layout,
         {
-            "mllp.listen": "ssl:2575:privateKey=k.pem",
+            "mllp.listen": "unix:/tmp/fdqr-mllp.sock",
             "mllp.tls": {"certificate": "c.pem", "private_key": "k.pem"},
         },
     )
@@ -474,7 +531,24 @@ def test_mllp_tls_needs_tcp_listen(layout: Path) -> None:
         config.load(layout)
     [problem] = raised.value.problems
     assert problem.path == "mllp"
-    assert "mllp.tls needs a tcp: listen endpoint" in problem.message
+    assert "mllp.tls needs a tcp: or tcp6: listen endpoint" in problem.message
+
+
+def test_ssl_listen_with_missing_key_file_named(layout: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.key.pem"
+    edit(layout, {"mllp.listen": f"ssl:2575:privateKey={missing}"})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.listen"
+    assert f"cannot use 'ssl:2575:privateKey={missing}'" in problem.message
+    assert "No such file or directory" in problem.message
+
+
+@pytest.mark.parametrize("listen", ["tcp6:2575:interface=\\:\\:1", "tcp:2575:interface=\\:\\:1"])
+def test_ipv6_listen_accepted(layout: Path, listen: str) -> None:
+    edit(layout, {"mllp.listen": listen, "mllp.processes": 2})
+    assert config.load(layout).settings.mllp.listen == listen
 
 
 def test_intake_processes_need_tcp_listen(layout: Path) -> None:
@@ -483,7 +557,7 @@ def test_intake_processes_need_tcp_listen(layout: Path) -> None:
         config.load(layout)
     [problem] = raised.value.problems
     assert problem.path == "mllp.processes"
-    assert "need a tcp: listen endpoint; mllp.listen is 'unix:/tmp/fdqr-mllp.sock'" in (
+    assert "need a tcp: or tcp6: listen endpoint; mllp.listen is 'unix:/tmp/fdqr-mllp.sock'" in (
         problem.message
     )
 
@@ -497,13 +571,19 @@ def test_intake_processes_need_a_store_file(layout: Path) -> None:
     assert "store.path ':memory:' has none" in problem.message
 
 
-@pytest.mark.parametrize("value", [17, -1, "2", True, 2.5])
-def test_intake_processes_invalid_values(layout: Path, value: object) -> None:
-    edit(layout, {"mllp.processes": value})
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        *[("mllp.processes", value) for value in (17, -1, "2", True, 2.5)],
+        *[("store.retention_days", value) for value in (0, -1, "30 days", 100_000)],
+    ],
+)
+def test_invalid_value_named(layout: Path, setting: str, value: object) -> None:
+    edit(layout, {setting: value})
     with pytest.raises(ConfigError) as raised:
         config.load(layout)
     [problem] = raised.value.problems
-    assert problem.path == "mllp.processes"
+    assert problem.path == setting
 
 
 @pytest.mark.parametrize(("value", "spelled"), [(True, "true"), (False, "false"), (None, "null")])

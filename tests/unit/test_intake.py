@@ -107,7 +107,7 @@ def test_unparsable_message_gets_ar(db: ImmediateStore) -> None:
     intake, _ = make_intake(db)
     segments = answer(intake.handle_message(b"this is not HL7", "peer"))
     assert segments[1] == "MSA|AR|"
-    assert segments[2].startswith("ERR||MSH^1^0|100^Segment sequence error^HL70357|E")
+    assert segments[2].startswith("ERR||MSH^1|100^Segment sequence error^HL70357|E")
     assert db.store.list_messages() == []
 
 
@@ -259,8 +259,9 @@ def test_oversize_reject_needs_msh() -> None:
     intake, _ = make_intake(ImmediateStore.__new__(ImmediateStore))
     counted: list[Sequence[bytes]] = []
     intake.on_answered = counted.append
-    [ack] = intake.reject_oversize(order()[:200], 20_000_000, "peer")
+    [ack] = intake.reject_oversize(order()[:200], 20_000_000, "peer", 10_485_760)
     assert b"\rMSA|AR|MSG1\r" in ack
+    assert b"exceeds the size limit of 10485760 bytes (mllp.max_message_bytes)" in ack
     assert intake.reject_oversize(b"\x00\x01garbage", 20_000_000, "peer") == []
     # Both count in the metrics: one AR, one without an ACK.
     assert counted == [[ack], []]
@@ -472,9 +473,23 @@ def test_order_for_two_patients_gets_ae(db: ImmediateStore) -> None:
     second = b"PID|2||L2^^^LOCAL^MR\rORC|NW|PLC-2|FIL-2\rOBR|1|PLC-2|FIL-2\r"
     segments = answer(intake.handle_message(order() + second, "peer"))
     assert segments[1] == "MSA|AE|MSG1"
-    assert "|PID^2^0|100^Segment sequence error^HL70357|" in segments[2]
+    assert "|PID^2|100^Segment sequence error^HL70357|" in segments[2]
     assert db.store.list_messages() == []
     assert db.store.list_jobs() == []
+
+
+def test_order_without_orc_segment_gets_ae(db: ImmediateStore) -> None:
+    intake, _ = make_intake(db)
+    text = b"".join(
+        segment + b"\r"
+        for segment in order().split(b"\r")
+        if segment and not segment.startswith(b"ORC|")
+    )
+    segments = answer(intake.handle_message(text, "peer"))
+    assert segments[1] == "MSA|AE|MSG1"
+    assert segments[2].startswith("ERR||ORC^1|100^Segment sequence error^HL70357|E")
+    assert segments[2].endswith("the ORC segment (common order) is missing")
+    assert db.store.list_messages() == []
 
 
 def test_merge_into_itself_gets_ae(db: ImmediateStore) -> None:

@@ -153,6 +153,17 @@ def test_store_decisions_keep_counts_on_retry(store: Store) -> None:
     assert (record.found, record.received, record.stored) == (10, 10, 10)
 
 
+def test_retry_event_gives_delay_not_time(store: Store) -> None:
+    job_id = store.add_job(new_job(), NOW)
+    store.retry_job(job_id, NOW + dt.timedelta(seconds=30), "association failed", NOW)
+    store.retry_job(job_id, NOW, "engine is stopping", NOW)
+    texts = [text for _, text in store.events(job_id)]
+    assert texts[-2:] == [
+        "retry in 30 s: association failed",
+        "retry when the engine claims it again: engine is stopping",
+    ]
+
+
 def test_retry_delay_doubles_to_cap() -> None:
     assert [retry_delay(attempt, 30, 200) for attempt in range(1, 6)] == [30, 60, 120, 200, 200]
 

@@ -103,6 +103,8 @@ def test_times_shown_in_engine_time_zone_with_its_name(layout: Path) -> None:
     jobs = CliRunner().invoke(main, ["jobs", "show", "1", "--config", str(layout)])
     assert jobs.exit_code == 0, jobs.output
     assert f"not before {shown}" in jobs.output
+    assert jobs.output.splitlines()[0] == "job 1: queued after 0 attempt(s)"
+    assert "  studies: none found yet" in jobs.output
     assert f"    {shown[:-4]}.000 JST queued by route" in jobs.output
 
 

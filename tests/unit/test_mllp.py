@@ -119,7 +119,9 @@ class RecordingHandler:
         self.pending.append(answer)
         return answer
 
-    def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
+    def reject_oversize(
+        self, head: bytes, size: int, peer: str, limit: int | None = None
+    ) -> Sequence[bytes]:
         self.oversize.append(size)
         return [b"MSH|AR"]
 
@@ -291,7 +293,9 @@ def test_protocol_logs_skipped_bytes_with_count(caplog: pytest.LogCaptureFixture
 
 def test_protocol_oversize_without_msh_closes_silently() -> None:
     class SilentHandler(RecordingHandler):
-        def reject_oversize(self, head: bytes, size: int, peer: str) -> Sequence[bytes]:
+        def reject_oversize(
+            self, head: bytes, size: int, peer: str, limit: int | None = None
+        ) -> Sequence[bytes]:
             self.oversize.append(size)
             return []
 
@@ -506,6 +510,10 @@ def test_protocol_logs_why_connection_failed(caplog: pytest.LogCaptureFixture) -
             "TLS failed: tlsv1 alert unknown ca; bad mac",
         ),
         (SSL.SysCallError(-1, "Unexpected EOF"), "TLS failed: Unexpected EOF"),
+        (
+            SSL.Error([("SSL routines", "", "wrong version number")]),
+            "TLS failed: wrong version number (not a TLS client: plain MLLP sent to the TLS port?)",
+        ),
         (SSL.Error([]), "[]"),
         (error.ConnectionLost("reset by peer"), "Connection to the other side was lost"),
     ],

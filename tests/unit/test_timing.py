@@ -289,7 +289,7 @@ def test_cancel_before_lead_time_never_runs(
     [job] = db.store.list_jobs()
     assert job.state == JobState.CANCELLED
     assert job.summary == "order cancelled (ORC-1 CA) by message M2"
-    assert db.store.list_messages()[0].outcome == "OrderCancelled (CA); cancelled job(s) 1"
+    assert db.store.list_messages()[0].outcome == "order cancel (ORC-1 CA); cancelled job(s) 1"
     clock.pump([5] * 2000)
     assert runner.calls == []
     worker.stop()
@@ -300,7 +300,7 @@ def test_cancel_without_job_is_noted(
 ) -> None:
     intake = make_intake(db, rule_set, clock)
     send(intake, order("M2", "NONE", order_control="DC"))
-    assert db.store.list_messages()[0].outcome == "OrderCancelled (DC); no job for this order"
+    assert db.store.list_messages()[0].outcome == "order cancel (ORC-1 DC); no job for this order"
 
 
 def test_job_runs_at_lead_time(db: ImmediateStore, rule_set: RuleSet, clock: task.Clock) -> None:
@@ -477,7 +477,7 @@ def test_cancelled_job_requeues_the_one_it_suppressed(
     assert (second.state, third.state) == (JobState.SUPPRESSED, JobState.SUPPRESSED)
     send(intake, order("M4", "A1", order_control="CA"))
     assert db.store.list_messages()[0].outcome == (
-        f"OrderCancelled (CA); cancelled job(s) {first.id}; requeued suppressed job(s) {second.id}"
+        f"order cancel (ORC-1 CA); cancelled job(s) {first.id}; requeued suppressed job(s) {second.id}"
     )
     states = {job.id: job.state for job in db.store.list_jobs()}
     assert states == {

@@ -216,7 +216,7 @@ def test_removed_step_becomes_cancel(
     cancel = db.store.list_messages()[0]
     assert cancel.origin.message_type == "MWL"
     assert cancel.origin.control_id.startswith("S1|ACC-S1@202603141100/L12345/removed@")
-    assert "OrderCancelled" in cancel.outcome
+    assert "order cancel (ORC-1 CA)" in cancel.outcome
     # Removed once: the next poll does not cancel it again.
     assert poll(worklist).removed == []
 

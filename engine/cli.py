@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,20 +21,10 @@ from engine.hl7.cli import messages_group
 from engine.identity import records
 from engine.identity.cli import identity_group
 from engine.jobs.store import JobState, Store
+from engine.logsetup import setup_logging
 from engine.model import PatientIdentifier
 from engine.rules.cli import rules_group
 from engine.worklist.cli import worklist_group
-
-
-def setup_logging(level: str) -> None:
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
-
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
 
 
 @click.group()

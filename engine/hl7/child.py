@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from engine.hl7.mllp import MLLPFactory
 from engine.hl7.tls import wrap
 from engine.jobs.planner import PatientChange
 from engine.jobs.store import AsyncStore, Store, StoreError
+from engine.logsetup import setup_logging
 from engine.model import MessageOrigin, PatientIdentifier
 
 # By name: run with python -m, the module is __main__.
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The channel keeps the pipe; anything printed by mistake goes to the log.
     channel = os.dup(1)
     os.dup2(2, 1)
-    _setup_logging(args.log_level, args.number)
+    setup_logging(args.log_level, f"[intake {args.number}] ")
 
     from twisted.internet import reactor as default_reactor
 
@@ -387,17 +387,6 @@ class _Stopping:
         # A SIGTERM from the engine may have stopped it already.
         with contextlib.suppress(error.ReactorNotRunning):
             self.reactor.stop()
-
-
-def _setup_logging(level: str, number: int) -> None:
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
-
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s [intake {number}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
 
 
 if __name__ == "__main__":

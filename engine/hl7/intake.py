@@ -198,17 +198,20 @@ class Intake:
             if duplicate:
                 self.on_duplicate()
                 logger.info(
-                    "duplicate message %s from %s/%s (stored as %d): sent the stored ACK",
+                    "duplicate message %s from %s/%s at %s (stored as %d): sent the stored ACK",
                     origin.control_id,
                     origin.sending_application,
                     origin.sending_facility,
+                    peer,
                     message_id,
                 )
                 return split_acks(stored_answers)
             logger.info(
-                "stored %s %s from %s as message %d: %s",
+                "stored %s %s from %s/%s at %s as message %d: %s",
                 origin.message_type,
                 origin.control_id,
+                origin.sending_application,
+                origin.sending_facility,
                 peer,
                 message_id,
                 plan.outcome,

@@ -373,7 +373,12 @@ def _codec_for(charset_name: str, default_charset: str, repetition: str) -> str:
             ErrorCode.TABLE_VALUE_NOT_FOUND,
             ("MSH", 1, 18),
             AckCode.APPLICATION_ERROR,
-            log_text=f"unsupported character set in MSH-18 (a value of {len(first)} characters)",
+            log_text=(
+                f"unsupported character set in MSH-18: '{first}'"
+                # Spelled like a character set name, so no patient data: safe to log.
+                if re.fullmatch(r"[A-Za-z0-9 _/.:-]{1,32}", first)
+                else f"unsupported character set in MSH-18 (a value of {len(first)} characters)"
+            ),
         )
     return codec
 

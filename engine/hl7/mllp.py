@@ -72,6 +72,14 @@ class MLLPDecoder:
         self._scan_from = 0
         self._discarding = False
 
+    @property
+    def unfinished_bytes(self) -> int:
+        """Bytes of a frame that started but has not ended yet."""
+        if not self._in_frame or self._discarding:
+            return 0
+        # The start byte, and what followed it.
+        return len(self._buffer) + 1
+
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         view = memoryview(data)
@@ -200,6 +208,13 @@ class MLLPProtocol(protocol.Protocol):
         self._closing = True
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
+        if self.decoder.unfinished_bytes:
+            # The sender gets no ACK for it and sends it again, if it is an MLLP sender.
+            logger.warning(
+                "MLLP connection from %s closed in the middle of a frame; %d bytes of it discarded",
+                self.peer,
+                self.decoder.unfinished_bytes,
+            )
         if self.decoder.skipped_bytes:
             logger.warning(
                 "MLLP connection from %s closed; %d bytes outside frames skipped in total",
@@ -339,6 +354,9 @@ class MLLPProtocol(protocol.Protocol):
 
 
 class MLLPFactory(protocol.Factory):
+    # Twisted would log "Starting factory <...MLLPFactory object at 0x...>" for each child.
+    noisy = False
+
     def __init__(
         self,
         handler: MessageHandler,

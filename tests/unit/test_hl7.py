@@ -464,6 +464,16 @@ def test_parse_unknown_charset_is_ae_103() -> None:
     assert raised.value.code == ErrorCode.TABLE_VALUE_NOT_FOUND
     assert raised.value.ack == AckCode.APPLICATION_ERROR
     assert raised.value.location == ("MSH", 1, 18)
+    assert raised.value.log_text == "unsupported character set in MSH-18: 'KLINGON'"
+
+
+def test_unknown_charset_not_like_a_name_not_logged() -> None:
+    text = b"MSH|^~\\&|RIS|RAD|F|L|2026||ORM^O01|1|P|2.5||||||DOE JANE 19650312!\r"
+    with pytest.raises(HL7Error) as raised:
+        parse(text)
+    assert raised.value.log_text == (
+        "unsupported character set in MSH-18 (a value of 18 characters)"
+    )
 
 
 def test_escape_line_breaks() -> None:

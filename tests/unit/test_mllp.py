@@ -557,6 +557,23 @@ def test_protocol_logs_client_certificate(tmp_path: Path, caplog: pytest.LogCapt
     ]
 
 
+def test_protocol_logs_unfinished_frame_at_close(caplog: pytest.LogCaptureFixture) -> None:
+    protocol, _ = connect(RecordingHandler())
+    protocol.dataReceived(START_BLOCK + b"MSH|^~\\&|RIS")
+
+    with caplog.at_level(logging.INFO, logger="engine.hl7.mllp"):
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+
+    assert [(record.levelno, record.getMessage()) for record in caplog.records] == [
+        (
+            logging.WARNING,
+            "MLLP connection from 192.168.1.1:54321 closed in the middle of a frame; 13 bytes"
+            " of it discarded",
+        ),
+        (logging.INFO, "MLLP connection from 192.168.1.1:54321 closed"),
+    ]
+
+
 def test_protocol_logs_plain_close_at_info(caplog: pytest.LogCaptureFixture) -> None:
     protocol, _ = connect(RecordingHandler())
 

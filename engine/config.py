@@ -89,14 +89,16 @@ def check_listen(value: str, example: str) -> str:
             " (tcp:, tcp6: for IPv6, ssl: or unix:)"
         )
     endpoint_port(value)
-    if value.startswith("ssl:"):
-        # Building the endpoint reads its certificate and key files; nothing listens yet.
-        from twisted.internet import endpoints
+    # Building the endpoint parses it and, for ssl:, reads its files; nothing listens yet.
+    from twisted.internet import endpoints
 
-        try:
-            endpoints.serverFromString(object(), value)  # type: ignore[no-untyped-call]
-        except Exception as error:
-            raise ValueError(f"cannot use '{value}': {error}") from None
+    try:
+        endpoints.serverFromString(object(), value)  # type: ignore[no-untyped-call]
+    except Exception as error:
+        hint = ""
+        if re.search(r"interface=[^\\]*:", value):
+            hint = r"; escape the colons of an IPv6 address, e.g. interface=\:\:1"
+        raise ValueError(f"cannot use '{value}': {error}{hint}") from None
     return value
 
 
@@ -317,7 +319,8 @@ def syslog_address(value: str) -> tuple[str, str, int]:
 class StoreSettings(Settings):
     path: Path = Path("../var/fdqr.sqlite")
     # Messages and finished jobs older than this are deleted; None keeps them all.
-    retention_days: int | None = Field(default=None, ge=1, le=36500)
+    # strict: YAML's true or "30" is no number of days.
+    retention_days: int | None = Field(default=None, ge=1, le=36500, strict=True)
 
 
 class SpoolSettings(Settings):
@@ -349,6 +352,16 @@ class JobSettings(Settings):
     retry_delay_seconds: float = Field(default=30, gt=0)
     max_retry_delay_seconds: float = Field(default=1800, gt=0)
     poll_seconds: float = Field(default=5, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _first_delay_within_cap(self) -> JobSettings:
+        if self.retry_delay_seconds > self.max_retry_delay_seconds:
+            raise ValueError(
+                f"retry_delay_seconds ({self.retry_delay_seconds:g}) is above"
+                f" max_retry_delay_seconds ({self.max_retry_delay_seconds:g}), which caps every"
+                " retry delay; raise the maximum or lower the first delay"
+            )
+        return self
 
 
 class WorklistSource(Settings):

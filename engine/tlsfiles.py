@@ -42,11 +42,15 @@ def _pem_text(path: Path, label: str, openssl_command: str) -> str:
         # An ASN.1 SEQUENCE: the DER form of a certificate or key.
         raise TLSConfigError(
             f"{path} is in DER form, not PEM: convert it with"
-            f" `openssl {openssl_command} -inform DER -in {path} -out {path.name}.pem`"
+            f" `openssl {openssl_command} -inform DER -in {path} -out {path}.pem`"
         )
+    raise TLSConfigError(f"{path} contains no PEM {label.lower()} (found: {_blocks(data)})")
+
+
+def _blocks(data: bytes) -> str:
+    """Name the kinds of PEM blocks in a file, e.g. CERTIFICATE REQUEST."""
     blocks = sorted(set(re.findall(rb"-----BEGIN ([A-Z0-9 ]+)-----", data)))
-    found = ", ".join(block.decode() for block in blocks) or "no PEM block"
-    raise TLSConfigError(f"{path} contains no PEM {label.lower()} (found: {found})")
+    return ", ".join(block.decode() for block in blocks) or "no PEM block"
 
 
 def _reason(error: Exception) -> str:
@@ -61,10 +65,11 @@ def _reason(error: Exception) -> str:
 def load_ca_certificates(path: Path) -> list[ssl.Certificate]:
     """Load the one or more CA certificates of a PEM file."""
     try:
-        blocks = _PEM_CERTIFICATE.findall(path.read_bytes())
+        data = path.read_bytes()
+        blocks = _PEM_CERTIFICATE.findall(data)
         authorities = [ssl.Certificate.loadPEM(block) for block in blocks]
     except (OSError, ValueError, SSL.Error, crypto.Error) as error:
         raise TLSConfigError(f"cannot load CA certificates from {path}: {_reason(error)}") from None
     if not authorities:
-        raise TLSConfigError(f"{path} contains no PEM certificate")
+        raise TLSConfigError(f"{path} contains no PEM certificate (found: {_blocks(data)})")
     return authorities

@@ -47,6 +47,8 @@ def rejected_certificate(transport: object) -> str | None:
 # The reason each connection rejected a client certificate, by its TLS protocol object.
 _rejections: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
+_NOT_YET_VALID = 9
+_EXPIRED = 10
 # OpenSSL's texts of the verification errors a client certificate meets most.
 _VERIFY_ERRORS = {
     2: "unable to get issuer certificate",
@@ -86,6 +88,10 @@ def _note_verification(
     if not ok and protocol is not None and protocol not in _rejections:
         described = certificate.to_cryptography()
         reason = _VERIFY_ERRORS.get(error, f"X509 verification error {error}")
+        if error in (_NOT_YET_VALID, _EXPIRED):
+            start = described.not_valid_before_utc.isoformat(timespec="seconds")
+            end = described.not_valid_after_utc.isoformat(timespec="seconds")
+            reason += f" (valid from {start} to {end})"
         where = "client certificate" if depth == 0 else f"certificate {depth} of the client's chain"
         _rejections[protocol] = (
             f"{where} {described.subject.rfc4514_string() or '(empty name)'},"

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from engine.clitools import ROW_ID, config_option, format_table, job_or_exit, open_store
+from engine.clitools import (
+    ROW_ID,
+    config_option,
+    format_table,
+    job_or_exit,
+    load_settings_or_exit,
+    open_store,
+)
 from engine.identity import records
 from engine.jobs.store import JobState
 
@@ -25,10 +32,12 @@ def identity_group(ctx: click.Context, config_path: Path) -> None:
 @config_option
 def learned(config_path: Path, limit: int) -> None:
     """List cross-references learned from ADT messages, most recent first."""
+    zone = load_settings_or_exit(config_path).zone
     store = open_store(config_path)
     rows = [("LOCAL", "REMOTE", "LEARNED AT", "MESSAGE")]
     for item in records.learned_references(store, limit):
-        rows.append((str(item.local), str(item.remote), item.learned_at, item.message_control_id))
+        learned_at = zone.shown(dt.datetime.fromisoformat(item.learned_at))
+        rows.append((str(item.local), str(item.remote), learned_at, item.message_control_id))
     click.echo(format_table(rows))
 
 
@@ -37,12 +46,12 @@ def learned(config_path: Path, limit: int) -> None:
 @config_option
 def merges(config_path: Path, limit: int) -> None:
     """List ADT^A40 merges: each retired ID and the ID it lives on as."""
+    zone = load_settings_or_exit(config_path).zone
     store = open_store(config_path)
     rows = [("RETIRED", "SURVIVING", "MERGED AT", "MESSAGE")]
     for item in records.merges(store, limit):
-        rows.append(
-            (str(item.retired), str(item.surviving), item.merged_at, item.message_control_id)
-        )
+        merged_at = zone.shown(dt.datetime.fromisoformat(item.merged_at))
+        rows.append((str(item.retired), str(item.surviving), merged_at, item.message_control_id))
     click.echo(format_table(rows))
 
 

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from engine.jobs.store import PRUNE_BATCH, AsyncStore
+from engine.rules.timing import format_timespan
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ class Retention:
         self._stopped = False
 
     def start(self) -> None:
+        logger.info(
+            "retention: messages and finished jobs older than %s are deleted every %s",
+            _days(self.days),
+            format_timespan(dt.timedelta(seconds=self.every_seconds)),
+        )
         self._loop.start(self.every_seconds, now=True)
 
     def stop(self) -> None:
@@ -83,24 +89,33 @@ class Retention:
 
     @defer.inlineCallbacks
     def _prune(self, cutoff: dt.datetime) -> Generator[defer.Deferred[Any], Any, tuple[int, int]]:
-        jobs = messages = 0
-        while True:
-            batch: tuple[int, int] = yield self.db.run(
-                lambda store: store.prune(cutoff, self.batch)
-            )
-            jobs += batch[0]
-            messages += batch[1]
-            if max(batch) < self.batch or self._stopped:
-                break
-            yield task.deferLater(self.clock, BATCH_PAUSE_SECONDS, lambda: None)
-            if self._stopped:
-                break
-        if jobs or messages:
-            logger.info(
-                "retention: deleted %d finished jobs and %d messages from before %s (%d days)",
-                jobs,
-                messages,
-                cutoff.isoformat(timespec="seconds"),
-                self.days,
-            )
-        return jobs, messages
+        deleted = [0, 0]
+        try:
+            while not self._stopped:
+                batch: tuple[int, int] = yield self.db.run(
+                    lambda store: store.prune(cutoff, self.batch)
+                )
+                deleted[0] += batch[0]
+                deleted[1] += batch[1]
+                if max(batch) < self.batch:
+                    break
+                yield task.deferLater(self.clock, BATCH_PAUSE_SECONDS, lambda: None)
+        finally:
+            # Also when a batch failed or the engine stops: what was deleted is logged.
+            if any(deleted):
+                logger.info(
+                    "retention: deleted %d finished jobs and %d messages from before %s"
+                    " (older than %s)%s",
+                    deleted[0],
+                    deleted[1],
+                    cutoff.isoformat(timespec="seconds"),
+                    _days(self.days),
+                    "; stopped with the engine, the rest goes at the next start"
+                    if self._stopped
+                    else "",
+                )
+        return deleted[0], deleted[1]
+
+
+def _days(days: int) -> str:
+    return "1 day" if days == 1 else f"{days} days"

@@ -200,6 +200,8 @@ _FINISHED = frozenset(
 # Jobs and messages deleted per transaction when old ones are pruned: 50 jobs with
 # their events hold the write lock about 10 ms on the benchmark machine.
 PRUNE_BATCH = 50
+# Rows from the cutoff on, one after the other in id order, that end a search for old rows.
+RECENT_RUN = 1000
 _PENDING = frozenset({JobState.QUEUED, JobState.WAITING, JobState.DEFERRED})
 # Jobs that do not stop a later job for the same order, or the same patient and rule.
 _NOT_COVERING = (JobState.FAILED, JobState.CANCELLED, JobState.SUPPRESSED)
@@ -377,12 +379,15 @@ def _old_rows(
 ) -> list[int]:
     """Return up to `limit` ids of a table's rows from before cutoff that are eligible.
 
-    Rows are read in id order, which is the order of their times, so the scan
-    ends at the first row from cutoff on. No index on the time is needed.
+    Rows are read in id order, which is about the order of their times, so the
+    scan ends after RECENT_RUN rows in a row from cutoff on. A few rows out of
+    order (a clock set wrong for a while) do not end it. No index on the time
+    is needed.
     """
     found: list[int] = []
     after = 0
     before = _iso(cutoff)
+    recent = 0
     while True:
         rows = db.execute(
             f"SELECT id, {time_column} AS at, {eligible} AS eligible FROM {table}"
@@ -391,7 +396,11 @@ def _old_rows(
         ).fetchall()
         for row in rows:
             if row["at"] >= before:
-                return found
+                recent += 1
+                if recent == RECENT_RUN:
+                    return found
+                continue
+            recent = 0
             if row["eligible"]:
                 found.append(int(row["id"]))
                 if len(found) == limit:
@@ -481,7 +490,7 @@ class Store:
     def reading(self) -> Iterator[sqlite3.Connection]:
         """Run a block of another module's reads in one transaction, joining an open one.
 
-        The block sees one snapshot of the store. It takes no write lock, so it
+        The block reads one snapshot of the store. It takes no write lock, so it
         neither waits for the writers of other processes nor delays them. Blocks
         that write use transaction(): a write here would skip the write lock.
         """

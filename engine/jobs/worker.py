@@ -214,7 +214,7 @@ class Worker:
         if outcome.retry and job.attempts < self.max_attempts and not stopping:
             delay = retry_delay(job.attempts, self.retry_base_seconds, self.retry_max_seconds)
             when = now + dt.timedelta(seconds=delay)
-            logger.warning("job %d: %s; retry in %.0fs", job.id, outcome.summary, delay)
+            logger.warning("job %d: %s; retry in %.0f s", job.id, outcome.summary, delay)
             store.retry_job(job.id, when, outcome.summary, now)
         elif (outcome.retry or outcome.defer_until is not None) and stopping:
             logger.info("job %d: %s; resumes at next start", job.id, outcome.summary)

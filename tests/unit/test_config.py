@@ -545,10 +545,34 @@ def test_ssl_listen_with_missing_key_file_named(layout: Path, tmp_path: Path) ->
     assert "No such file or directory" in problem.message
 
 
+def test_first_retry_delay_above_cap_named(layout: Path) -> None:
+    edit(layout, {"jobs.retry_delay_seconds": 3000, "jobs.max_retry_delay_seconds": 1800})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "jobs"
+    assert problem.message.startswith(
+        "retry_delay_seconds (3000) is above max_retry_delay_seconds (1800)"
+    )
+
+
 @pytest.mark.parametrize("listen", ["tcp6:2575:interface=\\:\\:1", "tcp:2575:interface=\\:\\:1"])
 def test_ipv6_listen_accepted(layout: Path, listen: str) -> None:
     edit(layout, {"mllp.listen": listen, "mllp.processes": 2})
     assert config.load(layout).settings.mllp.listen == listen
+
+
+@pytest.mark.parametrize("listen", ["tcp6:2575:interface=::1", "tcp:2575:interface=::1"])
+def test_ipv6_listen_without_escapes_named(layout: Path, listen: str) -> None:
+    edit(layout, {"mllp.listen": listen})
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    assert problem.path == "mllp.listen"
+    assert problem.message.startswith(f"cannot use '{listen}': ")
+    assert problem.message.endswith(
+        "; escape the colons of an IPv6 address, e.g. interface=\\:\\:1"
+    )
 
 
 def test_intake_processes_need_tcp_listen(layout: Path) -> None:
@@ -575,7 +599,7 @@ def test_intake_processes_need_a_store_file(layout: Path) -> None:
     ("setting", "value"),
     [
         *[("mllp.processes", value) for value in (17, -1, "2", True, 2.5)],
-        *[("store.retention_days", value) for value in (0, -1, "30 days", 100_000)],
+        *[("store.retention_days", value) for value in (0, -1, "30 days", 100_000, True, "30")],
     ],
 )
 def test_invalid_value_named(layout: Path, setting: str, value: object) -> None:

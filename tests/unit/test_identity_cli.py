@@ -10,6 +10,7 @@ from engine.cli import main
 from engine.identity import records
 from engine.jobs.store import JobState, Store, StudyState
 from engine.model import Decision, PatientIdentifier, StudyCandidate
+from engine.rules.timing import LocalZone
 from tests.conftest import NOW, shipped_layout
 from tests.unit.test_jobs import new_job
 
@@ -67,8 +68,11 @@ def test_learned_and_merges_listed(tmp_path: Path) -> None:
     learned = runner.invoke(main, ["identity", "--config", str(config), "learned"])
     assert learned.exit_code == 0, learned.output
     assert "L1^^^LOCAL  HB-1^^^HOSP_B" in learned.output
+    # Shown in the engine's time zone, with its name (the system's here).
+    assert LocalZone().shown(NOW) in learned.output
     merged = runner.invoke(main, ["identity", "--config", str(config), "merges"])
     assert "L0^^^LOCAL  L1^^^LOCAL" in merged.output
+    assert LocalZone().shown(NOW) in merged.output
 
 
 def test_config_after_subcommand(tmp_path: Path) -> None:

@@ -270,7 +270,7 @@ def test_worker_logs_failures_as_warnings(
         runner.pending[2].callback(Outcome(JobState.FAILED, "source down", retry=True))
     levels = {record.getMessage(): record.levelno for record in caplog.records}
     assert levels[f"job {done_id}: done: 1 studies stored"] == logging.INFO
-    assert levels[f"job {failed_id}: source down; retry in 30s"] == logging.WARNING
+    assert levels[f"job {failed_id}: source down; retry in 30 s"] == logging.WARNING
     assert levels[f"job {failed_id}: failed: source down"] == logging.WARNING
     stop(worker, clock)
 

@@ -160,12 +160,46 @@ def test_engine_prunes_at_start_and_every_hour(
         retention.stop()
 
     assert [record.getMessage() for record in caplog.records] == [
+        "retention: messages and finished jobs older than 30 days are deleted every 1h",
         "retention: deleted 0 finished jobs and 3 messages from before"
-        f" {CUTOFF.isoformat(timespec='seconds')} (30 days)",
+        f" {CUTOFF.isoformat(timespec='seconds')} (older than 30 days)",
         "retention: deleted 0 finished jobs and 1 messages from before"
-        f" {(NOW + dt.timedelta(days=1)).isoformat(timespec='seconds')} (30 days)",
+        f" {(NOW + dt.timedelta(days=1)).isoformat(timespec='seconds')} (older than 30 days)",
     ]
     store.close()
+
+
+def test_pass_stopped_with_engine_logs_what_it_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(tmp_path / "fdqr.sqlite")
+    for number in range(3):
+        receive(store, f"C{number}", OLD, [])
+    clock = task.Clock()
+    retention = Retention(ImmediateStore(store), 1, clock, lambda: NOW, batch=2)
+
+    with caplog.at_level(logging.INFO, logger="engine.jobs.retention"):
+        retention.start()
+        retention.stop()
+        clock.advance(BATCH_PAUSE_SECONDS)
+
+    assert len(message_ids(store)) == 1
+    assert caplog.records[-1].getMessage() == (
+        "retention: deleted 0 finished jobs and 2 messages from before"
+        f" {(NOW - dt.timedelta(days=1)).isoformat(timespec='seconds')} (older than 1 day);"
+        " stopped with the engine, the rest goes at the next start"
+    )
+    store.close()
+
+
+def test_prune_past_future_dated_row(store: Store) -> None:
+    # A clock set ahead for a while: a row in the middle carries a future time.
+    for number in range(4):
+        when = NOW + dt.timedelta(days=300) if number == 1 else OLD
+        receive(store, f"C{number}", when, [])
+
+    assert store.prune(CUTOFF) == (0, 3)
+    assert [message.origin.control_id for message in store.list_messages()] == ["C1"]
 
 
 def test_failed_pass_logs_error_and_next_one_runs(

@@ -106,7 +106,12 @@ def job_or_exit(store: Store, job_id: int) -> JobRecord:
     """Return the job, or print that it was not found and exit with status 1."""
     job = store.get_job(job_id)
     if job is None:
-        click.echo(f"job {job_id} not found", err=True)
+        # Ids go up without gaps and only retention deletes jobs, so it deleted a missing
+        # id below the newest one.
+        newest = store.list_jobs(1)
+        deleted = bool(newest) and job_id < newest[0].id
+        why = " (deleted: store.retention_days deletes old finished jobs)" if deleted else ""
+        click.echo(f"job {job_id} not found{why}", err=True)
         raise SystemExit(1)
     return job
 

@@ -8,9 +8,11 @@ import logging
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from twisted.internet import task
 
 from engine import config
+from engine.cli import main
 from engine.identity import records
 from engine.jobs.retention import BATCH_PAUSE_SECONDS, EVERY_SECONDS, Retention
 from engine.jobs.store import JobState, MessageWrite, NewJob, Store
@@ -229,3 +231,22 @@ def test_retention_days_default_keeps_everything(layout: Path) -> None:
     assert config.load(layout).settings.store.retention_days is None
     edit(layout, {"store.retention_days": 90})
     assert config.load(layout).settings.store.retention_days == 90
+
+
+def test_jobs_show_says_job_was_deleted(layout: Path) -> None:
+    loaded = config.load(layout)
+    store = Store(loaded.store_path)
+    first = receive(store, "C1", OLD, [new_job()])
+    [old_job] = store.message_jobs(first)
+    store.finish_job(old_job.id, JobState.DONE, "done", OLD)
+    receive(store, "C2", NOW, [new_job()])
+    store.prune(CUTOFF)
+    store.close()
+
+    shown = CliRunner().invoke(main, ["jobs", "show", str(old_job.id), "--config", str(layout)])
+    assert shown.exit_code == 1
+    assert shown.output.strip() == (
+        f"job {old_job.id} not found (deleted: store.retention_days deletes old finished jobs)"
+    )
+    unknown = CliRunner().invoke(main, ["jobs", "show", "99", "--config", str(layout)])
+    assert unknown.output.strip() == "job 99 not found"

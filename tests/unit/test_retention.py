@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,12 +139,20 @@ def test_prune_deletes_in_batches(store: Store) -> None:
     assert job_ids(store) == set()
 
 
-def test_engine_prunes_at_start_and_every_hour(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+def three_old(tmp_path: Path) -> Iterator[Store]:
+    """A store with three messages received 40 days ago."""
     store = Store(tmp_path / "fdqr.sqlite")
     for number in range(3):
         receive(store, f"C{number}", OLD, [])
+    yield store
+    store.close()
+
+
+def test_engine_prunes_at_start_and_every_hour(
+    three_old: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = three_old
     clock = task.Clock()
     now = [NOW]
     retention = Retention(ImmediateStore(store), 30, clock, lambda: now[0], batch=2)
@@ -168,15 +177,12 @@ def test_engine_prunes_at_start_and_every_hour(
         "retention: deleted 0 finished jobs and 1 messages from before"
         f" {(NOW + dt.timedelta(days=1)).isoformat(timespec='seconds')} (older than 30 days)",
     ]
-    store.close()
 
 
 def test_pass_stopped_with_engine_logs_what_it_deleted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    three_old: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = Store(tmp_path / "fdqr.sqlite")
-    for number in range(3):
-        receive(store, f"C{number}", OLD, [])
+    store = three_old
     clock = task.Clock()
     retention = Retention(ImmediateStore(store), 1, clock, lambda: NOW, batch=2)
 
@@ -191,7 +197,6 @@ def test_pass_stopped_with_engine_logs_what_it_deleted(
         f" {(NOW - dt.timedelta(days=1)).isoformat(timespec='seconds')} (older than 1 day);"
         " stopped with the engine, the rest goes at the next start"
     )
-    store.close()
 
 
 def test_prune_past_future_dated_row(store: Store) -> None:

@@ -110,8 +110,8 @@ def job_or_exit(store: Store, job_id: int) -> JobRecord:
         # id below the newest one.
         newest = store.list_jobs(1)
         deleted = bool(newest) and job_id < newest[0].id
-        why = " (deleted: store.retention_days deletes old finished jobs)" if deleted else ""
-        click.echo(f"job {job_id} not found{why}", err=True)
+        reason = " (deleted: store.retention_days deletes old finished jobs)" if deleted else ""
+        click.echo(f"job {job_id} not found{reason}", err=True)
         raise SystemExit(1)
     return job
 

@@ -329,18 +329,18 @@ def test_mllp_tls_requires_client_certificate(tmp_path: Path, processes: int) ->
     log = engine.process.log_text()
     # Who connected, by certificate; why the others were refused, in OpenSSL's words only.
     assert "TLS, client certificate CN=ris, issued by CN=fdqr test CA, serial " in log
-    refusals = [line for line in log.splitlines() if "closed: TLS failed: " in line]
-    assert len(refusals) == 3, log[-3000:]
-    assert refusals[0].endswith("TLS failed: peer did not return a certificate")
+    rejections = [line for line in log.splitlines() if "closed: TLS failed: " in line]
+    assert len(rejections) == 3, log[-3000:]
+    assert rejections[0].endswith("TLS failed: peer did not return a certificate")
     assert (
         "TLS failed: certificate verify failed (client certificate CN=intruder, issued by"
         " CN=other CA, serial "
-    ) in refusals[1]
-    assert refusals[1].endswith(
+    ) in rejections[1]
+    assert rejections[1].endswith(
         ": unable to get local issuer certificate (not signed by a CA in client_ca))"
     )
-    assert "(client certificate CN=old-ris, issued by CN=fdqr test CA, serial " in refusals[2]
-    assert ": certificate has expired (valid from " in refusals[2]
+    assert "(client certificate CN=old-ris, issued by CN=fdqr test CA, serial " in rejections[2]
+    assert ": certificate has expired (valid from " in rejections[2]
     assert "SSL routines" not in log
 
 

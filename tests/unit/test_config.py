@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from twisted.internet.defer import Deferred
 
 from engine import config
-from engine.configfile import ConfigError
+from engine.configfile import ConfigError, Problem
 from engine.identity.resolver import TableResolver
 from engine.identity.table import load_table
 from engine.model import PatientIdentifier
@@ -40,6 +40,15 @@ def edit(path: Path, change: dict[str, object]) -> None:
             target = target[part]
         target[last] = value
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def only_problem(layout: Path, change: dict[str, object]) -> Problem:
+    """Apply change to engine.yaml and return the one problem loading it reports."""
+    edit(layout, change)
+    with pytest.raises(ConfigError) as raised:
+        config.load(layout)
+    [problem] = raised.value.problems
+    return problem
 
 
 def test_shipped_configuration_is_valid(layout: Path) -> None:
@@ -508,13 +517,10 @@ def test_mllp_tls_file_of_wrong_kind_named(
     layout: Path, certificate: str, key: str, expected: str
 ) -> None:
     files = _pki_files(layout)
-    edit(
+    problem = only_problem(
         layout,
         {"mllp.tls": {"certificate": str(files[certificate]), "private_key": str(files[key])}},
     )
-    with pytest.raises(ConfigError) as raised:
-        config.load(layout)
-    [problem] = raised.value.problems
     assert problem.path == "mllp.tls"
     assert expected in problem.message
 
@@ -536,20 +542,16 @@ def test_mllp_tls_needs_tcp_listen(layout: Path) -> None:
 
 def test_ssl_listen_with_missing_key_file_named(layout: Path, tmp_path: Path) -> None:
     missing = tmp_path / "missing.key.pem"
-    edit(layout, {"mllp.listen": f"ssl:2575:privateKey={missing}"})
-    with pytest.raises(ConfigError) as raised:
-        config.load(layout)
-    [problem] = raised.value.problems
+    problem = only_problem(layout, {"mllp.listen": f"ssl:2575:privateKey={missing}"})
     assert problem.path == "mllp.listen"
     assert f"cannot use 'ssl:2575:privateKey={missing}'" in problem.message
     assert "No such file or directory" in problem.message
 
 
 def test_first_retry_delay_above_cap_named(layout: Path) -> None:
-    edit(layout, {"jobs.retry_delay_seconds": 3000, "jobs.max_retry_delay_seconds": 1800})
-    with pytest.raises(ConfigError) as raised:
-        config.load(layout)
-    [problem] = raised.value.problems
+    problem = only_problem(
+        layout, {"jobs.retry_delay_seconds": 3000, "jobs.max_retry_delay_seconds": 1800}
+    )
     assert problem.path == "jobs"
     assert problem.message.startswith(
         "retry_delay_seconds (3000) is above max_retry_delay_seconds (1800)"
@@ -590,19 +592,13 @@ def test_intake_processes_need_a_store_file(layout: Path) -> None:
     ],
 )
 def test_invalid_value_named(layout: Path, setting: str, value: object) -> None:
-    edit(layout, {setting: value})
-    with pytest.raises(ConfigError) as raised:
-        config.load(layout)
-    [problem] = raised.value.problems
+    problem = only_problem(layout, {setting: value})
     assert problem.path == setting
 
 
 @pytest.mark.parametrize(("value", "spelled"), [(True, "true"), (False, "false"), (None, "null")])
 def test_problem_spells_value_as_yaml(layout: Path, value: object, spelled: str) -> None:
-    edit(layout, {"mllp.processes": value})
-    with pytest.raises(ConfigError) as raised:
-        config.load(layout)
-    [problem] = raised.value.problems
+    problem = only_problem(layout, {"mllp.processes": value})
     assert problem.message.endswith(f"(value {spelled})")
 
 
@@ -680,10 +676,7 @@ IPV6_HINT = "; escape the colons of an IPv6 address, e.g. interface=\\:\\:1"
     ],
 )
 def test_mllp_listen_invalid_named(layout: Path, listen: str, start: str, end: str) -> None:
-    edit(layout, {"mllp.listen": listen})
-    with pytest.raises(ConfigError) as raised:
-        config.load(layout)
-    [problem] = raised.value.problems
+    problem = only_problem(layout, {"mllp.listen": listen})
     assert problem.path == "mllp.listen"
     assert problem.message.startswith(start)
     assert problem.message.endswith(end)

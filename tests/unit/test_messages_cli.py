@@ -87,7 +87,7 @@ def test_list_filters_by_control_id(layout: Path) -> None:
     assert " ORD1 " not in output
 
 
-def test_times_shown_in_engine_time_zone_with_its_name(layout: Path) -> None:
+def test_cli_times_in_engine_zone(layout: Path) -> None:
     settings = yaml.safe_load(layout.read_text())
     settings["time_zone"] = "Asia/Tokyo"
     layout.write_text(yaml.safe_dump(settings))

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,25 @@ class ProcessReactor(task.Clock):
 
 def ended(child: ChildProtocol, status: int | None = None, number: int | None = None) -> None:
     child.processEnded(Failure(error.ProcessTerminated(status, number)))  # type: ignore[no-untyped-call]
+
+
+SocketPairs = Callable[[int], list[tuple[socket.socket, socket.socket]]]
+
+
+@pytest.fixture
+def socket_pairs() -> Iterator[SocketPairs]:
+    """Make connected socket pairs; all of them are closed after the test."""
+    made: list[tuple[socket.socket, socket.socket]] = []
+
+    def make(count: int) -> list[tuple[socket.socket, socket.socket]]:
+        pairs = [socket.socketpair() for _ in range(count)]
+        made.extend(pairs)
+        return pairs
+
+    yield make
+    for ours, peer in made:
+        ours.close()
+        peer.close()
 
 
 @pytest.fixture
@@ -275,25 +294,20 @@ def received_inode(theirs: socket.socket) -> int:
         os.close(fd)
 
 
-def test_connections_passed_in_turn(reactor: ProcessReactor) -> None:
+def test_connections_passed_in_turn(reactor: ProcessReactor, socket_pairs: SocketPairs) -> None:
     intake = processes(reactor, Recorder())
     intake.start()
     ready(reactor)
-    connections = [socket.socketpair() for _ in range(4)]
-    try:
-        inodes = [os.fstat(ours.fileno()).st_ino for ours, _ in connections]
-        for ours, _ in connections:
-            intake.dispatch(ours)
-            assert ours.fileno() == -1  # the engine's copy is closed
-        first, second = (theirs for _, _, theirs in reactor.spawned)
-        got = [received_inode(first), received_inode(second)]
-        got += [received_inode(first), received_inode(second)]
-        assert got == inodes
-        assert reactor.adopted == []
-    finally:
-        for ours, peer in connections:
-            ours.close()
-            peer.close()
+    connections = socket_pairs(4)
+    inodes = [os.fstat(ours.fileno()).st_ino for ours, _ in connections]
+    for ours, _ in connections:
+        intake.dispatch(ours)
+        assert ours.fileno() == -1  # the engine's copy is closed
+    first, second = (theirs for _, _, theirs in reactor.spawned)
+    got = [received_inode(first), received_inode(second)]
+    got += [received_inode(first), received_inode(second)]
+    assert got == inodes
+    assert reactor.adopted == []
 
 
 def test_untaken_connection_served_by_engine(
@@ -461,7 +475,7 @@ class AdoptingReactor:
         self.stopped = True
 
 
-def test_receiver_adopts_passed_connections() -> None:
+def test_receiver_adopts_passed_connections(socket_pairs: SocketPairs) -> None:
     reactor = AdoptingReactor()
     factory = protocol.Factory()
     engine_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -470,7 +484,7 @@ def test_receiver_adopts_passed_connections() -> None:
     receiver = ConnectionReceiver(
         reactor, child_end, socket.AF_INET, factory, lambda: lost.append(True)
     )
-    connections = [socket.socketpair() for _ in range(2)]
+    connections = socket_pairs(2)
     try:
         for ours, _ in connections:
             socket.send_fds(engine_end, [b"c"], [ours.fileno()])
@@ -486,13 +500,10 @@ def test_receiver_adopts_passed_connections() -> None:
     finally:
         engine_end.close()
         child_end.close()
-        for ours, peer in connections:
-            ours.close()
-            peer.close()
 
 
 def test_silent_child_skipped_then_killed(
-    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture
+    reactor: ProcessReactor, caplog: pytest.LogCaptureFixture, socket_pairs: SocketPairs
 ) -> None:
     intake = processes(reactor, Recorder())
     intake.start()
@@ -505,16 +516,11 @@ def test_silent_child_skipped_then_killed(
     second.outReceived(encode_event("pong"))
 
     # The first has not responded for 3 s, so new connections go to the second only.
-    connections = [socket.socketpair() for _ in range(2)]
-    try:
-        inodes = [os.fstat(ours.fileno()).st_ino for ours, _ in connections]
-        for ours, _ in connections:
-            intake.dispatch(ours)
-        assert [received_inode(second_end), received_inode(second_end)] == inodes
-    finally:
-        for ours, peer in connections:
-            ours.close()
-            peer.close()
+    connections = socket_pairs(2)
+    inodes = [os.fstat(ours.fileno()).st_ino for ours, _ in connections]
+    for ours, _ in connections:
+        intake.dispatch(ours)
+    assert [received_inode(second_end), received_inode(second_end)] == inodes
 
     reactor.advance(26)
     assert first.transport.signals == []  # type: ignore[union-attr]

@@ -22,5 +22,5 @@ def test_log_time_carries_utc_offset() -> None:
         line,
     )
     assert match is not None, line
-    shown = dt.datetime.fromisoformat(match.group(1))
-    assert shown == dt.datetime(2026, 12, 5, 19, 24, 19, 123000, tzinfo=dt.UTC)
+    logged_time = dt.datetime.fromisoformat(match.group(1))
+    assert logged_time == dt.datetime(2026, 12, 5, 19, 24, 19, 123000, tzinfo=dt.UTC)

@@ -92,20 +92,20 @@ def test_cli_times_in_engine_zone(layout: Path) -> None:
     settings["time_zone"] = "Asia/Tokyo"
     layout.write_text(yaml.safe_dump(settings))
     receive(layout, order())
-    shown = (NOW + dt.timedelta(hours=9)).strftime("%Y-%m-%d %H:%M:%S") + " JST"
+    tokyo_time = (NOW + dt.timedelta(hours=9)).strftime("%Y-%m-%d %H:%M:%S") + " JST"
 
     status, listed = run(layout, "list")
     assert status == 0, listed
-    assert f" {shown} " in listed.splitlines()[1]
+    assert f" {tokyo_time} " in listed.splitlines()[1]
     status, output = run(layout, "show", "1")
     assert status == 0, output
-    assert f"received {shown}" in output.splitlines()[0]
+    assert f"received {tokyo_time}" in output.splitlines()[0]
     jobs = CliRunner().invoke(main, ["jobs", "show", "1", "--config", str(layout)])
     assert jobs.exit_code == 0, jobs.output
-    assert f"not before {shown}" in jobs.output
+    assert f"not before {tokyo_time}" in jobs.output
     assert jobs.output.splitlines()[0] == "job 1: queued after 0 attempt(s)"
     assert "  studies: none found yet" in jobs.output
-    assert f"    {shown[:-4]}.000 JST queued by route" in jobs.output
+    assert f"    {tokyo_time[:-4]}.000 JST queued by route" in jobs.output
 
 
 def test_show_redacts_names_and_birth_dates(layout: Path) -> None:

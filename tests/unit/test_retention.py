@@ -248,9 +248,9 @@ def test_jobs_show_says_job_was_deleted(layout: Path) -> None:
     store.prune(CUTOFF)
     store.close()
 
-    shown = CliRunner().invoke(main, ["jobs", "show", str(old_job.id), "--config", str(layout)])
-    assert shown.exit_code == 1
-    assert shown.output.strip() == (
+    result = CliRunner().invoke(main, ["jobs", "show", str(old_job.id), "--config", str(layout)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
         f"job {old_job.id} not found (deleted: store.retention_days deletes old finished jobs)"
     )
     unknown = CliRunner().invoke(main, ["jobs", "show", "99", "--config", str(layout)])

@@ -53,12 +53,21 @@ def _blocks(data: bytes) -> str:
     return ", ".join(block.decode() for block in blocks) or "no PEM block"
 
 
+def openssl_reasons(error: BaseException | None) -> list[str]:
+    """Return the reason texts of a pyOpenSSL error, e.g. ["no start line"]; [] for others.
+
+    pyOpenSSL gives its errors as [(library, function, reason), ...].
+    """
+    args = getattr(error, "args", ())
+    if not args or not isinstance(args[0], list):
+        return []
+    return [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item and item[-1]]
+
+
 def _reason(error: Exception) -> str:
     """Return an error's text, with pyOpenSSL's error list as its reason texts only."""
-    args = getattr(error, "args", ())
-    if isinstance(error, SSL.Error | crypto.Error) and args and isinstance(args[0], list):
-        texts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
-        return "; ".join(texts) or str(error)
+    if isinstance(error, SSL.Error | crypto.Error):
+        return "; ".join(openssl_reasons(error)) or str(error)
     return str(error)
 
 

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from engine.hl7.tls import rejected_certificate
+from engine.tlsfiles import openssl_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -389,8 +390,7 @@ def close_reason(reason: Failure) -> str:
         if not isinstance(args[0], list):
             # E.g. SysCallError(-1, 'Unexpected EOF'): the peer closed during the handshake.
             return "TLS failed: " + ", ".join(str(arg) for arg in args[1:] or args)
-        # Otherwise pyOpenSSL gives [(library, function, reason), ...].
-        texts = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item and item[-1]]
+        texts = openssl_reasons(reason.value)
         if texts:
             hints = [_TLS_HINTS[text] for text in texts if text in _TLS_HINTS]
             return "TLS failed: " + "; ".join(texts) + "".join(f" ({hint})" for hint in hints)

@@ -131,11 +131,13 @@ def patient_label(store: Store, patient: PatientIdentifier) -> str:
 @config_option
 def jobs_show(config_path: Path, job_id: int) -> None:
     """Show one job: its studies with the rule's decisions, and its event log."""
-    zone = load_settings_or_exit(config_path).zone
+    settings = load_settings_or_exit(config_path)
+    zone = settings.zone
     store = open_store(config_path)
     job = job_or_exit(store, job_id)
     summary = f": {job.summary}" if job.summary else ""
-    click.echo(f"job {job.id}: {job.state} after {job.attempts} attempt(s){summary}")
+    attempts = f"{job.attempts} of {settings.jobs.max_attempts} attempts used"
+    click.echo(f"job {job.id}: {job.state}, {attempts}{summary}")
     click.echo(f"  patient {patient_label(store, job.patient)}, route {job.route}, rule {job.rule}")
     click.echo(f"  sources {', '.join(job.sources)}, destination {job.destination}")
     order = job.order

@@ -81,8 +81,9 @@ def read_patient_records(
 class EngineLink(protocol.Protocol):
     """The child's end of the link to the engine: events out, end of input means stop.
 
-    Counts (acknowledgements by code, duplicates, messages that created jobs)
-    are summed over a reactor turn and sent as one line at its end.
+    Counts (acknowledgements by code, duplicates, messages that created jobs,
+    connections closed) are summed over a reactor turn and sent as one line
+    at its end.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class EngineLink(protocol.Protocol):
         self._unanswered = 0
         self._duplicates = 0
         self._jobs = 0
+        self._closed = 0
         self._flush_queued = False
 
     def send(self, line: bytes) -> None:
@@ -122,6 +124,11 @@ class EngineLink(protocol.Protocol):
         self._jobs += 1
         self._queue_flush()
 
+    def closed(self) -> None:
+        """Count a connection passed by the engine that has closed."""
+        self._closed += 1
+        self._queue_flush()
+
     def _queue_flush(self) -> None:
         if not self._flush_queued:
             self._flush_queued = True
@@ -136,10 +143,11 @@ class EngineLink(protocol.Protocol):
                 unanswered=self._unanswered,
                 duplicates=self._duplicates,
                 jobs=self._jobs,
+                closed=self._closed,
             )
         )
         self._answered = {}
-        self._unanswered = self._duplicates = self._jobs = 0
+        self._unanswered = self._duplicates = self._jobs = self._closed = 0
 
     def dataReceived(self, data: bytes) -> None:
         """Reply to the engine's pings and take its rules reloads, one JSON line each."""
@@ -177,12 +185,15 @@ class ConnectionReceiver:
         family: int,
         factory: Any,
         on_lost: Callable[[], None],
+        on_not_taken: Callable[[], None] = lambda: None,
     ) -> None:
         self.reactor = reactor
         self.connections = connections
         self.family = family
         self.factory = factory
         self.on_lost = on_lost
+        # Called for each connection passed that could not be taken (it counts as closed).
+        self.on_not_taken = on_not_taken
 
     def fileno(self) -> int:
         return self.connections.fileno()
@@ -203,6 +214,7 @@ class ConnectionReceiver:
                 except OSError as problem:
                     # Usually a peer that reset the connection before it was taken.
                     logger.info("a connection ended before this process took it: %s", problem)
+                    self.on_not_taken()
                 finally:
                     os.close(fd)
 
@@ -338,6 +350,7 @@ def _serve(
         intake,
         max_message_bytes=settings.mllp.max_message_bytes,
         idle_timeout=settings.mllp.idle_timeout_seconds,
+        on_closed=link.closed,
     )
     if settings.mllp.tls is not None:
         factory = wrap(factory, mllp_tls_options(config.path, settings.mllp.tls))
@@ -348,7 +361,9 @@ def _serve(
     standard_io(link, stdin=0, stdout=channel, reactor=reactor)
     connections = socket.socket(fileno=args.connections_fd)
     connections.setblocking(False)
-    receiver = ConnectionReceiver(reactor, connections, args.family, factory, stopping.engine_gone)
+    receiver = ConnectionReceiver(
+        reactor, connections, args.family, factory, stopping.engine_gone, link.closed
+    )
     reactor.addReader(receiver)
     link.send(encode_event("ready"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -183,9 +183,12 @@ class MLLPProtocol(protocol.Protocol):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout: float | None = None,
         clock: IReactorTime | None = None,
+        on_closed: Callable[[], None] = lambda: None,
     ) -> None:
         self.handler = handler
         self.decoder = MLLPDecoder(max_message_bytes)
+        # Called once when the connection has closed.
+        self.on_closed = on_closed
         self.idle_timeout = idle_timeout
         self.peer = "unknown"
         self._clock = clock
@@ -207,6 +210,7 @@ class MLLPProtocol(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closing = True
+        self.on_closed()
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         if self.decoder.unfinished_bytes:
@@ -364,14 +368,19 @@ class MLLPFactory(protocol.Factory):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         idle_timeout: float | None = None,
         clock: IReactorTime | None = None,
+        on_closed: Callable[[], None] = lambda: None,
     ) -> None:
         self.handler = handler
         self.max_message_bytes = max_message_bytes
         self.idle_timeout = idle_timeout
         self.clock = clock
+        # Called each time a connection of this factory has closed.
+        self.on_closed = on_closed
 
     def buildProtocol(self, addr: IAddress | None) -> MLLPProtocol:
-        return MLLPProtocol(self.handler, self.max_message_bytes, self.idle_timeout, self.clock)
+        return MLLPProtocol(
+            self.handler, self.max_message_bytes, self.idle_timeout, self.clock, self.on_closed
+        )
 
 
 def _describe(address: IAddress) -> str:

@@ -291,10 +291,11 @@ class IntakeProcesses:
         delay = self._next_delay(child.number, ran)
         logger.log(
             logging.WARNING if status == "exit status 0" else logging.ERROR,
-            "intake process %d ended (%s) after %.0f s; starting it again in %.0f s",
+            "intake process %d ended (%s) after %.0f s%s; starting it again in %.0f s",
             child.number,
             status,
             ran,
+            _held_connections_note(child.open_connections),
             delay,
         )
         self._restarts[child.number] = self.reactor.callLater(delay, self._spawn, child.number)
@@ -341,6 +342,18 @@ class IntakeProcesses:
         return ended.addBoth(done)
 
 
+def _held_connections_note(connections: int) -> str:
+    """Return the log text on the connections a child held when it ended."""
+    if connections == 0:
+        return ", with no connection open"
+    # An MLLP sender sends a message again until it gets an ACK, so one in progress is not lost.
+    plural = "s" if connections != 1 else ""
+    return (
+        f"; its {connections} open connection{plural} closed with it, and their senders"
+        " send again what was not acknowledged"
+    )
+
+
 class ChildProtocol(protocol.ProcessProtocol):
     """One child: reads its event lines and reports its end."""
 
@@ -366,6 +379,8 @@ class ChildProtocol(protocol.ProcessProtocol):
         self.on_ready = on_ready
         # When the ping still without a response was sent.
         self.ping_sent: float | None = None
+        # Connections passed to the child that it has not reported closed.
+        self.open_connections = 0
 
     def answering(self, now: float) -> bool:
         """Return False while a ping waits for a response longer than UNANSWERED_SECONDS."""
@@ -387,6 +402,7 @@ class ChildProtocol(protocol.ProcessProtocol):
                 "passing a connection to intake process %d failed: %s", self.number, problem
             )
             return False
+        self.open_connections += 1
         return True
 
     def signal(self, number: int) -> None:
@@ -442,6 +458,7 @@ class ChildProtocol(protocol.ProcessProtocol):
             self.events.duplicates(int(event["duplicates"]))
         if event["jobs"]:
             self.events.jobs_created()
+        self.open_connections = max(0, self.open_connections - int(event["closed"]))
 
     def processEnded(self, reason: Failure) -> None:
         value = reason.value

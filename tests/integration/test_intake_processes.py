@@ -171,6 +171,11 @@ def test_killed_child_started_again(engine: RunningEngine) -> None:
     try:
         first, second = intake_children(engine)
         wait_until(lambda: started_lines(engine) == 2, "both intake processes started")
+        # One open connection in each child (they take connections in turn).
+        held = [socket.create_connection(("127.0.0.1", engine.port)) for _ in range(2)]
+        for number, connection in enumerate(held):
+            answer = exchange(connection, START_BLOCK + order(f"HELD-{number}") + END_BLOCK)
+            assert msa(answer) == f"MSA|AA|HELD-{number}"
 
         os.kill(first, signal.SIGKILL)
         wait_until(lambda: started_lines(engine) == 3, "the killed one started again")
@@ -178,9 +183,12 @@ def test_killed_child_started_again(engine: RunningEngine) -> None:
         assert any(
             "ERROR engine.hl7.processes: intake process" in line
             and "ended (signal 9)" in line
+            and "; its 1 open connection closed with it, and their senders send again" in line
             and "starting it again in 1 s" in line
             for line in log(engine)
         )
+        for connection in held:
+            connection.close()
         children = intake_children(engine)
         assert second in children
         assert first not in children

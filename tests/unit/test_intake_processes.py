@@ -186,7 +186,7 @@ def test_events_split_over_reads(reactor: ProcessReactor) -> None:
     processes(reactor, recorder).start()
     child = reactor.spawned[0][0]
     stream = encode_event(
-        "counts", answered={"AA": 3, "AE": 1}, unanswered=2, duplicates=1, jobs=3
+        "counts", answered={"AA": 3, "AE": 1}, unanswered=2, duplicates=1, jobs=3, closed=0
     ) + patient_records_event(ORIGIN, "10.0.0.5:4000", CHANGES)
 
     for start in range(0, len(stream), 7):
@@ -210,7 +210,9 @@ def test_unreadable_event_logged_and_skipped(
     child = reactor.spawned[0][0]
 
     child.outReceived(b'not json\n{"kind": "restart"}\n{"kind": "patient_records"}\n')
-    child.outReceived(encode_event("counts", answered={}, unanswered=0, duplicates=0, jobs=1))
+    child.outReceived(
+        encode_event("counts", answered={}, unanswered=0, duplicates=0, jobs=1, closed=0)
+    )
 
     assert recorder.calls == [("jobs",)]
     problems = [record.getMessage() for record in caplog.records]
@@ -229,7 +231,7 @@ def test_failing_event_handler_logged(
     IntakeProcesses(reactor, command, 1, events, protocol.Factory()).start()
 
     reactor.spawned[0][0].outReceived(
-        encode_event("counts", answered={}, unanswered=0, duplicates=0, jobs=1)
+        encode_event("counts", answered={}, unanswered=0, duplicates=0, jobs=1, closed=0)
     )
 
     assert "handling an event of intake process 1 failed" in caplog.text
@@ -262,8 +264,35 @@ def test_ended_child_restart_delay_grows(
     assert len(reactor.spawned) == 5
 
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors[0] == "intake process 1 ended (signal 9) after 0 s; starting it again in 1 s"
-    assert errors[1] == "intake process 1 ended (exit status 1) after 0 s; starting it again in 2 s"
+    assert errors[0] == (
+        "intake process 1 ended (signal 9) after 0 s, with no connection open;"
+        " starting it again in 1 s"
+    )
+    assert errors[1] == (
+        "intake process 1 ended (exit status 1) after 0 s, with no connection open;"
+        " starting it again in 2 s"
+    )
+
+
+def test_ended_child_names_connections_it_held(
+    reactor: ProcessReactor, socket_pairs: SocketPairs, caplog: pytest.LogCaptureFixture
+) -> None:
+    intake = processes(reactor, Recorder(), count=1)
+    intake.start()
+    ready(reactor)
+    child = reactor.spawned[0][0]
+    for ours, _ in socket_pairs(3):
+        intake.dispatch(ours)
+    child.outReceived(
+        encode_event("counts", answered={}, unanswered=0, duplicates=0, jobs=0, closed=1)
+    )
+
+    ended(child, number=signal.SIGKILL)
+
+    assert caplog.records[-1].getMessage() == (
+        "intake process 1 ended (signal 9) after 0 s; its 2 open connections closed with it,"
+        " and their senders send again what was not acknowledged; starting it again in 1 s"
+    )
 
 
 def test_stop_terminates_then_kills(
@@ -447,6 +476,7 @@ def test_link_counts_one_line_per_turn() -> None:
         "unanswered": 1,
         "duplicates": 1,
         "jobs": 2,
+        "closed": 0,
     }
     assert json.loads(second)["jobs"] == 1
 
@@ -500,6 +530,45 @@ def test_receiver_adopts_passed_connections(socket_pairs: SocketPairs) -> None:
     finally:
         engine_end.close()
         child_end.close()
+
+
+class RefusingReactor(ProcessReactor):
+    def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+
+def test_connection_not_taken_counts_as_closed(socket_pairs: SocketPairs) -> None:
+    engine_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child_end.setblocking(False)
+    not_taken: list[bool] = []
+    receiver = ConnectionReceiver(
+        RefusingReactor(),
+        child_end,
+        socket.AF_INET,
+        protocol.Factory(),
+        lambda: None,
+        lambda: not_taken.append(True),
+    )
+    try:
+        [(ours, _)] = socket_pairs(1)
+        socket.send_fds(engine_end, [b"c"], [ours.fileno()])
+        assert receiver.doRead() is None
+        assert not_taken == [True]
+    finally:
+        engine_end.close()
+        child_end.close()
+
+
+def test_closed_connections_counted_for_engine() -> None:
+    clock = task.Clock()
+    link = EngineLink(clock, on_lost=lambda: None)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    link.closed()
+    link.closed()
+    clock.advance(0)
+
+    assert json.loads(transport.value())["closed"] == 2
 
 
 def test_silent_child_skipped_then_killed(

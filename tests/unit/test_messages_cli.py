@@ -103,7 +103,7 @@ def test_cli_times_in_engine_zone(layout: Path) -> None:
     jobs = CliRunner().invoke(main, ["jobs", "show", "1", "--config", str(layout)])
     assert jobs.exit_code == 0, jobs.output
     assert f"not before {tokyo_time}" in jobs.output
-    assert jobs.output.splitlines()[0] == "job 1: queued after 0 attempt(s)"
+    assert jobs.output.splitlines()[0] == "job 1: queued, 0 of 5 attempts used"
     assert "  studies: none found yet" in jobs.output
     assert f"    {tokyo_time[:-4]}.000 JST queued by route" in jobs.output
 

@@ -27,6 +27,7 @@ from engine.hl7.mllp import (
     START_BLOCK,
     Frame,
     MLLPDecoder,
+    MLLPFactory,
     MLLPProtocol,
     OversizeFrame,
     close_reason,
@@ -124,6 +125,20 @@ class RecordingHandler:
     ) -> Sequence[bytes]:
         self.oversize.append(size)
         return [b"MSH|AR"]
+
+
+def test_factory_reports_each_closed_connection() -> None:
+    closed: list[bool] = []
+    factory = MLLPFactory(RecordingHandler(), on_closed=lambda: closed.append(True))  # type: ignore[arg-type]
+    connections = [factory.buildProtocol(None) for _ in range(2)]
+    for connection in connections:
+        connection.makeConnection(StringTransport())
+    assert closed == []
+
+    for connection in connections:
+        connection.connectionLost(Failure(error.ConnectionDone()))  # type: ignore[no-untyped-call]
+
+    assert closed == [True, True]
 
 
 def connect(handler: RecordingHandler, **options: object) -> tuple[MLLPProtocol, StringTransport]:

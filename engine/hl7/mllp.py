@@ -191,6 +191,9 @@ class MLLPProtocol(protocol.Protocol):
         self.on_closed = on_closed
         self.idle_timeout = idle_timeout
         self.peer = "unknown"
+        # The peer with the subject of its TLS client certificate, if it gave one: the
+        # sender recorded with each message and named in its log lines.
+        self.sender = self.peer
         self._clock = clock
         self._idle_call: IDelayedCall | None = None
         # The connection's transport (ITCPTransport and IPushProducer); set in connectionMade.
@@ -204,7 +207,7 @@ class MLLPProtocol(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self._wire = self.transport
-        self.peer = _describe(self._wire.getPeer())
+        self.peer = self.sender = _describe(self._wire.getPeer())
         logger.info("MLLP connection opened from %s", self.peer)
         self._reset_idle_timer()
 
@@ -243,13 +246,15 @@ class MLLPProtocol(protocol.Protocol):
             logger.info("MLLP connection from %s: TLS, no client certificate", self.peer)
             return
         certificate = peer_certificate.to_cryptography()
+        subject = certificate.subject.rfc4514_string() or "(empty name)"
         logger.info(
             "MLLP connection from %s: TLS, client certificate %s, issued by %s, serial %X",
             self.peer,
-            certificate.subject.rfc4514_string() or "(empty name)",
+            subject,
             certificate.issuer.rfc4514_string() or "(empty name)",
             certificate.serial_number,
         )
+        self.sender = f"{self.peer} (client certificate {subject})"
 
     def readConnectionLost(self) -> None:
         self._input_ended = True
@@ -318,7 +323,7 @@ class MLLPProtocol(protocol.Protocol):
             return
         self._busy = True
         try:
-            result = self.handler.handle_message(event.content, self.peer)
+            result = self.handler.handle_message(event.content, self.sender)
         except Exception:
             result = defer.fail()
         result.addCallbacks(self._send_ack, self._handler_failed)
@@ -349,7 +354,7 @@ class MLLPProtocol(protocol.Protocol):
             event.size,
         )
         acks = self.handler.reject_oversize(
-            event.head, event.size, self.peer, self.decoder.max_message_bytes
+            event.head, event.size, self.sender, self.decoder.max_message_bytes
         )
         if acks:
             self._wire.write(b"".join(frame(ack) for ack in acks))

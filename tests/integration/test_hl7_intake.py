@@ -326,6 +326,13 @@ def test_mllp_tls_requires_client_certificate(tmp_path: Path, processes: int) ->
         assert engine.process.running
     finally:
         stop_engine(engine)
+    store = Store(engine.store)
+    try:
+        [stored] = store.list_messages()
+    finally:
+        store.close()
+    # The sender of each message is recorded with its certificate.
+    assert stored.peer.endswith(" (client certificate CN=ris)")
     log = engine.process.log_text()
     # Who connected, by certificate; why the others were refused, in OpenSSL's words only.
     assert "TLS, client certificate CN=ris, issued by CN=fdqr test CA, serial " in log

@@ -127,6 +127,18 @@ class RecordingHandler:
         return [b"MSH|AR"]
 
 
+class PeerRecordingHandler(RecordingHandler):
+    """A RecordingHandler that also records the peer of each message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peers: list[str] = []
+
+    def handle_message(self, content: bytes, peer: str) -> defer.Deferred[Sequence[bytes]]:
+        self.peers.append(peer)
+        return super().handle_message(content, peer)
+
+
 def test_factory_reports_each_closed_connection() -> None:
     closed: list[bool] = []
     factory = MLLPFactory(RecordingHandler(), on_closed=lambda: closed.append(True))  # type: ignore[arg-type]
@@ -570,6 +582,20 @@ def test_protocol_logs_client_certificate(tmp_path: Path, caplog: pytest.LogCapt
         f" issued by CN=fdqr test CA, serial {certificate.to_cryptography().serial_number:X}",
         "MLLP connection from 192.168.1.1:54321: TLS, no client certificate",
     ]
+
+
+def test_client_certificate_named_with_messages(tmp_path: Path) -> None:
+    authority = certificate_authority(tmp_path)
+    client = issue(tmp_path, authority, "ris.example", server=False)
+    certificate = crypto.load_certificate(crypto.FILETYPE_PEM, client.certificate_path.read_bytes())
+    handler = PeerRecordingHandler()
+    protocol, transport = connect(handler)
+    transport.getPeerCertificate = lambda: certificate  # type: ignore[attr-defined]
+
+    protocol.handshakeCompleted()
+    protocol.dataReceived(frame(b"MSH|^~\\&|RIS|RAD"))
+
+    assert handler.peers == ["192.168.1.1:54321 (client certificate CN=ris.example)"]
 
 
 def test_protocol_logs_unfinished_frame_at_close(caplog: pytest.LogCaptureFixture) -> None:

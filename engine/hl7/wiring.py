@@ -51,10 +51,12 @@ def engine_planner(
     For a replay, ADT messages change no patient record (REPLAYED_ADT).
     """
     settings = config.settings
+    node_issuers = {node.issuer for node in settings.nodes.values() if node.issuer}
     identity: IdentityPlanner = IdentityEvents(
         settings.local_patient.issuer,
         DomainDirectory(settings.identity.domains),
         config.identity_table,
+        domains=node_issuers | set(settings.identity.domains),
     )
     if replay:
         identity = _replayed_adt

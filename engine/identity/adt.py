@@ -1,9 +1,11 @@
 """Planning the identity effects of ADT messages, applied with the message in one transaction.
 
 ADT^A01, A04 and A08 (DemographicsUpdated) update the local patient record and
-teach the engine every other qualified identifier of PID-3. An identifier is not
-learned when PID-3 has more than one in its domain, or when the cross-reference
-table assigns it to another patient. ADT^A40 (PatientsMerged) records that the
+teach the engine every other qualified identifier of PID-3 in a domain the engine
+uses (a node's issuer or one of identity.domains). An identifier is not learned
+when PID-3 has more than one in its domain, or when the cross-reference table
+assigns it to another patient. Identifiers of other domains (a national ID, an
+insurance number) are neither learned nor named in the outcome. ADT^A40 (PatientsMerged) records that the
 MRG-1 ID now lives on as the PID-3 one.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from engine.identity import records
 from engine.identity.domains import DomainDirectory
@@ -30,10 +32,14 @@ class IdentityEvents:
         local_issuer: str,
         directory: DomainDirectory,
         table: CrossReferenceTable | None = None,
+        *,
+        domains: Collection[str],
     ) -> None:
         self.local_issuer = local_issuer
         self.directory = directory
         self.table = table or CrossReferenceTable.empty()
+        # The issuers whose identifiers are learned: the nodes' and identity.domains.
+        self.domains = frozenset(domains)
 
     def __call__(self, event: DemographicsUpdated | PatientsMerged) -> tuple[str, Sequence[Action]]:
         if isinstance(event, PatientsMerged):
@@ -51,8 +57,15 @@ class IdentityEvents:
         actions: list[Action] = [update]
         outcome = f"{event.origin.message_type} for {patient}"
         by_domain: dict[str, list[PatientIdentifier]] = {}
+        others = 0
         for remote in self._remote_identifiers(event.identifiers, patient):
-            by_domain.setdefault(remote.issuer, []).append(remote)
+            if remote.issuer in self.domains:
+                by_domain.setdefault(remote.issuer, []).append(remote)
+            else:
+                others += 1
+        if others:
+            # Values stay out: such an identifier can be a national ID.
+            outcome += f"; {others} PID-3 identifier(s) of other domains not learned"
         for domain, remotes in by_domain.items():
             if len(remotes) > 1:
                 # Either identifier could belong to another patient, so neither is learned

@@ -35,7 +35,7 @@ def intake(
 ) -> Intake:
     """An intake for ADT messages; changed collects (MSH-10, peer, change) for the audit trail."""
     directory = DomainDirectory({"HOSP_B": DomainSettings(universal_id="1.2.3.3")})
-    identity = IdentityEvents("LOCAL", directory, table)
+    identity = IdentityEvents("LOCAL", directory, table, domains={"HOSP_A", "HOSP_B"})
     planner = Planner(RuleSet.empty, now=lambda: NOW, identity=identity)
     policy = IdentifierPolicy(issuer="LOCAL", authorities=frozenset({"LOCAL"}))
     collected = changed if changed is not None else []
@@ -73,6 +73,20 @@ def test_a04_records_demographics_and_learns(db: ImmediateStore) -> None:
         " learned HA-1^^^HOSP_A for L1^^^LOCAL; learned HB-1^^^HOSP_B for L1^^^LOCAL"
     )
     assert "DOE" not in stored.outcome
+
+
+def test_identifier_of_other_domain_not_learned(db: ImmediateStore) -> None:
+    message = demographics_message(
+        PATIENT, "ADT1", WHEN, "A04", ["999-88-7777^^^SSA^SS", "HA-1^^^HOSP_A^MR"]
+    )
+
+    assert send(intake(db), message)[1] == "MSA|AA|ADT1"
+
+    assert records.learned_local(db.store, PatientIdentifier("999-88-7777", "SSA")) is None
+    assert records.learned_remote(db.store, L1, "HOSP_A") == PatientIdentifier("HA-1", "HOSP_A")
+    [stored] = db.store.list_messages(1)
+    assert "; 1 PID-3 identifier(s) of other domains not learned;" in stored.outcome
+    assert "999-88-7777" not in stored.outcome
 
 
 def test_two_identifiers_in_domain_learn_none(db: ImmediateStore) -> None:

@@ -37,6 +37,62 @@ NEW_ORDER_CONTROL = "NW"
 CANCEL_ORDER_CONTROLS = frozenset({"CA", "DC"})
 CHANGE_ORDER_CONTROL = "XO"
 STATUS_ORDER_CONTROL = "SC"
+# HL7 Table 0119 as of v2.5.1, whose codes are case-sensitive. Others get AE 103.
+ORDER_CONTROLS = frozenset(
+    [
+        "AF",
+        "CA",
+        "CH",
+        "CN",
+        "CR",
+        "DC",
+        "DE",
+        "DF",
+        "DR",
+        "FU",
+        "HD",
+        "HR",
+        "LI",
+        "NA",
+        "NW",
+        "OC",
+        "OD",
+        "OE",
+        "OF",
+        "OH",
+        "OK",
+        "OP",
+        "OR",
+        "PA",
+        "PR",
+        "PY",
+        "RC",
+        "RE",
+        "RF",
+        "RL",
+        "RO",
+        "RP",
+        "RQ",
+        "RR",
+        "RU",
+        "SC",
+        "SN",
+        "SR",
+        "SS",
+        "UA",
+        "UC",
+        "UD",
+        "UF",
+        "UH",
+        "UM",
+        "UN",
+        "UR",
+        "UX",
+        "XO",
+        "XR",
+        "XX",
+    ]
+)
 
 # HL7 Table 0001 administrative sex to DICOM Patient's Sex (M, F, O or empty).
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O", "U": ""}
@@ -261,6 +317,16 @@ def _order_event(
         raise HL7Error(
             "ORC-1 (order control) is missing",
             ErrorCode.REQUIRED_FIELD_MISSING,
+            ("ORC", number, 1),
+            AckCode.APPLICATION_ERROR,
+        )
+    if order_control not in ORDER_CONTROLS:
+        hint = ""
+        if order_control.upper() in ORDER_CONTROLS:
+            hint = f" (codes are upper case: {order_control.upper()})"
+        raise HL7Error(
+            f"ORC-1 order control '{order_control[:20]}' is not in HL7 Table 0119{hint}",
+            ErrorCode.TABLE_VALUE_NOT_FOUND,
             ("ORC", number, 1),
             AckCode.APPLICATION_ERROR,
         )

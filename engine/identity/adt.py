@@ -5,8 +5,8 @@ teach the engine every other qualified identifier of PID-3 in a domain the engin
 uses (a node's issuer or one of identity.domains). An identifier is not learned
 when PID-3 has more than one in its domain, or when the cross-reference table
 assigns it to another patient. Identifiers of other domains (a national ID, an
-insurance number) are neither learned nor named in the outcome. ADT^A40 (PatientsMerged) records that the
-MRG-1 ID now lives on as the PID-3 one.
+insurance number) are neither learned nor named in the outcome. ADT^A40
+(PatientsMerged) records that the MRG-1 ID now lives on as the PID-3 one.
 """
 
 from __future__ import annotations

@@ -937,13 +937,13 @@ class Store:
         patient is the ID the jobs were filed under, or several IDs of one patient
         (its IDs before and after merges).
 
-        Pending jobs are cancelled at once. A running job gets a cancel request
-        that the pipeline checks before each retrieve. A job that a cancelled job
-        suppressed is queued again, since nothing fetches its priors any more.
+        Pending and suppressed jobs of the order are cancelled at once. A running
+        job gets a cancel request that the pipeline checks before each retrieve. A
+        job of another order that a cancelled job suppressed is queued again, since
+        nothing fetches its priors any more.
 
         replaced is for a changed order (ORC-1 XO) whose new jobs follow in the
-        same transaction: its suppressed jobs are cancelled too, as they hold the
-        old order's facts, and a running job is left to finish.
+        same transaction: a running job is left to finish.
         """
         patients = [patient] if isinstance(patient, PatientIdentifier) else list(patient)
         with self._transaction() as db:
@@ -964,7 +964,7 @@ class Store:
             revived: list[int] = []
             for row in matching:
                 job_id, state = int(row["id"]), JobState(row["state"])
-                if state.pending or (replaced and state == JobState.SUPPRESSED):
+                if state.pending or state == JobState.SUPPRESSED:
                     db.execute(
                         "UPDATE jobs SET state = ?, summary = ?, updated_at = ? WHERE id = ?",
                         (JobState.CANCELLED, reason, _iso(now), job_id),

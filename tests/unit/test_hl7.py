@@ -243,6 +243,21 @@ def test_event_missing_order_control() -> None:
     assert raised.value.code == ErrorCode.REQUIRED_FIELD_MISSING
 
 
+@pytest.mark.parametrize(
+    ("control", "text"),
+    [
+        ("ZZ", "ORC-1 order control 'ZZ' is not in HL7 Table 0119"),
+        ("nw", "ORC-1 order control 'nw' is not in HL7 Table 0119 (codes are upper case: NW)"),
+    ],
+)
+def test_event_unknown_order_control(control: str, text: str) -> None:
+    with pytest.raises(HL7Error) as raised:
+        to_event(parse(order(order_control=control)), POLICY)
+    assert str(raised.value) == text
+    assert raised.value.location == ("ORC", 1, 1)
+    assert raised.value.code == ErrorCode.TABLE_VALUE_NOT_FOUND
+
+
 def test_event_order_lists_qualified_identifiers() -> None:
     event = to_event(parse(order()), POLICY)
     assert isinstance(event, OrderPlaced)

@@ -490,6 +490,25 @@ def test_cancelled_job_requeues_the_one_it_suppressed(
     assert db.store.get_job(third.id).state == JobState.QUEUED  # type: ignore[union-attr]
 
 
+def test_cancel_cancels_repeat_of_same_order(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock
+) -> None:
+    # The order sent twice: the second job is suppressed as a repeat. A cancel ends both.
+    intake = make_intake(db, rule_set, clock)
+    send(intake, order("M1", "A1", NOW + dt.timedelta(hours=5)))
+    send(intake, order("M2", "A1", NOW + dt.timedelta(hours=5)))
+    first, repeat = sorted(db.store.list_jobs(), key=lambda job: job.id)
+    assert repeat.state == JobState.SUPPRESSED
+
+    send(intake, order("M3", "A1", order_control="CA"))
+
+    assert db.store.list_messages()[0].outcome == (
+        f"order cancel (ORC-1 CA); cancelled job(s) {first.id}, {repeat.id}"
+    )
+    states = {job.id: job.state for job in db.store.list_jobs()}
+    assert states == {first.id: JobState.CANCELLED, repeat.id: JobState.CANCELLED}
+
+
 def test_failed_job_does_not_suppress(db: ImmediateStore, clock: task.Clock) -> None:
     job = NewJob(
         "ris",

@@ -38,61 +38,14 @@ CANCEL_ORDER_CONTROLS = frozenset({"CA", "DC"})
 CHANGE_ORDER_CONTROL = "XO"
 STATUS_ORDER_CONTROL = "SC"
 # HL7 Table 0119 as of v2.5.1, whose codes are case-sensitive. Others get AE 103.
-ORDER_CONTROLS = frozenset(
-    [
-        "AF",
-        "CA",
-        "CH",
-        "CN",
-        "CR",
-        "DC",
-        "DE",
-        "DF",
-        "DR",
-        "FU",
-        "HD",
-        "HR",
-        "LI",
-        "NA",
-        "NW",
-        "OC",
-        "OD",
-        "OE",
-        "OF",
-        "OH",
-        "OK",
-        "OP",
-        "OR",
-        "PA",
-        "PR",
-        "PY",
-        "RC",
-        "RE",
-        "RF",
-        "RL",
-        "RO",
-        "RP",
-        "RQ",
-        "RR",
-        "RU",
-        "SC",
-        "SN",
-        "SR",
-        "SS",
-        "UA",
-        "UC",
-        "UD",
-        "UF",
-        "UH",
-        "UM",
-        "UN",
-        "UR",
-        "UX",
-        "XO",
-        "XR",
-        "XX",
-    ]
-)
+# fmt: off
+ORDER_CONTROLS = frozenset({
+    "AF", "CA", "CH", "CN", "CR", "DC", "DE", "DF", "DR", "FU", "HD", "HR", "LI",
+    "NA", "NW", "OC", "OD", "OE", "OF", "OH", "OK", "OP", "OR", "PA", "PR", "PY",
+    "RC", "RE", "RF", "RL", "RO", "RP", "RQ", "RR", "RU", "SC", "SN", "SR", "SS",
+    "UA", "UC", "UD", "UF", "UH", "UM", "UN", "UR", "UX", "XO", "XR", "XX",
+})
+# fmt: on
 
 # HL7 Table 0001 administrative sex to DICOM Patient's Sex (M, F, O or empty).
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O", "U": ""}

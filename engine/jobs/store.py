@@ -1233,13 +1233,21 @@ class Store:
             )
 
     def retry_job(
-        self, job_id: int, not_before: dt.datetime, summary: str, now: dt.datetime
+        self,
+        job_id: int,
+        not_before: dt.datetime,
+        summary: str,
+        now: dt.datetime,
+        count_attempt: bool = True,
     ) -> None:
+        """Put a claimed job back to wait until not_before; without count_attempt, the
+        attempt that ended is not counted (it was interrupted, e.g. by a shutdown)."""
+        refund = 0 if count_attempt else 1
         with self._transaction() as db:
             db.execute(
-                "UPDATE jobs SET state = ?, not_before = ?, summary = ?, updated_at = ?"
-                " WHERE id = ?",
-                (JobState.WAITING, _iso(not_before), summary, _iso(now), job_id),
+                "UPDATE jobs SET state = ?, not_before = ?, summary = ?, updated_at = ?,"
+                " attempts = MAX(attempts - ?, 0) WHERE id = ?",
+                (JobState.WAITING, _iso(not_before), summary, _iso(now), refund, job_id),
             )
             # A delay, not a time: the event log is shown in the engine's time zone.
             delay = max(0, round((not_before - now).total_seconds()))

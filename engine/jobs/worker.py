@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import sqlite3
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -133,7 +134,11 @@ class Worker:
                 if self._stopping:
                     logger.info("job %d: interrupted by shutdown, resumes at next start", job.id)
                     return
-                logger.exception("job %d: attempt failed unexpectedly", job.id)
+                if isinstance(error, sqlite3.Error):
+                    # E.g. a full disk: the store's error says it all, without a traceback.
+                    logger.error("job %d: attempt failed: store error: %s", job.id, error)
+                else:
+                    logger.exception("job %d: attempt failed unexpectedly", job.id)
                 outcome = Outcome(
                     JobState.FAILED, f"internal error: {type(error).__name__}: {error}", retry=True
                 )
@@ -211,18 +216,22 @@ class Worker:
     def _record_in_store(
         self, store: Store, job: JobRecord, outcome: Outcome, now: dt.datetime, stopping: bool
     ) -> None:
+        # Each line is logged once its write succeeded: a store that fails (a full disk)
+        # makes the worker try the write again every poll_seconds.
         if outcome.retry and job.attempts < self.max_attempts and not stopping:
             delay = retry_delay(job.attempts, self.retry_base_seconds, self.retry_max_seconds)
             when = now + dt.timedelta(seconds=delay)
-            logger.warning("job %d: %s; retry in %.0f s", job.id, outcome.summary, delay)
             store.retry_job(job.id, when, outcome.summary, now)
+            logger.warning("job %d: %s; retry in %.0f s", job.id, outcome.summary, delay)
         elif (outcome.retry or outcome.defer_until is not None) and stopping:
-            logger.info("job %d: %s; resumes at next start", job.id, outcome.summary)
-            store.retry_job(job.id, now, outcome.summary, now)
+            # The shutdown cut the attempt short, so it does not count against max_attempts.
+            summary = f"interrupted by the engine's shutdown: {outcome.summary}"
+            store.retry_job(job.id, now, summary, now, count_attempt=False)
+            logger.info("job %d: %s; resumes at next start", job.id, summary)
         else:
+            store.finish_job(job.id, outcome.state, outcome.summary, now)
             level = logging.WARNING if outcome.state in UNSUCCESSFUL else logging.INFO
             logger.log(level, "job %d: %s: %s", job.id, outcome.state, outcome.summary)
-            store.finish_job(job.id, outcome.state, outcome.summary, now)
             self.on_finished(outcome.state)
 
     def stop(self) -> defer.Deferred[Any]:

@@ -404,3 +404,62 @@ def test_store_open_error_names_path(tmp_path: Path) -> None:
     path = tmp_path / "afile" / "fdqr.sqlite"
     with pytest.raises(StoreError, match=f"cannot open the store {path}: "):
         Store(path)
+
+
+def test_worker_stop_does_not_count_interrupted_attempt(
+    db: ImmediateStore, clock: task.Clock
+) -> None:
+    job_id = db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    stopped = worker.stop()
+
+    runner.pending[0].callback(Outcome(JobState.FAILED, "query failed at a", retry=True))
+
+    assert stopped.called
+    job = db.store.get_job(job_id)
+    assert job is not None
+    assert job.state == JobState.WAITING
+    assert job.attempts == 0
+    assert job.summary == "interrupted by the engine's shutdown: query failed at a"
+
+
+def test_worker_logs_retry_once_when_store_recovers(
+    db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    db.fail_next = sqlite3.OperationalError("database or disk is full")
+
+    runner.pending[0].callback(Outcome(JobState.FAILED, "query failed at a", retry=True))
+    clock.advance(5)
+
+    retries = [record for record in caplog.records if "retry in" in record.getMessage()]
+    assert [record.getMessage() for record in retries] == [
+        f"job {job_id}: query failed at a; retry in 30 s"
+    ]
+    stop(worker, clock)
+
+
+def test_worker_store_error_logged_without_traceback(
+    db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+
+    runner.pending[0].errback(sqlite3.OperationalError("database or disk is full"))
+
+    [record] = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert record.getMessage() == (
+        f"job {job_id}: attempt failed: store error: database or disk is full"
+    )
+    assert record.exc_info is None
+    stop(worker, clock)

@@ -201,6 +201,8 @@ class DemographicsUpdated:
     patient: PatientIdentifier
     demographics: Demographics
     identifiers: tuple[PatientIdentifier, ...] = ()
+    # The Demographics fields the message deletes: sent as the HL7 null `""`.
+    deleted: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -195,6 +195,7 @@ def to_events(message: Message, policy: IdentifierPolicy) -> list[DomainEvent | 
                 patient=local_identifier(message, policy),
                 demographics=demographics(message),
                 identifiers=qualified_identifiers(message, policy),
+                deleted=deleted_demographics(message),
             )
         ]
     if kind == MERGE_TYPE:
@@ -479,6 +480,23 @@ def demographics(message: Message) -> Demographics:
     birth = message.get("PID", 7)[:8]
     sex = _SEX.get(message.get("PID", 8).upper(), "")
     return Demographics(name=person_name, birth_date=birth, sex=sex)
+
+
+# The PID fields of each Demographics field.
+_DEMOGRAPHIC_FIELDS = {"name": 5, "birth_date": 7, "sex": 8}
+
+
+def deleted_demographics(message: Message) -> frozenset[str]:
+    """Return the Demographics fields whose PID field is the HL7 null `""` (delete the value).
+
+    An empty field leaves the stored value as it is.
+    """
+    pid = message.segment("PID")
+    if pid is None:
+        return frozenset()
+    return frozenset(
+        name for name, field in _DEMOGRAPHIC_FIELDS.items() if pid.raw_field(field) == HL7_NULL
+    )
 
 
 def order_facts(message: Message) -> OrderFacts:

@@ -52,7 +52,9 @@ class IdentityEvents:
         demographics = event.demographics
 
         def update(store: Store, now: dt.datetime) -> str:
-            return records.save_demographics(store, patient, demographics, now, control_id)
+            return records.save_demographics(
+                store, patient, demographics, now, control_id, event.deleted
+            )
 
         actions: list[Action] = [update]
         outcome = f"{event.origin.message_type} for {patient}"

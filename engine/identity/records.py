@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import logging
 import sqlite3
+from collections.abc import Collection
 
 from engine.jobs.store import Store
 from engine.model import Demographics, PatientIdentifier
@@ -36,15 +37,21 @@ def save_demographics(
     demographics: Demographics,
     now: dt.datetime,
     control_id: str,
+    deleted: Collection[str] = (),
 ) -> str:
-    """Store a patient's demographics from an ADT message; a field empty there keeps its value."""
+    """Store a patient's demographics from an ADT message.
+
+    A field empty there keeps its stored value, and a field named in deleted
+    (sent as the HL7 null `""`) loses it.
+    """
     with store.transaction() as db:
         previous = _demographics(db, patient)
         if previous is not None:
             demographics = Demographics(
-                name=demographics.name or previous.name,
-                birth_date=demographics.birth_date or previous.birth_date,
-                sex=demographics.sex or previous.sex,
+                name=demographics.name or ("" if "name" in deleted else previous.name),
+                birth_date=demographics.birth_date
+                or ("" if "birth_date" in deleted else previous.birth_date),
+                sex=demographics.sex or ("" if "sex" in deleted else previous.sex),
             )
         db.execute(
             "INSERT INTO identity_patients (patient_id, issuer, demographics, updated_at,"

@@ -128,6 +128,17 @@ def test_a08_updates_demographics(db: ImmediateStore) -> None:
     )
 
 
+def test_a08_null_deletes_empty_keeps(db: ImmediateStore) -> None:
+    target = intake(db)
+    send(target, demographics_message(PATIENT, "ADT1", WHEN, "A04"))
+    # PID-7 `""` withdraws the birth date; an empty PID-8 leaves the sex as it was.
+    withdrawn = PatientSpec("L1", "LOCAL", "DOE^JANE", '""', "")
+
+    assert send(target, demographics_message(withdrawn, "ADT2", WHEN, "A08"))[1] == "MSA|AA|ADT2"
+
+    assert records.local_demographics(db.store, L1) == Demographics("DOE^JANE", "", "F")
+
+
 def test_a40_merges_and_moves_learned(db: ImmediateStore) -> None:
     target = intake(db)
     retired = PatientSpec("L9", "LOCAL", "DOE^JANE", "19650312", "F")

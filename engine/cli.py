@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from engine.clitools import (
+    ROW_COUNT,
     ROW_ID,
     config_option,
     format_table,
@@ -20,7 +21,7 @@ from engine.clitools import (
 from engine.hl7.cli import messages_group
 from engine.identity import records
 from engine.identity.cli import identity_group
-from engine.jobs.store import JobState, Store
+from engine.jobs.store import JobRecord, JobState, Store
 from engine.logsetup import setup_logging
 from engine.model import PatientIdentifier
 from engine.rules.cli import rules_group
@@ -74,8 +75,20 @@ def config_check(config_path: Path) -> None:
 
 @main.group(name="jobs", invoke_without_command=True)
 @config_option
-@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]))
-@click.option("--limit", default=50, show_default=True, help="Number of most recent jobs shown.")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in JobState]),
+    help="Only jobs in this state; repeat it for several states.",
+)
+@click.option(
+    "--limit",
+    default=50,
+    type=ROW_COUNT,
+    show_default=True,
+    help="Number of most recent jobs shown.",
+)
 @click.pass_context
 def jobs_group(ctx: click.Context, config_path: Path, states: Sequence[str], limit: int) -> None:
     """List jobs with their state and per-study counts."""
@@ -141,8 +154,11 @@ def jobs_show(config_path: Path, job_id: int) -> None:
     click.echo(f"  patient {patient_label(store, job.patient)}, route {job.route}, rule {job.rule}")
     click.echo(f"  sources {', '.join(job.sources)}, destination {job.destination}")
     order = job.order
+    click.echo(f"  {_job_origin(store, job)}")
     click.echo(
-        f"  order: accession {order.accession_number or '-'},"
+        f"  order: placer {order.placer_order_number or '-'},"
+        f" filler {order.filler_order_number or '-'},"
+        f" accession {order.accession_number or '-'},"
         f" modality {order.ordered_modality or '-'}, procedure {order.procedure_code or '-'}"
     )
     scheduled = zone.shown(order.scheduled_time) if order.scheduled_time else "-"
@@ -181,10 +197,25 @@ def jobs_show(config_path: Path, job_id: int) -> None:
     if studies:
         click.echo(format_table(rows, indent="  "))
     else:
-        click.echo("  studies: none found yet")
+        click.echo("  studies: none found" if job.state.finished else "  studies: none found yet")
     click.echo("  events:")
     for at, text in store.events(job.id):
         click.echo(f"    {zone.shown(at, 'milliseconds')} {text}")
+
+
+def _job_origin(store: Store, job: JobRecord) -> str:
+    """Return the stored message (an HL7 message or a worklist step) that created a job."""
+    if job.message_id is None:
+        return "from no stored message"
+    message = store.get_message(job.message_id)
+    if message is None:
+        return f"from message {job.message_id} (deleted: store.retention_days)"
+    origin = message.origin
+    return (
+        f"from message {message.id}: {origin.message_type} {origin.control_id}"
+        f" from {origin.sending_application}/{origin.sending_facility}"
+        " (fdqr messages show)"
+    )
 
 
 @jobs_group.command(name="cancel")
@@ -209,7 +240,7 @@ def jobs_cancel(config_path: Path, job_id: int, reason: str) -> None:
 
 @jobs_group.command(name="requeue")
 @click.argument("job_id", type=ROW_ID)
-@click.option("--force", is_flag=True, help="Queue it even though its order was cancelled.")
+@click.option("--force", is_flag=True, help="Queue it even though it or its order was cancelled.")
 @config_option
 def jobs_requeue(config_path: Path, job_id: int, force: bool) -> None:
     """Queue a finished job for a new attempt now.
@@ -221,11 +252,13 @@ def jobs_requeue(config_path: Path, job_id: int, force: bool) -> None:
     if not force and job.id in {
         cancelled.id for cancelled in store.cancelled_jobs(job.patient, job.order)
     }:
-        click.echo(
-            f"job {job_id} was not queued: its order was cancelled ({job.state}: {job.summary})."
-            " Queue it anyway with --force.",
-            err=True,
+        # A cancelled job names why in its summary: an operator, or its order's cancel.
+        why = (
+            f"it was cancelled ({job.summary})"
+            if job.state == JobState.CANCELLED
+            else f"its order was cancelled after it ended ({job.state}: {job.summary})"
         )
+        click.echo(f"job {job_id} was not queued: {why}. Queue it anyway with --force.", err=True)
         raise SystemExit(1)
     if not store.requeue_job(job_id, "queued again by an operator", dt.datetime.now(dt.UTC)):
         click.echo(

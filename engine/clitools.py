@@ -75,8 +75,15 @@ def load_or_exit(config_path: Path) -> config_module.Config:
         raise SystemExit(2) from None
 
 
+class _WholeNumber(click.IntRange):
+    # Click's own name gives "'abc' is not a valid integer range."
+    name = "whole number"
+
+
 # A job or message id: SQLite row ids go up to 2**63 - 1.
-ROW_ID = click.IntRange(1, 2**63 - 1)
+ROW_ID = _WholeNumber(1, 2**63 - 1)
+# How many rows a listing shows (--limit).
+ROW_COUNT = _WholeNumber(1, 1_000_000)
 
 
 def open_store(config_path: Path) -> Store:

@@ -9,6 +9,7 @@ import click
 
 from engine import config as config_module
 from engine.clitools import (
+    ROW_COUNT,
     ROW_ID,
     config_option,
     format_table,
@@ -51,7 +52,9 @@ def messages_group(config_path: Path) -> None:
 
 @messages_group.command(name="list")
 @config_option
-@click.option("--limit", default=50, show_default=True, help="Number of most recent messages.")
+@click.option(
+    "--limit", default=50, type=ROW_COUNT, show_default=True, help="Number of most recent messages."
+)
 @click.option("--type", "message_type", help="Only this message type, e.g. ORM^O01.")
 @click.option("--sender", help="Only this sending application (MSH-3).")
 @click.option("--control-id", help="Only this message control id (MSH-10).")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from engine.clitools import (
+    ROW_COUNT,
     ROW_ID,
     config_option,
     format_table,
@@ -28,7 +29,9 @@ def identity_group(ctx: click.Context, config_path: Path) -> None:
 
 
 @identity_group.command(name="learned")
-@click.option("--limit", default=200, show_default=True, help="Number of most recent entries.")
+@click.option(
+    "--limit", default=200, type=ROW_COUNT, show_default=True, help="Number of most recent entries."
+)
 @config_option
 def learned(config_path: Path, limit: int) -> None:
     """List cross-references learned from ADT messages, most recent first."""
@@ -42,7 +45,9 @@ def learned(config_path: Path, limit: int) -> None:
 
 
 @identity_group.command(name="merges")
-@click.option("--limit", default=200, show_default=True, help="Number of most recent merges.")
+@click.option(
+    "--limit", default=200, type=ROW_COUNT, show_default=True, help="Number of most recent merges."
+)
 @config_option
 def merges(config_path: Path, limit: int) -> None:
     """List ADT^A40 merges: each retired ID and the ID it lives on as."""

@@ -16,6 +16,7 @@ from engine.model import (
     OrderCancelled,
     OrderChanged,
     OrderPlaced,
+    OrderStatusChanged,
     PatientIdentifier,
     PatientsMerged,
 )
@@ -26,6 +27,23 @@ from engine.rules.timing import LocalZone
 logger = logging.getLogger(__name__)
 # Plans the identity effects of ADT events: returns the outcome and the store actions.
 IdentityPlanner = Callable[[DemographicsUpdated | PatientsMerged], tuple[str, Sequence[Action]]]
+
+
+def event_label(event: DomainEvent | Unhandled) -> str:
+    """Return what kind of event a message is, in the words an interface analyst uses."""
+    if isinstance(event, Unhandled):
+        return event.reason
+    if isinstance(event, OrderCancelled):
+        return f"order cancel (ORC-1 {event.order_control})"
+    if isinstance(event, OrderChanged):
+        return "order change (ORC-1 XO)"
+    if isinstance(event, OrderPlaced):
+        return "new order (ORC-1 NW)"
+    if isinstance(event, OrderStatusChanged):
+        return "order status (ORC-1 SC)"
+    if isinstance(event, PatientsMerged):
+        return "patient merge (ADT^A40)"
+    return f"demographics ({event.origin.message_type})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +106,7 @@ class Planner:
                 changes = [PatientChange(event.patient)]
             return Plan((), outcome, actions, changes)
         # NOTE: status reports (ORC-1 SC) are stored and acknowledged but change no job.
-        return Plan((), f"{type(event).__name__}: recorded, no action taken")
+        return Plan((), f"{event_label(event)}: recorded, no action taken")
 
     def _plan_order(self, event: OrderPlaced) -> Plan:
         evaluation = evaluate_order(self.rule_set(), event, self.zone, self.now())
@@ -141,7 +159,7 @@ class Planner:
             return store.cancel_order(patients, event.order, reason, now, replaced=True)
 
         plan = self._plan_order(event.as_placed())
-        return Plan(plan.jobs, f"OrderChanged (XO): {plan.outcome}", [replace])
+        return Plan(plan.jobs, f"{event_label(event)}: {plan.outcome}", [replace])
 
 
 def _merged_ids(store: Store, patient: PatientIdentifier) -> list[PatientIdentifier]:

@@ -156,7 +156,7 @@ def explain_command(
         event = event.as_placed()
     if not isinstance(event, OrderPlaced):
         plan = Planner(lambda: loaded.rule_set, now=lambda: now, zone=zone)(event)
-        click.echo(f"{order_file}: {type(event).__name__}, not a new order: {plan.outcome}")
+        click.echo(f"{order_file}: not a new order: {plan.outcome}")
         return
 
     rule_set = loaded.rule_set

@@ -38,6 +38,7 @@ from engine.hl7.events import (
 )
 from engine.hl7.intake import ignore_reason
 from engine.hl7.message import HL7Error, parse
+from engine.jobs.planner import event_label
 from engine.model import Decision, OrderPlaced, PatientIdentifier
 from engine.rules.candidates import CandidateSchema, read_candidates
 from engine.rules.evaluate import evaluate_order
@@ -220,7 +221,7 @@ def run_case(
     except HL7Error as error:
         return CaseResult(file, line, case.name, (f"the message is rejected: {error.text}",))
     if not isinstance(event, OrderPlaced):
-        kind = type(event).__name__
+        kind = event_label(event)
         return CaseResult(file, line, case.name, (f"the message is not a new order ({kind})",))
 
     now = zone.aware(dt.datetime.combine(case.today, dt.time(12, 0)))

@@ -18,6 +18,7 @@ from engine.hl7.message import (
     parse_timestamp,
     same_message,
 )
+from engine.jobs.planner import event_label
 from engine.model import (
     DemographicsUpdated,
     OrderCancelled,
@@ -234,6 +235,19 @@ def test_event_change_and_status() -> None:
     other = to_event(parse(order(order_control="HD")), POLICY)
     assert isinstance(other, Unhandled)
     assert "'HD'" in other.reason
+
+
+@pytest.mark.parametrize(
+    ("control", "label"),
+    [
+        ("NW", "new order (ORC-1 NW)"),
+        ("XO", "order change (ORC-1 XO)"),
+        ("DC", "order cancel (ORC-1 DC)"),
+        ("SC", "order status (ORC-1 SC)"),
+    ],
+)
+def test_event_labels_name_order_control(control: str, label: str) -> None:
+    assert event_label(to_event(parse(order(order_control=control)), POLICY)) == label
 
 
 def test_event_missing_order_control() -> None:

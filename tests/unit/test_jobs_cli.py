@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from engine.cli import main
@@ -127,13 +128,35 @@ def test_requeue_after_cancel_while_running(tmp_path: Path) -> None:
     store.close()
     refused = jobs(config, "requeue", str(job_id))
     assert refused.exit_code == 1
-    assert "its order was cancelled (cancelled: cancelled by an operator" in refused.output
+    assert refused.output == (
+        f"job {job_id} was not queued: it was cancelled (cancelled by an operator"
+        " (after 1 study)). Queue it anyway with --force.\n"
+    )
     result = jobs(config, "requeue", str(job_id), "--force")
     assert result.exit_code == 0, result.output
     store = Store(tmp_path / "fdqr.sqlite")
     assert store.cancellation(job_id) is None
     store.close()
     assert state_of(tmp_path, job_id) == JobState.QUEUED
+
+
+def test_requeue_refused_after_order_cancelled(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    new = order_job("1001", "RIS", "ACC-1")
+    job_id = store.add_job(new, NOW)
+    store.claim_due(NOW, 1)
+    store.finish_job(job_id, JobState.DONE, "1 study stored", NOW)
+    store.cancel_order(PATIENT, new.order, "order cancelled (ORC-1 CA) by message C1", NOW)
+    store.close()
+
+    refused = jobs(config, "requeue", str(job_id))
+
+    assert refused.exit_code == 1
+    assert refused.output == (
+        f"job {job_id} was not queued: its order was cancelled after it ended"
+        " (done: 1 study stored). Queue it anyway with --force.\n"
+    )
 
 
 def test_job_id_out_of_range_rejected(tmp_path: Path) -> None:
@@ -143,6 +166,25 @@ def test_job_id_out_of_range_rejected(tmp_path: Path) -> None:
         result = jobs(config, command, "9223372036854775808")
         assert result.exit_code == 2
         assert "is not in the range 1<=x<=9223372036854775807" in result.output
+
+
+def test_job_id_not_a_number_rejected(tmp_path: Path) -> None:
+    config = layout(tmp_path)
+
+    result = jobs(config, "show", "abc")
+
+    assert result.exit_code == 2
+    assert "Invalid value for 'JOB_ID': 'abc' is not a valid whole number." in result.output
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_listing_limit_below_one_rejected(tmp_path: Path, limit: str) -> None:
+    config = layout(tmp_path)
+
+    result = jobs(config, "--limit", limit)
+
+    assert result.exit_code == 2
+    assert f"Invalid value for '--limit': {limit} is not in the range" in result.output
 
 
 def test_cancel_quarantined_job(tmp_path: Path) -> None:

@@ -108,6 +108,17 @@ def test_cli_times_in_engine_zone(layout: Path) -> None:
     assert f"    {tokyo_time[:-4]}.000 JST queued by route" in jobs.output
 
 
+def test_jobs_show_names_message_and_order(layout: Path) -> None:
+    receive(layout, order("ORD1"))
+
+    jobs = CliRunner().invoke(main, ["jobs", "show", "1", "--config", str(layout)])
+
+    assert jobs.exit_code == 0, jobs.output
+    lines = jobs.output.splitlines()
+    assert lines[3] == "  from message 1: ORM^O01 ORD1 from RIS/RADIOLOGY (fdqr messages show)"
+    assert lines[4].startswith("  order: placer PLC-ORD1, filler FIL-ORD1, accession ACC1,")
+
+
 def test_show_redacts_names_and_birth_dates(layout: Path) -> None:
     receive(layout, order())
     status, output = run(layout, "show", "1")

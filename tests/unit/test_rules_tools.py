@@ -215,7 +215,7 @@ def test_explain_command_text_and_errors(layout: Path, tmp_path: Path) -> None:
     cancel.write_bytes(order.read_bytes().replace(b"ORC|NW", b"ORC|CA"))
     code, output = invoke("rules", "explain", str(cancel), "--config", str(layout))
     assert code == 0
-    assert "OrderCancelled, not a new order: order cancel (ORC-1 CA)" in output
+    assert "cancel.hl7: not a new order: order cancel (ORC-1 CA)" in output
 
     change = tmp_path / "change.hl7"
     change.write_bytes(order.read_bytes().replace(b"ORC|NW", b"ORC|XO"))

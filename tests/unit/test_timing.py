@@ -356,7 +356,7 @@ def test_changed_schedule_replaces_job(
     assert new.state == JobState.QUEUED
     assert new.not_before == NOW + dt.timedelta(hours=6)
     assert db.store.list_messages()[0].outcome == (
-        f"OrderChanged (XO): route ris: 1 job(s) for rules ct; cancelled job(s) {old.id}"
+        f"order change (ORC-1 XO): route ris: 1 job(s) for rules ct; cancelled job(s) {old.id}"
     )
 
 

@@ -84,7 +84,13 @@ def check(config_path: Path) -> None:
     cases = 0
     if loaded is not None:
         try:
-            cases = len(load_cases(case_files(_tests_folder(loaded)), loaded.rule_set))
+            cases = len(
+                load_cases(
+                    case_files(_tests_folder(loaded)),
+                    loaded.rule_set,
+                    loaded.resolve(loaded.settings.rules),
+                )
+            )
         except ConfigError as error:
             problems += error.problems
     if problems or loaded is None:
@@ -319,7 +325,7 @@ def test_command(
     for path in case_paths or (_tests_folder(loaded),):
         paths += case_files(path) if path.is_dir() else [path]
     try:
-        cases = load_cases(paths, loaded.rule_set)
+        cases = load_cases(paths, loaded.rule_set, loaded.resolve(loaded.settings.rules))
     except ConfigError as error:
         _report(error.problems)
         raise SystemExit(2) from None

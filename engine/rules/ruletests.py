@@ -111,17 +111,26 @@ def case_files(folder: Path) -> list[Path]:
     return yaml_files(folder) if folder.is_dir() else []
 
 
-def load_cases(paths: list[Path], rule_set: RuleSet | None = None) -> list[LoadedCase]:
+def _case_file_name(path: Path, rules_folder: Path | None) -> str:
+    if rules_folder is not None and path.resolve().is_relative_to(rules_folder.resolve()):
+        return str(path.resolve().relative_to(rules_folder.resolve().parent))
+    return str(path)
+
+
+def load_cases(
+    paths: list[Path], rule_set: RuleSet | None = None, rules_folder: Path | None = None
+) -> list[LoadedCase]:
     """Load and check case files. Raises ConfigError listing every problem.
 
     With a rule set, each expectation must name its routes, rules and facts.
+    Files in rules_folder are named from it (rules/tests/worked-examples.yaml),
+    other files by their path as given.
     """
     problems: list[Problem] = []
     loaded: list[LoadedCase] = []
     for path in paths:
         try:
-            # Named from the rules folder, e.g. rules/tests/worked-examples.yaml.
-            document = load_document(path, "/".join(path.parts[-3:]))
+            document = load_document(path, _case_file_name(path, rules_folder))
             parsed = validate(document, _CaseFile)
         except ConfigError as error:
             problems += error.problems

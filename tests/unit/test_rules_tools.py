@@ -306,6 +306,20 @@ def test_rules_check_names_unknown_route_and_fact(layout: Path) -> None:
     assert "cases[0].expect.facts.ordered_modalty: unknown fact 'ordered_modalty'" in output
 
 
+def test_rules_test_names_case_files(layout: Path, tmp_path: Path) -> None:
+    # A file of the rules folder is named from it, any other by its path as given.
+    shipped = layout.parent.parent / "rules" / "tests" / "broken.yaml"
+    elsewhere = tmp_path / "broken.yaml"
+    for path in (shipped, elsewhere):
+        path.write_text("cases:\n  - name: x\n")
+
+    code, output = invoke("rules", "test", str(shipped), str(elsewhere), "--config", str(layout))
+
+    assert code == 2
+    assert "  rules/tests/broken.yaml:2: cases[0].today: missing required setting" in output
+    assert f"  {elsewhere}:2: cases[0].today: missing required setting" in output
+
+
 def test_rules_test_without_cases_fails(layout: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("cases: []\n")

@@ -236,7 +236,17 @@ class IntakeProcesses:
             if child.ping_sent is None:
                 child.ping_sent = now
                 child.send(encode_event("ping"))
-            elif now - child.ping_sent >= KILL_SILENT_SECONDS:
+            elif not child.answering(now) and not child.silence_logged:
+                child.silence_logged = True
+                logger.warning(
+                    "intake process %d has not responded for %.0f s, with %s; new connections"
+                    " go to the others, and it is killed at %.0f s",
+                    child.number,
+                    now - child.ping_sent,
+                    _held_connections_text(child.open_connections),
+                    KILL_SILENT_SECONDS,
+                )
+            if child.ping_sent is not None and now - child.ping_sent >= KILL_SILENT_SECONDS:
                 logger.error(
                     "intake process %d has not responded for %.0f s; killing it",
                     child.number,
@@ -342,14 +352,18 @@ class IntakeProcesses:
         return ended.addBoth(done)
 
 
+def _held_connections_text(connections: int) -> str:
+    plural = "s" if connections != 1 else ""
+    return f"{connections} open connection{plural}"
+
+
 def _held_connections_note(connections: int) -> str:
     """Return the log text on the connections a child held when it ended."""
     if connections == 0:
         return ", with no connection open"
     # An MLLP sender sends a message again until it gets an ACK, so one in progress is not lost.
-    plural = "s" if connections != 1 else ""
     return (
-        f"; its {connections} open connection{plural} closed with it, and their senders"
+        f"; its {_held_connections_text(connections)} closed with it, and their senders"
         " send again what was not acknowledged"
     )
 
@@ -381,6 +395,8 @@ class ChildProtocol(protocol.ProcessProtocol):
         self.ping_sent: float | None = None
         # Connections passed to the child that it has not reported closed.
         self.open_connections = 0
+        # Whether its silence (no response to a ping) is logged already.
+        self.silence_logged = False
 
     def answering(self, now: float) -> bool:
         """Return False while a ping waits for a response longer than UNANSWERED_SECONDS."""
@@ -434,7 +450,10 @@ class ChildProtocol(protocol.ProcessProtocol):
                 self.ready = True
                 self.on_ready(self)
             elif kind == "pong":
+                if self.silence_logged:
+                    logger.info("intake process %d responds again", self.number)
                 self.ping_sent = None
+                self.silence_logged = False
             elif kind == "patient_records":
                 self.events.patient_records(*read_patient_records(event))
             else:

@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -442,6 +443,24 @@ def write_lock_file(path: Path | str) -> Path:
     return path.with_name(path.name + ".write-lock")
 
 
+# Below this much free space, a failure to open the store names the free space: SQLite
+# reports a full disk at open as "disk I/O error".
+LOW_SPACE_BYTES = 1 << 20
+
+
+def _space_note(path: Path | str) -> str:
+    """Return a note on the free space of the store's disk when it is nearly full, or ""."""
+    if str(path) == ":memory:":
+        return ""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return ""
+    if free >= LOW_SPACE_BYTES:
+        return ""
+    return f" (the disk has {free // 1024} KB free: free space there, then start again)"
+
+
 class Store:
     """Messages, jobs, their studies and their event log, in one SQLite file."""
 
@@ -471,7 +490,7 @@ class Store:
             # cannot share memory keeps the rollback journal), such commits run at FULL.
             self._wal = Path(f"{path}-wal") if journal == "wal" and self._write_lock else None
         except (OSError, sqlite3.Error) as error:
-            raise StoreError(f"cannot open the store {path}: {error}") from error
+            raise StoreError(f"cannot open the store {path}: {error}{_space_note(path)}") from error
         self._depth = 0
         self._reading = False
 

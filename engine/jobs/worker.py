@@ -72,7 +72,14 @@ class Worker:
         now = self.now()
         requeued = yield self.db.run(lambda store: store.requeue_interrupted(now))
         if requeued:
-            logger.info("requeued %d jobs left unfinished by the last run", len(requeued))
+            shown = ", ".join(str(job_id) for job_id in requeued[:20])
+            more = f" and {len(requeued) - 20} more" if len(requeued) > 20 else ""
+            logger.info(
+                "requeued %d job(s) left unfinished by the last run: %s%s",
+                len(requeued),
+                shown,
+                more,
+            )
         self._started = True
         self._poll = task.LoopingCall(self.wake)
         self._poll.clock = self.clock

@@ -597,6 +597,11 @@ def test_silent_child_skipped_then_killed(
     assert first.transport.signals == [signal.SIGKILL]  # type: ignore[union-attr]
     assert second.transport.signals == []  # type: ignore[union-attr]
     assert "intake process 1 has not responded for 30 s; killing it" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "intake process 1 has not responded for 3 s, with 0 open connections; new connections"
+        " go to the others, and it is killed at 30 s"
+    ]
 
 
 def test_rules_reload_sent_to_children(reactor: ProcessReactor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -289,13 +290,17 @@ def test_worker_unexpected_error_is_retried(db: ImmediateStore, clock: task.Cloc
     stop(worker, clock)
 
 
-def test_worker_start_requeues_interrupted(db: ImmediateStore, clock: task.Clock) -> None:
+def test_worker_start_requeues_interrupted(
+    db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     job_id = db.store.add_job(new_job(), NOW)
     db.store.claim_due(NOW, 1)
     runner = ScriptedRunner()
     worker = make_worker(db, runner, clock)
     worker.start()
     clock.advance(0)
+    assert f"requeued 1 job(s) left unfinished by the last run: {job_id}" in caplog.text
     assert [job.id for job in runner.calls] == [job_id]
     assert runner.calls[0].attempts == 2
     runner.pending[0].callback(Outcome(JobState.DONE, "ok"))
@@ -404,6 +409,22 @@ def test_store_open_error_names_path(tmp_path: Path) -> None:
     path = tmp_path / "afile" / "fdqr.sqlite"
     with pytest.raises(StoreError, match=f"cannot open the store {path}: "):
         Store(path)
+
+
+def test_store_open_error_names_low_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    path = tmp_path / "afile" / "fdqr.sqlite"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        "engine.jobs.store.shutil.disk_usage", lambda folder: usage._replace(free=8192)
+    )
+
+    with pytest.raises(StoreError) as raised:
+        Store(path)
+
+    assert str(raised.value).endswith(
+        " (the disk has 8 KB free: free space there, then start again)"
+    )
 
 
 def test_worker_stop_does_not_count_interrupted_attempt(

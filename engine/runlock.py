@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import IO
 
 
+def lock_file_of(path: Path) -> Path:
+    """Return the lock file of a store file or spool folder, e.g. fdqr.sqlite.lock."""
+    return path.with_name(path.name + ".lock")
+
+
 class LockedError(Exception):
     """Another process holds the lock."""
 

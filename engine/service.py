@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 from collections.abc import Generator, Sequence
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, endpoints, task, threads
@@ -57,7 +56,7 @@ from engine.jobs.transfer import TransferSettings
 from engine.jobs.worker import Worker
 from engine.model import MessageOrigin, StudyCandidate
 from engine.rules.reload import RuleFileWatcher
-from engine.runlock import RunLock, other_engine_spool
+from engine.runlock import RunLock, lock_file_of, other_engine_spool
 from engine.tlsfiles import TLSConfigError
 from engine.web.metrics import EngineMetrics, JobCountRefresh
 from engine.web.server import build_site
@@ -87,10 +86,10 @@ class Engine:
 
         self.db = AsyncStore(reactor, Store(config.store_path))
         # Lock files next to the store file and the spool folder, e.g. fdqr.sqlite.lock.
-        self.locks = [RunLock(_lock_file(config.spool_path), f"the spool {config.spool_path}")]
+        self.locks = [RunLock(lock_file_of(config.spool_path), f"the spool {config.spool_path}")]
         if str(config.store_path) != MEMORY_STORE:
             self.locks.insert(
-                0, RunLock(_lock_file(config.store_path), f"the store {config.store_path}")
+                0, RunLock(lock_file_of(config.store_path), f"the store {config.store_path}")
             )
         self.tracker = AssociationTracker()
         # Node threads a stop had to leave behind (see stop).
@@ -575,10 +574,6 @@ def _listen(
         reason = getattr(error.socketError, "strerror", None) or error.socketError
         raise StartError(f"the listener {value} ({setting}) failed: {reason}") from error
     return port
-
-
-def _lock_file(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
 
 
 def _describe_tls(tls: MLLPTLSSettings | None) -> str:

@@ -23,6 +23,7 @@ from engine.hl7.message import CharsetDefaults, Delimiters, HL7Error, Message, p
 from engine.hl7.wiring import engine_planner, identifier_policy
 from engine.jobs.store import JobRecord, MessageRecord
 from engine.rules.timing import LocalZone
+from engine.runlock import holder_of, lock_file_of
 
 # Fields that carry names, birth dates, addresses, phone numbers or national
 # ids, by segment: `messages show` replaces them unless asked not to.
@@ -209,6 +210,10 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         state = str(created.state) if created is not None else "not found"
         reason = f" ({created.summary})" if created is not None and created.summary else ""
         click.echo(f"  created job {job_id}: {state}{reason}")
+    if replay.job_ids and holder_of(lock_file_of(config.store_path)) is None:
+        click.echo(
+            "  note: no engine runs with this store now; the jobs run when `fdqr run` starts"
+        )
 
 
 def interpreter_for(

@@ -18,6 +18,7 @@ from engine.hl7.message import CharsetDefaults
 from engine.identity import records
 from engine.jobs.store import JobRecord, JobState, Store
 from engine.model import PatientIdentifier
+from engine.runlock import RunLock, lock_file_of
 from engine.testing.adt import demographics_message
 from engine.testing.dicomgen import PatientSpec
 from engine.testing.scenario import order_message
@@ -183,6 +184,25 @@ def test_replay_refuses_while_jobs_unfinished(layout: Path) -> None:
     assert "message 1 has unfinished jobs 1 (queued)" in output
     assert "--force" in output
     assert len(read_jobs(layout)) == 1
+
+
+def test_replay_notes_when_no_engine_runs(layout: Path) -> None:
+    receive(layout, order())
+    finish_all(layout)
+    note = "  note: no engine runs with this store now; the jobs run when `fdqr run` starts"
+
+    status, output = run(layout, "replay", "1", "--force")
+    assert status == 0, output
+    assert note in output.splitlines()
+
+    engine = RunLock(lock_file_of(config.load(layout).store_path), "the store")
+    engine.acquire()
+    try:
+        status, output = run(layout, "replay", "1", "--force")
+    finally:
+        engine.release()
+    assert status == 0, output
+    assert note not in output.splitlines()
 
 
 def test_replay_creates_jobs_for_stored_duplicate_key(layout: Path) -> None:

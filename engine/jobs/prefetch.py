@@ -134,6 +134,8 @@ class Prefetch:
         ),
     ) -> None:
         self.db = db
+        # True once the engine stops: failures it causes are then no source's fault.
+        self.stopping = stopping
         # Called with each study's job, candidate and result when its fetch ends.
         self.on_study = on_study
         self.pools = pools
@@ -531,6 +533,11 @@ class Prefetch:
         for (source, remote), (success, result) in zip(lookups, answers, strict=True):
             if not success:
                 failed.append(source.name)
+                if self.stopping():
+                    # The stop ends the associations, so this is no outage of the source.
+                    text = f"source {source.name}: query ended by the engine's stop"
+                    yield self.note(job, f"{text}: {_reason(result)}")
+                    continue
                 yield self.note(
                     job, f"source {source.name}: query failed: {_reason(result)}", logging.WARNING
                 )

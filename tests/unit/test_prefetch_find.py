@@ -82,6 +82,7 @@ def make_pipeline(
     policy: SourcePolicy,
     now: dt.datetime,
     tmp_path: Path,
+    stopping: bool = False,
 ) -> tuple[Prefetch, list[str]]:
     table = CrossReferenceTable({LOCAL: {"HOSP_A": REMOTE}})
     pipeline = Prefetch(
@@ -97,6 +98,7 @@ def make_pipeline(
         now=lambda: now,
         policies={"a": policy},
         zone=LocalZone("UTC"),
+        stopping=lambda: stopping,
     )
     fetched: list[str] = []
 
@@ -184,6 +186,24 @@ def test_failed_query_logged_as_warning(
         f"job {job.id}: source a: query failed: association with HOSP_A rejected"
     )
     assert record.levelno == logging.WARNING
+
+
+def test_query_ended_by_stop_logged_as_info(
+    db: ImmediateStore, rule_set: RuleSet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = UnreachableClient([])
+    pipeline, _ = make_pipeline(db, rule_set, client, SourcePolicy(), NOW, tmp_path, stopping=True)
+    job = claimed_job(db)
+
+    with caplog.at_level(logging.INFO, logger="engine.jobs.prefetch"):
+        run(pipeline, job)
+
+    [record] = [r for r in caplog.records if "source a: query" in r.getMessage()]
+    assert record.getMessage() == (
+        f"job {job.id}: source a: query ended by the engine's stop:"
+        " association with HOSP_A rejected"
+    )
+    assert record.levelno == logging.INFO
 
 
 def test_local_matching_sends_one_query(

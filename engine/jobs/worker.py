@@ -72,12 +72,12 @@ class Worker:
         now = self.now()
         requeued = yield self.db.run(lambda store: store.requeue_interrupted(now))
         if requeued:
-            shown = ", ".join(str(job_id) for job_id in requeued[:20])
+            listed = ", ".join(str(job_id) for job_id in requeued[:20])
             more = f" and {len(requeued) - 20} more" if len(requeued) > 20 else ""
             logger.info(
                 "requeued %d job(s) left unfinished by the last run: %s%s",
                 len(requeued),
-                shown,
+                listed,
                 more,
             )
         self._started = True
@@ -142,7 +142,7 @@ class Worker:
                     logger.info("job %d: interrupted by shutdown, resumes at next start", job.id)
                     return
                 if isinstance(error, sqlite3.Error):
-                    # E.g. a full disk: the store's error says it all, without a traceback.
+                    # E.g. a full disk: the store's error message names the cause, so no traceback.
                     logger.error("job %d: attempt failed: store error: %s", job.id, error)
                 else:
                     logger.exception("job %d: attempt failed unexpectedly", job.id)

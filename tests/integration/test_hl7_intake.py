@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.jobs.store import Store
+from engine.jobs.store import MessageRecord, Store
 from engine.testing.certificates import certificate_authority, issue
 from engine.testing.intake import INTAKE_PATIENT, write_intake_config
 from engine.testing.ports import free_port
@@ -48,9 +48,12 @@ class RunningEngine:
         self.store = store
 
     def messages(self) -> int:
+        return len(self.stored_messages())
+
+    def stored_messages(self) -> list[MessageRecord]:
         store = Store(self.store)
         try:
-            return len(store.list_messages(100_000))
+            return store.list_messages(100_000)
         finally:
             store.close()
 
@@ -326,11 +329,7 @@ def test_mllp_tls_requires_client_certificate(tmp_path: Path, processes: int) ->
         assert engine.process.running
     finally:
         stop_engine(engine)
-    store = Store(engine.store)
-    try:
-        [stored] = store.list_messages()
-    finally:
-        store.close()
+    [stored] = engine.stored_messages()
     # The sender of each message is recorded with its certificate.
     assert stored.peer.endswith(" (client certificate CN=ris)")
     log = engine.process.log_text()
@@ -358,11 +357,7 @@ def test_ipv6_listener_with_intake_processes(tmp_path: Path) -> None:
     try:
         with socket.create_connection(("::1", engine.port), timeout=30) as connection:
             assert msa(exchange(connection, frame_of(order("V6-1")))) == "MSA|AA|V6-1"
-        store = Store(engine.store)
-        try:
-            [message] = store.list_messages()
-        finally:
-            store.close()
+        [message] = engine.stored_messages()
         assert message.peer.startswith("[::1]:")
     finally:
         stop_engine(engine)

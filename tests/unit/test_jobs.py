@@ -203,6 +203,16 @@ def make_worker(
     return Worker(db, runner, clock, poll_seconds=5, **settings)  # type: ignore[arg-type]
 
 
+def one_running_job(db: ImmediateStore, clock: task.Clock) -> tuple[int, ScriptedRunner, Worker]:
+    """Add one job and start a worker that has claimed it; its attempt waits in the runner."""
+    job_id = db.store.add_job(new_job(), NOW)
+    runner = ScriptedRunner()
+    worker = make_worker(db, runner, clock)
+    worker.start()
+    clock.advance(0)
+    return job_id, runner, worker
+
+
 def stop(worker: Worker, clock: task.Clock) -> None:
     worker.stop()
     assert clock.getDelayedCalls() == []
@@ -226,11 +236,7 @@ def test_worker_runs_up_to_concurrency(db: ImmediateStore, clock: task.Clock) ->
 
 
 def test_worker_retries_with_backoff_then_gives_up(db: ImmediateStore, clock: task.Clock) -> None:
-    job_id = db.store.add_job(new_job(), NOW)
-    runner = ScriptedRunner()
-    worker = make_worker(db, runner, clock)
-    worker.start()
-    clock.advance(0)
+    job_id, runner, worker = one_running_job(db, clock)
     runner.pending[0].callback(Outcome(JobState.FAILED, "source down", retry=True))
     job = db.store.get_job(job_id)
     assert job is not None
@@ -277,11 +283,7 @@ def test_worker_logs_failures_as_warnings(
 
 
 def test_worker_unexpected_error_is_retried(db: ImmediateStore, clock: task.Clock) -> None:
-    job_id = db.store.add_job(new_job(), NOW)
-    runner = ScriptedRunner()
-    worker = make_worker(db, runner, clock)
-    worker.start()
-    clock.advance(0)
+    job_id, runner, worker = one_running_job(db, clock)
     runner.pending[0].errback(KeyError("bug"))
     job = db.store.get_job(job_id)
     assert job is not None
@@ -308,11 +310,7 @@ def test_worker_start_requeues_interrupted(
 
 
 def test_worker_stop_leaves_running_job_for_restart(db: ImmediateStore, clock: task.Clock) -> None:
-    job_id = db.store.add_job(new_job(), NOW)
-    runner = ScriptedRunner()
-    worker = make_worker(db, runner, clock)
-    worker.start()
-    clock.advance(0)
+    job_id, runner, worker = one_running_job(db, clock)
     stopped = worker.stop()
     assert not stopped.called
     runner.pending[0].errback(ConnectionAbortedError("association aborted"))
@@ -363,11 +361,7 @@ def test_worker_records_outcome_after_store_recovers(
     db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    job_id = db.store.add_job(new_job(), NOW)
-    runner = ScriptedRunner()
-    worker = make_worker(db, runner, clock)
-    worker.start()
-    clock.advance(0)
+    job_id, runner, worker = one_running_job(db, clock)
     db.fail_next = sqlite3.OperationalError("database or disk is full")
     runner.pending[0].callback(Outcome(JobState.DONE, "1 study stored"))
     assert db.store.get_job(job_id).state == JobState.RUNNING  # type: ignore[union-attr]
@@ -430,11 +424,7 @@ def test_store_open_error_names_low_space(tmp_path: Path, monkeypatch: pytest.Mo
 def test_worker_stop_does_not_count_interrupted_attempt(
     db: ImmediateStore, clock: task.Clock
 ) -> None:
-    job_id = db.store.add_job(new_job(), NOW)
-    runner = ScriptedRunner()
-    worker = make_worker(db, runner, clock)
-    worker.start()
-    clock.advance(0)
+    job_id, runner, worker = one_running_job(db, clock)
     stopped = worker.stop()
 
     runner.pending[0].callback(Outcome(JobState.FAILED, "query failed at a", retry=True))
@@ -450,11 +440,7 @@ def test_worker_stop_does_not_count_interrupted_attempt(
 def test_worker_logs_retry_once_when_store_recovers(
     db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    job_id = db.store.add_job(new_job(), NOW)
-    runner = ScriptedRunner()
-    worker = make_worker(db, runner, clock)
-    worker.start()
-    clock.advance(0)
+    job_id, runner, worker = one_running_job(db, clock)
     db.fail_next = sqlite3.OperationalError("database or disk is full")
 
     runner.pending[0].callback(Outcome(JobState.FAILED, "query failed at a", retry=True))
@@ -470,11 +456,7 @@ def test_worker_logs_retry_once_when_store_recovers(
 def test_worker_store_error_logged_without_traceback(
     db: ImmediateStore, clock: task.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    job_id = db.store.add_job(new_job(), NOW)
-    runner = ScriptedRunner()
-    worker = make_worker(db, runner, clock)
-    worker.start()
-    clock.advance(0)
+    job_id, runner, worker = one_running_job(db, clock)
 
     runner.pending[0].errback(sqlite3.OperationalError("database or disk is full"))
 

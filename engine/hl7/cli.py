@@ -21,7 +21,7 @@ from engine.hl7.ack import split_acks
 from engine.hl7.intake import Interpreter, ignore_reason
 from engine.hl7.message import CharsetDefaults, Delimiters, HL7Error, Message, parse
 from engine.hl7.wiring import engine_planner, identifier_policy
-from engine.jobs.store import JobRecord, MessageRecord
+from engine.jobs.store import JobRecord, JobState, MessageRecord
 from engine.rules.timing import LocalZone
 from engine.runlock import holder_of, lock_file_of
 
@@ -98,7 +98,7 @@ def messages_list(
 @click.option(
     "--unredacted",
     is_flag=True,
-    help="Show names, birth dates, addresses, phone numbers and national ids as received.",
+    help="Show names, birth dates, addresses, phone numbers and other domains' ids as received.",
 )
 def messages_show(config_path: Path, message_id: int, unredacted: bool) -> None:
     """Show one message: header, outcome, ACK, jobs, replays and content."""
@@ -123,7 +123,7 @@ def messages_show(config_path: Path, message_id: int, unredacted: bool) -> None:
         )
 
     click.echo(_content_heading(unredacted))
-    click.echo(render(content, settings.mllp.charsets(), unredacted))
+    click.echo(render(content, settings.mllp.charsets(), unredacted, known_authorities(settings)))
 
 
 @messages_group.command(name="replay")
@@ -179,9 +179,15 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         for earlier in store.cancelled_jobs(planned.patient, planned.order)
     }
     for earlier in sorted(cancelled.values(), key=lambda record: record.id):
+        # A cancelled job names why in its summary: an operator, or its order's cancel.
+        what = (
+            f"job {earlier.id} of this order was cancelled ({earlier.summary})"
+            if earlier.state == JobState.CANCELLED
+            else f"the order of job {earlier.id} was cancelled after it ended"
+            f" ({earlier.state}: {earlier.summary})"
+        )
         click.echo(
-            f"  note: the order of job {earlier.id} was cancelled ({earlier.state}:"
-            f" {earlier.summary}); a replay fetches the priors of a cancelled order",
+            f"  note: {what}; a replay fetches the priors again",
             err=True,
         )
     if dry_run:
@@ -192,12 +198,12 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
             listed = ", ".join(f"{job.id} ({job.state})" for job in unfinished)
             click.echo(f"  note: jobs {listed} have not finished, so the replay needs --force")
         elif cancelled:
-            click.echo("  note: the order was cancelled, so the replay needs --force")
+            click.echo("  note: a job of the order was cancelled, so the replay needs --force")
         return
     if cancelled and not force:
         click.echo(
-            f"message {message_id} was not replayed: its order was cancelled. Replay it"
-            " anyway with --force.",
+            f"message {message_id} was not replayed: a job of its order was cancelled (see"
+            " the notes). Replay it anyway with --force.",
             err=True,
         )
         raise SystemExit(1)
@@ -233,8 +239,32 @@ def interpreter_for(
     )
 
 
-def render(content: bytes, charsets: CharsetDefaults, unredacted: bool) -> str:
-    """Return a message's segments one per line, redacted unless asked not to."""
+def known_authorities(settings: config_module.EngineSettings) -> frozenset[str]:
+    """Return the assigning authorities (CX-4) of the engine's identifier domains.
+
+    They are the local patient's, the nodes' and those of identity.domains, by
+    issuer, namespace id and universal id.
+    """
+    local = settings.local_patient
+    names = {local.issuer, *local.authorities}
+    names |= {node.issuer for node in settings.nodes.values() if node.issuer}
+    for issuer, domain in settings.identity.domains.items():
+        names |= {issuer, domain.namespace_id or "", domain.universal_id or ""}
+    return frozenset(name for name in names if name)
+
+
+def render(
+    content: bytes,
+    charsets: CharsetDefaults,
+    unredacted: bool,
+    authorities: frozenset[str] | None = None,
+) -> str:
+    """Return a message's segments one per line, redacted unless asked not to.
+
+    Redacted, an identifier whose assigning authority is not in authorities
+    (see known_authorities) is hidden too: it can be a national or an
+    insurance number sent without its identifier type.
+    """
     try:
         message = parse(content, charsets)
     except HL7Error as error:
@@ -242,11 +272,14 @@ def render(content: bytes, charsets: CharsetDefaults, unredacted: bool) -> str:
             return f"(cannot be parsed: {error.text}; --unredacted shows the raw text)"
         return content.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n")
     return "\n".join(
-        _segment_text(message, index, unredacted) for index in range(len(message.segments))
+        _segment_text(message, index, unredacted, authorities)
+        for index in range(len(message.segments))
     )
 
 
-def _segment_text(message: Message, index: int, unredacted: bool) -> str:
+def _segment_text(
+    message: Message, index: int, unredacted: bool, authorities: frozenset[str] | None
+) -> str:
     segment = message.segments[index]
     fields = list(segment.fields)
     if not unredacted:
@@ -255,17 +288,25 @@ def _segment_text(message: Message, index: int, unredacted: bool) -> str:
                 fields[number] = REDACTED
         for number in IDENTIFIER_LIST_FIELDS.get(segment.id, ()):
             if number < len(fields) and fields[number]:
-                fields[number] = _redact_personal_ids(fields[number], message.delimiters)
+                fields[number] = _redact_personal_ids(
+                    fields[number], message.delimiters, authorities
+                )
     return message.delimiters.field.join(fields)
 
 
-def _redact_personal_ids(field: str, delimiters: Delimiters) -> str:
-    """Replace the ID of each CX repetition whose type (CX-5) is a personal id, e.g. NI."""
+def _redact_personal_ids(
+    field: str, delimiters: Delimiters, authorities: frozenset[str] | None
+) -> str:
+    """Replace the ID of each CX repetition whose type (CX-5) is a personal id, e.g. NI,
+    or whose assigning authority (CX-4) is given and not among authorities."""
     repetitions = field.split(delimiters.repetition)
     for index, repetition in enumerate(repetitions):
         components = repetition.split(delimiters.component)
         kind = components[4] if len(components) > 4 else ""
-        if kind in PERSONAL_ID_TYPES or (kind.startswith("NN") and len(kind) == 5):
+        authority = components[3].split(delimiters.subcomponent) if len(components) > 3 else []
+        named = [part for part in authority[:2] if part]
+        foreign = authorities is not None and bool(named) and not set(named) & authorities
+        if foreign or kind in PERSONAL_ID_TYPES or (kind.startswith("NN") and len(kind) == 5):
             components[0] = REDACTED
             repetitions[index] = delimiters.component.join(components)
     return delimiters.repetition.join(repetitions)
@@ -306,6 +347,6 @@ def _content_heading(unredacted: bool) -> str:
     if unredacted:
         return "content (unredacted):"
     return (
-        "content (names, birth dates, addresses, phone numbers and national ids redacted;"
-        " --unredacted shows them):"
+        "content (names, birth dates, addresses, phone numbers, national ids and ids of"
+        " other domains redacted; --unredacted shows them):"
     )

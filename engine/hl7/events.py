@@ -34,7 +34,8 @@ ACK_MESSAGE_CODE = "ACK"
 HL7_NULL = '""'
 # ORC-1 order control codes (HL7 Table 0119) the engine acts on.
 NEW_ORDER_CONTROL = "NW"
-CANCEL_ORDER_CONTROLS = frozenset({"CA", "DC"})
+# CA and DC ask for a cancel; OC and OD report one made by the filler (e.g. the RIS).
+CANCEL_ORDER_CONTROLS = frozenset({"CA", "DC", "OC", "OD"})
 CHANGE_ORDER_CONTROL = "XO"
 STATUS_ORDER_CONTROL = "SC"
 # HL7 Table 0119 as of v2.5.1, whose codes are case-sensitive. Others get AE 103.
@@ -487,16 +488,21 @@ _DEMOGRAPHIC_FIELDS = {"name": 5, "birth_date": 7, "sex": 8}
 
 
 def deleted_demographics(message: Message) -> frozenset[str]:
-    """Return the Demographics fields whose PID field is the HL7 null `""` (delete the value).
+    """Return the Demographics fields whose PID field is the HL7 null `""` (delete the value),
+    and the sex when PID-8 is U (unknown).
 
     An empty field leaves the stored value as it is.
     """
     pid = message.segment("PID")
     if pid is None:
         return frozenset()
-    return frozenset(
+    deleted = {
         name for name, field in _DEMOGRAPHIC_FIELDS.items() if pid.raw_field(field) == HL7_NULL
-    )
+    }
+    # U (unknown) has no DICOM value, so it reads as empty, but the HIS states it.
+    if message.get("PID", 8).upper() == "U":
+        deleted.add("sex")
+    return frozenset(deleted)
 
 
 def order_facts(message: Message) -> OrderFacts:

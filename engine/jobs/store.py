@@ -956,10 +956,13 @@ class Store:
         patient is the ID the jobs were filed under, or several IDs of one patient
         (its IDs before and after merges).
 
-        Pending and suppressed jobs of the order are cancelled at once. A running
-        job gets a cancel request that the pipeline checks before each retrieve. A
-        job of another order that a cancelled job suppressed is queued again, since
-        nothing fetches its priors any more.
+        Pending and suppressed jobs of the order are cancelled at once, and so are
+        the suppressed repeats of its jobs: jobs of an order that shares an
+        order or accession number with them, which the cancel may not name. A
+        running job gets a cancel request that the pipeline checks before each
+        retrieve. A job of another order that a cancelled job suppressed (a
+        suppression window) is queued again, since nothing fetches its priors any
+        more.
 
         replaced is for a changed order (ORC-1 XO) whose new jobs follow in the
         same transaction: a running job is left to finish.
@@ -1008,6 +1011,8 @@ class Store:
                         (job_id, _iso(now), reason),
                     )
                     self._event(db, job_id, now, f"order cancelled after the job ended: {reason}")
+            for row in matching:
+                cancelled += self._cancel_repeats(db, row, reason, now)
             for job_id in cancelled:
                 revived += self._revive_suppressed(db, job_id, now)
 
@@ -1088,6 +1093,29 @@ class Store:
             revived = self._revive_suppressed(db, job_id, now)
         requeued = f"; requeued suppressed job {revived[0]}" if revived else ""
         return f"job {job_id} cancelled{requeued}"
+
+    def _cancel_repeats(
+        self, db: sqlite3.Connection, covering: sqlite3.Row, reason: str, now: dt.datetime
+    ) -> list[int]:
+        """Cancel the suppressed jobs that repeat the order of a job (row with id and
+        order_facts); return their ids."""
+        order = OrderFacts.from_dict(json.loads(covering["order_facts"]))
+        rows = db.execute(
+            "SELECT j.id, j.order_facts FROM job_suppressions s JOIN jobs j ON j.id = s.job_id"
+            " WHERE s.suppressed_by = ? AND j.state = ? ORDER BY j.id",
+            (covering["id"], JobState.SUPPRESSED),
+        ).fetchall()
+        repeats = [int(row["id"]) for row in rows if _same_order_row(row, order)]
+        for job_id in repeats:
+            db.execute(
+                "UPDATE jobs SET state = ?, summary = ?, updated_at = ? WHERE id = ?",
+                (JobState.CANCELLED, reason, _iso(now), job_id),
+            )
+            db.execute("DELETE FROM job_suppressions WHERE job_id = ?", (job_id,))
+            self._event(
+                db, job_id, now, f"cancelled: {reason} (a repeat of job {covering['id']}'s order)"
+            )
+        return repeats
 
     def _revive_suppressed(
         self, db: sqlite3.Connection, job_id: int, now: dt.datetime

@@ -216,7 +216,7 @@ def test_event_unqualified_identifier_when_allowed() -> None:
         to_event(parse(text), POLICY)
 
 
-@pytest.mark.parametrize("control", ["CA", "DC"])
+@pytest.mark.parametrize("control", ["CA", "DC", "OC", "OD"])
 def test_event_cancel(control: str) -> None:
     event = to_event(parse(order(order_control=control)), POLICY)
     assert isinstance(event, OrderCancelled)

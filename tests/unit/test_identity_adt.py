@@ -139,6 +139,16 @@ def test_a08_null_deletes_empty_keeps(db: ImmediateStore) -> None:
     assert records.local_demographics(db.store, L1) == Demographics("DOE^JANE", "", "F")
 
 
+def test_a08_unknown_sex_deletes_stored_sex(db: ImmediateStore) -> None:
+    target = intake(db)
+    send(target, demographics_message(PATIENT, "ADT1", WHEN, "A04"))
+    unknown = PatientSpec("L1", "LOCAL", "DOE^JANE", "19650312", "U")
+
+    assert send(target, demographics_message(unknown, "ADT2", WHEN, "A08"))[1] == "MSA|AA|ADT2"
+
+    assert records.local_demographics(db.store, L1) == Demographics("DOE^JANE", "19650312", "")
+
+
 def test_a40_merges_and_moves_learned(db: ImmediateStore) -> None:
     target = intake(db)
     retired = PatientSpec("L9", "LOCAL", "DOE^JANE", "19650312", "F")

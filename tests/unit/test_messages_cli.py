@@ -150,6 +150,39 @@ def test_render_redacts_personal_ids(pid3: str, shown: str) -> None:
     assert f"PID|1||{shown}||***" in rendered
 
 
+@pytest.mark.parametrize(
+    ("pid3", "shown"),
+    [
+        ("L1^^^LOCAL^MR~987-65-4321^^^SSA", "L1^^^LOCAL^MR~***^^^SSA"),
+        ("L1^^^LOCAL~INS42^^^&1.2.9&ISO^PI", "L1^^^LOCAL~***^^^&1.2.9&ISO^PI"),
+        (
+            "L1^^^LOCAL~HA-7^^^HOSP_A~HB-7^^^&1.2.3.3&ISO",
+            "L1^^^LOCAL~HA-7^^^HOSP_A~HB-7^^^&1.2.3.3&ISO",
+        ),
+        ("L1~X9^^^", "L1~X9^^^"),
+    ],
+)
+def test_render_redacts_ids_of_other_domains(pid3: str, shown: str) -> None:
+    content = (
+        f"MSH|^~\\&|RIS|RAD|FDQR|LOCAL|20260314||ADT^A08|C1|P|2.5\rPID|1|S1^^^SSA|{pid3}\r"
+    ).encode()
+    authorities = frozenset({"LOCAL", "HOSP_A", "1.2.3.3"})
+
+    rendered = render(content, CharsetDefaults(), unredacted=False, authorities=authorities)
+
+    assert f"PID|1|***^^^SSA|{shown}" in rendered
+
+
+def test_show_hides_ids_of_unknown_domains(layout: Path) -> None:
+    message = order().replace(b"998877^^^NATIONAL^NI", b"998877^^^SSA")
+    receive(layout, message)
+
+    status, output = run(layout, "show", "1")
+
+    assert status == 0, output
+    assert "PID|1||L12345^^^LOCAL^MR~***^^^SSA||***" in output
+
+
 def test_show_unredacted_on_request(layout: Path) -> None:
     receive(layout, order())
     status, output = run(layout, "show", "1", "--unredacted")
@@ -251,10 +284,10 @@ def test_replay_of_cancelled_order_needs_force(layout: Path) -> None:
 
     status, output = run(layout, "replay", "1", "--dry-run")
     assert status == 0, output
-    assert "note: the order of job 1 was cancelled (cancelled: " in output
+    assert "note: job 1 of this order was cancelled (order cancelled (ORC-1 CA) by " in output
     status, output = run(layout, "replay", "1")
     assert status == 1
-    assert "message 1 was not replayed: its order was cancelled" in output
+    assert "message 1 was not replayed: a job of its order was cancelled (see the notes)" in output
     assert len(read_jobs(layout)) == 1
     status, output = run(layout, "replay", "1", "--force")
     assert status == 0, output
@@ -271,10 +304,10 @@ def test_replay_after_late_cancel_needs_force(layout: Path) -> None:
 
     status, output = run(layout, "replay", "1", "--dry-run")
     assert status == 0, output
-    assert "note: the order of job 1 was cancelled (done: " in output
+    assert "note: the order of job 1 was cancelled after it ended (done: " in output
     status, output = run(layout, "replay", "1")
     assert status == 1
-    assert "its order was cancelled" in output
+    assert "a job of its order was cancelled" in output
 
 
 def test_replay_uses_current_rules(layout: Path) -> None:

@@ -509,6 +509,31 @@ def test_cancel_cancels_repeat_of_same_order(
     assert states == {first.id: JobState.CANCELLED, repeat.id: JobState.CANCELLED}
 
 
+@pytest.mark.parametrize("running", [False, True])
+def test_cancel_cancels_repeat_matched_by_accession(
+    db: ImmediateStore, rule_set: RuleSet, clock: task.Clock, running: bool
+) -> None:
+    # The repeat has placer and filler numbers of its own; the cancel names the first's only.
+    intake = make_intake(db, rule_set, clock)
+    send(intake, order("M1", "A1", NOW + dt.timedelta(hours=5)))
+    send(intake, order("M2", "A1", NOW + dt.timedelta(hours=5)))
+    first, repeat = sorted(db.store.list_jobs(), key=lambda job: job.id)
+    assert repeat.state == JobState.SUPPRESSED
+    if running:
+        db.store.claim_due(NOW + dt.timedelta(hours=6), 1)
+    cancel = order("M3", "", order_control="CA")
+    cancel = cancel.replace(b"PLC-M3", b"PLC-M1").replace(b"FIL-M3", b"FIL-M1")
+
+    send(intake, cancel)
+
+    if running:
+        expected = f"cancelled job(s) {repeat.id}; cancel requested for running job(s) {first.id}"
+    else:
+        expected = f"cancelled job(s) {first.id}, {repeat.id}"
+    assert db.store.list_messages()[0].outcome == f"order cancel (ORC-1 CA); {expected}"
+    assert db.store.get_job(repeat.id).state == JobState.CANCELLED  # type: ignore[union-attr]
+
+
 def test_failed_job_does_not_suppress(db: ImmediateStore, clock: task.Clock) -> None:
     job = NewJob(
         "ris",

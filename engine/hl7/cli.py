@@ -192,6 +192,8 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         )
     if dry_run:
         click.echo(f"message {message_id} would be replayed: {plan.outcome}")
+        for note in store.preview_actions(plan.actions, now):
+            click.echo(f"  would change: {note}")
         for job in plan.jobs:
             click.echo(f"  would create a job: route {job.route}, rule {job.rule}, {job.patient}")
         if unfinished:

@@ -23,6 +23,7 @@ sender has no ACK and sends the message again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -459,6 +460,10 @@ def _space_note(path: Path | str) -> str:
     if free >= LOW_SPACE_BYTES:
         return ""
     return f" (the disk has {free // 1024} KB free: free space there, then start again)"
+
+
+class _Preview(Exception):
+    """Raised to roll back the transaction of Store.preview_actions."""
 
 
 class Store:
@@ -1029,6 +1034,16 @@ class Store:
             parts.append(f"requeued suppressed job(s) {_ids(revived)}")
         finished = _ids([int(row["id"]) for row in matching])
         return "; ".join(parts) or f"job(s) {finished} already finished"
+
+    def preview_actions(self, actions: Sequence[Action], now: dt.datetime) -> list[str]:
+        """Run a plan's actions in a transaction that is rolled back; return their notes."""
+        if self._depth:
+            raise RuntimeError("preview_actions cannot run inside another transaction")
+        notes: list[str] = []
+        with contextlib.suppress(_Preview), self._transaction():
+            notes = [action(self, now) for action in actions]
+            raise _Preview
+        return notes
 
     def has_message(self, origin: MessageOrigin) -> bool:
         """Tell whether a message of this sender with this control id is stored."""

@@ -294,6 +294,24 @@ def test_replay_of_cancelled_order_needs_force(layout: Path) -> None:
     assert "created job 2: queued" in output
 
 
+def test_replay_dry_run_of_cancel_lists_changes(layout: Path) -> None:
+    receive(layout, order("ORD1"))
+    cancel = order_message(
+        PATIENT, "ORD1-CA", "ACC1", dt.datetime(2026, 3, 14, 9, 5), order_control="CA"
+    )
+    receive(layout, cancel)
+    # The same accession number again: a new order of the cancelled one's numbers.
+    receive(layout, order("ORD2"))
+    [_, second] = sorted(read_jobs(layout), key=lambda job: job.id)
+
+    status, output = run(layout, "replay", "2", "--dry-run")
+
+    assert status == 0, output
+    assert f"  would change: cancelled job(s) {second.id}" in output.splitlines()
+    # Nothing was changed.
+    assert {job.id: job.state for job in read_jobs(layout)}[second.id] == JobState.QUEUED
+
+
 def test_replay_after_late_cancel_needs_force(layout: Path) -> None:
     receive(layout, order("ORD1"))
     finish_all(layout)

@@ -180,14 +180,14 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
     }
     for earlier in sorted(cancelled.values(), key=lambda record: record.id):
         # A cancelled job names why in its summary: an operator, or its order's cancel.
-        what = (
+        description = (
             f"job {earlier.id} of this order was cancelled ({earlier.summary})"
             if earlier.state == JobState.CANCELLED
             else f"the order of job {earlier.id} was cancelled after it ended"
             f" ({earlier.state}: {earlier.summary})"
         )
         click.echo(
-            f"  note: {what}; a replay fetches the priors again",
+            f"  note: {description}; a replay fetches the priors again",
             err=True,
         )
     if dry_run:

@@ -18,6 +18,7 @@ from engine.clitools import (
 )
 from engine.identity import records
 from engine.jobs.store import JobState
+from engine.model import PatientIdentifier
 
 
 @click.group(name="identity")
@@ -58,6 +59,52 @@ def merges(config_path: Path, limit: int) -> None:
         merged_at = zone.shown(dt.datetime.fromisoformat(item.merged_at))
         rows.append((str(item.retired), str(item.surviving), merged_at, item.message_control_id))
     click.echo(format_table(rows))
+
+
+@identity_group.command(name="patient")
+@click.argument("patient_id")
+@click.option(
+    "--unredacted", is_flag=True, help="Show the name and birth date, which are hidden otherwise."
+)
+@config_option
+def patient(config_path: Path, patient_id: str, unredacted: bool) -> None:
+    """Show what the engine holds on a local patient: the ADT record, merges and
+    learned identifiers. PATIENT_ID is the local ID, without its issuer."""
+    settings = load_settings_or_exit(config_path)
+    zone = settings.zone
+    store = open_store(config_path)
+    local = PatientIdentifier(patient_id, settings.local_patient.issuer)
+    click.echo(f"patient {local}")
+    record = records.patient_record(store, local)
+    if record is None:
+        click.echo("  record: none (no ADT message registered this patient)")
+    else:
+        demographics = record.demographics
+        name = demographics.name if unredacted else ("***" if demographics.name else "")
+        birth = (
+            demographics.birth_date if unredacted else ("***" if demographics.birth_date else "")
+        )
+        updated = zone.shown(dt.datetime.fromisoformat(record.updated_at))
+        click.echo(
+            f"  record: name {name or '-'}, birth date {birth or '-'},"
+            f" sex {demographics.sex or '-'}; updated {updated} by message"
+            f" {record.message_control_id}"
+        )
+    active, path = records.active_patient(store, local)
+    if path:
+        chain = " -> ".join(str(item) for item in [local, *path])
+        click.echo(f"  merged: {chain}; orders of this ID run as {active}")
+    retired = records.retired_into(store, local)
+    if retired:
+        click.echo(f"  merged into it: {', '.join(str(item) for item in retired)}")
+    learned_ids = records.learned_for(store, local)
+    if not learned_ids:
+        click.echo("  learned identifiers: none")
+    for item in learned_ids:
+        learned_at = zone.shown(dt.datetime.fromisoformat(item.learned_at))
+        click.echo(
+            f"  learned {item.remote} at {learned_at} from message {item.message_control_id}"
+        )
 
 
 @identity_group.command(name="release")

@@ -100,6 +100,50 @@ def _demographics(db: sqlite3.Connection, patient: PatientIdentifier) -> Demogra
     return Demographics.from_dict(json.loads(row["demographics"])) if row else None
 
 
+@dataclasses.dataclass(frozen=True)
+class PatientRecord:
+    """The local record of a patient as ADT messages left it."""
+
+    demographics: Demographics
+    updated_at: str
+    message_control_id: str
+
+
+def patient_record(store: Store, patient: PatientIdentifier) -> PatientRecord | None:
+    """Return the local record of a patient, or None if no ADT message registered it."""
+    with store.reading() as db:
+        row = db.execute(
+            "SELECT * FROM identity_patients WHERE patient_id = ? AND issuer = ?",
+            (patient.value, patient.issuer),
+        ).fetchone()
+    if row is None:
+        return None
+    return PatientRecord(
+        Demographics.from_dict(json.loads(row["demographics"])),
+        row["updated_at"],
+        row["message_control_id"],
+    )
+
+
+def learned_for(store: Store, local: PatientIdentifier) -> list[LearnedReference]:
+    """Return the cross-references learned for one local patient, by domain."""
+    with store.reading() as db:
+        rows = db.execute(
+            "SELECT * FROM identity_learned WHERE local_id = ? AND local_issuer = ?"
+            " ORDER BY domain",
+            (local.value, local.issuer),
+        ).fetchall()
+    return [
+        LearnedReference(
+            local,
+            PatientIdentifier(row["remote_id"], row["domain"]),
+            row["learned_at"],
+            row["message_control_id"],
+        )
+        for row in rows
+    ]
+
+
 # Learned cross-references
 
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from engine.cli import main
 from engine.identity import records
 from engine.jobs.store import JobState, Store, StudyState
-from engine.model import Decision, PatientIdentifier, StudyCandidate
+from engine.model import Decision, Demographics, PatientIdentifier, StudyCandidate
 from engine.rules.timing import LocalZone
 from tests.conftest import NOW, shipped_layout
 from tests.unit.test_jobs import new_job
@@ -84,3 +84,40 @@ def test_config_after_subcommand(tmp_path: Path) -> None:
     job = runner.invoke(main, ["jobs", "show", str(job_id), "--config", str(config)])
     assert job.exit_code == 0, job.output
     assert job.output.startswith(f"job {job_id}: quarantined")
+
+
+def test_patient_shows_record_merges_and_learned(tmp_path: Path) -> None:
+    config, _ = quarantined_job(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    local = PatientIdentifier("L1", "LOCAL")
+    records.save_demographics(store, local, Demographics("DOE^JANE", "19650312", "F"), NOW, "A08")
+    store.close()
+    shown = LocalZone().shown(NOW)
+
+    result = CliRunner().invoke(main, ["identity", "--config", str(config), "patient", "L1"])
+
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "patient L1^^^LOCAL",
+        f"  record: name ***, birth date ***, sex F; updated {shown} by message A08",
+        "  merged into it: L0^^^LOCAL",
+        f"  learned HB-1^^^HOSP_B at {shown} from message ADT1",
+    ]
+
+
+def test_patient_unredacted_and_merged_away(tmp_path: Path) -> None:
+    config, _ = quarantined_job(tmp_path)
+    store = Store(tmp_path / "fdqr.sqlite")
+    records.save_demographics(
+        store, PatientIdentifier("L0", "LOCAL"), Demographics("DOE^JANE", "", ""), NOW, "A04"
+    )
+    store.close()
+    arguments = ["identity", "--config", str(config), "patient", "L0", "--unredacted"]
+
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].startswith("  record: name DOE^JANE, birth date -, sex -; updated ")
+    assert lines[2] == "  merged: L0^^^LOCAL -> L1^^^LOCAL; orders of this ID run as L1^^^LOCAL"
+    assert lines[3] == "  learned identifiers: none"

@@ -66,8 +66,10 @@ def save_demographics(
                 control_id,
             ),
         )
-    verb = "updated" if previous is not None else "recorded"
-    return f"demographics of {patient} {verb}"
+    if previous is None:
+        return f"demographics of {patient} recorded"
+    # Equal records: the message confirmed them (its time and control id are kept).
+    return f"demographics of {patient} {'unchanged' if demographics == previous else 'updated'}"
 
 
 def local_demographics(store: Store, patient: PatientIdentifier) -> Demographics | None:

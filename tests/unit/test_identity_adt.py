@@ -139,6 +139,15 @@ def test_a08_null_deletes_empty_keeps(db: ImmediateStore) -> None:
     assert records.local_demographics(db.store, L1) == Demographics("DOE^JANE", "", "F")
 
 
+def test_a08_without_changes_says_unchanged(db: ImmediateStore) -> None:
+    target = intake(db)
+    send(target, demographics_message(PATIENT, "ADT1", WHEN, "A04"))
+
+    send(target, demographics_message(PATIENT, "ADT2", WHEN, "A08"))
+
+    assert "demographics of L1^^^LOCAL unchanged" in db.store.list_messages(1)[0].outcome
+
+
 def test_a08_unknown_sex_deletes_stored_sex(db: ImmediateStore) -> None:
     target = intake(db)
     send(target, demographics_message(PATIENT, "ADT1", WHEN, "A04"))

@@ -75,21 +75,17 @@ def patient(config_path: Path, patient_id: str, unredacted: bool) -> None:
     store = open_store(config_path)
     local = PatientIdentifier(patient_id, settings.local_patient.issuer)
     click.echo(f"patient {local}")
+
     record = records.patient_record(store, local)
     if record is None:
         click.echo("  record: none (no ADT message registered this patient)")
     else:
-        demographics = record.demographics
-        name = demographics.name if unredacted else ("***" if demographics.name else "")
-        birth = (
-            demographics.birth_date if unredacted else ("***" if demographics.birth_date else "")
-        )
-        updated = zone.shown(dt.datetime.fromisoformat(record.updated_at))
         click.echo(
-            f"  record: name {name or '-'}, birth date {birth or '-'},"
-            f" sex {demographics.sex or '-'}; updated {updated} by message"
+            f"  record: {_record_text(record, unredacted)}; updated"
+            f" {zone.shown(dt.datetime.fromisoformat(record.updated_at))} by message"
             f" {record.message_control_id}"
         )
+
     active, path = records.active_patient(store, local)
     if path:
         chain = " -> ".join(str(item) for item in [local, *path])
@@ -97,6 +93,7 @@ def patient(config_path: Path, patient_id: str, unredacted: bool) -> None:
     retired = records.retired_into(store, local)
     if retired:
         click.echo(f"  merged into it: {', '.join(str(item) for item in retired)}")
+
     learned_ids = records.learned_for(store, local)
     if not learned_ids:
         click.echo("  learned identifiers: none")
@@ -105,6 +102,17 @@ def patient(config_path: Path, patient_id: str, unredacted: bool) -> None:
         click.echo(
             f"  learned {item.remote} at {learned_at} from message {item.message_control_id}"
         )
+
+
+def _record_text(record: records.PatientRecord, unredacted: bool) -> str:
+    """Return the demographics of a record, with the name and birth date as *** unless asked."""
+    demographics = record.demographics
+    name = demographics.name
+    birth_date = demographics.birth_date
+    if not unredacted:
+        name = "***" if name else ""
+        birth_date = "***" if birth_date else ""
+    return f"name {name or '-'}, birth date {birth_date or '-'}, sex {demographics.sex or '-'}"
 
 
 @identity_group.command(name="release")

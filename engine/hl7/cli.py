@@ -191,7 +191,8 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
             err=True,
         )
     if dry_run:
-        click.echo(f"message {message_id} would be replayed: {plan.outcome}")
+        needs_force = " (with --force)" if unfinished or cancelled else ""
+        click.echo(f"message {message_id} would be replayed{needs_force}: {plan.outcome}")
         for note in store.preview_actions(plan.actions, now):
             click.echo(f"  would change: {note}")
         for job in plan.jobs:
@@ -200,12 +201,14 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
             listed = ", ".join(f"{job.id} ({job.state})" for job in unfinished)
             click.echo(f"  note: jobs {listed} have not finished, so the replay needs --force")
         elif cancelled:
-            click.echo("  note: a job of the order was cancelled, so the replay needs --force")
+            click.echo(
+                "  note: the order or a job of it was cancelled, so the replay needs --force"
+            )
         return
     if cancelled and not force:
         click.echo(
-            f"message {message_id} was not replayed: a job of its order was cancelled (see"
-            " the notes). Replay it anyway with --force.",
+            f"message {message_id} was not replayed: its order or a job of it was cancelled"
+            " (see the notes). Replay it anyway with --force.",
             err=True,
         )
         raise SystemExit(1)

@@ -198,7 +198,7 @@ class Prefetch:
         outcome: Outcome = yield self._attempt(job, rule_set, rule)
         if withheld:
             summary = (
-                f"{outcome.summary}, spooled objects of {withheld} studies deleted unsent:"
+                f"{outcome.summary}, spooled objects of {_studies(withheld)} deleted unsent:"
                 " identifier moved to another patient (see the job's log)"
             )
             outcome = dataclasses.replace(outcome, summary=summary)
@@ -243,7 +243,7 @@ class Prefetch:
         for candidate in selected:
             cancel = yield self._cancel_reason(job)
             if cancel:
-                return Outcome(JobState.CANCELLED, f"{cancel} (after {len(results)} studies)")
+                return Outcome(JobState.CANCELLED, f"{cancel} (after {_studies(len(results))})")
             quiet = self.policy(candidate.source).quiet(
                 self.zone, self.now(), candidate.instance_count
             )
@@ -271,7 +271,7 @@ class Prefetch:
             if cancel:
                 return Outcome(
                     JobState.CANCELLED,
-                    f"{cancel} (a retrieve stopped, after {len(results)} studies)",
+                    f"{cancel} (a retrieve stopped, after {_studies(len(results))})",
                 )
         outcome = self._summarize(results, failed_sources)
         if any(result.stored for result in results):
@@ -548,7 +548,7 @@ class Prefetch:
                 yield self.note(job, f"source {source.name}: ignored {reason}")
             found = _unique_studies(filtered.candidates)
             yield self.note(
-                job, f"source {source.name}: {len(found)} studies found ({'; '.join(queries)})"
+                job, f"source {source.name}: {_studies(len(found))} found ({'; '.join(queries)})"
             )
             candidates.extend(found)
         return candidates, failed
@@ -686,7 +686,7 @@ class Prefetch:
         present = [r for r in results if r.state == StudyState.PRESENT]
         unfinished = [r for r in results if r.state not in (StudyState.STORED, StudyState.PRESENT)]
         instances = sum(r.stored for r in stored)
-        parts = [f"{len(stored)} studies stored ({instances} instances)"]
+        parts = [f"{_studies(len(stored))} stored ({instances} instances)"]
         if present:
             parts.append(f"{len(present)} already at the destination")
         if unfinished:
@@ -696,8 +696,7 @@ class Prefetch:
         refused = [r for r in results if r.refused]
         if refused:
             # A source that sends another patient's objects with a study needs a look.
-            studies = "1 study" if len(refused) == 1 else f"{len(refused)} studies"
-            parts.append(f"objects refused in {studies} (see the job's log)")
+            parts.append(f"objects refused in {_studies(len(refused))} (see the job's log)")
         summary = ", ".join(parts)
 
         transient = bool(failed_sources) or any(r.transient_failure for r in unfinished)
@@ -708,6 +707,10 @@ class Prefetch:
                 JobState.PARTIAL if stored or present else JobState.FAILED, summary, retry=True
             )
         return Outcome(JobState.PARTIAL if stored or present else JobState.FAILED, summary)
+
+
+def _studies(count: int) -> str:
+    return "1 study" if count == 1 else f"{count} studies"
 
 
 def study_counts(report: StudyReport, earlier: StudyRecord | None) -> tuple[int, int]:

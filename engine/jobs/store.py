@@ -934,7 +934,7 @@ class Store:
                 return (
                     JobState.SUPPRESSED,
                     f"job {row['id']} for the same patient and rule was created at"
-                    f" {_iso(created)}, within the suppression window",
+                    f" {created:%Y-%m-%d %H:%M:%S} UTC, within the suppression window",
                     int(row["id"]),
                 )
         return JobState.QUEUED, "", None

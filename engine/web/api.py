@@ -279,7 +279,7 @@ class StatusPage(StorePage):
                 message["received_at"][:19],
                 message["message_type"],
                 message["control_id"],
-                f"{message['sending_application']}^{message['sending_facility']}",
+                f"{message['sending_application']}/{message['sending_facility']}",
                 message["ack_code"],
                 message["outcome"],
             )

@@ -657,7 +657,7 @@ def test_spooled_objects_deleted_when_identifier_moved_between_attempts(site: Si
     job = wait_for_job(site.store, job_id)
 
     assert job.attempts >= 2
-    assert "spooled objects of 1 studies deleted unsent" in job.summary, job.summary
+    assert "spooled objects of 1 study deleted unsent" in job.summary, job.summary
     assert not spooled(site.spool)
     assert site.destination.instance_count() == 0
     [study] = [s for s in read_studies(site.store, job_id) if s.selected]
@@ -686,7 +686,7 @@ def test_cancel_stops_retrieval_in_progress(site: Site) -> None:
     job = wait_for_job(site.store, job_id, timeout=60)
 
     assert job.state == JobState.CANCELLED, job.summary
-    assert "(a retrieve stopped, after 1 studies)" in job.summary
+    assert "(a retrieve stopped, after 1 study)" in job.summary
     assert job.attempts == 1
     assert not spooled(site.spool)
     [study] = [s for s in read_studies(site.store, job_id) if s.selected]

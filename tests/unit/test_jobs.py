@@ -271,12 +271,12 @@ def test_worker_logs_failures_as_warnings(
     worker.start()
     clock.advance(0)
     with caplog.at_level(logging.INFO, logger="engine.jobs.worker"):
-        runner.pending[0].callback(Outcome(JobState.DONE, "1 studies stored"))
+        runner.pending[0].callback(Outcome(JobState.DONE, "1 study stored"))
         runner.pending[1].callback(Outcome(JobState.FAILED, "source down", retry=True))
         clock.advance(30)
         runner.pending[2].callback(Outcome(JobState.FAILED, "source down", retry=True))
     levels = {record.getMessage(): record.levelno for record in caplog.records}
-    assert levels[f"job {done_id}: done: 1 studies stored"] == logging.INFO
+    assert levels[f"job {done_id}: done: 1 study stored"] == logging.INFO
     assert levels[f"job {failed_id}: source down; retry in 30 s"] == logging.WARNING
     assert levels[f"job {failed_id}: failed: source down"] == logging.WARNING
     stop(worker, clock)

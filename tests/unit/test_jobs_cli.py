@@ -230,7 +230,7 @@ def test_requeue_counts_attempts_afresh(tmp_path: Path) -> None:
     candidate = StudyCandidate("a", "1.2.3", PatientIdentifier("HA-1", "HOSP_A"))
     store.record_decisions(job_id, [Decision(candidate, True, "rank 1")])
     store.update_study(job_id, "a", "1.2.3", StudyState.STORED, received=100, stored=100)
-    store.finish_job(job_id, JobState.DONE, "1 studies stored (100 instances)", NOW)
+    store.finish_job(job_id, JobState.DONE, "1 study stored (100 instances)", NOW)
     store.close()
     assert jobs(config, "requeue", str(job_id)).exit_code == 0
     store = Store(tmp_path / "fdqr.sqlite")

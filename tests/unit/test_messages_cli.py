@@ -285,9 +285,13 @@ def test_replay_of_cancelled_order_needs_force(layout: Path) -> None:
     status, output = run(layout, "replay", "1", "--dry-run")
     assert status == 0, output
     assert "note: job 1 of this order was cancelled (order cancelled (ORC-1 CA) by " in output
+    assert "message 1 would be replayed (with --force): " in output
     status, output = run(layout, "replay", "1")
     assert status == 1
-    assert "message 1 was not replayed: a job of its order was cancelled (see the notes)" in output
+    assert (
+        "message 1 was not replayed: its order or a job of it was cancelled (see the notes)"
+        in output
+    )
     assert len(read_jobs(layout)) == 1
     status, output = run(layout, "replay", "1", "--force")
     assert status == 0, output
@@ -325,7 +329,7 @@ def test_replay_after_late_cancel_needs_force(layout: Path) -> None:
     assert "note: the order of job 1 was cancelled after it ended (done: " in output
     status, output = run(layout, "replay", "1")
     assert status == 1
-    assert "a job of its order was cancelled" in output
+    assert "its order or a job of it was cancelled" in output
 
 
 def test_replay_uses_current_rules(layout: Path) -> None:

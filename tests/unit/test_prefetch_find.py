@@ -358,7 +358,7 @@ def test_refused_objects_named_in_summary_of_done_job(
     outcome = run(pipeline, claimed_job(db))
     assert outcome.state == JobState.DONE
     assert outcome.summary == (
-        "1 studies stored (10 instances), objects refused in 1 study (see the job's log)"
+        "1 study stored (10 instances), objects refused in 1 study (see the job's log)"
     )
 
 
@@ -381,7 +381,7 @@ def test_identifier_moved_during_attempt_named(
     outcome = run(pipeline, job)
     assert outcome.state == JobState.DONE
     assert outcome.summary == (
-        "1 studies stored (10 instances), 1 identifier(s) moved to another patient during the"
+        "1 study stored (10 instances), 1 identifier(s) moved to another patient during the"
         " attempt (see the job's log)"
     )
     events = [text for _, text in db.store.events(job.id)]
@@ -405,7 +405,7 @@ def test_identifier_learned_by_same_patient_not_named(
 
     pipeline._fetch_study = fetch_and_learn  # type: ignore[method-assign]
     outcome = run(pipeline, claimed_job(db))
-    assert outcome.summary == "1 studies stored (10 instances)"
+    assert outcome.summary == "1 study stored (10 instances)"
 
 
 MOVED = "identifier HA-1^^^HOSP_A was moved to patient L2^^^LOCAL"
@@ -464,7 +464,7 @@ def test_spooled_objects_of_moved_identifier_deleted_unsent(
     assert outcome.state == JobState.FAILED
     assert not outcome.retry
     assert outcome.summary == (
-        "0 studies stored (0 instances), 1 not complete, spooled objects of 1 studies deleted"
+        "0 studies stored (0 instances), 1 not complete, spooled objects of 1 study deleted"
         " unsent: identifier moved to another patient (see the job's log)"
     )
     events = [text for _, text in db.store.events(job.id)]
@@ -551,4 +551,4 @@ def test_cancel_that_stopped_last_study_ends_job_cancelled(
     outcome = run(pipeline, job)
 
     assert outcome.state == JobState.CANCELLED
-    assert outcome.summary == "wrong order (a retrieve stopped, after 1 studies)"
+    assert outcome.summary == "wrong order (a retrieve stopped, after 1 study)"

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 
 
+# The states a study's fetch ends in, which fdqr_studies_total counts. Skipped
+# studies (not selected by the rule) and held ones are in the job's table only.
+FETCH_ENDS = (StudyState.STORED, StudyState.PRESENT, StudyState.INCOMPLETE, StudyState.FAILED)
+
+
 class EngineMetrics:
     """The engine's counters and gauges, named as Prometheus conventions ask (fdqr_...)."""
 
@@ -61,7 +66,7 @@ class EngineMetrics:
         )
         self.studies = Counter(
             "fdqr_studies",
-            "Studies that job attempts ended with, by state",
+            "Studies that job attempts fetched or found at the destination, by state",
             ["state"],
             registry=self.registry,
         )
@@ -86,9 +91,10 @@ class EngineMetrics:
 
         for state in JobState:
             self.jobs.labels(state.value)
-            if state.finished:
+            # A suppressed job is stored so by intake; the worker never ends one.
+            if state.finished and state != JobState.SUPPRESSED:
                 self.jobs_finished.labels(state.value)
-        for study_state in StudyState:
+        for study_state in FETCH_ENDS:
             self.studies.labels(study_state.value)
 
     def answered(self, acks: Any) -> None:

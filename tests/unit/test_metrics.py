@@ -129,3 +129,12 @@ def test_jobs_finished_only_final_states() -> None:
     assert 'fdqr_jobs_finished_total{state="done"} 0.0' in text
     assert 'fdqr_jobs_finished_total{state="queued"}' not in text
     assert 'fdqr_jobs{state="queued"} 0.0' in text
+
+
+def test_only_counted_states_exposed() -> None:
+    # The worker never ends a job as suppressed, and skipped studies are never fetched.
+    text = generate_latest(EngineMetrics().registry).decode()
+    assert 'fdqr_jobs_finished_total{state="suppressed"}' not in text
+    assert 'fdqr_studies_total{state="skipped"}' not in text
+    assert 'fdqr_studies_total{state="present"} 0.0' in text
+    assert 'fdqr_jobs{state="suppressed"} 0.0' in text

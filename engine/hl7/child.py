@@ -43,6 +43,9 @@ from engine.model import MessageOrigin, PatientIdentifier
 # By name: run with python -m, the module is __main__.
 logger = logging.getLogger("engine.hl7.child")
 
+# At most this many senders go with a ping response, to keep its line short.
+MAX_SENDERS_LISTED = 20
+
 
 def encode_event(kind: str, **fields: Any) -> bytes:
     """Return one line of the channel from a child to the engine."""
@@ -91,9 +94,12 @@ class EngineLink(protocol.Protocol):
         reactor: Any,
         on_lost: Callable[[], None],
         on_rules: Callable[[str], None] = lambda digest: None,
+        senders: Callable[[], list[str]] = lambda: [],
     ) -> None:
         self.reactor = reactor
         self.on_lost = on_lost
+        # The senders of the open connections, sent with each ping response.
+        self.senders = senders
         # Called with the engine's new rules digest after the engine reloaded its rules.
         self.on_rules = on_rules
         self._input = b""
@@ -158,7 +164,7 @@ class EngineLink(protocol.Protocol):
                 event = json.loads(line)
                 kind = event["kind"]
                 if kind == "ping":
-                    self.send(encode_event("pong"))
+                    self.send(encode_event("pong", senders=self.senders()[:MAX_SENDERS_LISTED]))
                 elif kind == "rules":
                     self.on_rules(str(event["digest"]))
                 else:
@@ -346,12 +352,14 @@ def _serve(
         ),
         processing_ids=settings.mllp.processing_ids,
     )
-    factory: Any = MLLPFactory(
+    mllp_factory = MLLPFactory(
         intake,
         max_message_bytes=settings.mllp.max_message_bytes,
         idle_timeout=settings.mllp.idle_timeout_seconds,
         on_closed=link.closed,
     )
+    link.senders = mllp_factory.senders
+    factory: Any = mllp_factory
     if settings.mllp.tls is not None:
         factory = wrap(factory, mllp_tls_options(config.path, settings.mllp.tls))
 

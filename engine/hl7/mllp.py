@@ -381,11 +381,25 @@ class MLLPFactory(protocol.Factory):
         self.clock = clock
         # Called each time a connection of this factory has closed.
         self.on_closed = on_closed
+        # The connections open now.
+        self.connections: set[MLLPProtocol] = set()
 
     def buildProtocol(self, addr: IAddress | None) -> MLLPProtocol:
-        return MLLPProtocol(
-            self.handler, self.max_message_bytes, self.idle_timeout, self.clock, self.on_closed
+        connection = MLLPProtocol(
+            self.handler, self.max_message_bytes, self.idle_timeout, self.clock
         )
+
+        def closed() -> None:
+            self.connections.discard(connection)
+            self.on_closed()
+
+        connection.on_closed = closed
+        self.connections.add(connection)
+        return connection
+
+    def senders(self) -> list[str]:
+        """Return the sender of each open connection (its peer, and client certificate)."""
+        return sorted(connection.sender for connection in self.connections)
 
 
 def _describe(address: IAddress) -> str:

@@ -305,7 +305,7 @@ class IntakeProcesses:
             child.number,
             status,
             ran,
-            _held_connections_note(child.open_connections),
+            _held_connections_note(child.open_connections, child.senders),
             delay,
         )
         self._restarts[child.number] = self.reactor.callLater(delay, self._spawn, child.number)
@@ -357,10 +357,16 @@ def _held_connections_text(connections: int) -> str:
     return f"{connections} open connection{plural}"
 
 
-def _held_connections_note(connections: int) -> str:
+def _held_connections_note(connections: int, senders: Sequence[str] = ()) -> str:
     """Return the log text on the connections a child held when it ended."""
     if connections == 0:
         return ", with no connection open"
+    if senders:
+        listed = ", ".join(senders)
+        return (
+            f"; its {_held_connections_text(connections)} closed with it (from {listed} at"
+            " its last ping response), and their senders send again what was not acknowledged"
+        )
     # An MLLP sender sends a message again until it gets an ACK, so one in progress is not lost.
     return (
         f"; its {_held_connections_text(connections)} closed with it, and their senders"
@@ -397,6 +403,8 @@ class ChildProtocol(protocol.ProcessProtocol):
         self.open_connections = 0
         # Whether its silence (no response to a ping) is logged already.
         self.silence_logged = False
+        # The senders of its open connections, as of its last ping response.
+        self.senders: list[str] = []
 
     def answering(self, now: float) -> bool:
         """Return False while a ping waits for a response longer than UNANSWERED_SECONDS."""
@@ -450,6 +458,7 @@ class ChildProtocol(protocol.ProcessProtocol):
                 self.ready = True
                 self.on_ready(self)
             elif kind == "pong":
+                self.senders = [str(sender) for sender in event["senders"]]
                 if self.silence_logged:
                     logger.info("intake process %d responds again", self.number)
                 self.ping_sent = None

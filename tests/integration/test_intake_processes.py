@@ -177,13 +177,16 @@ def test_killed_child_started_again(engine: RunningEngine) -> None:
             answer = exchange(connection, START_BLOCK + order(f"HELD-{number}") + END_BLOCK)
             assert msa(answer) == f"MSA|AA|HELD-{number}"
 
+        # The children name their open connections in their responses to the pings (1 s).
+        time.sleep(2.5)
         os.kill(first, signal.SIGKILL)
         wait_until(lambda: started_lines(engine) == 3, "the killed one started again")
 
         assert any(
             "ERROR engine.hl7.processes: intake process" in line
             and "ended (signal 9)" in line
-            and "; its 1 open connection closed with it, and their senders send again" in line
+            and "; its 1 open connection closed with it (from 127.0.0.1:" in line
+            and " at its last ping response), and their senders send again" in line
             and "starting it again in 1 s" in line
             for line in log(engine)
         )

@@ -295,6 +295,26 @@ def test_ended_child_names_connections_it_held(
     )
 
 
+def test_ended_child_names_senders_of_last_response(
+    reactor: ProcessReactor, socket_pairs: SocketPairs, caplog: pytest.LogCaptureFixture
+) -> None:
+    intake = processes(reactor, Recorder(), count=1)
+    intake.start()
+    ready(reactor)
+    child = reactor.spawned[0][0]
+    for ours, _ in socket_pairs(2):
+        intake.dispatch(ours)
+    child.outReceived(encode_event("pong", senders=["10.0.0.5:4000", "10.0.0.6:4100"]))
+
+    ended(child, number=signal.SIGKILL)
+
+    assert caplog.records[-1].getMessage() == (
+        "intake process 1 ended (signal 9) after 0 s; its 2 open connections closed with it"
+        " (from 10.0.0.5:4000, 10.0.0.6:4100 at its last ping response), and their senders"
+        " send again what was not acknowledged; starting it again in 1 s"
+    )
+
+
 def test_stop_terminates_then_kills(
     reactor: ProcessReactor,
 ) -> None:
@@ -580,9 +600,9 @@ def test_silent_child_skipped_then_killed(
     (first, _, _), (second, _, second_end) = reactor.spawned
     reactor.advance(1)
     assert first.transport.written.endswith(b'{"kind":"ping"}\n')  # type: ignore[union-attr]
-    second.outReceived(encode_event("pong"))
+    second.outReceived(encode_event("pong", senders=[]))
     reactor.advance(3)
-    second.outReceived(encode_event("pong"))
+    second.outReceived(encode_event("pong", senders=[]))
 
     # The first has not responded for 3 s, so new connections go to the second only.
     connections = socket_pairs(2)
@@ -621,13 +641,14 @@ def test_rules_reload_sent_to_children(reactor: ProcessReactor) -> None:
 def test_link_answers_pings_and_takes_rules() -> None:
     rules: list[str] = []
     link = EngineLink(task.Clock(), on_lost=lambda: None, on_rules=rules.append)
+    link.senders = lambda: ["10.0.0.5:4000"]
     transport = StringTransport()
     link.makeConnection(transport)
 
     link.dataReceived(b'{"kind":"ping"}\n{"kind":"rul')
     link.dataReceived(b'es","digest":"abc"}\nnot json\n')
 
-    assert transport.value() == b'{"kind":"pong"}\n'
+    assert transport.value() == b'{"kind":"pong","senders":["10.0.0.5:4000"]}\n'
     assert rules == ["abc"]
 
 

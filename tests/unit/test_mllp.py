@@ -153,6 +153,17 @@ def test_factory_reports_each_closed_connection() -> None:
     assert closed == [True, True]
 
 
+def test_factory_lists_senders_of_open_connections() -> None:
+    factory = MLLPFactory(RecordingHandler())  # type: ignore[arg-type]
+    first, second = factory.buildProtocol(None), factory.buildProtocol(None)
+    first.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.6", 4100)))
+    second.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", 4000)))
+
+    second.connectionLost(Failure(error.ConnectionDone()))  # type: ignore[no-untyped-call]
+
+    assert factory.senders() == ["10.0.0.6:4100"]
+
+
 def connect(handler: RecordingHandler, **options: object) -> tuple[MLLPProtocol, StringTransport]:
     protocol = MLLPProtocol(handler, **options)  # type: ignore[arg-type]
     transport = StringTransport()

@@ -28,8 +28,9 @@ from engine.runlock import holder_of, lock_file_of
 # Fields that carry names, birth dates, addresses, phone numbers or national
 # ids, by segment: `messages show` replaces them unless asked not to.
 REDACTED_FIELDS = {
-    "PID": (5, 6, 7, 9, 11, 13, 14, 19, 20),
-    "NK1": (2, 4, 5, 6, 16),
+    # PID-18 is the patient account number; NK1-33 the next of kin's identifiers.
+    "PID": (5, 6, 7, 9, 11, 13, 14, 18, 19, 20),
+    "NK1": (2, 4, 5, 6, 16, 33),
     "MRG": (7,),
     "GT1": (3, 5, 6, 7, 8, 12),
     "IN1": (16, 18, 19),
@@ -37,7 +38,7 @@ REDACTED_FIELDS = {
 }
 REDACTED = "***"
 # Patient identifier lists whose repetitions may be national or other personal ids.
-IDENTIFIER_LIST_FIELDS = {"PID": (2, 3, 4), "MRG": (1,)}
+IDENTIFIER_LIST_FIELDS = {"PID": (2, 3, 4), "MRG": (1, 2, 3, 4)}
 # Identifier types (HL7 Table 0203) of ids a person carries outside the hospital:
 # social security, national unique, national health plan, passport, driver's
 # licence, health card, jurisdictional health, Medicare, Medicaid, birth
@@ -194,7 +195,7 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         needs_force = " (with --force)" if unfinished or cancelled else ""
         click.echo(f"message {message_id} would be replayed{needs_force}: {plan.outcome}")
         for note in store.preview_actions(plan.actions, now):
-            click.echo(f"  would change: {note}")
+            click.echo(f"  its actions would give: {note}")
         for job in plan.jobs:
             click.echo(f"  would create a job: route {job.route}, rule {job.rule}, {job.patient}")
         if unfinished:

@@ -71,6 +71,13 @@ def patient(config_path: Path, patient_id: str, unredacted: bool) -> None:
     """Show what the engine holds on a local patient: the ADT record, merges and
     learned identifiers. PATIENT_ID is the local ID, without its issuer."""
     settings = load_settings_or_exit(config_path)
+    if "^" in patient_id:
+        click.echo(
+            f"'{patient_id}' is not a local patient ID: give the ID alone, without ^^^ and"
+            f" its issuer ({settings.local_patient.issuer})",
+            err=True,
+        )
+        raise SystemExit(2)
     zone = settings.zone
     store = open_store(config_path)
     local = PatientIdentifier(patient_id, settings.local_patient.issuer)

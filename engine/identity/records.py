@@ -53,6 +53,9 @@ def save_demographics(
                 or ("" if "birth_date" in deleted else previous.birth_date),
                 sex=demographics.sex or ("" if "sex" in deleted else previous.sex),
             )
+        if demographics == previous:
+            # The record keeps the time and control id of the message that last changed it.
+            return f"demographics of {patient} unchanged"
         db.execute(
             "INSERT INTO identity_patients (patient_id, issuer, demographics, updated_at,"
             " message_control_id) VALUES (?,?,?,?,?) ON CONFLICT (patient_id, issuer) DO UPDATE"
@@ -66,10 +69,7 @@ def save_demographics(
                 control_id,
             ),
         )
-    if previous is None:
-        return f"demographics of {patient} recorded"
-    # Equal records: the message confirmed them (its time and control id are kept).
-    return f"demographics of {patient} {'unchanged' if demographics == previous else 'updated'}"
+    return f"demographics of {patient} {'recorded' if previous is None else 'updated'}"
 
 
 def local_demographics(store: Store, patient: PatientIdentifier) -> Demographics | None:

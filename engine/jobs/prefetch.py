@@ -40,7 +40,13 @@ from engine.jobs.policy import RetrieveSlots, SourcePolicy, StudyTurns
 from engine.jobs.receiving import ExpectationRegistry, Receiver
 from engine.jobs.spool import Spool
 from engine.jobs.store import AsyncStore, JobRecord, JobState, Store, StudyRecord, StudyState
-from engine.jobs.transfer import SourceNode, StudyReport, StudyTransfer, TransferSettings
+from engine.jobs.transfer import (
+    SourceNode,
+    StudyReport,
+    StudyTransfer,
+    TransferSettings,
+    instance_count,
+)
 from engine.model import Demographics, PatientIdentifier, StudyCandidate
 from engine.rules.model import Rule, RuleSet
 from engine.rules.select import StudyQuery, plan_query, select_priors
@@ -686,7 +692,7 @@ class Prefetch:
         present = [r for r in results if r.state == StudyState.PRESENT]
         unfinished = [r for r in results if r.state not in (StudyState.STORED, StudyState.PRESENT)]
         instances = sum(r.stored for r in stored)
-        parts = [f"{_studies(len(stored))} stored ({instances} instances)"]
+        parts = [f"{_studies(len(stored))} stored ({instance_count(instances)})"]
         if present:
             parts.append(f"{len(present)} already at the destination")
         if unfinished:

@@ -48,6 +48,12 @@ from engine.model import StudyCandidate
 
 logger = logging.getLogger(__name__)
 
+
+def instance_count(count: int) -> str:
+    """Return e.g. "1 instance" or "3 instances"."""
+    return "1 instance" if count == 1 else f"{count} instances"
+
+
 # SOP Instance UIDs per IMAGE level C-MOVE of a repair pass (keeps identifiers small).
 REPAIR_BATCH = 200
 # Failed SOP Instance UIDs written into one job event; all of them go to the store.
@@ -189,7 +195,7 @@ class StudyTransfer:
         expected = candidate.instance_count
         if present and expected is not None and present >= expected and not leftovers:
             report.state = StudyState.PRESENT
-            report.problems.append(f"destination already has {present} instances")
+            report.problems.append(f"destination already has {instance_count(present)}")
             return report
 
         if not present:

@@ -146,6 +146,9 @@ def test_a08_without_changes_says_unchanged(db: ImmediateStore) -> None:
     send(target, demographics_message(PATIENT, "ADT2", WHEN, "A08"))
 
     assert "demographics of L1^^^LOCAL unchanged" in db.store.list_messages(1)[0].outcome
+    record = records.patient_record(db.store, L1)
+    assert record is not None
+    assert record.message_control_id == "ADT1"
 
 
 def test_a08_unknown_sex_deletes_stored_sex(db: ImmediateStore) -> None:

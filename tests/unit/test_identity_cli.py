@@ -121,3 +121,13 @@ def test_patient_unredacted_and_merged_away(tmp_path: Path) -> None:
     assert lines[1].startswith("  record: name DOE^JANE, birth date -, sex -; updated ")
     assert lines[2] == "  merged: L0^^^LOCAL -> L1^^^LOCAL; orders of this ID run as L1^^^LOCAL"
     assert lines[3] == "  learned identifiers: none"
+
+
+def test_patient_id_with_issuer_rejected(tmp_path: Path) -> None:
+    config, _ = quarantined_job(tmp_path)
+    arguments = ["identity", "--config", str(config), "patient", "L1^^^LOCAL"]
+
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 2
+    assert "'L1^^^LOCAL' is not a local patient ID: give the ID alone" in result.output

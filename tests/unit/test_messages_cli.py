@@ -173,6 +173,24 @@ def test_render_redacts_ids_of_other_domains(pid3: str, shown: str) -> None:
     assert f"PID|1|***^^^SSA|{shown}" in rendered
 
 
+def test_render_hides_account_next_of_kin_and_merge_ids() -> None:
+    content = (
+        "MSH|^~\\&|HIS|ADT|FDQR|LOCAL|20260314||ADT^A40|C1|P|2.5\r"
+        "PID|1||L1^^^LOCAL||DOE^JANE|||F||||||||||ACC9^^^HIS\r"
+        "NK1|1|DOE^JOHN|SPO" + "|" * 30 + "NK9^^^SSA\r"
+        "MRG|L0^^^LOCAL|ALT9^^^SSA|ACC8^^^HIS|L7^^^LOCAL\r"
+    ).encode()
+
+    rendered = render(
+        content, CharsetDefaults(), unredacted=False, authorities=frozenset({"LOCAL"})
+    )
+
+    pid, nk1, mrg = rendered.splitlines()[1:]
+    assert pid.endswith("|||||***")
+    assert nk1.endswith("|***")
+    assert mrg == "MRG|L0^^^LOCAL|***^^^SSA|***^^^HIS|L7^^^LOCAL"
+
+
 def test_show_hides_ids_of_unknown_domains(layout: Path) -> None:
     message = order().replace(b"998877^^^NATIONAL^NI", b"998877^^^SSA")
     receive(layout, message)
@@ -311,7 +329,7 @@ def test_replay_dry_run_of_cancel_lists_changes(layout: Path) -> None:
     status, output = run(layout, "replay", "2", "--dry-run")
 
     assert status == 0, output
-    assert f"  would change: cancelled job(s) {second.id}" in output.splitlines()
+    assert f"  its actions would give: cancelled job(s) {second.id}" in output.splitlines()
     # Nothing was changed.
     assert {job.id: job.state for job in read_jobs(layout)}[second.id] == JobState.QUEUED
 

@@ -174,10 +174,13 @@ def messages_replay(config_path: Path, message_id: int, dry_run: bool, force: bo
         )
         raise SystemExit(1) from None
 
+    # Jobs this very message cancelled (an XO replaces its order's jobs) do not count.
+    own_cancel = f"by message {message.origin.control_id}"
     cancelled = {
         earlier.id: earlier
         for planned in plan.jobs
         for earlier in store.cancelled_jobs(planned.patient, planned.order)
+        if not earlier.summary.endswith(own_cancel)
     }
     for earlier in sorted(cancelled.values(), key=lambda record: record.id):
         # A cancelled job names why in its summary: an operator, or its order's cancel.

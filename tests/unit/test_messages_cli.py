@@ -334,6 +334,25 @@ def test_replay_dry_run_of_cancel_lists_changes(layout: Path) -> None:
     assert {job.id: job.state for job in read_jobs(layout)}[second.id] == JobState.QUEUED
 
 
+def test_replay_of_order_change_ignores_jobs_it_replaced(layout: Path) -> None:
+    receive(layout, order("ORD1"))
+    change = order_message(
+        PATIENT, "ORD1-XO", "ACC1", dt.datetime(2026, 3, 14, 9, 5), order_control="XO"
+    )
+    receive(layout, change)
+    [replaced, new] = sorted(read_jobs(layout), key=lambda job: job.id)
+    assert replaced.state == JobState.CANCELLED
+    store = Store(config.load(layout).store_path)
+    store.finish_job(new.id, JobState.DONE, "done", NOW)
+    store.close()
+
+    status, output = run(layout, "replay", "2", "--dry-run")
+
+    assert status == 0, output
+    assert "note:" not in output
+    assert "message 2 would be replayed: " in output
+
+
 def test_replay_after_late_cancel_needs_force(layout: Path) -> None:
     receive(layout, order("ORD1"))
     finish_all(layout)

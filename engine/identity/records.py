@@ -135,15 +135,7 @@ def learned_for(store: Store, local: PatientIdentifier) -> list[LearnedReference
             " ORDER BY domain",
             (local.value, local.issuer),
         ).fetchall()
-    return [
-        LearnedReference(
-            local,
-            PatientIdentifier(row["remote_id"], row["domain"]),
-            row["learned_at"],
-            row["message_control_id"],
-        )
-        for row in rows
-    ]
+    return [_learned_reference(row) for row in rows]
 
 
 # Learned cross-references
@@ -251,15 +243,16 @@ def learned_references(store: Store, limit: int = 200) -> list[LearnedReference]
         rows = db.execute(
             "SELECT * FROM identity_learned ORDER BY learned_at DESC LIMIT ?", (limit,)
         ).fetchall()
-    return [
-        LearnedReference(
-            PatientIdentifier(row["local_id"], row["local_issuer"]),
-            PatientIdentifier(row["remote_id"], row["domain"]),
-            row["learned_at"],
-            row["message_control_id"],
-        )
-        for row in rows
-    ]
+    return [_learned_reference(row) for row in rows]
+
+
+def _learned_reference(row: sqlite3.Row) -> LearnedReference:
+    return LearnedReference(
+        PatientIdentifier(row["local_id"], row["local_issuer"]),
+        PatientIdentifier(row["remote_id"], row["domain"]),
+        row["learned_at"],
+        row["message_control_id"],
+    )
 
 
 # Merges

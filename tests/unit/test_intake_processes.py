@@ -274,15 +274,22 @@ def test_ended_child_restart_delay_grows(
     )
 
 
-def test_ended_child_names_connections_it_held(
-    reactor: ProcessReactor, socket_pairs: SocketPairs, caplog: pytest.LogCaptureFixture
-) -> None:
+def child_holding(
+    reactor: ProcessReactor, socket_pairs: SocketPairs, connections: int
+) -> ChildProtocol:
+    """Start one ready child and pass it this many connections."""
     intake = processes(reactor, Recorder(), count=1)
     intake.start()
     ready(reactor)
-    child = reactor.spawned[0][0]
-    for ours, _ in socket_pairs(3):
+    for ours, _ in socket_pairs(connections):
         intake.dispatch(ours)
+    return reactor.spawned[0][0]
+
+
+def test_ended_child_names_connections_it_held(
+    reactor: ProcessReactor, socket_pairs: SocketPairs, caplog: pytest.LogCaptureFixture
+) -> None:
+    child = child_holding(reactor, socket_pairs, 3)
     child.outReceived(
         encode_event("counts", answered={}, unanswered=0, duplicates=0, jobs=0, closed=1)
     )
@@ -298,12 +305,7 @@ def test_ended_child_names_connections_it_held(
 def test_ended_child_names_senders_of_last_response(
     reactor: ProcessReactor, socket_pairs: SocketPairs, caplog: pytest.LogCaptureFixture
 ) -> None:
-    intake = processes(reactor, Recorder(), count=1)
-    intake.start()
-    ready(reactor)
-    child = reactor.spawned[0][0]
-    for ours, _ in socket_pairs(2):
-        intake.dispatch(ours)
+    child = child_holding(reactor, socket_pairs, 2)
     child.outReceived(encode_event("pong", senders=["10.0.0.5:4000", "10.0.0.6:4100"]))
 
     ended(child, number=signal.SIGKILL)

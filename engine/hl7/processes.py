@@ -305,7 +305,9 @@ class IntakeProcesses:
             child.number,
             status,
             ran,
-            _held_connections_note(child.open_connections, child.senders),
+            _held_connections_note(
+                child.open_connections, child.senders, child.passed_since_response
+            ),
             delay,
         )
         self._restarts[child.number] = self.reactor.callLater(delay, self._spawn, child.number)
@@ -352,20 +354,44 @@ class IntakeProcesses:
         return ended.addBoth(done)
 
 
+def _peer_of(connection: socket.socket) -> str:
+    """Return a connection's peer as the intake processes write it, e.g. [::1]:4242."""
+    try:
+        address = connection.getpeername()
+    except OSError:
+        return "(a peer already gone)"
+    if not isinstance(address, tuple) or len(address) < 2:
+        # A Unix socket (in tests) has no host and port.
+        return str(address) or "(unnamed peer)"
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 def _held_connections_text(connections: int) -> str:
     plural = "s" if connections != 1 else ""
     return f"{connections} open connection{plural}"
 
 
-def _held_connections_note(connections: int, senders: Sequence[str] = ()) -> str:
-    """Return the log text on the connections a child held when it ended."""
+def _held_connections_note(
+    connections: int, senders: Sequence[str] = (), passed: Sequence[str] = ()
+) -> str:
+    """Return the log text on the connections a child held when it ended.
+
+    senders are those of its last ping response; passed are the peers of the
+    connections passed to it since, which may have closed meanwhile.
+    """
     if connections == 0:
         return ", with no connection open"
+    whom = []
     if senders:
-        listed = ", ".join(senders)
+        whom.append(f"from {', '.join(senders)} at its last ping response")
+    if passed:
+        since = " since" if senders else ""
+        whom.append(f"passed to it{since}: {', '.join(passed)}")
+    if whom:
         return (
-            f"; its {_held_connections_text(connections)} closed with it (from {listed} at"
-            " its last ping response), and their senders send again what was not acknowledged"
+            f"; its {_held_connections_text(connections)} closed with it ({'; '.join(whom)}),"
+            " and their senders send again what was not acknowledged"
         )
     # An MLLP sender sends a message again until it gets an ACK, so one in progress is not lost.
     return (
@@ -403,8 +429,10 @@ class ChildProtocol(protocol.ProcessProtocol):
         self.open_connections = 0
         # Whether its silence (no response to a ping) is logged already.
         self.silence_logged = False
-        # The senders of its open connections, as of its last ping response.
+        # The senders of its open connections, as of its last ping response, and the
+        # peers of the connections passed to it since.
         self.senders: list[str] = []
+        self.passed_since_response: list[str] = []
 
     def answering(self, now: float) -> bool:
         """Return False while a ping waits for a response longer than UNANSWERED_SECONDS."""
@@ -427,6 +455,7 @@ class ChildProtocol(protocol.ProcessProtocol):
             )
             return False
         self.open_connections += 1
+        self.passed_since_response.append(_peer_of(connection))
         return True
 
     def signal(self, number: int) -> None:
@@ -459,6 +488,7 @@ class ChildProtocol(protocol.ProcessProtocol):
                 self.on_ready(self)
             elif kind == "pong":
                 self.senders = [str(sender) for sender in event["senders"]]
+                self.passed_since_response = []
                 if self.silence_logged:
                     logger.info("intake process %d responds again", self.number)
                 self.ping_sent = None

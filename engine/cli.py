@@ -253,13 +253,13 @@ def jobs_requeue(config_path: Path, job_id: int, force: bool) -> None:
         cancelled.id for cancelled in store.cancelled_jobs(job.patient, job.order)
     }:
         # A cancelled job names why in its summary: an operator, or its order's cancel.
-        refusal = (
+        reason = (
             f"it was cancelled ({job.summary})"
             if job.state == JobState.CANCELLED
             else f"its order was cancelled after it ended ({job.state}: {job.summary})"
         )
         click.echo(
-            f"job {job_id} was not queued: {refusal}. Queue it anyway with --force.", err=True
+            f"job {job_id} was not queued: {reason}. Queue it anyway with --force.", err=True
         )
         raise SystemExit(1)
     if not store.requeue_job(job_id, "queued again by an operator", dt.datetime.now(dt.UTC)):

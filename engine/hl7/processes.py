@@ -382,15 +382,15 @@ def _held_connections_note(
     """
     if connections == 0:
         return ", with no connection open"
-    whom = []
+    origins = []
     if senders:
-        whom.append(f"from {', '.join(senders)} at its last ping response")
+        origins.append(f"from {', '.join(senders)} at its last ping response")
     if passed:
         since = " since" if senders else ""
-        whom.append(f"passed to it{since}: {', '.join(passed)}")
-    if whom:
+        origins.append(f"passed to it{since}: {', '.join(passed)}")
+    if origins:
         return (
-            f"; its {_held_connections_text(connections)} closed with it ({'; '.join(whom)}),"
+            f"; its {_held_connections_text(connections)} closed with it ({'; '.join(origins)}),"
             " and their senders send again what was not acknowledged"
         )
     # An MLLP sender sends a message again until it gets an ACK, so one in progress is not lost.

@@ -95,11 +95,16 @@ def known_demographics(store: Store, patient: PatientIdentifier) -> Demographics
 
 
 def _demographics(db: sqlite3.Connection, patient: PatientIdentifier) -> Demographics | None:
-    row = db.execute(
-        "SELECT demographics FROM identity_patients WHERE patient_id = ? AND issuer = ?",
+    row = _patient_row(db, patient)
+    return Demographics.from_dict(json.loads(row["demographics"])) if row else None
+
+
+def _patient_row(db: sqlite3.Connection, patient: PatientIdentifier) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.execute(
+        "SELECT * FROM identity_patients WHERE patient_id = ? AND issuer = ?",
         (patient.value, patient.issuer),
     ).fetchone()
-    return Demographics.from_dict(json.loads(row["demographics"])) if row else None
+    return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +119,7 @@ class PatientRecord:
 def patient_record(store: Store, patient: PatientIdentifier) -> PatientRecord | None:
     """Return the local record of a patient, or None if no ADT message registered it."""
     with store.reading() as db:
-        row = db.execute(
-            "SELECT * FROM identity_patients WHERE patient_id = ? AND issuer = ?",
-            (patient.value, patient.issuer),
-        ).fetchone()
+        row = _patient_row(db, patient)
     if row is None:
         return None
     return PatientRecord(

@@ -172,8 +172,8 @@ def test_killed_child_started_again(engine: RunningEngine) -> None:
         first, second = intake_children(engine)
         wait_until(lambda: started_lines(engine) == 2, "both intake processes started")
         # One open connection in each child (they take connections in turn).
-        held = [socket.create_connection(("127.0.0.1", engine.port)) for _ in range(2)]
-        for number, connection in enumerate(held):
+        open_connections = [socket.create_connection(("127.0.0.1", engine.port)) for _ in range(2)]
+        for number, connection in enumerate(open_connections):
             answer = exchange(connection, START_BLOCK + order(f"HELD-{number}") + END_BLOCK)
             assert msa(answer) == f"MSA|AA|HELD-{number}"
 
@@ -190,7 +190,7 @@ def test_killed_child_started_again(engine: RunningEngine) -> None:
             and "starting it again in 1 s" in line
             for line in log(engine)
         )
-        for connection in held:
+        for connection in open_connections:
             connection.close()
         children = intake_children(engine)
         assert second in children

@@ -92,16 +92,16 @@ def test_patient_shows_record_merges_and_learned(tmp_path: Path) -> None:
     local = PatientIdentifier("L1", "LOCAL")
     records.save_demographics(store, local, Demographics("DOE^JANE", "19650312", "F"), NOW, "A08")
     store.close()
-    shown = LocalZone().shown(NOW)
+    local_time = LocalZone().shown(NOW)
 
     result = CliRunner().invoke(main, ["identity", "--config", str(config), "patient", "L1"])
 
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         "patient L1^^^LOCAL",
-        f"  record: name ***, birth date ***, sex F; updated {shown} by message A08",
+        f"  record: name ***, birth date ***, sex F; updated {local_time} by message A08",
         "  merged into it: L0^^^LOCAL",
-        f"  learned HB-1^^^HOSP_B at {shown} from message ADT1",
+        f"  learned HB-1^^^HOSP_B at {local_time} from message ADT1",
     ]
 
 

@@ -563,7 +563,7 @@ def test_receiver_adopts_passed_connections(socket_pairs: SocketPairs) -> None:
         child_end.close()
 
 
-class RefusingReactor(ProcessReactor):
+class AdoptFailingReactor(ProcessReactor):
     def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
         raise OSError(107, "Transport endpoint is not connected")
 
@@ -573,7 +573,7 @@ def test_connection_not_taken_counts_as_closed(socket_pairs: SocketPairs) -> Non
     child_end.setblocking(False)
     not_taken: list[bool] = []
     receiver = ConnectionReceiver(
-        RefusingReactor(),
+        AdoptFailingReactor(),
         child_end,
         socket.AF_INET,
         protocol.Factory(),

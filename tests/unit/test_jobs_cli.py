@@ -140,7 +140,7 @@ def test_requeue_after_cancel_while_running(tmp_path: Path) -> None:
     assert state_of(tmp_path, job_id) == JobState.QUEUED
 
 
-def test_requeue_refused_after_order_cancelled(tmp_path: Path) -> None:
+def test_requeue_after_order_cancel_needs_force(tmp_path: Path) -> None:
     config = layout(tmp_path)
     store = Store(tmp_path / "fdqr.sqlite")
     new = order_job("1001", "RIS", "ACC-1")
@@ -150,10 +150,10 @@ def test_requeue_refused_after_order_cancelled(tmp_path: Path) -> None:
     store.cancel_order(PATIENT, new.order, "order cancelled (ORC-1 CA) by message C1", NOW)
     store.close()
 
-    refused = jobs(config, "requeue", str(job_id))
+    result = jobs(config, "requeue", str(job_id))
 
-    assert refused.exit_code == 1
-    assert refused.output == (
+    assert result.exit_code == 1
+    assert result.output == (
         f"job {job_id} was not queued: its order was cancelled after it ended"
         " (done: 1 study stored). Queue it anyway with --force.\n"
     )

@@ -173,7 +173,7 @@ def test_render_redacts_ids_of_other_domains(pid3: str, shown: str) -> None:
     assert f"PID|1|***^^^SSA|{shown}" in rendered
 
 
-def test_render_hides_account_next_of_kin_and_merge_ids() -> None:
+def test_render_hides_other_identifier_fields() -> None:
     content = (
         "MSH|^~\\&|HIS|ADT|FDQR|LOCAL|20260314||ADT^A40|C1|P|2.5\r"
         "PID|1||L1^^^LOCAL||DOE^JANE|||F||||||||||ACC9^^^HIS\r"
